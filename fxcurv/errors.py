@@ -1,0 +1,21 @@
+"""Errors fxcurv raises. Each names the node or argument at fault and says what is supported."""
+
+
+class FxcurvError(Exception):
+    """Base class of fxcurv's errors."""
+
+
+class TraceError(FxcurvError):
+    """The model or loss cannot be traced by torch.fx (e.g. data-dependent control flow)."""
+
+
+class UnsupportedOpError(FxcurvError, NotImplementedError):
+    """A traced node is outside fxcurv's op vocabulary, or uses an unsupported configuration."""
+
+
+class LossError(FxcurvError, ValueError):
+    """The loss cannot be differentiated twice w.r.t. the model output in its traced form."""
+
+
+class InputError(FxcurvError, ValueError):
+    """Inputs, targets or parameters have shapes, dtypes or devices the program cannot take."""

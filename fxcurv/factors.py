@@ -1,0 +1,85 @@
+"""Square-root factors: the curvature matrices fxcurv propagates, as signed columns.
+
+A curvature matrix at a node is held as ``sum_k sign[k] S[k] S[k]^T`` per sample, with
+``S [K, N, *shape]`` and ``sign [K, N]`` (``None``: all +1). Columns from one *origin* (the loss, one
+activation's residual term, ...) are pushed back through the transposed Jacobian (HBP eq. S.6-S.9)
+and summed where two paths meet. A *diagonal* source ``diag(r)`` -- the residual ``phi''(x) * g`` of
+HBP eq. S.9 -- is kept as ``r [N, *shape]`` until it must pass through an op; its first parameter
+contribution needs no columns at all (HesScale eq. 5 is exact for a diagonal source).
+
+These helpers are graph-node targets; each is a small pure function on tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def signed_square_sum(per_sample: torch.Tensor, sign: Optional[torch.Tensor], lead: int) -> torch.Tensor:
+    """``sum_{k,n} sign[k, n] * per_sample[k, n, ...]**2`` over the ``lead + 1`` leading dimensions.
+
+    The diagonal of ``sum_k s_k v_k v_k^T`` is ``sum_k s_k v_k**2``.
+    """
+    sq = per_sample * per_sample
+    if sign is not None:
+        sq = sq * sign.reshape(sign.shape + (1,) * (sq.dim() - sign.dim()))
+    return sq.sum(dim=tuple(range(lead + 1)))
+
+
+def diagonal_to_columns(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``diag(r)`` per sample as signed columns: ``S[j, n] = sqrt|r[n, j]| e_j``, ``sign[j, n] = sign r[n, j]``.
+
+    ``r`` is ``[N, *shape]``; ``S`` is ``[D, N, *shape]`` with ``D = prod(shape)``.
+    """
+    n, shape = r.shape[0], r.shape[1:]
+    flat = r.reshape(n, -1)
+    d = flat.shape[1]
+    cols = torch.diag_embed(flat.abs().sqrt())  # [N, D, D]: [n, i, j] = sqrt|r_nj| delta_ij
+    return cols.permute(2, 0, 1).reshape((d, n) + shape), torch.sign(flat).T.contiguous()
+
+
+def unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """The identity as columns, ``[D, N, *shape]`` for ``x [N, *shape]``: the x-side of a mixed term."""
+    n, shape = x.shape[0], x.shape[1:]
+    d = x[0].numel()
+    eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d, 1) + shape)
+    return eye.expand((d, n) + shape)
+
+
+def mixed_contribution(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``2 sum_{i,n} a[i, n] * b[i, n]``: the diagonal of ``J_x^T B + B^T J_x`` from column pairs.
+
+    For an op bilinear in a data input ``x`` and a weight ``W`` whose value ``x`` itself depends on
+    (a weight used twice), the op's second derivative couples ``x`` and ``W``:
+    ``sum_k g_k d2z_k/(dx dW) = B``. Pushing the unit columns ``e_i`` at ``x`` back to the weight gives
+    ``a_i = J_x^T e_i``; ``b_i = B^T e_i``; the diagonal of the symmetric cross term is ``2 sum_i a_i b_i``.
+    """
+    return 2 * (a * b).sum(dim=(0, 1))
+
+
+def add_all(*values: torch.Tensor) -> torch.Tensor:
+    """The sum of messages arriving from several consumers (a fan-out in the forward graph)."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def zeros_like_param(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p)
+
+
+def fold_lead(t: torch.Tensor) -> torch.Tensor:
+    """``[D, N, ...] -> [D * N, ...]``: columns as extra samples."""
+    return t.reshape((-1,) + t.shape[2:])
+
+
+def expand_columns(g: torch.Tensor, d: int) -> torch.Tensor:
+    """``g [N, ...] -> [d * N, ...]``: the same message for each of ``d`` columns."""
+    return g.unsqueeze(0).expand((d,) + g.shape).reshape((-1,) + g.shape[1:])
+
+
+def unfold_lead(t: torch.Tensor, d: int) -> torch.Tensor:
+    return t.reshape((d, -1) + t.shape[1:])

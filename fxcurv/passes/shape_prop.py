@@ -1,0 +1,56 @@
+"""Shape propagation: run the traced graph once on example inputs and record each node's value.
+
+Canonicalization reads the recorded values: tensor shapes resolve reshapes to per-sample shapes,
+and shape queries (``x.size(0)``) fold into constants. A failure names the node and its source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import InputError
+
+
+def describe(node: fx.Node, root: torch.nn.Module | None = None) -> str:
+    """``'name' (source)`` for error messages: the module type or the function called."""
+    if node.op == "call_module" and root is not None:
+        try:
+            mod = root.get_submodule(node.target)
+            return f"'{node.name}' (nn.{type(mod).__name__} at {node.target.split('.', 1)[-1]})"
+        except AttributeError:
+            pass
+    if node.op == "call_function":
+        target = getattr(node.target, "__name__", str(node.target))
+        mod = getattr(node.target, "__module__", "") or ""
+        prefix = "F." if "functional" in mod else ("operator." if mod == "_operator" else "torch." if mod.startswith("torch") else "")
+        return f"'{node.name}' ({prefix}{target})"
+    if node.op == "call_method":
+        return f"'{node.name}' (Tensor.{node.target})"
+    return f"'{node.name}' ({node.op} {node.target})"
+
+
+class ShapeProp(fx.Interpreter):
+    """Records ``node.meta['val']``: the example value of every node."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            value = super().run_node(n)
+        except Exception as err:  # noqa: BLE001 - re-raised with the node named
+            shapes = ", ".join(
+                f"{a.name} {tuple(a.meta['val'].shape)}" for a in n.all_input_nodes
+                if isinstance(a.meta.get("val"), torch.Tensor)
+            )
+            raise InputError(
+                f"the model/loss failed at node {describe(n, self.module)} with inputs [{shapes}]: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
+        n.meta["val"] = value
+        return value
+
+
+def propagate_shapes(gm: fx.GraphModule, *example_inputs) -> None:
+    with torch.no_grad():
+        ShapeProp(gm).run(*example_inputs)

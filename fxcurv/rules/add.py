@@ -1,0 +1,74 @@
+"""The sum of two branches, ``z = a + b`` (residual connections): HBP Sec. B.3.
+
+Both Jacobians are identities, so every message passes unchanged to both summands. Where the
+branches meet again upstream (the fan-out of the residual block), the compiler sums the messages
+arriving from each branch: exact for gradients and for square-root factor columns of one origin
+(they are pushed through the *total* Jacobian, path by path), an approximation for the HesScale
+diagonal (the cross terms between the two branches are dropped, as within a layer in HesScale eq. 4).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..errors import UnsupportedOpError
+from .registry import Canonical, define_op
+
+
+def add(a, b):
+    return a + b
+
+
+op = define_op("add", "add", add, inputs=("a", "b"))
+
+
+def _canonical(node, a, b):
+    va = getattr(a, "meta", {}).get("val")
+    vb = getattr(b, "meta", {}).get("val")
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+        raise UnsupportedOpError(
+            "only the sum of two traced tensors (a residual connection) is supported; adding a "
+            "constant or a buffer is not part of the vocabulary"
+        )
+    if va.shape != vb.shape:
+        raise UnsupportedOpError(
+            f"add of tensors with shapes {tuple(va.shape)} and {tuple(vb.shape)}: broadcasting sums "
+            "are not supported, only the sum of two branches of equal shape"
+        )
+    return Canonical({"a": a, "b": b})
+
+
+@op.function(operator.add, operator.iadd, torch.add)
+def _from_function(node, a):
+    if a(2, "alpha", 1) != 1:
+        raise UnsupportedOpError("torch.add with alpha != 1 is not supported")
+    return _canonical(node, a(0, "input"), a(1, "other"))
+
+
+@op.method("add", "add_", "__add__", "__iadd__")
+def _from_method(node, a):
+    if a(2, "alpha", 1) != 1:
+        raise UnsupportedOpError("Tensor.add with alpha != 1 is not supported")
+    return _canonical(node, a(0, "self"), a(1, "other"))
+
+
+@op.jac_t("a")
+def add_jac_t_a(v):
+    return v
+
+
+@op.jac_t("b")
+def add_jac_t_b(v):
+    return v
+
+
+@op.diag("a")
+def add_diag_a(d):
+    return d
+
+
+@op.diag("b")
+def add_diag_b(d):
+    return d

@@ -1,0 +1,119 @@
+"""Affine layers ``z = x W^T + b`` (``nn.Linear``, ``F.linear``): HBP eq. S.8, HesScale eq. 1-5.
+
+Inputs may carry extra dimensions between the batch and the feature axis (``[N, *mid, in]``); a
+sample's parameter Jacobian then sums over ``mid``, so square-root factors must be summed over
+``mid`` *before* squaring -- the cheap product forms below apply to ``[N, in]`` inputs only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..factors import signed_square_sum
+from .registry import Canonical, define_op
+
+
+def linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+op = define_op(
+    "linear", "linear", linear,
+    inputs=("x", "weight", "bias"), params=("weight", "bias"),
+    bilinear=(("x", "weight"),),
+)
+
+
+@op.module(nn.Linear)
+def _from_module(node, mod):
+    return Canonical({"x": node.args[0], "weight": mod.weight, "bias": mod.bias})
+
+
+@op.function(F.linear)
+def _from_function(node, a):
+    return Canonical({"x": a(0, "input"), "weight": a(1, "weight"), "bias": a(2, "bias", None)})
+
+
+@op.derived("x_sq")
+def linear_x_sq(x):
+    return x * x
+
+
+@op.derived("weight_sq")
+def linear_weight_sq(weight):
+    return weight * weight
+
+
+def _flat(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """``[*lead, N, *mid, f] -> [*lead, N, M, f]``."""
+    return t.reshape(t.shape[: lead + 1] + (-1, t.shape[-1]))
+
+
+@op.jac_t("x")
+def linear_jac_t_x(v, weight):
+    """HBP eq. S.8a: ``J_x^T v = W^T v`` for every column of ``v``."""
+    return v @ weight
+
+
+@op.diag("x")
+def linear_diag_x(d, weight_sq):
+    """HesScale eq. 4 (first sum): ``d_x = (W o W)^T d``, off-diagonal terms dropped."""
+    return d @ weight_sq
+
+
+@op.grad("weight")
+def linear_grad_weight(g, x):
+    """HesScale eq. 2: ``dL/dW = g^T x`` summed over samples (and ``mid``)."""
+    return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+@op.grad("bias")
+def linear_grad_bias(g):
+    return g.reshape(-1, g.shape[-1]).sum(0)
+
+
+@op.diag_sqrt("weight")
+def linear_diag_sqrt_weight(S, sign, x, x_sq):
+    """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` from HBP eq. S.8c, ``H_W = x x^T (x) H_z``.
+
+    For ``[N, in]`` inputs the diagonal of ``x x^T (x) S S^T`` is ``(sum_k sign_k S_k^2)^T x^2``: one
+    GEMM, no per-sample Jacobian.
+    """
+    if x.dim() == 2:
+        sq = S * S
+        if sign is not None:
+            sq = sq * sign.unsqueeze(-1)
+        return sq.sum(0).T @ x_sq
+    return signed_square_sum(linear_per_sample_weight(S, x), sign, S.dim() - x.dim())
+
+
+@op.diag_sqrt("bias")
+def linear_diag_sqrt_bias(S, sign, x):
+    lead = S.dim() - x.dim()
+    return signed_square_sum(linear_per_sample_bias(S, x), sign, lead)
+
+
+@op.diag_diag("weight")
+def linear_diag_diag_weight(d, x_sq):
+    """HesScale eq. 5: ``d_W = d^T x^2`` summed over samples (exact for a diagonal ``H_z``)."""
+    return d.reshape(-1, d.shape[-1]).T @ x_sq.reshape(-1, x_sq.shape[-1])
+
+
+@op.diag_diag("bias")
+def linear_diag_diag_bias(d):
+    return d.reshape(-1, d.shape[-1]).sum(0)
+
+
+@op.per_sample("weight")
+def linear_per_sample_weight(v, x):
+    """Per-sample ``J_W^T v``: ``[*lead, N, out, in]``, summed over ``mid``."""
+    lead = v.dim() - x.dim()
+    return torch.einsum("...nmo,nmi->...noi", _flat(v, lead), _flat(x, 0))
+
+
+@op.per_sample("bias")
+def linear_per_sample_bias(v, x):
+    lead = v.dim() - x.dim()
+    return _flat(v, lead).sum(-2)

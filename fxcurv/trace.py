@@ -1,0 +1,154 @@
+"""Tracing a model and its loss into one torch.fx graph.
+
+:func:`trace` runs once per engine: it traces the model and the loss separately with torch.fx
+(built-in ``torch.nn`` layers stay whole, as ``call_module`` nodes) and stitches them into one graph
+``(x, y) -> loss`` owned by a small root module. Canonicalization into fxcurv's op vocabulary needs
+shapes (a ``view(x.size(0), -1)`` is resolved to the per-sample shape it produces), so it happens per
+input signature, in :mod:`fxcurv.passes.canonicalize`.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+from .rules import registry
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXCURV_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class Tracer(fx.Tracer):
+    """torch.fx's tracer, with every module type that has a canonical op kept whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in registry.MODULE_SOURCES or super().is_leaf_module(m, qualname)
+
+
+class _Loss(nn.Module):
+    """Wraps any loss callable as ``forward(f, y)`` so that modules and functions trace alike."""
+
+    def __init__(self, loss_fn: Callable):
+        super().__init__()
+        if isinstance(loss_fn, nn.Module):
+            self.fn = loss_fn
+        else:
+            self._fn = loss_fn
+
+    def forward(self, f, y):
+        fn = self.fn if hasattr(self, "fn") else self._fn
+        return fn(f, y)
+
+
+def _user_frame(err: BaseException) -> str:
+    """``file:line in function: code`` of the innermost frame outside torch, where tracing failed."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
+    if not frames:
+        return "an unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+
+
+def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:
+    try:
+        graph = Tracer().trace(root)
+    except Exception as err:  # noqa: BLE001 - every tracing failure becomes a TraceError with context
+        where = _user_frame(err)
+        msg = str(err).split("\n")[0]
+        hint = ""
+        if "control flow" in msg or "iterated" in msg or "__bool__" in msg or "__len__" in msg:
+            hint = (" torch.fx traces symbolically: Python control flow (if/while/for/len) on tensor "
+                    "values cannot be traced. Rewrite it with tensor ops or move it out of forward.")
+        raise TraceError(f"cannot trace the {what} with torch.fx at {where}: {msg}.{hint}") from err
+    return fx.GraphModule(root, graph, root.__class__.__name__)
+
+
+@dataclass
+class Traced:
+    """The model and loss as one graph ``(x, y) -> loss``.
+
+    ``root`` owns ``model`` and ``loss`` submodules; ``model_output`` is the node fed to the loss;
+    ``loss_nodes`` are the nodes of the loss part; ``params`` maps each parameter (by identity) to
+    its first name in ``model.named_parameters()`` -- shared weights map to one name.
+    """
+
+    root: nn.Module
+    graph: fx.Graph
+    model_output: fx.Node
+    loss_nodes: list[fx.Node]
+    loss_gm: fx.GraphModule
+    param_names: dict[int, str]
+    params: dict[str, nn.Parameter]
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return fx.GraphModule(self.root, self.graph)
+
+
+def trace(model: nn.Module, loss_fn: Callable) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (e.g. torch.nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
+    model_gm = symbolic_trace(model, "model")
+    loss_gm = symbolic_trace(_Loss(loss_fn), "loss")
+
+    model_inputs = [n for n in model_gm.graph.nodes if n.op == "placeholder"]
+    if len(model_inputs) != 1:
+        names = ", ".join(n.name for n in model_inputs)
+        raise TraceError(
+            f"the model's forward takes {len(model_inputs)} inputs ({names}); fxcurv supports "
+            "models with one input tensor x, forward(x)"
+        )
+
+    root = nn.Module()
+    root.model = model_gm
+    root.loss = loss_gm
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.placeholder("y")
+
+    def prefixed(gm: fx.GraphModule, prefix: str, inputs: list[fx.Node], region: str) -> tuple[fx.Node, list]:
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        out, copied = None, []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+                continue
+            if node.op == "output":
+                out = fx.map_arg(node.args[0], lambda n: env[n])
+                continue
+            new = graph.node_copy(node, lambda n: env[n])
+            if node.op in ("call_module", "get_attr"):
+                new.target = f"{prefix}.{node.target}"
+            new.meta["region"] = region
+            new.meta["source_module"] = prefix
+            env[node] = new
+            copied.append(new)
+        return out, copied
+
+    f, _ = prefixed(model_gm, "model", [x], "model")
+    if not isinstance(f, fx.Node):
+        raise TraceError("the model must return a single tensor (the model output fed to the loss)")
+    loss_inputs = [n for n in loss_gm.graph.nodes if n.op == "placeholder"]
+    loss_out, loss_nodes = prefixed(loss_gm, "loss", [f, y][: len(loss_inputs)], "loss")
+    if not isinstance(loss_out, fx.Node):
+        raise TraceError("the loss must return a single scalar tensor")
+    graph.output(loss_out)
+
+    param_names: dict[int, str] = {}
+    params: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        param_names[id(p)] = name
+        params[name] = p
+    return Traced(root, graph, f, loss_nodes, loss_gm, param_names, params)
