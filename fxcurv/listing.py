@@ -23,7 +23,9 @@ def _fmt(value: Any) -> str:
         return "%" + value.name
     if isinstance(value, (tuple, list)):
         inner = ", ".join(_fmt(v) for v in value)
-        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+        if isinstance(value, tuple):
+            return f"({inner},)" if len(value) == 1 else f"({inner})"
+        return f"[{inner}]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
     if isinstance(value, torch.dtype):

@@ -117,8 +117,11 @@ class CurvatureBuilder:
 
     # ---- helpers -------------------------------------------------------------------------------
     def node(self, fn, args=(), kwargs=None, *, kind: str, of: Optional[fx.Node] = None,
-             message: str = "", stream: str = "", shape=None) -> fx.Node:
-        n = self.graph.call_function(fn, tuple(args), dict(kwargs or {}))
+             message: str = "", stream: str = "", shape=None, name: Optional[str] = None,
+             at: Optional[fx.Node] = None) -> fx.Node:
+        if name is None and at is not None:
+            name = f"{_PREFIX.get((kind, message), message)}{_stream_tag(stream, kind)}_{at.name}"
+        n = self.graph.create_node("call_function", fn, tuple(args), dict(kwargs or {}), name=name)
         n.meta.update(kind=kind, of=of.name if of is not None else "", message=message, stream=stream)
         if shape is not None:
             n.meta["shape"] = tuple(shape)
@@ -152,7 +155,8 @@ class CurvatureBuilder:
             if key not in self.derived_memo:
                 fn = registry.DERIVED[(op.name, name)]
                 self.derived_memo[key] = self.node(
-                    fn, (), self.bind(fn, node, 0, extra), kind="derived", of=node, message=name)
+                    fn, (), self.bind(fn, node, 0, extra), kind="derived", of=node, message=name,
+                    name=f"{node.name}_{name}")
             return self.derived_memo[key]
         raise KeyError(name)
 
@@ -169,19 +173,20 @@ class CurvatureBuilder:
                                    "which is neither an input, attribute, saved nor derived value")
         return kwargs
 
-    def apply(self, table: dict, key, msg_args, node: fx.Node, *, kind, message, stream="", shape=None):
+    def apply(self, table: dict, key, msg_args, node: fx.Node, *, kind, message, stream="", shape=None,
+              name=None, at=None):
         fn = table.get(key)
         if fn is None:
             return None
         kwargs = self.bind(fn, node, len(msg_args))
         return self.node(fn, msg_args, kwargs, kind=kind, of=node, message=message, stream=stream,
-                         shape=shape)
+                         shape=shape, name=name, at=at)
 
-    def sum_nodes(self, nodes: list, *, kind, of, message, stream="", shape=None) -> fx.Node:
+    def sum_nodes(self, nodes: list, *, kind, of, message, stream="", shape=None, name=None, at=None) -> fx.Node:
         if len(nodes) == 1:
             return nodes[0]
         return self.node(factors.add_all, nodes, kind=kind, of=of, message=message, stream=stream,
-                         shape=shape)
+                         shape=shape, name=name, at=at)
 
     # ---- the forward copy ----------------------------------------------------------------------
     def needs_messages(self) -> set:
@@ -240,21 +245,21 @@ class CurvatureBuilder:
         f = loss.args[0]
         shape = f.meta.get("shape")
         key = (op.name, "f")
-        g = self.apply(registry.LOSS_GRAD, key, (), loss, kind="grad", message="g", shape=shape)
+        g = self.apply(registry.LOSS_GRAD, key, (), loss, kind="grad", message="g", shape=shape, at=f)
         d = {}
         if self.quantities & set(DIAG_QUANTITIES):
             diag = self.apply(registry.LOSS_HESSIAN_DIAG, key, (), loss, kind="diag", message="d",
-                              stream="hesscale", shape=shape)
+                              stream="hesscale", shape=shape, at=f)
             d = {q: diag for q in DIAG_QUANTITIES if q in self.quantities}
         self.send(f, g=g, d=d)
         if self.loss_origin.quantities:
             both = self.apply(registry.LOSS_SQRT_HESSIAN, key, (), loss, kind="sqrt", message="(S, sign)",
-                              stream="loss")
-            s = self.node(_getitem, (both, 0), kind="sqrt", of=loss, message="S", stream="loss",
-                          shape=(None,) + tuple(shape))
+                              stream="loss", name=f"sqrt_hessian_{f.name}")
+            s = self.node(_getitem, (both, 0), kind="sqrt", of=loss, message="S", stream="loss", at=f)
             sign = None
             if not op.psd_hessian:
-                sign = self.node(_getitem, (both, 1), kind="sqrt", of=loss, message="sign", stream="loss")
+                sign = self.node(_getitem, (both, 1), kind="sqrt", of=loss, message="sign", stream="loss",
+                                 at=f)
             self.send(f, factor=Factor(self.loss_origin, s, sign))
         if "diag_ggn_mc" in self.quantities:
             fn = registry.LOSS_SQRT_HESSIAN_MC.get(key)
@@ -265,8 +270,7 @@ class CurvatureBuilder:
                     "(or their functional forms)"
                 )
             kwargs = self.bind(fn, loss, 0, {"mc_samples": self.mc_samples, "generator": self.generator})
-            s = self.node(fn, (), kwargs, kind="sqrt", of=loss, message="S", stream="mc",
-                          shape=(self.mc_samples,) + tuple(shape))
+            s = self.node(fn, (), kwargs, kind="sqrt", of=loss, message="S", stream="mc", at=f)
             self.send(f, factor=Factor(self.mc_origin, s, None))
 
     def reduce_inbox(self, node: fx.Node):
@@ -274,8 +278,8 @@ class CurvatureBuilder:
         if box is None:
             return None, {}, {}
         shape = node.meta.get("shape")
-        g = self.sum_nodes(box.g, kind="grad", of=node, message="g", shape=shape) if box.g else None
-        d = {q: self.sum_nodes(v, kind="diag", of=node, message="d", stream=q, shape=shape)
+        g = self.sum_nodes(box.g, kind="grad", of=node, message="g", shape=shape, at=node) if box.g else None
+        d = {q: self.sum_nodes(v, kind="diag", of=node, message="d", stream=q, shape=shape, at=node)
              for q, v in box.d.items()}
         fs = {}
         for origin, group in box.factors.items():
@@ -284,7 +288,7 @@ class CurvatureBuilder:
                 continue
             assert not any(f.diagonal for f in group), "a diagonal source reached a node twice"
             total = self.sum_nodes([f.value for f in group], kind="sqrt", of=node, message="S",
-                                   stream=origin.label)
+                                   stream=origin.label, at=node)
             fs[origin] = Factor(origin, total, group[0].sign)
         return g, d, fs
 
@@ -293,10 +297,11 @@ class CurvatureBuilder:
         if not factor.diagonal:
             return factor.value, factor.sign
         both = self.node(factors.diagonal_to_columns, (factor.value,), kind="sqrt", of=node,
-                         message="(S, sign)", stream=factor.origin.label)
-        s = self.node(_getitem, (both, 0), kind="sqrt", of=node, message="S", stream=factor.origin.label)
+                         message="(S, sign)", stream=factor.origin.label, name=f"columns_{node.name}")
+        s = self.node(_getitem, (both, 0), kind="sqrt", of=node, message="S", stream=factor.origin.label,
+                      at=node)
         sign = self.node(_getitem, (both, 1), kind="sqrt", of=node, message="sign",
-                         stream=factor.origin.label)
+                         stream=factor.origin.label, at=node)
         return s, sign
 
     def visit(self, node: fx.Node, needs: set, params: dict, uses: dict) -> None:
@@ -317,22 +322,26 @@ class CurvatureBuilder:
         if key not in registry.JAC_T:
             raise UnsupportedOpError(f"op {op.name} has no transposed-Jacobian rule for its input '{name}'")
         shape = target.meta.get("shape")
-        self.send(target, g=self.apply(registry.JAC_T, key, (g,), node, kind="grad", message="g", shape=shape))
+        self.send(target, g=self.apply(registry.JAC_T, key, (g,), node, kind="grad", message="g", shape=shape,
+                                       at=target))
         for origin, factor in fs.items():
             s, sign = self.dense(factor, node)
-            out = self.apply(registry.JAC_T, key, (s,), node, kind="sqrt", message="S", stream=origin.label)
+            out = self.apply(registry.JAC_T, key, (s,), node, kind="sqrt", message="S", stream=origin.label,
+                             at=target)
             self.send(target, factor=Factor(origin, out, sign))
         dd = {}
         for q, msg in d.items():
             rule = registry.DIAG.get(key)
             if rule is None:
                 raise UnsupportedOpError(f"op {op.name} has no diagonal (HesScale) rule for its input '{name}'")
-            dd[q] = self.apply(registry.DIAG, key, (msg,), node, kind="diag", message="d", stream=q, shape=shape)
+            dd[q] = self.apply(registry.DIAG, key, (msg,), node, kind="diag", message="d", stream=q, shape=shape,
+                               at=target)
         if key in registry.RESIDUAL and ("hesscale" in d or "diag_hessian" in self.quantities):
-            r = self.apply(registry.RESIDUAL, key, (g,), node, kind="residual", message="r", shape=shape)
+            r = self.apply(registry.RESIDUAL, key, (g,), node, kind="residual", message="r", shape=shape,
+                           at=target)
             if "hesscale" in dd:
                 dd["hesscale"] = self.node(factors.add_all, (dd["hesscale"], r), kind="diag", of=node,
-                                           message="d", stream="hesscale", shape=shape)
+                                           message="d", stream="hesscale", shape=shape, at=target)
             if "diag_hessian" in self.quantities:
                 origin = Origin("residual", node.name, frozenset({"diag_hessian"}))
                 self.send(target, factor=Factor(origin, r, None, diagonal=True))
@@ -344,7 +353,7 @@ class CurvatureBuilder:
             if data == name and "diag_hessian" in self.quantities and self.reaches(w, target):
                 origin = Origin("mixed", node.name, frozenset({"diag_hessian"}))
                 basis = self.node(factors.unit_columns, (self.env[target],), kind="sqrt", of=node,
-                                  message="E", stream=origin.label)
+                                  message="E", stream=origin.label, at=target)
                 self.send(target, factor=Factor(origin, basis, None))
                 self.mixed_b[(origin, w)] = (node, op, param, basis, g)
 
@@ -358,7 +367,7 @@ class CurvatureBuilder:
         key = (op.name, name)
         acc = params[param]
         acc.grads.append(self.apply(registry.GRAD, key, (g,), node, kind="param", message="grad",
-                                    shape=param.meta.get("shape")))
+                                    shape=param.meta.get("shape"), at=param))
         shared = uses[param] > 1
         for origin, factor in fs.items():
             if origin.kind == "mixed" and not any(w is param for (o, w) in self.mixed_b if o == origin):
@@ -366,22 +375,22 @@ class CurvatureBuilder:
             if shared:
                 s, sign = self.dense(factor, node)
                 ps = self.apply(registry.PER_SAMPLE, key, (s,), node, kind="param", message="J^T S",
-                                stream=origin.label)
+                                stream=origin.label, at=param)
                 acc.per_sample.setdefault(origin, []).append((ps, sign))
             elif factor.diagonal:
                 # Exact: a diagonal source's unit columns never overlap (HesScale eq. 5 / 9).
                 c = self.apply(registry.DIAG_DIAG, key, (factor.value,), node, kind="param",
-                               message="diag", stream=origin.label, shape=param.meta.get("shape"))
+                               message="diag", stream=origin.label, shape=param.meta.get("shape"), at=param)
                 for q in origin.quantities:
                     acc.diag.setdefault(q, []).append(c)
             else:
                 c = self.apply(registry.DIAG_SQRT, key, (factor.value, factor.sign), node, kind="param",
-                               message="diag", stream=origin.label, shape=param.meta.get("shape"))
+                               message="diag", stream=origin.label, shape=param.meta.get("shape"), at=param)
                 for q in origin.quantities:
                     acc.diag.setdefault(q, []).append(c)
         for q, msg in d.items():
             c = self.apply(registry.DIAG_DIAG, key, (msg,), node, kind="param", message="diag", stream=q,
-                           shape=param.meta.get("shape"))
+                           shape=param.meta.get("shape"), at=param)
             acc.diag.setdefault(q, []).append(c)
         acc.uses_left -= 1
         if acc.uses_left == 0:
@@ -393,7 +402,7 @@ class CurvatureBuilder:
         p = self.env[param]
         for origin, parts in acc.per_sample.items():
             total = self.sum_nodes([ps for ps, _ in parts], kind="param", of=param, message="J^T S",
-                                   stream=origin.label)
+                                   stream=origin.label, at=param)
             if origin.kind == "mixed":
                 b_at = self.mixed_b.get((origin, param))
                 if b_at is None:
@@ -404,24 +413,24 @@ class CurvatureBuilder:
                 data = next(dd for dd, pp in op.bilinear if pp == pname)
                 kwargs = {k: v for k, v in self.bind(rule, node, 1).items() if k != data}
                 b = self.node(fn, (g, basis), kwargs, kind="param", of=node, message="B^T E",
-                              stream=origin.label)
+                              stream=origin.label, at=param)
                 c = self.node(factors.mixed_contribution, (total, b), kind="param", of=param,
-                              message="diag", stream=origin.label, shape=shape)
+                              message="diag", stream=origin.label, shape=shape, at=param)
             else:
                 c = self.node(factors.signed_square_sum, (total, parts[0][1], 1), kind="param", of=param,
-                              message="diag", stream=origin.label, shape=shape)
+                              message="diag", stream=origin.label, shape=shape, at=param)
             for q in origin.quantities:
                 acc.diag.setdefault(q, []).append(c)
         self.outputs[f"grad/{name}"] = self.sum_nodes(acc.grads, kind="param", of=param, message="grad",
-                                                      shape=shape)
+                                                      shape=shape, at=param)
         for q in self.quantities - {"grad"}:
             parts = acc.diag.get(q)
             if parts:
                 self.outputs[f"{q}/{name}"] = self.sum_nodes(parts, kind="param", of=param, message=q,
-                                                             shape=shape)
+                                                             shape=shape, at=param)
             else:
                 self.outputs[f"{q}/{name}"] = self.node(factors.zeros_like_param, (p,), kind="param",
-                                                        of=param, message=q, shape=shape)
+                                                        of=param, message=q, shape=shape, at=param)
 
     def build(self) -> fx.Graph:
         needs = self.needs_messages()
@@ -454,6 +463,27 @@ class CurvatureBuilder:
         out.meta["kind"] = "output"
         self.graph.lint()
         return self.graph
+
+
+# Node names say what a value is: `g_tanh` is the gradient w.r.t. tanh's output, `S_tanh` the loss
+# factor there, `Smc_`/`Sr_`/`Se_` Monte Carlo, residual and mixed-term columns, `d_`/`dgn_` the
+# HesScale(GN) diagonals, `r_` a residual phi''(x) g, and `diag_<origin>_p_...` a parameter's share.
+_PREFIX = {
+    ("grad", "g"): "g", ("sqrt", "S"): "S", ("sqrt", "sign"): "sign", ("sqrt", "E"): "E",
+    ("diag", "d"): "d", ("residual", "r"): "r", ("param", "grad"): "grad", ("param", "diag"): "diag_",
+    ("param", "J^T S"): "JtS", ("param", "B^T E"): "BtE",
+}
+
+
+def _stream_tag(stream: str, kind: str) -> str:
+    if not stream:
+        return ""
+    origin = stream.split(":")[0]
+    if kind == "param":
+        return {"loss": "ggn", "mc": "mc", "residual": "res", "mixed": "mix", "hesscale": "hs",
+                "hesscale_gn": "hsgn"}.get(origin, origin)
+    return {"loss": "", "mc": "mc", "residual": "r", "mixed": "e", "hesscale": "",
+            "hesscale_gn": "gn"}.get(origin, origin)
 
 
 def _getitem(t, i):
