@@ -176,6 +176,11 @@ class Engine:
                 continue
             q, name = key.split("/", 1)
             values[q][name] = value
+        # A parameter the loss never reads has zero derivatives of every order.
+        for name, p in self.traced.params.items():
+            if p.requires_grad and name not in values["grad"]:
+                for q in values:
+                    values[q][name] = torch.zeros_like(p.detach())
         return Result(flat["loss"], values)
 
     # ---- inspecting ----------------------------------------------------------------------------
