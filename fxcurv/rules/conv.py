@@ -1,0 +1,239 @@
+"""Two-dimensional convolution ``Z = W * X + b`` (``nn.Conv2d``, ``F.conv2d``): HBP Sec. D.3-D.4,
+HesScale App. B eq. 6-9.
+
+HBP writes the convolution as ``Z = W [[X]] + b 1^T`` with the unfolded input ``[[X]]`` (im2col, an
+index map, Sec. D.2), so that it is a linear layer shared over the ``P`` output positions. Two
+consequences shape the rules below:
+
+* messages to the input are transposed convolutions (``J_X^T = [[.]]^T (I_P (x) W)^T``), computed by
+  torch's convolution backward with the square-root columns folded into the batch;
+* a sample's parameter Jacobian *sums* over the output positions, so the diagonal of
+  ``J_W^T S S^T J_W`` is ``sum_k (J_W^T S_k)^2`` with the square taken *after* that sum. Squaring
+  position by position (the Kronecker shortcut of the linear layer) would drop the cross terms between
+  output positions, which is exact only for a ``1 x 1`` output. The exact route below forms the
+  per-sample ``J_W^T S_k`` (``[K, N, *W]``) and squares it.
+
+The HesScale stream ``d`` (a diagonal) needs no such care: for a diagonal ``H_Z`` the squares of the
+Jacobian entries suffice (HesScale eq. 8 and 9).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from ..errors import UnsupportedOpError
+from ..factors import signed_square_sum
+from .registry import Canonical, define_op
+
+
+def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+op = define_op(
+    "conv2d", "conv", conv2d,
+    inputs=("x", "weight", "bias"), params=("weight", "bias"),
+    bilinear=(("x", "weight"),),
+)
+
+
+# ---- canonicalization ---------------------------------------------------------------------------
+
+def _shape_of(value):
+    """The shape of a traced value (fx node with an example value) or a tensor; ``None`` if unknown."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    val = getattr(value, "meta", {}).get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _resolve_padding(padding, kernel_shape, dilation):
+    """Explicit symmetric ``(ph, pw)`` for ``padding`` given as ints or as ``'valid'``/``'same'``.
+
+    The rules (unfold, convolution backward) take symmetric padding only; ``'same'`` is symmetric
+    unless ``dilation * (kernel - 1)`` is odd, where torch pads one more on the bottom/right.
+    """
+    if not isinstance(padding, str):
+        return _pair(padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise UnsupportedOpError(f"padding={padding!r} is not a conv2d padding; use ints, 'valid' or 'same'")
+    if kernel_shape is None:
+        raise UnsupportedOpError("padding='same' needs the kernel's shape, which is unknown here; "
+                                 "pass explicit integer padding")
+    out = []
+    for k, d in zip(kernel_shape[-2:], dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise UnsupportedOpError(
+                f"padding='same' with kernel {tuple(kernel_shape[-2:])} and dilation {tuple(dilation)} "
+                "pads asymmetrically, which is not supported; supported: integer padding, 'valid', and "
+                "'same' where dilation * (kernel_size - 1) is even (or an explicit F.pad before a "
+                "padding=0 convolution)"
+            )
+        out.append(total // 2)
+    return tuple(out)
+
+
+def _canonical(x, weight, bias, stride, padding, dilation, groups):
+    x_shape = _shape_of(x)
+    if x_shape is not None and len(x_shape) != 4:
+        raise UnsupportedOpError(
+            f"conv2d of an input with shape {x_shape}: fxcurv takes batched inputs [N, C, H, W] "
+            "(dim 0 is the batch); add a batch dimension to unbatched inputs"
+        )
+    dilation = _pair(dilation)
+    padding = _resolve_padding(padding, _shape_of(weight), dilation)
+    attrs = {"stride": _pair(stride), "padding": padding, "dilation": dilation, "groups": int(groups)}
+    return Canonical({"x": x, "weight": weight, "bias": bias}, attrs)
+
+
+@op.module(nn.Conv2d)
+def _from_module(node, mod):
+    if mod.padding_mode != "zeros":
+        raise UnsupportedOpError(
+            f"nn.Conv2d with padding_mode={mod.padding_mode!r} is not supported; supported: "
+            "padding_mode='zeros' (the default)"
+        )
+    return _canonical(node.args[0], mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+@op.function(F.conv2d)
+def _from_function(node, a):
+    return _canonical(a(0, "input"), a(1, "weight"), a(2, "bias", None), a(3, "stride", 1),
+                      a(4, "padding", 0), a(5, "dilation", 1), a(6, "groups", 1))
+
+
+# ---- derived quantities -------------------------------------------------------------------------
+
+@op.derived("weight_sq")
+def conv2d_weight_sq(weight):
+    return weight * weight
+
+
+@op.derived("x_sq")
+def conv2d_x_sq(x):
+    return x * x
+
+
+@op.derived("x_cols")
+def conv2d_x_cols(x, weight, stride, padding, dilation, groups):
+    """The unfolded input ``[[X]]`` (HBP Sec. D.3), ``[N, groups, C_in/groups * K1 * K2, P]``; shared by
+    every square-root factor origin that reaches the weight."""
+    return _unfold(x, weight.shape, stride, padding, dilation, groups)
+
+
+def _unfold(x, weight_shape, stride, padding, dilation, groups):
+    cols = F.unfold(x, tuple(weight_shape[-2:]), dilation=dilation, padding=padding, stride=stride)
+    # unfold orders rows channel-major, so each group's input channels are one contiguous block.
+    return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
+
+
+# ---- messages to the input ----------------------------------------------------------------------
+
+def _conv_transpose(v, x, kernel, stride, padding, dilation, groups):
+    """``J_X^T v`` for ``v [*lead, N, C_out, Y1, Y2]`` with ``kernel`` in place of ``W``.
+
+    Leading dims fold into the batch; torch's convolution backward picks the output padding that
+    restores ``x``'s spatial size (strided convolutions lose the remainder of the last window).
+    """
+    batch = v.shape[:-3]
+    flat = v.reshape((-1,) + tuple(v.shape[-3:]))
+    # Only the input's size is read: a stride-0 expansion allocates nothing.
+    like = x.new_empty(()).expand((flat.shape[0],) + tuple(x.shape[1:]))
+    out = torch.ops.aten.convolution_backward(
+        flat, like, kernel, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [True, False, False])[0]
+    return out.reshape(batch + tuple(x.shape[1:]))
+
+
+@op.jac_t("x")
+def conv2d_jac_t_x(v, x, weight, stride, padding, dilation, groups):
+    """HBP Sec. D.4 (with eq. S.8a for ``Z = W [[X]]`` and D.2 for the unfold): ``J_X^T v``, the
+    transposed convolution of every column of ``v``; HesScale eq. 6 for the gradient."""
+    return _conv_transpose(v, x, weight, stride, padding, dilation, groups)
+
+
+@op.diag("x")
+def conv2d_diag_x(d, x, weight_sq, stride, padding, dilation, groups):
+    """HesScale eq. 8 (first term): ``d_X = (J_X o J_X)^T d``, the transposed convolution of ``d``
+    with the squared kernel; the cross terms between output positions are dropped."""
+    return _conv_transpose(d, x, weight_sq, stride, padding, dilation, groups)
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+def _conv_weight_vjp(g, x, weight, stride, padding, dilation, groups):
+    # Only the kernel's shape is read.
+    like = g.new_empty(()).expand(weight.shape)
+    return torch.ops.aten.convolution_backward(
+        g, x, like, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [False, True, False])[1]
+
+
+@op.grad("weight")
+def conv2d_grad_weight(g, x, weight, stride, padding, dilation, groups):
+    """HesScale eq. 7: ``dL/dW`` sums ``g`` times the input patch over output positions and samples."""
+    return _conv_weight_vjp(g, x, weight, stride, padding, dilation, groups)
+
+
+@op.grad("bias")
+def conv2d_grad_bias(g):
+    """HBP Sec. D.4 (bias): ``J_b = 1_P (x) I``, a sum over output positions (and samples)."""
+    return g.sum(dim=(0, 2, 3))
+
+
+@op.diag_diag("weight")
+def conv2d_diag_diag_weight(d, x_sq, weight, stride, padding, dilation, groups):
+    """HesScale eq. 9: ``d_W = sum_{n,p} d[n, p] [[X]]^2[n, :, p]``, the weight VJP of ``d`` with the
+    squared input. Exact for a diagonal ``H_Z``: ``(J_W^T diag(d) J_W)_ii = sum_j d_j J_ji^2``."""
+    return _conv_weight_vjp(d, x_sq, weight, stride, padding, dilation, groups)
+
+
+@op.diag_diag("bias")
+def conv2d_diag_diag_bias(d):
+    """HesScale eq. 9 for the bias (``J_b`` entries are 0/1): ``d`` summed over samples and space."""
+    return d.sum(dim=(0, 2, 3))
+
+
+def _per_sample_from_cols(v, cols, weight_shape, groups):
+    """``[*lead, N, *W]`` from ``v [*lead, N, C_out, Y1, Y2]`` and ``cols = [[X]]`` (grouped)."""
+    batch = v.shape[:-3]
+    vg = v.reshape(batch + (groups, weight_shape[0] // groups, -1))
+    # The sum over output positions p happens inside the contraction, before any square is taken.
+    out = torch.einsum("...ngop,ngip->...ngoi", vg, cols)
+    return out.reshape(batch + tuple(weight_shape))
+
+
+@op.per_sample("weight")
+def conv2d_per_sample_weight(v, x, weight, stride, padding, dilation, groups):
+    """HBP Sec. D.4 (weight): per-sample ``J_W^T v = v [[X]]^T``, ``[*lead, N, *W]``, summed over the
+    output positions."""
+    cols = _unfold(x, weight.shape, stride, padding, dilation, groups)
+    return _per_sample_from_cols(v, cols, weight.shape, groups)
+
+
+@op.per_sample("bias")
+def conv2d_per_sample_bias(v):
+    """HBP Sec. D.4 (bias): per-sample ``(1_P (x) I)^T v``, ``[*lead, N, C_out]``."""
+    return v.sum(dim=(-2, -1))
+
+
+@op.diag_sqrt("weight")
+def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
+    """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` (HBP Sec. D.4, ``H_W`` from ``H_Z``) as
+    ``sum_{k,n} sign[k, n] (J_W^T S[k, n])^2`` with the per-sample ``J_W^T`` summing over positions
+    before squaring: exact for every output size."""
+    per_sample = _per_sample_from_cols(S, x_cols, weight.shape, groups)
+    return signed_square_sum(per_sample, sign, S.dim() - 4)
+
+
+@op.diag_sqrt("bias")
+def conv2d_diag_sqrt_bias(S, sign):
+    """HBP Sec. D.4 (bias): ``diag((1_P (x) I)^T H_B (1_P (x) I))`` from the columns, summed over
+    positions before squaring."""
+    return signed_square_sum(conv2d_per_sample_bias(S), sign, S.dim() - 4)

@@ -1,0 +1,73 @@
+"""Constant padding (``nn.ZeroPad*d``, ``nn.ConstantPad*d``, ``F.pad(mode='constant')``): HBP Sec. D.2.
+
+Padding copies every input entry to one output entry and adds constants, so it is the transpose of
+an index selection: ``z = Pi^T x + c``. The padding value is a constant and drops out of every
+derivative. ``J^T v = Pi v`` crops ``v`` back to the input, and since ``Pi`` is binary the HesScale
+diagonal ``(Pi^T o Pi^T)^T d`` is the same crop. Negative pads (cropping) are covered alike: their
+transpose pads with zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedOpError
+from .registry import Canonical, define_op
+
+
+def pad(x, pad, value=0.0):
+    return F.pad(x, pad, "constant", value)
+
+
+op = define_op("pad", "padding", pad, inputs=("x",))
+
+_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+
+
+def _canonical(x, pads, value):
+    pads = tuple(int(p) for p in pads)
+    if len(pads) % 2:
+        raise UnsupportedOpError(f"pad={pads} has odd length; F.pad takes (left, right) pairs")
+    val = getattr(x, "meta", {}).get("val")
+    if isinstance(val, torch.Tensor) and len(pads) // 2 > val.dim() - 1:
+        raise UnsupportedOpError(
+            f"pad={pads} pads {len(pads) // 2} trailing dims of an input with shape {tuple(val.shape)}, "
+            "including the batch axis (dim 0); fxcurv treats samples as independent. Supported: "
+            "padding of the per-sample dimensions"
+        )
+    return Canonical({"x": x}, {"pad": pads, "value": 0.0 if value is None else float(value)})
+
+
+@op.module(*_MODULES)
+def _from_module(node, mod):
+    return _canonical(node.args[0], mod.padding, mod.value)
+
+
+@op.function(F.pad)
+def _from_function(node, a):
+    mode = a(2, "mode", "constant")
+    if mode != "constant":
+        raise UnsupportedOpError(
+            f"F.pad with mode={mode!r} is not supported; supported: mode='constant' (and "
+            "nn.ZeroPad2d / nn.ConstantPad2d)"
+        )
+    return _canonical(a(0, "input"), a(1, "pad"), a(3, "value", None))
+
+
+def _crop(v, pad):
+    # F.pad pads the trailing dims, so negated pads crop any [*lead, N, ...] message alike.
+    return F.pad(v, tuple(-p for p in pad))
+
+
+@op.jac_t("x")
+def pad_jac_t(v, pad):
+    """HBP Sec. D.2 (transposed index selection): ``J^T v = Pi v`` crops the padding off."""
+    return _crop(v, pad)
+
+
+@op.diag("x")
+def pad_diag(d, pad):
+    """HBP Sec. D.2 with HesScale eq. 8: ``Pi`` is binary, so the diagonal is cropped alike."""
+    return _crop(d, pad)

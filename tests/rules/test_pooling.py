@@ -1,0 +1,272 @@
+"""max_pool2d and avg_pool2d: the rules against torch.func, and fxcurv.compile end to end (float64).
+
+Both poolings are linear per sample (max-pooling at its argmax), so each rule is checked against the
+explicit matrix from ``torch.func.jacrev``: ``J^T v`` column by column and the HesScale diagonal
+``(J o J)^T d`` -- for average pooling that is ``(A o A)^T d`` with the averaging matrix ``A``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jacrev, vjp
+
+import fxcurv
+import reference
+from fxcurv.rules import registry
+from helpers import assert_close, rel_error
+
+DT = torch.float64
+
+# (name, module, image size)
+MAX_POOLS = [
+    ("k3s2_overlap", nn.MaxPool2d(3, 2), (7, 5)),
+    ("k2", nn.MaxPool2d(2), (6, 5)),
+    ("k3s2_ceil", nn.MaxPool2d(3, 2, ceil_mode=True), (6, 6)),
+    ("k2s1_pad1", nn.MaxPool2d(2, 1, padding=1), (4, 5)),
+    ("k3_dil2", nn.MaxPool2d(2, 1, dilation=2), (5, 6)),
+    ("k3x2_s21", nn.MaxPool2d((3, 2), (2, 1), padding=(1, 0), ceil_mode=True), (7, 4)),
+]
+AVG_POOLS = [
+    ("k2", nn.AvgPool2d(2), (6, 5)),
+    ("k3s2_pad1_incl", nn.AvgPool2d(3, 2, padding=1, count_include_pad=True), (7, 5)),
+    ("k3s2_pad1_excl", nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), (7, 5)),
+    ("k3s2_ceil_incl", nn.AvgPool2d(3, 2, padding=1, ceil_mode=True), (6, 6)),
+    ("k3s2_ceil_excl", nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), (6, 6)),
+    ("k2x3_divisor", nn.AvgPool2d((2, 3), 1, divisor_override=4), (4, 5)),
+]
+MAX_IDS, AVG_IDS = [c[0] for c in MAX_POOLS], [c[0] for c in AVG_POOLS]
+POOLS, POOL_IDS = MAX_POOLS + AVG_POOLS, ["max-" + i for i in MAX_IDS] + ["avg-" + i for i in AVG_IDS]
+
+
+def _context(mod, x):
+    """Inputs, attributes, output and saved tensors, as the compiler binds them."""
+    op, canon_fn = registry.MODULE_SOURCES[type(mod)]
+    canon = canon_fn(SimpleNamespace(args=(x,)), mod)
+    ctx = dict(canon.attrs, x=x)
+    if op.forward_saving is not None:
+        out, *saved = op.forward_saving(x, **canon.attrs)
+        ctx.update(zip(op.saved, saved))
+    else:
+        out = op.forward(x, **canon.attrs)
+    ctx["out"] = out
+    assert torch.equal(out, mod(x))
+    return op.name, ctx
+
+
+def call_rule(table, op, key, *messages, **ctx):
+    """Call a rule the way the compiler binds it: arguments after the messages by name."""
+    fn = table[(op, key)]
+    defaults = registry.rule_defaults(fn)
+    kwargs = {}
+    for name in registry.rule_inputs(fn, len(messages)):
+        if name in ctx:
+            kwargs[name] = ctx[name]
+        elif (op, name) in registry.DERIVED:
+            kwargs[name] = call_rule(registry.DERIVED, op, name, **ctx)
+        elif name not in defaults:
+            raise KeyError(name)
+    return fn(*messages, **kwargs)
+
+
+def _input(hw, n=3, c=2, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(n, c, *hw, dtype=DT)
+
+
+def _jacobian(mod, x):
+    """Per-sample Jacobians ``[N, out, in]``: the selection matrix ``Pi`` or the averaging ``A``."""
+    return torch.stack([jacrev(lambda t: mod(t[None])[0])(x[n]).reshape(-1, x[n].numel())
+                        for n in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("cfg", POOLS, ids=POOL_IDS)
+def test_jac_t_matches_vjp_per_column(cfg):
+    _, mod, hw = cfg
+    x = _input(hw)
+    op, ctx = _context(mod, x)
+    k = 3
+    v = torch.randn((k,) + ctx["out"].shape, dtype=DT)
+    got = call_rule(registry.JAC_T, op, "x", v, **ctx)
+    _, pullback = vjp(mod, x)
+    want = torch.stack([pullback(v[i])[0] for i in range(k)])
+    assert got.shape == want.shape
+    assert rel_error(got, want) < 1e-12
+    assert rel_error(call_rule(registry.JAC_T, op, "x", v[0], **ctx), want[0]) < 1e-12
+
+
+@pytest.mark.parametrize("cfg", POOLS, ids=POOL_IDS)
+def test_diag_is_hesscale_eq8(cfg):
+    _, mod, hw = cfg
+    x = _input(hw)
+    op, ctx = _context(mod, x)
+    d = torch.randn(ctx["out"].shape, dtype=DT)
+    j = _jacobian(mod, x)
+    want = torch.einsum("nji,nj->ni", j * j, d.flatten(1)).reshape(x.shape)
+    got = call_rule(registry.DIAG, op, "x", d, **ctx)
+    assert rel_error(got, want) < 1e-12
+
+
+def test_overlapping_windows_select_an_input_twice():
+    """The k3s2 config really exercises the scatter-add: some input is the max of two windows."""
+    x = _input((7, 5), seed=5)
+    x[0, 0, 2, 2] = 10.0  # on the border of two overlapping windows
+    _, ctx = _context(nn.MaxPool2d(3, 2), x)
+    idx = ctx["indices"][0, 0].flatten()
+    assert len(idx.unique()) < len(idx)
+    v = torch.ones(ctx["out"].shape, dtype=DT)
+    got = call_rule(registry.JAC_T, "max_pool2d", "x", v, **ctx)
+    assert got[0, 0, 2, 2] == (idx == 2 * 5 + 2).sum() > 1
+
+
+def _averaging_matrix(h, w, k, s, p, ceil_mode, count_include_pad, divisor_override):
+    """``A [out, in]`` from the definition of average pooling (one plane), independent of torch."""
+    def out_size(n, k, s, p):
+        size = (n + 2 * p - k + ((s - 1) if ceil_mode else 0)) // s + 1
+        if ceil_mode and (size - 1) * s >= n + p:
+            size -= 1
+        return size
+
+    oh, ow = out_size(h, k[0], s[0], p[0]), out_size(w, k[1], s[1], p[1])
+    a = torch.zeros(oh * ow, h * w, dtype=DT)
+    for i in range(oh):
+        for j in range(ow):
+            h0, w0 = i * s[0] - p[0], j * s[1] - p[1]
+            h1, w1 = min(h0 + k[0], h + p[0]), min(w0 + k[1], w + p[1])
+            pool = (h1 - h0) * (w1 - w0)  # the window clipped to the padded image
+            rows = range(max(h0, 0), min(h1, h))
+            cols = range(max(w0, 0), min(w1, w))
+            div = divisor_override or (pool if count_include_pad else len(rows) * len(cols))
+            for r in rows:
+                for c in cols:
+                    a[i * ow + j, r * w + c] = 1.0 / div
+    return a
+
+
+@pytest.mark.parametrize("cfg", AVG_POOLS, ids=AVG_IDS)
+def test_avg_diag_against_explicit_averaging_matrix(cfg):
+    _, mod, hw = cfg
+    x = _input(hw)
+    _, ctx = _context(mod, x)
+    a = _averaging_matrix(*hw, ctx["kernel_size"], ctx["stride"], ctx["padding"], ctx["ceil_mode"],
+                          ctx["count_include_pad"], ctx["divisor_override"])
+    # The explicit A reproduces the forward, then defines the HesScale diagonal (A o A)^T d.
+    assert rel_error(torch.einsum("ji,nci->ncj", a, x.flatten(2)), ctx["out"].flatten(2)) < 1e-12
+    d = torch.randn(ctx["out"].shape, dtype=DT)
+    want = torch.einsum("ji,ncj->nci", a * a, d.flatten(2)).reshape(x.shape)
+    assert rel_error(call_rule(registry.DIAG, "avg_pool2d", "x", d, **ctx), want) < 1e-12
+    inv = call_rule(registry.DERIVED, "avg_pool2d", "inv_divisor", **ctx)
+    assert rel_error(inv.flatten(), a.max(dim=1).values) < 1e-12
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+def check_end_to_end(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian")):
+    out = fxcurv.compile(model, loss_fn, quantities=quantities)(x, y)
+    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
+    if "diag_ggn" in quantities:
+        assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
+    if "diag_hessian" in quantities:
+        assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
+    return out
+
+
+def _cnn(pool, hw, act=nn.Tanh, n_out=3):
+    """conv -> act -> pool -> conv -> act -> linear: the pool receives and sends messages."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), act(), pool, nn.Conv2d(3, 2, 2, padding=1), act())
+    size = body(torch.zeros(1, 2, *hw)).numel()
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, n_out)).to(DT)
+
+
+def _data(loss_fn, hw, n):
+    torch.manual_seed(1)
+    x = torch.randn(n, 2, *hw, dtype=DT)
+    y = torch.randint(0, 3, (n,)) if isinstance(loss_fn, nn.CrossEntropyLoss) else torch.randn(n, 3, dtype=DT)
+    return x, y
+
+
+LOSSES = [(nn.CrossEntropyLoss(), nn.Tanh, 3), (nn.MSELoss(reduction="sum"), nn.Sigmoid, 1)]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=["ce_tanh_n3", "mse_sigmoid_n1"])
+@pytest.mark.parametrize("cfg", POOLS, ids=POOL_IDS)
+def test_compile_matches_torch_func(cfg, loss):
+    _, pool, hw = cfg
+    loss_fn, act, n = loss
+    check_end_to_end(_cnn(pool, hw, act), loss_fn, *_data(loss_fn, hw, n))
+
+
+class C3D3(nn.Module):
+    """A miniature of DeepOBS' 3c3d: conv/tanh/max-pool(3, 2) blocks, then linear layers; functional
+    pooling in the middle block."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.p1 = nn.MaxPool2d(3, 2, padding=1)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.c3 = nn.Conv2d(3, 2, 3, padding=1)
+        self.fc1 = nn.Linear(2 * 2 * 2, 4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.p1(torch.tanh(self.c1(x)))
+        x = F.max_pool2d(torch.tanh(self.c2(x)), 3, stride=2, padding=1, ceil_mode=True)
+        x = F.avg_pool2d(torch.tanh(self.c3(x)), 2, ceil_mode=True, count_include_pad=False)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+def test_c3d3_like_net():
+    torch.manual_seed(2)
+    model = C3D3().to(DT)
+    x, y = torch.randn(3, 2, 9, 7, dtype=DT), torch.tensor([0, 2, 1])
+    check_end_to_end(model, nn.CrossEntropyLoss(), x, y)
+
+
+@pytest.mark.parametrize("quantity", ["hesscale", "hesscale_gn"])
+def test_hesscale_runs_and_is_exact_at_last_layer(quantity):
+    torch.manual_seed(2)
+    model = C3D3().to(DT)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(3, 2, 9, 7, dtype=DT), torch.tensor([0, 2, 1])
+    out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)
+    exact = reference.diag_hessian(model, loss_fn, x, y)
+    assert set(out[quantity]) == set(exact)
+    for name, value in out[quantity].items():
+        assert value.shape == exact[name].shape and torch.isfinite(value).all()
+    last = ("fc2.weight", "fc2.bias")
+    assert_close({k: out[quantity][k] for k in last}, {k: exact[k] for k in last}, what=quantity)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+class _ModuleIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        return self.pool(x)[0].flatten(1)
+
+
+class _FunctionalIndices(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d(x, 2, return_indices=True)[0].flatten(1)
+
+
+@pytest.mark.parametrize("model, source", [(_ModuleIndices(), "nn.MaxPool2d"),
+                                           (_FunctionalIndices(), "max_pool2d_with_indices")],
+                         ids=["module", "functional"])
+def test_return_indices_is_rejected(model, source):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), model).to(DT)
+    with pytest.raises(fxcurv.UnsupportedOpError) as info:
+        fxcurv.compile(net, nn.CrossEntropyLoss())(torch.randn(2, 1, 4, 4, dtype=DT), torch.tensor([0, 1]))
+    msg = str(info.value)
+    assert msg.startswith("node '") and source in msg.split(":")[0]
+    assert "return_indices=True" in msg and "supported: return_indices=False" in msg
