@@ -112,8 +112,12 @@ def ce_target_dist(f, y, ignore_index, label_smoothing):
         valid = y != ignore_index
         t = F.one_hot(torch.where(valid, y, 0).long(), c).to(f.dtype) * valid.unsqueeze(1)
     if label_smoothing:
-        mass = t.sum(1, keepdim=True)
-        t = (1 - label_smoothing) * t + label_smoothing / c * mass
+        # torch smooths towards the uniform distribution: probability targets get eps/C whatever
+        # their mass; class-index targets only where not ignored.
+        uniform = label_smoothing / c
+        if not y.is_floating_point():
+            uniform = uniform * valid.unsqueeze(1).to(f.dtype)
+        t = (1 - label_smoothing) * t + uniform
     return t
 
 
