@@ -100,3 +100,66 @@ def random_mlp(rng: random.Random, in_dim: int = 5, out_dim: int = 3, depth: int
             layers.append(nn.Dropout(0.5))
     layers.append(nn.Linear(width, out_dim))
     return nn.Sequential(*layers).double().eval()
+
+
+class ConvResidual(nn.Module):
+    """``h + act(conv(h))`` with a shape-preserving convolution."""
+
+    def __init__(self, channels: int, act: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, h):
+        return h + self.act(self.conv(h))
+
+
+class ConvTwice(nn.Module):
+    """One convolution kernel applied twice (a tied weight across two positions in the graph)."""
+
+    def __init__(self, channels: int, act: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, h):
+        return self.act(self.conv(self.act(self.conv(h))))
+
+
+def random_cnn(rng: random.Random, in_shape=(2, 7, 6), out_dim: int = 3, depth: int = 3) -> nn.Module:
+    """A random CNN over ``[N, *in_shape]``: convolutions of varied stride/padding/dilation/groups,
+    pooling, padding, residual and tied blocks, then a view and a linear head."""
+    c, h, w = in_shape
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        kind = rng.choice(["conv", "conv", "pool", "pad", "residual", "tied"])
+        act = rng.choice(sorted(ACTIVATIONS))
+        if kind == "conv":
+            groups = rng.choice([1, 1, 2]) if c % 2 == 0 else 1
+            out = rng.choice([2, 4]) if groups == 2 else rng.randint(1, 3)
+            k = (rng.randint(1, 3), rng.randint(1, 3))
+            stride, padding, dilation = rng.choice([1, 1, 2]), rng.choice([0, 1]), rng.choice([1, 1, 2])
+            eff = [dilation * (kk - 1) + 1 for kk in k]
+            if h + 2 * padding < eff[0] or w + 2 * padding < eff[1]:
+                continue
+            layers += [nn.Conv2d(c, out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                 bias=rng.random() < 0.8), ACTIVATIONS[act]()]
+            h = (h + 2 * padding - eff[0]) // stride + 1
+            w = (w + 2 * padding - eff[1]) // stride + 1
+            c = out
+        elif kind == "pool" and h >= 2 and w >= 2:
+            if rng.random() < 0.5:
+                layers.append(nn.MaxPool2d(2, stride=1, ceil_mode=rng.random() < 0.3))
+                h, w = h - 1, w - 1
+            else:
+                layers.append(nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=rng.random() < 0.5))
+                h, w = h + 1, w + 1
+        elif kind == "pad":
+            layers.append(nn.ZeroPad2d((0, 1, 1, 0)))
+            h, w = h + 1, w + 1
+        elif kind == "residual":
+            layers.append(ConvResidual(c, act))
+        elif kind == "tied":
+            layers.append(ConvTwice(c, act))
+    layers += [ViewFlatten(), nn.Linear(c * h * w, out_dim)]
+    return nn.Sequential(*layers).double().eval()

@@ -11,7 +11,7 @@ import torch
 
 import fxcurv
 import reference as ref
-from architectures import random_mlp
+from architectures import random_cnn, random_mlp
 from helpers import assert_close
 
 LOSSES = {
@@ -104,3 +104,16 @@ def test_unused_parameter_gets_zeros():
     out = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, y)
     assert torch.equal(out["diag_ggn"]["spare.weight"], torch.zeros(2, 3, dtype=torch.float64))
     assert torch.equal(out.grad["spare.bias"], torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("loss", ["ce_mean", "mse_sum"])
+@pytest.mark.parametrize("seed", range(8))
+def test_random_cnn(seed, loss, batch):
+    """Non-square 7x6 images through random convolution/pooling/padding/residual/tied blocks."""
+    rng = random.Random(7919 * seed + batch)
+    torch.manual_seed(seed)
+    model = random_cnn(rng, in_shape=(2, 7, 6), out_dim=3, depth=rng.randint(2, 3))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 2, 7, 6, generator=gen, dtype=torch.float64)
+    check_exact(model, LOSSES[loss](), x, make_target(loss, batch, 3, gen))
