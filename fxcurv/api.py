@@ -158,6 +158,8 @@ class Engine:
     def __call__(self, x: torch.Tensor, y: Any, *, generator: Optional[torch.Generator] = None) -> Result:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"input x must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise InputError("input x must have a batch dimension (dim 0), got a 0-d tensor")
         if not isinstance(y, torch.Tensor):
             raise InputError(f"target y must be a tensor, got {type(y).__name__}")
         if y.dim() == 0 or y.shape[0] != x.shape[0]:

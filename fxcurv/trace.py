@@ -54,7 +54,8 @@ def _user_frame(err: BaseException) -> str:
     if not frames:
         return "an unknown location"
     f = frames[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+    code = (f.line or "").strip()
+    return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
 
 
 def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:

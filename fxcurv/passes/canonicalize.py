@@ -73,7 +73,14 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> Canonical:
     """Rewrite ``traced`` for inputs like ``(x, y)`` into the canonical op vocabulary."""
     _check_inputs(traced, x)
     gm = traced.gm
-    propagate_shapes(gm, x, y)
+    try:
+        propagate_shapes(gm, x, y)
+    except InputError as err:
+        if getattr(err, "node", None) in set(traced.loss_nodes):
+            # torch rejected the target deep inside the loss; the loss's own check says which
+            # targets it takes.
+            _check_target(traced, gm, y)
+        raise
 
     graph = fx.Graph()
     root = nn.Module()
@@ -188,31 +195,51 @@ def _match(node: fx.Node, gm: fx.GraphModule) -> tuple[registry.OpDef, registry.
     return op, canon
 
 
+def _match_loss(traced, gm):
+    """``(node, op, canonical)`` if the loss is one call to a closed-form loss on ``(f, y)``, else ``None``."""
+    loss_nodes = [n for n in traced.loss_nodes if n.op != "get_attr"]
+    if len(loss_nodes) != 1:
+        return None
+    node = loss_nodes[0]
+    entry = None
+    if node.op == "call_module":
+        entry = registry.MODULE_SOURCES.get(type(gm.get_submodule(node.target)))
+    elif node.op == "call_function":
+        entry = registry.FUNCTION_SOURCES.get(node.target)
+    if entry is None or not entry[0].is_loss:
+        return None
+    op, canonicalizer = entry
+    try:
+        canon = (canonicalizer(node, gm.get_submodule(node.target)) if node.op == "call_module"
+                 else canonicalizer(node, registry.Args(node.args, node.kwargs)))
+    except UnsupportedOpError as err:
+        raise UnsupportedOpError(f"loss node {describe(node, gm)}: {err}") from err
+    if canon is None or canon.inputs.get("f") is not traced.model_output:
+        return None
+    y_in = canon.inputs.get("y")
+    if not isinstance(y_in, fx.Node) or y_in.op != "placeholder":
+        return None
+    return node, op, canon
+
+
+def _check_target(traced, gm, y) -> None:
+    match = _match_loss(traced, gm)
+    f_val = traced.model_output.meta.get("val")
+    if match is not None and isinstance(f_val, torch.Tensor) and match[1].check is not None:
+        match[1].check(f_val, y, **match[2].attrs)
+
+
 def _canonical_loss(traced, gm, graph, root, f, y_node, f_val, y_val, env, set_meta) -> fx.Node:
     """The closed-form loss op if the loss is one call to a known loss; the general path otherwise."""
-    loss_nodes = [n for n in traced.loss_nodes if n.op != "get_attr"]
-    if len(loss_nodes) == 1:
-        node = loss_nodes[0]
-        entry = None
-        if node.op == "call_module":
-            entry = registry.MODULE_SOURCES.get(type(gm.get_submodule(node.target)))
-        elif node.op == "call_function":
-            entry = registry.FUNCTION_SOURCES.get(node.target)
-        if entry is not None and entry[0].is_loss:
-            op, canonicalizer = entry
-            try:
-                canon = (canonicalizer(node, gm.get_submodule(node.target)) if node.op == "call_module"
-                         else canonicalizer(node, registry.Args(node.args, node.kwargs)))
-            except UnsupportedOpError as err:
-                raise UnsupportedOpError(f"loss node {describe(node, gm)}: {err}") from err
-            f_in, y_in = canon.inputs["f"] if canon else None, canon.inputs["y"] if canon else None
-            if canon is not None and f_in is traced.model_output and y_in is not None and y_in.op == "placeholder":
-                if op.check is not None:
-                    op.check(f_val, y_val, **canon.attrs)
-                new = graph.call_function(op.forward, (f, y_node), dict(canon.attrs))
-                set_meta(new, node, op.name, _source(node, gm))
-                new.meta["shape"], new.meta["dtype"] = (), f_val.dtype
-                return new
+    match = _match_loss(traced, gm)
+    if match is not None:
+        node, op, canon = match
+        if op.check is not None:
+            op.check(f_val, y_val, **canon.attrs)
+        new = graph.call_function(op.forward, (f, y_node), dict(canon.attrs))
+        set_meta(new, node, op.name, _source(node, gm))
+        new.meta["shape"], new.meta["dtype"] = (), f_val.dtype
+        return new
     # General path: the traced loss runs as a whole; torch.func differentiates it.
     check_general_loss(traced.loss_gm, f_val, y_val)
     root.loss_fn = traced.loss_gm

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InputError
+from ..rules import registry
 
 
 def describe(node: fx.Node, root: torch.nn.Module | None = None) -> str:
@@ -23,10 +24,7 @@ def describe(node: fx.Node, root: torch.nn.Module | None = None) -> str:
         except AttributeError:
             pass
     if node.op == "call_function":
-        target = getattr(node.target, "__name__", str(node.target))
-        mod = getattr(node.target, "__module__", "") or ""
-        prefix = "F." if "functional" in mod else ("operator." if mod == "_operator" else "torch." if mod.startswith("torch") else "")
-        return f"'{node.name}' ({prefix}{target})"
+        return f"'{node.name}' ({registry.source_name(node.target)})"
     if node.op == "call_method":
         return f"'{node.name}' (Tensor.{node.target})"
     return f"'{node.name}' ({node.op} {node.target})"
@@ -43,14 +41,18 @@ class ShapeProp(fx.Interpreter):
                 f"{a.name} {tuple(a.meta['val'].shape)}" for a in n.all_input_nodes
                 if isinstance(a.meta.get("val"), torch.Tensor)
             )
-            raise InputError(
+            failure = InputError(
                 f"the model/loss failed at node {describe(n, self.module)} with inputs [{shapes}]: "
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from err
+            )
+            failure.node = n
+            raise failure from err
         n.meta["val"] = value
         return value
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs) -> None:
+    interpreter = ShapeProp(gm)
+    interpreter.extra_traceback = False  # our message already names the node
     with torch.no_grad():
-        ShapeProp(gm).run(*example_inputs)
+        interpreter.run(*example_inputs)

@@ -229,17 +229,26 @@ def rule_defaults(fn: Callable) -> dict[str, Any]:
     }
 
 
+def source_name(fn: Any) -> str:
+    """How users spell a function: ``F.linear``, ``torch.tanh``, ``operator.add``."""
+    import operator
+
+    import torch.nn.functional as F
+
+    name = getattr(fn, "__name__", str(fn))
+    for prefix, namespace in (("F.", F), ("torch.", torch), ("operator.", operator)):
+        if getattr(namespace, name, None) is fn:
+            return prefix + name
+    return name
+
+
 def supported_sources() -> str:
     """A human-readable list of the vocabulary, for error messages."""
     by_op: dict[str, list[str]] = {}
     for t, (op, _) in MODULE_SOURCES.items():
         by_op.setdefault(op.name, []).append(f"nn.{t.__name__}")
     for f, (op, _) in FUNCTION_SOURCES.items():
-        mod = getattr(f, "__module__", "") or ""
-        prefix = "F." if "functional" in mod else ("torch." if mod.startswith("torch") else "")
-        if getattr(f, "__module__", None) == "_operator":
-            prefix = "operator."
-        by_op.setdefault(op.name, []).append(prefix + getattr(f, "__name__", str(f)))
+        by_op.setdefault(op.name, []).append(source_name(f))
     for m, (op, _) in METHOD_SOURCES.items():
         by_op.setdefault(op.name, []).append(f"Tensor.{m}")
     lines = [f"{name}: {', '.join(sorted(set(srcs)))}" for name, srcs in sorted(by_op.items())]
