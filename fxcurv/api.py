@@ -59,14 +59,23 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+BACKENDS = ("fused", "eager", "inductor")
+
+
 @dataclass
 class Program:
-    """The compiled curvature program of one input signature."""
+    """The compiled curvature program of one input signature.
+
+    ``gm`` is the program as a ``torch.fx.GraphModule``; ``runner`` is what executes it (the module
+    itself, or its ``torch.compile``d version for the inductor backend).
+    """
 
     gm: fx.GraphModule
     placeholders: list[str]
     param_of: dict[str, str]  # placeholder -> parameter name
     quantities: tuple[str, ...]
+    backend: str = "fused"
+    runner: Any = None
     recorded: bool = False
 
     def arguments(self, x, y, params: dict[str, torch.Tensor], generator) -> list:
@@ -86,23 +95,39 @@ class Program:
         args = self.arguments(x, y, params, generator)
         with torch.no_grad():
             if not self.recorded:
+                # The first call records every value's shape for the listing; the inductor backend
+                # compiles on its own first call, after this one.
                 out = _Recorder(self.gm).run(*args)
                 self.recorded = True
                 return out
-            return self.gm(*args)
+            return (self.gm if self.runner is None else self.runner)(*args)
 
 
-def build_program(traced: Traced, x, y, quantities: tuple[str, ...], mc_samples: int = 1) -> Program:
-    """Trace -> canonical graph -> curvature program -> shared, pruned, scheduled ``GraphModule``."""
+def build_program(traced: Traced, x, y, quantities: tuple[str, ...], mc_samples: int = 1,
+                  backend: str = "fused") -> Program:
+    """Trace -> canonical graph -> curvature program -> shared, pruned, (fused,) scheduled program.
+
+    ``backend``: ``"eager"`` runs the unfused program op by op; ``"fused"`` runs the fused program
+    (Triton kernels on CUDA tensors, their torch references on the CPU); ``"inductor"`` hands the
+    unfused program to ``torch.compile``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     canon = passes.canonicalize(traced, x, y)
     graph = passes.insert_curvature(canon, quantities, mc_samples)
     passes.share_products(graph)
     passes.eliminate_dead_code(graph)
+    if backend == "fused":
+        passes.fuse(graph)
+        passes.eliminate_dead_code(graph)
     passes.free_messages(graph)
     gm = fx.GraphModule(canon.root, graph, "CurvatureProgram")
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     param_of = {n.name: n.meta["param"] for n in graph.nodes if n.op == "placeholder" and n.meta.get("param")}
-    return Program(gm, placeholders, param_of, quantities)
+    runner = None
+    if backend == "inductor":
+        runner = torch.compile(gm, backend="inductor", dynamic=False)
+    return Program(gm, placeholders, param_of, quantities, backend, runner)
 
 
 class Engine:
@@ -114,7 +139,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, quantities=("grad",), *, mc_samples: int = 1,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, backend: str = "fused"):
         self.model = model
         self.loss_fn = loss_fn
         self.quantities = normalize(quantities)
@@ -122,6 +147,9 @@ class Engine:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.mc_samples = mc_samples
         self.seed = seed
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.backend = backend
         self.traced = trace(model, loss_fn)
         self._programs: dict[tuple, Program] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -143,7 +171,7 @@ class Engine:
         key = self.signature(x, y)
         prog = self._programs.get(key)
         if prog is None:
-            prog = build_program(self.traced, x, y, self.quantities, self.mc_samples)
+            prog = build_program(self.traced, x, y, self.quantities, self.mc_samples, self.backend)
             self._programs[key] = prog
         self._last = prog
         return prog
@@ -216,11 +244,13 @@ class Engine:
 
 
 def compile(model: nn.Module, loss_fn: Callable, quantities=("grad",), *, mc_samples: int = 1,
-            seed: Optional[int] = None) -> Engine:  # noqa: A001 - mirrors torch.compile
+            seed: Optional[int] = None, backend: str = "fused") -> Engine:  # noqa: A001 - mirrors torch.compile
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
     ``quantities``: any of ``grad``, ``diag_ggn``, ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``,
     ``hesscale_gn`` (the gradient is always returned). ``mc_samples`` columns are drawn for
     ``diag_ggn_mc``; ``seed`` makes them reproducible (or pass ``generator=`` per call).
+    ``backend``: ``"fused"`` (default), ``"eager"`` (unfused, op by op) or ``"inductor"``
+    (``torch.compile``); all give the same numbers.
     """
-    return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed)
+    return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed, backend=backend)

@@ -59,6 +59,25 @@ def mixed_contribution(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * (a * b).sum(dim=(0, 1))
 
 
+def stack_columns(g: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+    """The bundle ``[g; S_1; S_2; ...]``, ``[1 + K_1 + K_2 + ..., N, ...]``: the gradient as column 0.
+
+    Gradient and loss factors start at the loss and pass every op alike; stacked, each op moves all
+    of them with one product.
+    """
+    return torch.cat((g.unsqueeze(0),) + factors, dim=0)
+
+
+def gradient_column(bundle: torch.Tensor) -> torch.Tensor:
+    """``g``, column 0 of the bundle (a view)."""
+    return bundle[0]
+
+
+def column_range(bundle: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The factor columns ``start:stop`` of the bundle (a view)."""
+    return bundle[start:stop]
+
+
 def add_all(*values: torch.Tensor) -> torch.Tensor:
     """The sum of messages arriving from several consumers (a fan-out in the forward graph)."""
     total = values[0]

@@ -12,7 +12,8 @@ The pipeline (:func:`fxcurv.api.build_program`)::
 from .canonicalize import canonicalize
 from .dead_code import eliminate_dead_code
 from .free_messages import free_messages
+from .fuse import fuse
 from .insert_curvature import insert_curvature
 from .share_products import share_products
 
-__all__ = ["canonicalize", "insert_curvature", "share_products", "eliminate_dead_code", "free_messages"]
+__all__ = ["canonicalize", "insert_curvature", "share_products", "eliminate_dead_code", "fuse", "free_messages"]

@@ -63,9 +63,11 @@ class Factor:
 
 @dataclass
 class Inbox:
-    """Messages sent to one forward node's output by its consumers."""
+    """Messages sent to one forward node's output by its consumers. ``bundle`` holds the stacked
+    ``[g; S_loss; S_mc]`` columns: they start together at the loss and follow the same path, so each op
+    passes them with one product (one ``W^T [g; S]`` GEMM per linear layer)."""
 
-    g: list = field(default_factory=list)
+    bundle: list = field(default_factory=list)
     d: dict = field(default_factory=dict)  # quantity -> [node]
     factors: dict = field(default_factory=dict)  # Origin -> [Factor]
 
@@ -114,6 +116,8 @@ class CurvatureBuilder:
         self.outputs: dict[str, fx.Node] = {}
         self.loss_origin = Origin("loss", "", frozenset(self.quantities & {"diag_ggn", "diag_hessian"}))
         self.mc_origin = Origin("mc", "", frozenset({"diag_ggn_mc"}))
+        # Column ranges of the bundle [g; S_loss; S_mc]: origin -> (start, stop, sign node).
+        self.layout: dict = {}
 
     # ---- helpers -------------------------------------------------------------------------------
     def node(self, fn, args=(), kwargs=None, *, kind: str, of: Optional[fx.Node] = None,
@@ -231,10 +235,10 @@ class CurvatureBuilder:
             self.generator.meta.update(kind="input", source="torch.Generator for Monte Carlo samples")
 
     # ---- the backward walk ---------------------------------------------------------------------
-    def send(self, target: fx.Node, *, g=None, d: Optional[dict] = None, factor: Optional[Factor] = None):
+    def send(self, target: fx.Node, *, bundle=None, d: Optional[dict] = None, factor: Optional[Factor] = None):
         box = self.inbox.setdefault(target, Inbox())
-        if g is not None:
-            box.g.append(g)
+        if bundle is not None:
+            box.bundle.append(bundle)
         for q, v in (d or {}).items():
             box.d.setdefault(q, []).append(v)
         if factor is not None:
@@ -246,12 +250,11 @@ class CurvatureBuilder:
         shape = f.meta.get("shape")
         key = (op.name, "f")
         g = self.apply(registry.LOSS_GRAD, key, (), loss, kind="grad", message="g", shape=shape, at=f)
-        d = {}
+        columns = [g]
         if self.quantities & set(DIAG_QUANTITIES):
             diag = self.apply(registry.LOSS_HESSIAN_DIAG, key, (), loss, kind="diag", message="d",
                               stream="hesscale", shape=shape, at=f)
-            d = {q: diag for q in DIAG_QUANTITIES if q in self.quantities}
-        self.send(f, g=g, d=d)
+            self.send(f, d={q: diag for q in DIAG_QUANTITIES if q in self.quantities})
         if self.loss_origin.quantities:
             both = self.apply(registry.LOSS_SQRT_HESSIAN, key, (), loss, kind="sqrt", message="(S, sign)",
                               stream="loss", name=f"sqrt_hessian_{f.name}")
@@ -260,7 +263,8 @@ class CurvatureBuilder:
             if not op.psd_hessian:
                 sign = self.node(_getitem, (both, 1), kind="sqrt", of=loss, message="sign", stream="loss",
                                  at=f)
-            self.send(f, factor=Factor(self.loss_origin, s, sign))
+            columns.append(s)
+            self.layout[self.loss_origin] = (1, 1 + _numel(shape), sign)
         if "diag_ggn_mc" in self.quantities:
             fn = registry.LOSS_SQRT_HESSIAN_MC.get(key)
             if fn is None:
@@ -271,17 +275,30 @@ class CurvatureBuilder:
                 )
             kwargs = self.bind(fn, loss, 0, {"mc_samples": self.mc_samples, "generator": self.generator})
             s = self.node(fn, (), kwargs, kind="sqrt", of=loss, message="S", stream="mc", at=f)
-            self.send(f, factor=Factor(self.mc_origin, s, None))
+            start = 1 + (_numel(shape) if self.loss_origin in self.layout else 0)
+            self.layout[self.mc_origin] = (start, start + self.mc_samples, None)
+            columns.append(s)
+        bundle = self.node(factors.stack_columns, (g, *columns[1:]), kind="bundle", of=loss,
+                           message="[g; S]", at=f)
+        self.send(f, bundle=bundle)
 
     def reduce_inbox(self, node: fx.Node):
         box = self.inbox.pop(node, None)
         if box is None:
             return None, {}, {}
         shape = node.meta.get("shape")
-        g = self.sum_nodes(box.g, kind="grad", of=node, message="g", shape=shape, at=node) if box.g else None
+        if not box.bundle:
+            return None, {}, {}
+        bundle = self.sum_nodes(box.bundle, kind="bundle", of=node, message="[g; S]", at=node)
+        self.bundles[node] = bundle
+        g = self.node(factors.gradient_column, (bundle,), kind="grad", of=node, message="g", shape=shape, at=node)
         d = {q: self.sum_nodes(v, kind="diag", of=node, message="d", stream=q, shape=shape, at=node)
              for q, v in box.d.items()}
         fs = {}
+        for origin, (start, stop, sign) in self.layout.items():
+            cols = self.node(factors.column_range, (bundle, start, stop), kind="sqrt", of=node, message="S",
+                             stream=origin.label, at=node)
+            fs[origin] = Factor(origin, cols, sign)
         for origin, group in box.factors.items():
             if len(group) == 1:
                 fs[origin] = group[0]
@@ -322,9 +339,11 @@ class CurvatureBuilder:
         if key not in registry.JAC_T:
             raise UnsupportedOpError(f"op {op.name} has no transposed-Jacobian rule for its input '{name}'")
         shape = target.meta.get("shape")
-        self.send(target, g=self.apply(registry.JAC_T, key, (g,), node, kind="grad", message="g", shape=shape,
-                                       at=target))
+        self.send(target, bundle=self.apply(registry.JAC_T, key, (self.bundles[node],), node, kind="bundle",
+                                            message="[g; S]", at=target))
         for origin, factor in fs.items():
+            if origin in self.layout:
+                continue  # travels in the bundle
             s, sign = self.dense(factor, node)
             out = self.apply(registry.JAC_T, key, (s,), node, kind="sqrt", message="S", stream=origin.label,
                              at=target)
@@ -447,6 +466,7 @@ class CurvatureBuilder:
                             stack.append(u)
                 self.descendants[node] = seen
         self.mixed_b = {}
+        self.bundles: dict[fx.Node, fx.Node] = {}
         trainable = [p for p in self.canon.params.values() if p.meta.get("requires_grad")]
         uses = {p: sum(1 for u in p.users for a in u.args if a is p) for p in trainable}
         params = {p: ParamAccumulator(uses_left=uses[p]) for p in trainable}
@@ -469,7 +489,7 @@ class CurvatureBuilder:
 # factor there, `Smc_`/`Sr_`/`Se_` Monte Carlo, residual and mixed-term columns, `d_`/`dgn_` the
 # HesScale(GN) diagonals, `r_` a residual phi''(x) g, and `diag_<origin>_p_...` a parameter's share.
 _PREFIX = {
-    ("grad", "g"): "g", ("sqrt", "S"): "S", ("sqrt", "sign"): "sign", ("sqrt", "E"): "E",
+    ("grad", "g"): "g", ("bundle", "[g; S]"): "gS", ("sqrt", "S"): "S", ("sqrt", "sign"): "sign", ("sqrt", "E"): "E",
     ("diag", "d"): "d", ("residual", "r"): "r", ("param", "grad"): "grad", ("param", "diag"): "diag_",
     ("param", "J^T S"): "JtS", ("param", "B^T E"): "BtE",
 }
@@ -484,6 +504,13 @@ def _stream_tag(stream: str, kind: str) -> str:
                 "hesscale_gn": "hsgn"}.get(origin, origin)
     return {"loss": "", "mc": "mc", "residual": "r", "mixed": "e", "hesscale": "",
             "hesscale_gn": "gn"}.get(origin, origin)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
 
 
 def _getitem(t, i):

@@ -91,7 +91,11 @@ def linear_diag_sqrt_weight(S, sign, x, x_sq):
 
 @op.diag_sqrt("bias")
 def linear_diag_sqrt_bias(S, sign, x):
+    """HBP eq. S.8b, ``H_b = H_z``: the signed column squares summed over columns and samples (for
+    ``[N, *mid, in]`` inputs, over ``mid`` before squaring)."""
     lead = S.dim() - x.dim()
+    if x.dim() == 2:
+        return signed_square_sum(S, sign, lead)
     return signed_square_sum(linear_per_sample_bias(S, x), sign, lead)
 
 

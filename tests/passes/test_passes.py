@@ -63,6 +63,9 @@ def test_program_has_no_duplicate_products_and_no_dead_nodes():
             for n in graph.nodes if n.op == "call_function"]
     assert len(keys) == len(set(map(repr, keys)))
     assert all(n.users for n in graph.nodes if n.op == "call_function")
-    # f'(x) of the sigmoid is computed once and read by the gradient, the factor and HesScale.
+    # f'(x) of the sigmoid is computed once, read by the bundle [g; S] (gradient and loss factor
+    # in one product) and by HesScale's diagonal (one node serving hesscale and hesscale_gn).
     d1 = [n for n in graph.nodes if n.name.endswith("_d1")]
-    assert len(d1) == 1 and len(d1[0].users) >= 3
+    assert len(d1) == 1 and len(d1[0].users) == 2
+    bundles = [n for n in graph.nodes if n.meta.get("kind") == "bundle" and n.meta.get("of") == "sigmoid"]
+    assert len(bundles) == 1 and bundles[0].meta["shape"][0] == 1 + 3  # g and C = 3 factor columns
