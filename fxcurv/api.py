@@ -95,12 +95,23 @@ class Program:
         args = self.arguments(x, y, params, generator)
         with torch.no_grad():
             if not self.recorded:
-                # The first call records every value's shape for the listing; the inductor backend
-                # compiles on its own first call, after this one.
+                # The first call runs the unfused program and records every value's shape, which
+                # fusion needs; the backend takes over from the second call.
                 out = _Recorder(self.gm).run(*args)
                 self.recorded = True
+                self._finalize()
                 return out
             return (self.gm if self.runner is None else self.runner)(*args)
+
+    def _finalize(self) -> None:
+        graph = self.gm.graph
+        if self.backend == "fused":
+            passes.fuse(graph)
+            passes.eliminate_dead_code(graph)
+        passes.free_messages(graph)
+        self.gm.recompile()
+        if self.backend == "inductor":
+            self.runner = torch.compile(self.gm, backend="inductor", dynamic=False)
 
 
 def build_program(traced: Traced, x, y, quantities: tuple[str, ...], mc_samples: int = 1,
@@ -117,17 +128,11 @@ def build_program(traced: Traced, x, y, quantities: tuple[str, ...], mc_samples:
     graph = passes.insert_curvature(canon, quantities, mc_samples)
     passes.share_products(graph)
     passes.eliminate_dead_code(graph)
-    if backend == "fused":
-        passes.fuse(graph)
-        passes.eliminate_dead_code(graph)
     passes.free_messages(graph)
     gm = fx.GraphModule(canon.root, graph, "CurvatureProgram")
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     param_of = {n.name: n.meta["param"] for n in graph.nodes if n.op == "placeholder" and n.meta.get("param")}
-    runner = None
-    if backend == "inductor":
-        runner = torch.compile(gm, backend="inductor", dynamic=False)
-    return Program(gm, placeholders, param_of, quantities, backend, runner)
+    return Program(gm, placeholders, param_of, quantities, backend)
 
 
 class Engine:

@@ -110,12 +110,12 @@ def _from_function(node, a):
 
 # ---- derived quantities -------------------------------------------------------------------------
 
-@op.derived("weight_sq")
+@op.derived("weight_sq", pointwise=True)
 def conv2d_weight_sq(weight):
     return weight * weight
 
 
-@op.derived("x_sq")
+@op.derived("x_sq", pointwise=True)
 def conv2d_x_sq(x):
     return x * x
 
@@ -128,9 +128,19 @@ def conv2d_x_cols(x, weight, stride, padding, dilation, groups):
 
 
 def _unfold(x, weight_shape, stride, padding, dilation, groups):
-    cols = F.unfold(x, tuple(weight_shape[-2:]), dilation=dilation, padding=padding, stride=stride)
-    # unfold orders rows channel-major, so each group's input channels are one contiguous block.
-    return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
+    """``[[X]]`` as ``[N, groups, C_in/groups * K1 * K2, P]``, rows channel-major like ``F.unfold``.
+
+    Built from strided views of the padded input and one copy: on the CPU this is several times
+    faster than ``F.unfold``'s im2col (measured 0.5 vs 8.9 ms for the c3d3's first layer, N=128).
+    """
+    k1, k2 = weight_shape[-2:]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    span1, span2 = dilation[0] * (k1 - 1) + 1, dilation[1] * (k2 - 1) + 1
+    windows = xp.unfold(2, span1, stride[0]).unfold(3, span2, stride[1])  # [N, C, Y1, Y2, span1, span2]
+    windows = windows[..., :: dilation[0], :: dilation[1]]
+    n, c, y1, y2 = windows.shape[:4]
+    cols = windows.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, (c // groups) * k1 * k2, y1 * y2)
+    return cols
 
 
 # ---- messages to the input ----------------------------------------------------------------------

@@ -61,23 +61,23 @@ def define_activation(
         def _from_method(node, a):
             return Canonical({"x": a(0, "self")}, _attrs_from_args(a))
 
-    op.derived("d1")(d1)
+    op.derived("d1", pointwise=True)(d1)
     d1.rule_label = f"{name}'"
     if d2 is not None:
-        op.derived("d2")(d2)
+        op.derived("d2", pointwise=True)(d2)
         d2.rule_label = f"{name}''"
 
-        @op.residual("x")
+        @op.residual("x", pointwise=True)
         def elementwise_residual(g, d2):
             """HBP eq. S.9, second term: ``diag[phi''(x) * g_z]``."""
             return g * d2
 
-    @op.jac_t("x")
+    @op.jac_t("x", pointwise=True)
     def elementwise_jac_t(v, d1):
         """HBP eq. S.9, first term: ``diag[phi'(x)] v``."""
         return v * d1
 
-    @op.diag("x")
+    @op.diag("x", pointwise=True)
     def elementwise_diag(d, d1):
         """HesScale eq. 4: ``phi'(x)^2 * d_z``."""
         return d * (d1 * d1)

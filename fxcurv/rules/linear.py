@@ -36,12 +36,12 @@ def _from_function(node, a):
     return Canonical({"x": a(0, "input"), "weight": a(1, "weight"), "bias": a(2, "bias", None)})
 
 
-@op.derived("x_sq")
+@op.derived("x_sq", pointwise=True)
 def linear_x_sq(x):
     return x * x
 
 
-@op.derived("weight_sq")
+@op.derived("weight_sq", pointwise=True)
 def linear_weight_sq(weight):
     return weight * weight
 
@@ -51,13 +51,13 @@ def _flat(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(t.shape[: lead + 1] + (-1, t.shape[-1]))
 
 
-@op.jac_t("x")
+@op.jac_t("x", matmul="weight")
 def linear_jac_t_x(v, weight):
     """HBP eq. S.8a: ``J_x^T v = W^T v`` for every column of ``v``."""
     return v @ weight
 
 
-@op.diag("x")
+@op.diag("x", matmul="weight_sq")
 def linear_diag_x(d, weight_sq):
     """HesScale eq. 4 (first sum): ``d_x = (W o W)^T d``, off-diagonal terms dropped."""
     return d @ weight_sq

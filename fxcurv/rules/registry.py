@@ -147,25 +147,32 @@ class OpDef:
         return deco
 
     # ---- rules ---------------------------------------------------------------------------------
-    def _table(self, table: dict, key: str, kind: str):
+    def _table(self, table: dict, key: str, kind: str, pointwise: bool = False, matmul: Optional[str] = None):
+        """Register ``fn`` under ``(op, key)``. Tags tell the fusion pass what a rule is:
+        ``pointwise`` -- an elementwise function of its tensor arguments (broadcast over leading
+        dims), fusible into generated kernels; ``matmul="weight"`` -- ``message @ weight`` (the
+        product an elementwise epilogue can be fused into, HBP B.4)."""
+
         def deco(fn):
             fn.rule_label = f"{self.name}.{kind}[{key}]"
+            fn.pointwise = pointwise
+            fn.matmul = matmul
             table[(self.name, key)] = fn
             return fn
 
         return deco
 
-    def derived(self, name: str):
-        return self._table(DERIVED, name, "derived")
+    def derived(self, name: str, pointwise: bool = False):
+        return self._table(DERIVED, name, "derived", pointwise)
 
-    def jac_t(self, input: str):
-        return self._table(JAC_T, input, "jac_t")
+    def jac_t(self, input: str, pointwise: bool = False, matmul: Optional[str] = None):
+        return self._table(JAC_T, input, "jac_t", pointwise, matmul)
 
-    def diag(self, input: str):
-        return self._table(DIAG, input, "diag")
+    def diag(self, input: str, pointwise: bool = False, matmul: Optional[str] = None):
+        return self._table(DIAG, input, "diag", pointwise, matmul)
 
-    def residual(self, input: str):
-        return self._table(RESIDUAL, input, "residual")
+    def residual(self, input: str, pointwise: bool = False):
+        return self._table(RESIDUAL, input, "residual", pointwise)
 
     def grad(self, param: str):
         return self._table(GRAD, param, "grad")
