@@ -233,13 +233,38 @@ def conv2d_per_sample_bias(v):
     return v.sum(dim=(-2, -1))
 
 
+# Elements of one block of per-sample weight factors: bounds the memory of the exact diagonal
+# (the c3d3's third convolution has 141M entries [K, N, *W] at N=128) at a few blocks' worth.
+_BLOCK_ELEMENTS = 1 << 23
+
+
 @op.diag_sqrt("weight")
 def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
     """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` (HBP Sec. D.4, ``H_W`` from ``H_Z``) as
     ``sum_{k,n} sign[k, n] (J_W^T S[k, n])^2`` with the per-sample ``J_W^T`` summing over positions
-    before squaring: exact for every output size."""
-    per_sample = _per_sample_from_cols(S, x_cols, weight.shape, groups)
-    return signed_square_sum(per_sample, sign, S.dim() - 4)
+    before squaring: exact for every output size.
+
+    Per sample and group, ``J_W^T S`` for all ``K`` columns is one GEMM ``[K*O, P] @ [P, I]``; the
+    products run as batched GEMMs over blocks of samples, squared in place and reduced block by
+    block, so the full ``[K, N, *W]`` tensor never exists.
+    """
+    k, n = S.shape[0], S.shape[1]
+    g, o, i = groups, weight.shape[0] // groups, x_cols.shape[2]
+    p = x_cols.shape[3]
+    s_rows = S.reshape(k, n, g, o, p).permute(1, 2, 0, 3, 4).reshape(n, g, k * o, p)
+    cols_t = x_cols.transpose(2, 3)  # [N, G, P, I]
+    w = None if sign is None else sign.T.reshape(n, 1, k, 1, 1).to(S.dtype)
+    total = S.new_zeros(g, k, o, i)
+    block = max(1, _BLOCK_ELEMENTS // max(1, g * k * o * i))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        prod = torch.matmul(s_rows[start:stop], cols_t[start:stop])  # [b, G, K*O, I]
+        prod.square_()
+        prod = prod.reshape(stop - start, g, k, o, i)
+        if w is not None:
+            prod.mul_(w[start:stop])
+        total += prod.sum(0)
+    return total.sum(1).reshape(weight.shape)
 
 
 @op.diag_sqrt("bias")
