@@ -1,0 +1,286 @@
+"""Matrix products with a generated pointwise epilogue: a message through a linear layer and the
+activation in front of it in one kernel.
+
+Backpropagating through ``z = phi(x)``, ``y = z W^T`` takes a product with the weight followed by
+elementwise factors of ``phi``:
+
+* every gradient and square-root factor column: ``(V W) * phi'(x)`` -- HBP eq. S.8a then S.9, the
+  ``W^T [g; S]`` product of the activation+linear composite (HBP B.4, Botev eq. 29);
+* HesScale (eq. 4-5): ``((W o W)^T d) * phi'(x)^2 + (W^T g) * phi''(x)``, the squared weight being
+  squared on the fly (``square_b=True``) instead of stored.
+
+Without fusion the product is written to memory and read back by each elementwise rule;
+:func:`matmul_epilogue` applies the rules (a :class:`~fxcurv.kernels.pointwise.PointwiseProgram`)
+to the accumulator tile while it is still in registers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .pointwise import (
+    LAUNCHES,
+    KernelValue,
+    NotFusible,
+    PointwiseProgram,
+    _LOCK,
+    _module_source,
+    _suffix_of,
+    dot_precision,
+    emit_program,
+    interpreting,
+    load_source,
+    next_pow2,
+    triton_cdiv,
+    use_triton,
+)
+
+_TL_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """How the epilogue's extra inputs are read, per extra: ``"full"`` (shaped like the output),
+    ``"bcast"`` (``[..., Nout]``, a proper suffix: output row ``r`` reads row ``r % rows``), ``"row"``
+    (``[Nout]``), ``"one"`` (one element) or ``"scalar"`` (a Python number); ``n_outputs`` of the
+    epilogue (1 without one)."""
+
+    extras: tuple = ()
+    n_outputs: int = 1
+
+
+def _matmul_params(spec: MatmulSpec) -> list[str]:
+    ps = ["a_ptr", "b_ptr"]
+    ps += [f"e{i}" if s == "scalar" else f"e{i}_ptr" for i, s in enumerate(spec.extras)]
+    ps += [f"out{j}_ptr" for j in range(spec.n_outputs)]
+    ps += ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"]
+    ps += [f"rows_e{i}" for i, s in enumerate(spec.extras) if s == "bcast"]
+    return ps
+
+
+def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str:
+    """The module source of a tiled ``tl.dot`` kernel (float32 accumulation) computing
+    ``epilogue(A @ B, *extras)`` for ``A [M, K]`` and ``B [K, N]`` (any strides), ``B`` optionally
+    squared elementwise as it is loaded. The epilogue code comes from
+    :func:`~fxcurv.kernels.pointwise.emit_program` applied to the accumulator tile."""
+    body = [
+        "pid = tl.program_id(0)",
+        "num_pid_m = tl.cdiv(M, BLOCK_M)",
+        "num_pid_n = tl.cdiv(N, BLOCK_N)",
+        # grouped launch order: consecutive programs share columns of B in L2
+        "group = GROUP_M * num_pid_n",
+        "first_m = (pid // group) * GROUP_M",
+        "size_m = tl.minimum(num_pid_m - first_m, GROUP_M)",
+        "pid_m = first_m + ((pid % group) % size_m)",
+        "pid_n = (pid % group) // size_m",
+        "rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "rk = tl.arange(0, BLOCK_K)",
+        "a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak",
+        "b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, tl.cdiv(K, BLOCK_K)):",
+        "    k_left = K - k0 * BLOCK_K",
+        "    a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)",
+        "    b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)",
+        "    if SQUARE_B:",
+        "        b = b * b",
+        "    acc = tl.dot(a, b, acc, input_precision=PRECISION)",
+        "    a_ptrs += BLOCK_K * stride_ak",
+        "    b_ptrs += BLOCK_K * stride_bk",
+        "mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "offs = rm[:, None] * N + rn[None, :]",
+    ]
+    values = [KernelValue("acc", "f", True)]
+    for i, s in enumerate(spec.extras):
+        if s == "full":
+            body.append(f"x{i} = tl.load(e{i}_ptr + offs, mask=mask, other=0).to(tl.float32)")
+        elif s == "bcast":
+            body.append(f"x{i} = tl.load(e{i}_ptr + (rm % rows_e{i})[:, None] * N + rn[None, :], mask=mask, "
+                        "other=0).to(tl.float32)")
+        elif s == "row":
+            body.append(f"x{i} = tl.load(e{i}_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]")
+        elif s == "one":
+            body.append(f"x{i} = tl.load(e{i}_ptr).to(tl.float32)")
+        elif s == "scalar":
+            body.append(f"x{i} = e{i}")
+        else:
+            raise ValueError(f"extra spec {s!r}")
+        values.append(KernelValue(f"x{i}", "f", s not in ("one", "scalar")))
+    if epilogue is None:
+        outs = [values[0]]
+    else:
+        lines, outs = emit_program(epilogue, values, "float32", prefix="t")
+        body += lines
+    for j, v in enumerate(outs):
+        val = v.expr
+        if not v.tensor:
+            raise NotFusible("an epilogue output that does not depend on the product")
+        if v.kind == "b":
+            raise NotFusible("a boolean epilogue output")
+        # a value computed from a [1, BLOCK_N] row only still covers the whole tile
+        body.append(f"tl.store(out{j}_ptr + offs, tl.broadcast_to({val}, (BLOCK_M, BLOCK_N))"
+                    f".to(out{j}_ptr.dtype.element_ty), mask=mask)")
+    params = ", ".join(_matmul_params(spec) + [
+        "SQUARE_B: tl.constexpr", "PRECISION: tl.constexpr", "BLOCK_M: tl.constexpr",
+        "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr"])
+    return _module_source(f"def kernel({params}):", body, epilogue)
+
+
+_KERNELS: dict = {}
+
+
+def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any:
+    """The compiled kernel of :func:`matmul_source`, cached per ``(epilogue.key(), spec)``."""
+    key = (None if epilogue is None else epilogue.key(), spec, interpreting())
+    with _LOCK:
+        hit = _KERNELS.get(key)
+        if hit is None:
+            try:
+                hit = load_source(matmul_source(epilogue, spec), "mm").kernel
+            except NotFusible as e:
+                hit = e
+            _KERNELS[key] = hit
+    if isinstance(hit, NotFusible):
+        raise hit
+    return hit
+
+
+def _config(M: int, N: int, K: int) -> dict:
+    if interpreting():
+        # the interpreter pays per program and per loop step, not per element
+        return dict(BLOCK_M=min(max(next_pow2(M), 16), 128), BLOCK_N=min(max(next_pow2(N), 16), 128),
+                    BLOCK_K=min(max(next_pow2(K), 16), 128), GROUP_M=8, num_warps=4)
+    bm = 128 if M >= 2048 else 64
+    bn = min(max(next_pow2(N), 32), 128)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8, num_warps=4 if bm * bn <= 64 * 64 else 8,
+                num_stages=3)
+
+
+def _finish(outs: tuple, epilogue: Optional[PointwiseProgram]):
+    return outs[0] if epilogue is None or epilogue.n_outputs == 1 else tuple(outs)
+
+
+def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
+                 extras: Sequence[Any] = (), *, trans_b: bool = False, square_b: bool = False):
+    """The reference: ``a @ op(b)`` with torch, then the epilogue, which may overwrite the fresh
+    product (one multiply becomes ``out.mul_(extra)``: no second buffer)."""
+    bb = b.t() if trans_b else b
+    if square_b:
+        bb = bb * bb
+    out = torch.matmul(a, bb)
+    if epilogue is None:
+        return out
+    return _finish(epilogue.run_torch([out, *extras], owned=frozenset({0})), epilogue)
+
+
+def _launch_plan(a, b, epilogue, extras, trans_b):
+    if a.dim() < 1 or b.dim() != 2:
+        return "a must be [..., K] and b a matrix"
+    if a.dtype != b.dtype or a.dtype not in _TL_DOT_DTYPES:
+        return f"operand dtypes {a.dtype}, {b.dtype}"
+    if a.device != b.device:
+        return "operands on different devices"
+    K = a.shape[-1]
+    bk, N = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    if bk != K:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} (trans_b={trans_b}) do not multiply")
+    out_shape = tuple(a.shape[:-1]) + (N,)
+    M = math.prod(a.shape[:-1])
+    if K == 0:
+        return "empty contraction"
+    a2 = a.reshape(M, K)
+    sb = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
+    ex_spec, ex_args, rows = [], [], []
+    for i, e in enumerate(extras):
+        if not isinstance(e, torch.Tensor):
+            if isinstance(e, bool) or not isinstance(e, (int, float)):
+                return f"extra {i} of type {type(e).__name__}"
+            ex_spec.append("scalar")
+            ex_args.append(float(e))
+            continue
+        if e.device != a.device:
+            return f"extra {i} on another device"
+        if not e.dtype.is_floating_point or e.dtype == torch.float64:
+            return f"extra {i} of dtype {e.dtype}"
+        if e.numel() == 1:
+            ex_spec.append("one")
+        elif not _suffix_of(tuple(e.shape), out_shape):
+            return f"extra {i} of shape {tuple(e.shape)} is not a suffix of the output shape {out_shape}"
+        elif e.numel() == M * N:
+            ex_spec.append("full")
+        elif e.numel() == N:
+            ex_spec.append("row")
+        else:
+            ex_spec.append("bcast")
+            rows.append(e.numel() // N)
+        # a copy of an extra costs less than leaving the product unfused
+        ex_args.append(e.contiguous())
+    if epilogue is None:
+        out_dtypes = [torch.promote_types(a.dtype, b.dtype)]
+    else:
+        if epilogue.n_inputs != 1 + len(extras):
+            raise TypeError(f"epilogue takes {epilogue.n_inputs} inputs: the product and "
+                            f"{epilogue.n_inputs - 1} extras; got {len(extras)} extras")
+        acc = torch.empty(out_shape, dtype=torch.promote_types(a.dtype, b.dtype), device="meta")
+        meta = epilogue.meta([acc, *extras])
+        if meta is None:
+            return "torch cannot run the epilogue on these inputs"
+        out_dtypes = []
+        for o in epilogue._outputs:
+            m = meta[o]
+            if m is None or m[0] != out_shape:
+                return f"epilogue output {o.name} is not shaped like the product"
+            if not m[1].is_floating_point or m[1] == torch.float64:
+                return f"epilogue output of dtype {m[1]}"
+            out_dtypes.append(m[1])
+    outs = [torch.empty(out_shape, dtype=dt, device=a.device) for dt in out_dtypes]
+    spec = MatmulSpec(tuple(ex_spec), len(outs))
+    args = [a2, b, *ex_args, *outs, M, N, K, a2.stride(0), a2.stride(1), sb[0], sb[1], *rows]
+    return spec, args, outs, (M, N, K)
+
+
+def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
+                    extras: Sequence[Union[torch.Tensor, float]] = (), *, trans_b: bool = False,
+                    square_b: bool = False, force: Optional[str] = None):
+    """``epilogue(a @ op(b), *extras)`` in one kernel: HBP B.4 / Botev eq. 29's
+    ``(W^T [g; S]) * phi'(x)`` and HesScale eq. 4's ``((W o W)^T d) * phi'(x)^2 + ...``.
+
+    ``a``: ``[..., K]`` (leading dims are the rows ``M``: factor columns and samples), ``b``:
+    ``[K, Nout]``, or ``[Nout, K]`` with ``trans_b=True``; ``square_b=True`` uses ``b o b`` (the
+    squared weight of HesScale eq. 4, squared as it is loaded). ``epilogue``'s input 0 is the product
+    ``[..., Nout]``, the others are ``extras``: tensors whose shapes are suffixes of the output shape
+    (a ``[N, D]`` derivative against ``[K, N, D]`` products: row ``r`` of the flattened output reads
+    row ``r % N``) or Python numbers. Returns a tensor, or a tuple for a multi-output epilogue.
+
+    Triton path (CUDA, or ``force="triton"``): float32/float16/bfloat16 operands of one dtype, float32
+    accumulation, ``tl.dot`` in TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` says so.
+    Anything else (float64, unfusible epilogues, broadcasting other than by suffix) runs
+    :func:`matmul_torch`; ``force="triton"`` raises :class:`NotFusible` instead.
+    """
+    extras = list(extras)
+    tensors = [a, b] + [e for e in extras if isinstance(e, torch.Tensor)]
+    if not use_triton(tensors, force):
+        return matmul_torch(a, b, epilogue, extras, trans_b=trans_b, square_b=square_b)
+    plan = _launch_plan(a, b, epilogue, extras, trans_b)
+    if isinstance(plan, str):
+        if force == "triton":
+            raise NotFusible(f"cannot run on the Triton path: {plan}")
+        return matmul_torch(a, b, epilogue, extras, trans_b=trans_b, square_b=square_b)
+    spec, args, outs, (M, N, K) = plan
+    try:
+        kernel = matmul_kernel(epilogue, spec)
+    except NotFusible:
+        if force == "triton":
+            raise
+        return matmul_torch(a, b, epilogue, extras, trans_b=trans_b, square_b=square_b)
+    if M and N:
+        cfg = _config(M, N, K)
+        grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+        kernel[grid](*args, SQUARE_B=square_b, PRECISION=dot_precision(a.dtype), **cfg)
+        LAUNCHES["matmul"] += 1
+    return _finish(tuple(outs), epilogue)
