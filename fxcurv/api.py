@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from . import passes
 from .errors import InputError
@@ -95,13 +97,34 @@ class Program:
         args = self.arguments(x, y, params, generator)
         with torch.no_grad():
             if not self.recorded:
-                # The first call runs the unfused program and records every value's shape, which
-                # fusion needs; the backend takes over from the second call.
-                out = _Recorder(self.gm).run(*args)
+                self._record_shapes(args, generator)
                 self.recorded = True
                 self._finalize()
-                return out
             return (self.gm if self.runner is None else self.runner)(*args)
+
+    def _record_shapes(self, args: list, generator) -> None:
+        """Every value's shape and dtype, which fusion and the listing need, without computing.
+
+        Fake tensors propagate shapes at no cost and draw no random numbers. Should an op lack a
+        fake implementation, the program runs once for real, with the random state restored after,
+        so that every call -- the first included -- runs the same (fused) program on the same draws.
+        """
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            FakeTensorProp(self.gm, mode).propagate(*args)
+            for n in self.gm.graph.nodes:
+                val = n.meta.pop("val", None)
+                if isinstance(val, torch.Tensor):
+                    n.meta["shape"], n.meta["dtype"] = tuple(val.shape), val.dtype
+            return
+        except Exception:  # noqa: BLE001 - fall back to a real run
+            pass
+        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+        state = generator.get_state() if generator is not None else None
+        with torch.random.fork_rng(devices=devices):
+            _Recorder(self.gm).run(*args)
+        if generator is not None:
+            generator.set_state(state)
 
     def _finalize(self) -> None:
         graph = self.gm.graph

@@ -99,7 +99,7 @@ def to_dot(graph: fx.Graph, name: str = "curvature_program") -> str:
         else:
             label = f"{node.name}\\n{_label(node.target) if node.op == 'call_function' else node.op} {_shape(node)}"
             if node.meta.get("contains"):
-                label += "\\n[" + " -> ".join(node.meta["contains"]) + "]"
+                label += "\\n[" + ", ".join(node.meta["contains"]) + "]"
         color = _KIND_COLORS.get(kind, "#ffffff")
         lines.append(f'  "{node.name}" [label="{label}", fillcolor="{color}"];')
     for node in graph.nodes:

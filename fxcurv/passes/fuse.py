@@ -26,6 +26,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from .. import kernels
 from ..rules import registry
 
 
@@ -130,6 +131,222 @@ def matmul_prologue(region: dict) -> Optional[fx.Node]:
     return None
 
 
+# ---- rewriting ---------------------------------------------------------------------------------------
+
+def _label(node: fx.Node) -> str:
+    return getattr(node.target, "rule_label", None) or getattr(node.target, "__name__", str(node.target))
+
+
+def _named(fn, name: str, label: str):
+    fn.__name__ = fn.__qualname__ = name
+    fn.rule_label = label
+    return fn
+
+
+def _pointwise_target(program: kernels.PointwiseProgram):
+    def fused_pointwise(*inputs):
+        return kernels.pointwise(program, inputs)
+
+    return _named(fused_pointwise, "fused_pointwise", "fused.pointwise")
+
+
+def _matmul_target(program: kernels.PointwiseProgram, square_b: bool, n_outputs: int):
+    def fused_matmul(a, b, *extras):
+        out = kernels.matmul_epilogue(a, b, program, extras, square_b=square_b)
+        return out if n_outputs > 1 else (out,)
+
+    return _named(fused_matmul, "fused_matmul_epilogue", "fused.matmul_epilogue")
+
+
+def _replace(graph: fx.Graph, members: list, outputs: list, target, args, contains: list, shape) -> None:
+    """Insert one fused node computing ``outputs`` (a tuple) and drop ``members``."""
+    last = max(members, key=lambda n: _position(graph)[n])
+    with graph.inserting_after(last):
+        fused = graph.call_function(target, tuple(args))
+    fused.meta.update(kind="fused", contains=contains, shape=shape, of=outputs[0].meta.get("of", ""),
+                      message=" + ".join(o.meta.get("message", "") or o.name for o in outputs))
+    for i, out in enumerate(outputs):
+        _pick(graph, fused, i, out)
+    for n in sorted(members, key=lambda n: -_position(graph)[n]):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _pick(graph: fx.Graph, fused: fx.Node, i: int, old: fx.Node) -> fx.Node:
+    """Output ``i`` of ``fused`` takes the place, the name and the metadata of ``old``."""
+    name = old.name
+    old._rename(f"{name}_unfused")
+    with graph.inserting_after(fused):
+        pick = graph.create_node("call_function", _item, (fused, i), name=name)
+    pick.meta.update({k: v for k, v in old.meta.items() if k not in ("frees", "live")})
+    old.replace_all_uses_with(pick)
+    return pick
+
+
+def _item(values, i):
+    return values[i]
+
+
+_item.rule_label = "item"
+
+
+def _position(graph: fx.Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def fuse_pointwise(graph: fx.Graph) -> int:
+    """Replace pointwise regions (with their matmul prologue, if any) by generated kernels."""
+    count = 0
+    for region in pointwise_regions(graph):
+        prologue = matmul_prologue(region)
+        if len(region["nodes"]) < 2 and prologue is None:
+            continue  # one elementwise op gains nothing from a kernel of its own
+        order = _position(graph)
+        members = sorted(region["nodes"], key=order.get)
+        outputs = sorted(region["outputs"], key=order.get)
+        try:
+            program, externals = kernels.program_from_nodes(
+                members, outputs, leading=(prologue,) if prologue is not None else ())
+        except kernels.NotFusible:
+            continue
+        contains = [_label(n) for n in members]
+        if prologue is not None:
+            a, b = prologue.args[0], prologue.kwargs[prologue.target.matmul]
+            square_b = False
+            # HesScale's (W o W): square the weight as the kernel loads it instead of materializing it.
+            if (getattr(b.target, "rule_label", "").endswith("derived[weight_sq]") and len(b.users) == 1):
+                b, square_b = b.kwargs["weight"], True
+            target = _matmul_target(program, square_b, len(outputs))
+            args = [a, b] + externals[1:]
+            members = members + [prologue]
+            contains = [_label(prologue)] + contains
+        else:
+            target = _pointwise_target(program)
+            args = externals
+        _replace(graph, members, outputs, target, args, contains, region["shape"])
+        count += 1
+    return count
+
+
+def linear_param_reductions(x, g, factors=(), diags=(), x_sq=None):
+    """The parameter quantities of one linear layer from its input ``x [N, I]``, in one node.
+
+    Returns ``(g^T x, sum g, [c_j^T x^2, sum c_j for each c_j])`` where the ``c_j`` are
+    ``sum_k sign_k S_k^2`` of each square-root factor origin (the GGN / Hessian diagonal, HBP eq.
+    S.8b-c) followed by the HesScale diagonals ``d`` (eq. 5). ``x^2`` and each ``sum_k S_k^2`` are
+    computed once and shared by weight and bias; all diagonals run as one product with ``x^2``.
+    """
+    lefts = [kernels.column_square_sum(S, sign) for S, sign in factors] + list(diags)
+    c = None
+    if lefts:
+        c = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=1)
+    gram_g, gram_c = kernels.dual_gram(g, x, b=c, x_sq=x_sq)
+    outs = [gram_g, None if g is None else g.sum(0)]
+    if c is not None:
+        width = lefts[0].shape[1]
+        weights = gram_c.split(width, dim=0)
+        biases = c.sum(0).split(width)
+        for w_j, b_j in zip(weights, biases):
+            outs += [w_j, b_j]
+    return tuple(outs)
+
+
+linear_param_reductions.rule_label = "fused.linear_param_reductions"
+
+_LINEAR = {
+    ("grad", "weight"): registry.GRAD.get(("linear", "weight")),
+    ("grad", "bias"): registry.GRAD.get(("linear", "bias")),
+    ("sqrt", "weight"): registry.DIAG_SQRT.get(("linear", "weight")),
+    ("sqrt", "bias"): registry.DIAG_SQRT.get(("linear", "bias")),
+    ("diag", "weight"): registry.DIAG_DIAG.get(("linear", "weight")),
+    ("diag", "bias"): registry.DIAG_DIAG.get(("linear", "bias")),
+}
+
+
+def fuse_param_reductions(graph: fx.Graph) -> int:
+    """Fuse the gradient and diagonal products of each linear layer with a ``[N, I]`` input."""
+    kind_of = {fn: key for key, fn in _LINEAR.items() if fn is not None}
+    groups: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in kind_of:
+            groups.setdefault(node.meta.get("of", ""), []).append(node)
+    count = 0
+    for _, nodes in groups.items():
+        kinds = {n: kind_of[n.target] for n in nodes}
+        x = next((n.kwargs["x"] for n in nodes if "x" in n.kwargs), None)
+        if x is None or len(x.meta.get("shape") or ()) != 2:
+            continue
+        if not any(k[0] in ("sqrt", "diag") for k in kinds.values()):
+            continue  # the gradient alone: nothing to share
+        g_nodes = [n for n in nodes if kinds[n][0] == "grad"]
+        g = g_nodes[0].args[0] if g_nodes else None
+        if any(n.args[0] is not g for n in g_nodes):
+            continue
+        factors, diags = [], []
+        for n in nodes:
+            kind = kinds[n][0]
+            if kind == "sqrt" and (n.args[0], n.args[1]) not in factors:
+                factors.append((n.args[0], n.args[1]))
+            elif kind == "diag" and n.args[0] not in diags:
+                diags.append(n.args[0])
+        x_sq = next((n.kwargs.get("x_sq") for n in nodes if n.kwargs.get("x_sq") is not None), None)
+        slots = {("grad", "weight", None): 0, ("grad", "bias", None): 1}
+        for j, key in enumerate(factors + diags):
+            slots[("left", "weight", j)] = 2 + 2 * j
+            slots[("left", "bias", j)] = 3 + 2 * j
+        lefts = factors + diags
+
+        def slot(n):
+            kind, param = kinds[n]
+            if kind == "grad":
+                return slots[("grad", param, None)]
+            key = (n.args[0], n.args[1]) if kind == "sqrt" else n.args[0]
+            return slots[("left", param, lefts.index(key))]
+
+        order = _position(graph)
+        last = max(nodes, key=order.get)
+        with graph.inserting_after(last):
+            fused = graph.call_function(linear_param_reductions, (x, g, tuple(factors), tuple(diags)),
+                                        {"x_sq": x_sq})
+        fused.meta.update(kind="fused", contains=[_label(n) for n in sorted(nodes, key=order.get)],
+                          of=nodes[0].meta.get("of", ""), message="param reductions")
+        for n in nodes:
+            _pick(graph, fused, slot(n), n)
+            graph.erase_node(n)
+        count += 1
+    return count
+
+
+def stable_toposort(graph: fx.Graph) -> fx.Graph:
+    """Reorder nodes topologically, keeping the current order wherever dependencies allow (a fused
+    node replaces members spread over the program; its users may have stood between them)."""
+    import heapq
+
+    order = _position(graph)
+    indegree = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
+    ready = [(order[n], n.name, n) for n in graph.nodes if indegree[n] == 0]
+    heapq.heapify(ready)
+    result = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        result.append(n)
+        for u in n.users:
+            indegree[u] -= 1
+            if indegree[u] == 0:
+                heapq.heappush(ready, (order[u], u.name, u))
+    assert len(result) == len(order), "the program has a cycle"
+    cursor = graph._root
+    for n in result:
+        if cursor.next is not n:
+            cursor.append(n)
+        cursor = n
+    return graph
+
+
 def fuse(graph: fx.Graph) -> fx.Graph:
-    """Placeholder until the kernels land: analysis only."""
+    """Fuse parameter reductions, then pointwise regions and their matmul prologues."""
+    fuse_param_reductions(graph)
+    fuse_pointwise(graph)
+    stable_toposort(graph)
+    graph.lint()
     return graph
