@@ -264,7 +264,7 @@ class CurvatureBuilder:
                 sign = self.node(_getitem, (both, 1), kind="sqrt", of=loss, message="sign", stream="loss",
                                  at=f)
             columns.append(s)
-            self.layout[self.loss_origin] = (1, 1 + _numel(shape), sign)
+            self.layout[self.loss_origin] = (1, 1 + self.loss_columns(op, shape), sign)
         if "diag_ggn_mc" in self.quantities:
             fn = registry.LOSS_SQRT_HESSIAN_MC.get(key)
             if fn is None:
@@ -275,12 +275,16 @@ class CurvatureBuilder:
                 )
             kwargs = self.bind(fn, loss, 0, {"mc_samples": self.mc_samples, "generator": self.generator})
             s = self.node(fn, (), kwargs, kind="sqrt", of=loss, message="S", stream="mc", at=f)
-            start = 1 + (_numel(shape) if self.loss_origin in self.layout else 0)
+            start = 1 + (self.loss_columns(op, shape) if self.loss_origin in self.layout else 0)
             self.layout[self.mc_origin] = (start, start + self.mc_samples, None)
             columns.append(s)
         bundle = self.node(factors.stack_columns, (g, *columns[1:]), kind="bundle", of=loss,
                            message="[g; S]", at=f)
         self.send(f, bundle=bundle)
+
+    @staticmethod
+    def loss_columns(op: OpDef, shape) -> int:
+        return op.sqrt_columns(tuple(shape)) if op.sqrt_columns is not None else _numel(shape)
 
     def reduce_inbox(self, node: fx.Node):
         box = self.inbox.pop(node, None)

@@ -67,7 +67,7 @@ def _check_cross_entropy(f, y, reduction, ignore_index, label_smoothing):
 
 
 ce = define_op("cross_entropy", "losses", cross_entropy, inputs=("f", "y"), is_loss=True,
-               check=_check_cross_entropy)
+               check=_check_cross_entropy, sqrt_columns=lambda shape: max(shape[1] - 1, 0))
 
 
 def _ce_attrs(reduction, ignore_index, label_smoothing, weight, size_average=None, reduce=None):
@@ -141,12 +141,28 @@ def ce_grad(probs, target_dist, sample_weight):
 
 @ce.loss_sqrt_hessian()
 def ce_sqrt_hessian(probs, target_dist, sample_weight):
-    """HBP Sec. C.2: columns ``sqrt(p_c) (e_c - p)`` of ``S = diag(sqrt p) - p sqrt(p)^T``, ``[C, N, C]``."""
-    c = probs.shape[1]
+    """A rank-``(C - 1)`` factor of HBP Sec. C.2's ``H = diag(p) - p p^T``: ``[C - 1, N, C]``.
+
+    ``H`` annihilates the ones vector, so ``C - 1`` columns suffice (one fewer than the ``C`` columns
+    of ``diag(sqrt p) - p sqrt(p)^T``, which is every factor product 10% cheaper for ``C = 10``). With
+    ``q = sqrt(p)`` (a unit vector) and ``Q`` an orthonormal basis of ``q``'s orthogonal complement,
+    ``S = diag(q) Q`` gives ``S S^T = diag(q) (I - q q^T) diag(q) = H``. ``Q`` is the Householder
+    reflection mapping ``q`` to ``e_m`` without its column ``m``, ``m = argmin q`` so that
+    ``|q - e_m|^2 = 2 - 2 q_m >= 2 - 2 / sqrt(C)`` keeps the reflection well conditioned.
+    """
+    n, c = probs.shape
     scale = (sample_weight * target_dist.sum(1)).sqrt()  # [N]
-    sqrt_p = probs.sqrt().T * scale  # [C, N]
-    eye = torch.eye(c, dtype=probs.dtype, device=probs.device)
-    return sqrt_p.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0)), None
+    if c == 1:  # a single class: the loss is constant in f
+        return probs.new_zeros((0, n, 1)), None
+    q = probs.sqrt()
+    m = q.argmin(dim=1)
+    onehot = F.one_hot(m, c).to(probs.dtype)
+    v = q - onehot
+    reflection = torch.eye(c, dtype=probs.dtype, device=probs.device) - (2 / (v * v).sum(1)).view(n, 1, 1) * (
+        v.unsqueeze(2) * v.unsqueeze(1))  # [N, C, C], symmetric: rows are columns
+    basis = reflection[onehot == 0].view(n, c - 1, c)  # the rows (= columns) other than m
+    factor = basis * (q * scale.unsqueeze(1)).unsqueeze(1)  # column j: q o Q_j, scaled
+    return factor.transpose(0, 1).contiguous(), None
 
 
 @ce.loss_sqrt_hessian_mc()

@@ -57,7 +57,13 @@ def _from_function(node, a):
 
 
 def _crop(v, pad):
-    # F.pad pads the trailing dims, so negated pads crop any [*lead, N, ...] message alike.
+    if all(p >= 0 for p in pad):
+        # A view, not a copy: the next rule (an activation's product, a scatter) reads it strided.
+        for i in range(len(pad) // 2):
+            dim = v.dim() - 1 - i
+            v = v.narrow(dim, pad[2 * i], v.shape[dim] - pad[2 * i] - pad[2 * i + 1])
+        return v
+    # F.pad pads the trailing dims, so negated pads crop (and zero-pad) any [*lead, N, ...] message.
     return F.pad(v, tuple(-p for p in pad))
 
 

@@ -112,6 +112,9 @@ class OpDef:
     psd_hessian: bool = True
     # check(f, y, **attrs) raises InputError for targets the loss cannot take.
     check: Optional[Callable] = None
+    # The number of columns of the loss's square-root factor for a model output of this shape
+    # (default: one per output entry of a sample).
+    sqrt_columns: Optional[Callable] = None
     doc: str = ""
 
     # ---- sources -------------------------------------------------------------------------------

@@ -68,4 +68,4 @@ def test_program_has_no_duplicate_products_and_no_dead_nodes():
     d1 = [n for n in graph.nodes if n.name.endswith("_d1")]
     assert len(d1) == 1 and len(d1[0].users) == 2
     bundles = [n for n in graph.nodes if n.meta.get("kind") == "bundle" and n.meta.get("of") == "sigmoid"]
-    assert len(bundles) == 1 and bundles[0].meta["shape"][0] == 1 + 3  # g and C = 3 factor columns
+    assert len(bundles) == 1 and bundles[0].meta["shape"][0] == 1 + 2  # g and C - 1 = 2 factor columns

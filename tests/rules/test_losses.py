@@ -93,7 +93,7 @@ def test_cross_entropy_rules(targets, reduction, smoothing):
     weight = L.ce_sample_weight(f, y, reduction=reduction, ignore_index=ignore_index)
     grad = L.ce_grad(probs, dist, weight)
     s, sign = L.ce_sqrt_hessian(probs, dist, weight)
-    assert sign is None and s.shape == (C, N, C)
+    assert sign is None and s.shape == (C - 1, N, C)  # rank C - 1: H annihilates the ones vector
     diag = L.ce_hessian_diag(probs, dist, weight)
     check_rules(grad, s, sign, diag, loss_fn, f)
     if targets.startswith("ignored"):
@@ -279,3 +279,31 @@ def test_end_to_end_mse_extra_dims(reduction):
     y = torch.randn(4, 2, 3, dtype=DTYPE)
     engine, _ = end_to_end(model, nn.MSELoss(reduction=reduction), x, y)
     assert "mse_loss" in str(engine.graph)
+
+
+@pytest.mark.parametrize("case", ["near_one_hot", "uniform", "mixed"])
+def test_cross_entropy_factor_is_exact_where_the_reflection_could_degenerate(case):
+    """The rank-(C-1) factor S = diag(sqrt p) Q (Householder basis of sqrt(p)'s complement) stays
+    exact for saturated and for uniform softmax outputs: S S^T = diag(p) - p p^T per sample."""
+    from fxcurv.rules.losses import ce_sqrt_hessian
+
+    c = 5
+    f = {
+        "near_one_hot": torch.tensor([[40.0, 0, 0, 0, 0], [0, 0, 0, 0, 60.0]]),
+        "uniform": torch.zeros(2, c),
+        "mixed": torch.tensor([[3.0, -2, 0.5, 1, -40], [0.1, 0.2, 0.3, 0.4, 0.5]]),
+    }[case].double()
+    p = torch.softmax(f, 1)
+    s, sign = ce_sqrt_hessian(p, torch.ones(2, 1, dtype=f.dtype).expand(2, c) / c, torch.ones(2, dtype=f.dtype))
+    assert sign is None and s.shape == (c - 1, 2, c)
+    gram = torch.einsum("kni,knj->nij", s, s)
+    expected = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    torch.testing.assert_close(gram, expected, rtol=0, atol=1e-12)
+
+
+def test_cross_entropy_with_one_class_has_no_curvature():
+    from fxcurv.rules.losses import ce_sqrt_hessian
+
+    p = torch.ones(3, 1, dtype=torch.float64)
+    s, _ = ce_sqrt_hessian(p, p, torch.ones(3, dtype=torch.float64))
+    assert s.shape == (0, 3, 1)
