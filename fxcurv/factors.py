@@ -68,6 +68,9 @@ def stack_columns(g: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     return torch.cat((g.unsqueeze(0),) + factors, dim=0)
 
 
+stack_columns.fresh = True
+
+
 def gradient_column(bundle: torch.Tensor) -> torch.Tensor:
     """``g``, column 0 of the bundle (a view)."""
     return bundle[0]
@@ -87,6 +90,7 @@ def add_all(*values: torch.Tensor) -> torch.Tensor:
 
 
 add_all.pointwise = True
+add_all.fresh = True
 
 
 def zeros_like_param(p: torch.Tensor) -> torch.Tensor:

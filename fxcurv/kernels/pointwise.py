@@ -1424,8 +1424,13 @@ def _triton_launch_plan(program: PointwiseProgram, inputs: list):
     return spec, args + out_args + [numel] + extra + out_extra, outs, numel
 
 
-def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: Optional[str] = None) -> tuple:
+def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: Optional[str] = None,
+              owned: frozenset = frozenset()) -> tuple:
     """Run ``program`` on ``inputs``: Triton on CUDA tensors, the torch graph otherwise.
+
+    ``owned``: positions of inputs the caller will not read again (fresh buffers at their last use);
+    the torch path may write results into them instead of allocating, which on the CPU also saves
+    the page faults of fresh large allocations.
 
     Triton path: one kernel, outputs allocated contiguous with the broadcast shape of the inputs.
     Inputs that do not fit it (non-contiguous, non-float, broadcasting other than by a shape suffix,
@@ -1437,19 +1442,19 @@ def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: Optional[
         raise TypeError(f"program takes {program.n_inputs} inputs, got {len(inputs)}")
     tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
     if not use_triton(tensors, force):
-        return program.run_torch(inputs)
+        return program.run_torch(inputs, owned)
     plan = _triton_launch_plan(program, inputs)
     if isinstance(plan, str):
         if force == "triton":
             raise NotFusible(f"cannot run on the Triton path: {plan}")
-        return program.run_torch(inputs)
+        return program.run_torch(inputs, owned)
     spec, args, outs, numel = plan
     try:
         kernel = pointwise_kernel(program, spec)
     except NotFusible:
         if force == "triton":
             raise
-        return program.run_torch(inputs)
+        return program.run_torch(inputs, owned)
     if numel:
         block, warps = _block_size(numel)
         grid = (triton_cdiv(numel, block),)

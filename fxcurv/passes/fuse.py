@@ -143,11 +143,35 @@ def _named(fn, name: str, label: str):
     return fn
 
 
-def _pointwise_target(program: kernels.PointwiseProgram):
+def _pointwise_target(program: kernels.PointwiseProgram, owned: frozenset):
     def fused_pointwise(*inputs):
-        return kernels.pointwise(program, inputs)
+        return kernels.pointwise(program, inputs, owned=owned)
 
     return _named(fused_pointwise, "fused_pointwise", "fused.pointwise")
+
+
+def _fresh(node: Any) -> bool:
+    """Does ``node`` hold a buffer nothing else aliases? Rules tagged ``fresh`` allocate their result;
+    a fused node's outputs are its own; a ``view`` rule (a crop) is fresh where its message was and
+    nothing else reads that message."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target is _item:
+        return node.args[0].meta.get("kind") == "fused"
+    if getattr(node.target, "view", False):
+        src = node.args[0]
+        return isinstance(src, fx.Node) and len(src.users) == 1 and _fresh(src)
+    return bool(getattr(node.target, "fresh", False))
+
+
+def _owned(inputs: list, members: set, shape: tuple) -> frozenset:
+    """Positions of region inputs a fused kernel may overwrite: fresh buffers of the region's shape
+    that nothing outside the region reads (on the CPU, reusing them also saves the page faults of a
+    fresh allocation, which cost more than the arithmetic of a large elementwise product)."""
+    return frozenset(
+        i for i, a in enumerate(inputs)
+        if isinstance(a, fx.Node) and tuple(a.meta.get("shape") or ()) == shape
+        and all(u in members for u in a.users) and _fresh(a))
 
 
 def _matmul_target(program: kernels.PointwiseProgram, square_b: bool, n_outputs: int):
@@ -221,7 +245,7 @@ def fuse_pointwise(graph: fx.Graph) -> int:
             members = members + [prologue]
             contains = [_label(prologue)] + contains
         else:
-            target = _pointwise_target(program)
+            target = _pointwise_target(program, _owned(externals, region["nodes"], region["shape"]))
             args = externals
         _replace(graph, members, outputs, target, args, contains, region["shape"])
         count += 1

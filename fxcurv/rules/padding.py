@@ -67,13 +67,13 @@ def _crop(v, pad):
     return F.pad(v, tuple(-p for p in pad))
 
 
-@op.jac_t("x")
+@op.jac_t("x", view=True)
 def pad_jac_t(v, pad):
     """HBP Sec. D.2 (transposed index selection): ``J^T v = Pi v`` crops the padding off."""
     return _crop(v, pad)
 
 
-@op.diag("x")
+@op.diag("x", view=True)
 def pad_diag(d, pad):
     """HBP Sec. D.2 with HesScale eq. 8: ``Pi`` is binary, so the diagonal is cropped alike."""
     return _crop(d, pad)

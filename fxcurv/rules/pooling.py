@@ -95,13 +95,13 @@ def _scatter(v, x, indices):
     return out.reshape(batch + tuple(x.shape[-2:]))
 
 
-@max_op.jac_t("x")
+@max_op.jac_t("x", fresh=True)
 def max_pool2d_jac_t(v, x, indices):
     """HBP Sec. D.2: ``J^T v = Pi^T v`` for the argmax index map ``Pi``."""
     return _scatter(v, x, indices)
 
 
-@max_op.diag("x")
+@max_op.diag("x", fresh=True)
 def max_pool2d_diag(d, x, indices):
     """HBP Sec. D.2 with HesScale eq. 8: ``diag(Pi^T diag(d) Pi) = Pi^T d`` (``Pi`` is binary)."""
     return _scatter(d, x, indices)
@@ -163,14 +163,14 @@ def _avg_transpose(v, x, kernel_size, stride, padding, ceil_mode, count_include_
     return out.reshape(v.shape[:-3] + tuple(x.shape[1:]))
 
 
-@avg_op.jac_t("x")
+@avg_op.jac_t("x", fresh=True)
 def avg_pool2d_jac_t(v, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     """HBP Sec. D.2 (average pooling as a weighted index selection): ``J^T v = A^T v``."""
     return _avg_transpose(v, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
                           divisor_override)
 
 
-@avg_op.diag("x")
+@avg_op.diag("x", fresh=True)
 def avg_pool2d_diag(d, x, inv_divisor, kernel_size, stride, padding, ceil_mode, count_include_pad,
                     divisor_override):
     """HesScale eq. 8 with ``A`` as the kernel: ``d_x = (A o A)^T d = A^T (d / divisor)``, since every

@@ -150,16 +150,21 @@ class OpDef:
         return deco
 
     # ---- rules ---------------------------------------------------------------------------------
-    def _table(self, table: dict, key: str, kind: str, pointwise: bool = False, matmul: Optional[str] = None):
+    def _table(self, table: dict, key: str, kind: str, pointwise: bool = False, matmul: Optional[str] = None,
+               fresh: bool = False, view: bool = False):
         """Register ``fn`` under ``(op, key)``. Tags tell the fusion pass what a rule is:
         ``pointwise`` -- an elementwise function of its tensor arguments (broadcast over leading
         dims), fusible into generated kernels; ``matmul="weight"`` -- ``message @ weight`` (the
-        product an elementwise epilogue can be fused into, HBP B.4)."""
+        product an elementwise epilogue can be fused into, HBP B.4); ``fresh`` -- returns a newly
+        allocated tensor (implied by the two tags before), which a fused kernel reading it last may
+        overwrite; ``view`` -- returns a view of its message (a crop), fresh if the message was."""
 
         def deco(fn):
             fn.rule_label = f"{self.name}.{kind}[{key}]"
             fn.pointwise = pointwise
             fn.matmul = matmul
+            fn.fresh = fresh or pointwise or matmul is not None
+            fn.view = view
             table[(self.name, key)] = fn
             return fn
 
@@ -168,11 +173,13 @@ class OpDef:
     def derived(self, name: str, pointwise: bool = False):
         return self._table(DERIVED, name, "derived", pointwise)
 
-    def jac_t(self, input: str, pointwise: bool = False, matmul: Optional[str] = None):
-        return self._table(JAC_T, input, "jac_t", pointwise, matmul)
+    def jac_t(self, input: str, pointwise: bool = False, matmul: Optional[str] = None, fresh: bool = False,
+              view: bool = False):
+        return self._table(JAC_T, input, "jac_t", pointwise, matmul, fresh, view)
 
-    def diag(self, input: str, pointwise: bool = False, matmul: Optional[str] = None):
-        return self._table(DIAG, input, "diag", pointwise, matmul)
+    def diag(self, input: str, pointwise: bool = False, matmul: Optional[str] = None, fresh: bool = False,
+             view: bool = False):
+        return self._table(DIAG, input, "diag", pointwise, matmul, fresh, view)
 
     def residual(self, input: str, pointwise: bool = False):
         return self._table(RESIDUAL, input, "residual", pointwise)

@@ -54,12 +54,12 @@ def _reshape_back(v, shape, in_shape):
     return v.reshape(v.shape[: lead + 1] + tuple(in_shape))
 
 
-@op.jac_t("x")
+@op.jac_t("x", view=True)
 def reshape_jac_t(v, shape, in_shape):
     """HBP Sec. D.1: reshape every column back to the input's per-sample shape."""
     return _reshape_back(v, shape, in_shape)
 
 
-@op.diag("x")
+@op.diag("x", view=True)
 def reshape_diag(d, shape, in_shape):
     return _reshape_back(d, shape, in_shape)
