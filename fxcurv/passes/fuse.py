@@ -252,30 +252,35 @@ def fuse_pointwise(graph: fx.Graph) -> int:
     return count
 
 
-def linear_param_reductions(x, g, factors=(), diags=(), x_sq=None):
-    """The parameter quantities of one linear layer from its input ``x [N, I]``, in one node.
+def linear_param_reductions(x, g, factors=(), diags=()):
+    """What one linear layer's parameter quantities need from its messages, in one node.
 
-    Returns ``(g^T x, sum g, [c_j^T x^2, sum c_j for each c_j])`` where the ``c_j`` are
-    ``sum_k sign_k S_k^2`` of each square-root factor origin (the GGN / Hessian diagonal, HBP eq.
-    S.8b-c) followed by the HesScale diagonals ``d`` (eq. 5). ``x^2`` and each ``sum_k S_k^2`` are
-    computed once and shared by weight and bias; all diagonals run as one product with ``x^2``.
+    Returns ``(g^T x, sum g, c, sum c)`` where ``c = [c_1, c_2, ...]`` stacks, per square-root
+    factor origin, ``sum_k sign_k S_k^2`` (the per-sample diagonal at the layer output, HBP eq.
+    S.8b-c; each computed once, shared by weight and bias), then the HesScale diagonals ``d``
+    (eq. 5). The messages die after this node, before :func:`linear_weight_diagonals` allocates the
+    weight-shaped diagonals: only one of the two weight-sized outputs coexists with them.
     """
     lefts = [kernels.column_square_sum(S, sign) for S, sign in factors] + list(diags)
     c = None
     if lefts:
         c = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=1)
-    gram_g, gram_c = kernels.dual_gram(g, x, b=c, x_sq=x_sq)
-    outs = [gram_g, None if g is None else g.sum(0)]
-    if c is not None:
-        width = lefts[0].shape[1]
-        weights = gram_c.split(width, dim=0)
-        biases = c.sum(0).split(width)
-        for w_j, b_j in zip(weights, biases):
-            outs += [w_j, b_j]
-    return tuple(outs)
+    gram_g = None if g is None else g.reshape(-1, g.shape[-1]).T @ x
+    return gram_g, None if g is None else g.sum(0), c, None if c is None else c.sum(0)
 
 
 linear_param_reductions.rule_label = "fused.linear_param_reductions"
+
+
+def linear_weight_diagonals(c, x, x_sq=None):
+    """``c^T (x o x)`` split per origin: the weight diagonals (HBP eq. S.8c, HesScale eq. 5), one
+    product for all origins."""
+    _, gram_c = kernels.dual_gram(None, x, b=c, x_sq=x_sq)
+    return gram_c
+
+
+linear_weight_diagonals.rule_label = "fused.linear_weight_diagonals"
+
 
 _LINEAR = {
     ("grad", "weight"): registry.GRAD.get(("linear", "weight")),
@@ -314,31 +319,52 @@ def fuse_param_reductions(graph: fx.Graph) -> int:
             elif kind == "diag" and n.args[0] not in diags:
                 diags.append(n.args[0])
         x_sq = next((n.kwargs.get("x_sq") for n in nodes if n.kwargs.get("x_sq") is not None), None)
-        slots = {("grad", "weight", None): 0, ("grad", "bias", None): 1}
-        for j, key in enumerate(factors + diags):
-            slots[("left", "weight", j)] = 2 + 2 * j
-            slots[("left", "bias", j)] = 3 + 2 * j
-        lefts = factors + diags
-
-        def slot(n):
-            kind, param = kinds[n]
-            if kind == "grad":
-                return slots[("grad", param, None)]
-            key = (n.args[0], n.args[1]) if kind == "sqrt" else n.args[0]
-            return slots[("left", param, lefts.index(key))]
-
         order = _position(graph)
         last = max(nodes, key=order.get)
         with graph.inserting_after(last):
-            fused = graph.call_function(linear_param_reductions, (x, g, tuple(factors), tuple(diags)),
-                                        {"x_sq": x_sq})
+            fused = graph.call_function(linear_param_reductions, (x, g, tuple(factors), tuple(diags)))
         fused.meta.update(kind="fused", contains=[_label(n) for n in sorted(nodes, key=order.get)],
-                          of=nodes[0].meta.get("of", ""), message="param reductions")
+                          of=nodes[0].meta.get("of", ""), message="grad + sum_k S_k^2")
+        lefts = factors + diags
+        weight_diags = c_sum = None
+        if lefts:
+            with graph.inserting_after(fused):
+                c = graph.call_function(_item, (fused, 2))
+                c_sum = graph.call_function(_item, (fused, 3))
+            with graph.inserting_after(c_sum):
+                weight_diags = graph.call_function(linear_weight_diagonals, (c, x), {"x_sq": x_sq})
+            weight_diags.meta.update(kind="fused", contains=["c^T x^2"], of=fused.meta["of"],
+                                     message="weight diagonals")
         for n in nodes:
-            _pick(graph, fused, slot(n), n)
+            kind, param = kinds[n]
+            if kind == "grad":
+                _pick(graph, fused, 0 if param == "weight" else 1, n)
+            else:
+                j = lefts.index((n.args[0], n.args[1]) if kind == "sqrt" else n.args[0])
+                out_width = n.meta["shape"][0] if param == "weight" else n.meta["shape"][-1]
+                source = weight_diags if param == "weight" else c_sum
+                _pick_slice(graph, source, j, out_width, n)
             graph.erase_node(n)
         count += 1
     return count
+
+
+def _rows(value, j, width):
+    """Rows ``j * width : (j + 1) * width`` of a stacked result (a view)."""
+    return value.narrow(0, j * width, width)
+
+
+_rows.rule_label = "rows"
+
+
+def _pick_slice(graph: fx.Graph, source: fx.Node, j: int, width: int, old: fx.Node) -> fx.Node:
+    name = old.name
+    old._rename(f"{name}_unfused")
+    with graph.inserting_after(source):
+        pick = graph.create_node("call_function", _rows, (source, j, width), name=name)
+    pick.meta.update({k: v for k, v in old.meta.items() if k not in ("frees", "live")})
+    old.replace_all_uses_with(pick)
+    return pick
 
 
 def stable_toposort(graph: fx.Graph) -> fx.Graph:
