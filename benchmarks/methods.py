@@ -1,0 +1,285 @@
+"""The benchmarked methods. Each is set up lazily, called with no arguments on a fixed batch, and can
+report what it computed (for the correctness checks).
+
+Every method computes the loss and the gradient as well as its curvature quantity (that is what an
+optimizer step needs, and what fxcurv returns), so the plain forward+backward is a fair denominator.
+``reset()`` runs outside the timed region: it drops what the previous call left behind (``.grad``,
+BackPACK's and ASDL's attributes, the last result) so that every timed or memory-profiled call
+allocates its outputs afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcurv
+
+# The quantities fxcurv computes (the gradient is always returned as well).
+FXCURV_QUANTITIES = ("grad", "diag_ggn", "diag_ggn_mc", "diag_hessian", "hesscale", "hesscale_gn")
+COMBINED = ("grad", "diag_ggn", "hesscale")
+COMBINED_Q = "+".join(COMBINED)
+
+
+class Method:
+    """Base class. ``family``: autograd, fxcurv, backpack, asdl, torch.func, floor."""
+
+    family = ""
+    backend: Optional[str] = None
+
+    def __init__(self, mid: str, label: str, quantity: str, skip: Optional[str] = None):
+        self.id = mid
+        self.label = label
+        self.quantity = quantity
+        self.skip = skip
+        self.last: Any = None
+
+    def setup(self) -> None:  # build what the call needs (not timed)
+        pass
+
+    def call(self) -> Any:
+        raise NotImplementedError
+
+    def check_call(self) -> Any:
+        """One call whose results are compared (fxcurv passes a freshly seeded generator)."""
+        return self.call()
+
+    def reset(self) -> None:
+        self.last = None
+
+    def values(self, result) -> dict[str, dict[str, torch.Tensor]]:
+        """``{quantity: {param name: tensor}}`` of one call's result, ``grad`` included."""
+        raise NotImplementedError
+
+
+def _clear_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+class Autograd(Method):
+    """Plain forward + backward: the denominator of every ratio."""
+
+    family = "autograd"
+
+    def __init__(self, model, loss_fn, x, y):
+        super().__init__("autograd/fwd+bwd", "autograd fwd+bwd", "grad")
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+
+    def call(self):
+        loss = self.loss_fn(self.model(self.x), self.y)
+        loss.backward()
+        return loss.detach()
+
+    def reset(self):
+        super().reset()
+        _clear_grads(self.model)
+
+    def values(self, result):
+        return {"grad": {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}}
+
+
+class Fxcurv(Method):
+    family = "fxcurv"
+
+    def __init__(self, engines: dict, model, loss_fn, x, y, quantities: tuple[str, ...], backend: str,
+                 skip: Optional[str] = None):
+        q = "+".join(quantities)
+        super().__init__(f"fxcurv/{backend}/{q}", f"fxcurv[{backend}] {q}", q, skip)
+        self.backend = backend
+        self.engines, self.model, self.loss_fn, self.x, self.y = engines, model, loss_fn, x, y
+        self.quantities = quantities
+        self.engine = None
+
+    def setup(self):
+        # Engines are cached across networks configs (fcnn at N=128 and N=500 share one engine, whose
+        # programs are cached per input shape), so each program is built and compiled once.
+        key = (id(self.model), self.quantities, self.backend)
+        if key not in self.engines:
+            self.engines[key] = fxcurv.compile(self.model, self.loss_fn, quantities=self.quantities,
+                                               backend=self.backend, mc_samples=1, seed=0)
+        self.engine = self.engines[key]
+
+    def call(self):
+        return self.engine(self.x, self.y)
+
+    def check_call(self):
+        return self.engine(self.x, self.y, generator=torch.Generator().manual_seed(0))
+
+    def values(self, result):
+        return {q: dict(result[q]) for q in result}
+
+
+class FxcurvSeparate(Method):
+    """The combined quantities requested one at a time: one engine per quantity, called in sequence
+    (results of all three kept, as a user would)."""
+
+    family = "fxcurv"
+
+    def __init__(self, engines: dict, model, loss_fn, x, y, quantities: tuple[str, ...], backend: str):
+        q = "+".join(quantities)
+        super().__init__(f"fxcurv/{backend}/separate({q})", f"fxcurv[{backend}] {q} as {len(quantities)} engines",
+                         q)
+        self.backend = backend
+        self.parts = [Fxcurv(engines, model, loss_fn, x, y, (qq,), backend) for qq in quantities]
+
+    def setup(self):
+        for p in self.parts:
+            p.setup()
+
+    def call(self):
+        return [p.call() for p in self.parts]
+
+    def check_call(self):
+        return [p.check_call() for p in self.parts]
+
+    def values(self, result):
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for r in result:
+            for q in r:
+                out[q] = dict(r[q])
+        return out
+
+
+BACKPACK_EXT = {"diag_ggn": ("DiagGGNExact", "diag_ggn_exact"), "diag_ggn_mc": ("DiagGGNMC", "diag_ggn_mc"),
+                "diag_hessian": ("DiagHessian", "diag_h")}
+
+
+class Backpack(Method):
+    family = "backpack"
+
+    def __init__(self, model, x, y, quantity: str, skip: Optional[str] = None, bp_model=None):
+        ext, attr = BACKPACK_EXT[quantity]
+        super().__init__(f"backpack/{quantity}", f"BackPACK {ext}", quantity, skip)
+        self.base, self.x, self.y, self.ext_name, self.attr = model, x, y, ext, attr
+        self.bp_model = bp_model  # a shared extended copy (a dict holder), set up once
+
+    def setup(self):
+        from backpack import extend, extensions
+
+        if self.bp_model.get("model") is None:
+            m = copy.deepcopy(self.base)
+            self.bp_model["model"] = extend(m)
+            self.bp_model["loss"] = extend(nn.CrossEntropyLoss())
+        self.model = self.bp_model["model"]
+        self.loss_fn = self.bp_model["loss"]
+        cls = getattr(extensions, self.ext_name)
+        self.extension = cls(mc_samples=1) if self.ext_name == "DiagGGNMC" else cls()
+
+    def call(self):
+        from backpack import backpack
+
+        loss = self.loss_fn(self.model(self.x), self.y)
+        with backpack(self.extension):
+            loss.backward()
+        return loss.detach()
+
+    def reset(self):
+        super().reset()
+        model = self.bp_model.get("model")
+        for p in model.parameters() if model is not None else ():
+            p.grad = None
+            for a in ("diag_ggn_exact", "diag_ggn_mc", "diag_h"):
+                if hasattr(p, a):
+                    delattr(p, a)
+
+    def values(self, result):
+        named = list(self.model.named_parameters())
+        return {"grad": {n: p.grad.detach().clone() for n, p in named},
+                self.quantity: {n: getattr(p, self.attr).detach().clone() for n, p in named}}
+
+
+class Asdl(Method):
+    """ASDL's Fisher diagonal (exact: one backward per class; MC: one sampled backward), plus the loss
+    gradient (``calc_loss_grad=True``). For softmax cross-entropy the exact Fisher is the GGN."""
+
+    family = "asdl"
+
+    def __init__(self, model, x, y, quantity: str, holder: dict):
+        kind = "fisher_exact" if quantity == "diag_ggn" else "fisher_mc"
+        super().__init__(f"asdl/{kind}", f"ASDL {kind} diag", quantity)
+        self.base, self.x, self.y, self.kind, self.holder = model, x, y, kind, holder
+
+    def setup(self):
+        from asdl import FISHER_EXACT, FISHER_MC, LOSS_CROSS_ENTROPY, SHAPE_DIAG, FisherConfig, get_fisher_maker
+
+        if self.holder.get("model") is None:
+            self.holder["model"] = copy.deepcopy(self.base)
+        self.model = self.holder["model"]
+        N = self.x.shape[0]
+        cfg = FisherConfig(fisher_type=FISHER_EXACT if self.kind == "fisher_exact" else FISHER_MC,
+                           fisher_shapes=[SHAPE_DIAG], loss_type=LOSS_CROSS_ENTROPY, n_mc_samples=1, data_size=N)
+        self.maker = get_fisher_maker(self.model, cfg)
+        dummy_y = self.maker.setup_model_call(self.model, self.x)
+        # ASDL's losses are sums; forward_and_backward divides loss and gradient by data_size.
+        self.maker.setup_loss_call(F.cross_entropy, dummy_y, self.y, reduction="sum")
+
+    def call(self):
+        _, loss = self.maker.forward_and_backward(calc_loss_grad=True)
+        return loss.detach()
+
+    def reset(self):
+        super().reset()
+        if self.holder.get("model") is not None:
+            _clear_grads(self.holder["model"])
+            for m in self.holder["model"].modules():
+                if hasattr(m, "fisher"):
+                    delattr(m, "fisher")
+
+    def values(self, result):
+        diag = {}
+        for mname, m in self.model.named_modules():
+            f = getattr(m, "fisher", None)
+            if f is None or f.diag is None:
+                continue
+            prefix = f"{mname}." if mname else ""
+            if f.diag.weight is not None:
+                diag[prefix + "weight"] = f.diag.weight.detach().clone()
+            if f.diag.bias is not None:
+                diag[prefix + "bias"] = f.diag.bias.detach().clone()
+        return {"grad": {n: p.grad.detach().clone() for n, p in self.model.named_parameters()},
+                self.quantity: diag}
+
+
+class TorchFunc(Method):
+    family = "torch.func"
+
+    def __init__(self, model, x, y, classes: int, quantity: str, budget_mb: float, skip: Optional[str] = None):
+        super().__init__(f"torch.func/{quantity}", f"torch.func vmap(vjp) {quantity}", quantity, skip)
+        self.model, self.x, self.y, self.classes, self.budget_mb = model, x, y, classes, budget_mb
+
+    def setup(self):
+        from functorch_ref import FuncGGN
+
+        self.fn = FuncGGN(self.model, self.classes, mc=self.quantity == "diag_ggn_mc", budget_mb=self.budget_mb)
+
+    def call(self):
+        return self.fn(self.x, self.y)
+
+    def values(self, result):
+        _, g, d = result
+        return {"grad": g, self.quantity: d}
+
+
+class FloorRef(Method):
+    family = "floor"
+
+    def __init__(self, model, x, y, skip: Optional[str] = None):
+        super().__init__("floor/diag_ggn", "floor (hand-written) diag_ggn", "diag_ggn", skip)
+        self.model, self.x, self.y = model, x, y
+
+    def setup(self):
+        from floor import Floor
+
+        self.fn = Floor(self.model)
+
+    def call(self):
+        return self.fn(self.x, self.y)
+
+    def values(self, result):
+        _, g, d = result
+        return {"grad": g, "diag_ggn": d}
