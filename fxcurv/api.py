@@ -78,7 +78,7 @@ class Program:
     quantities: tuple[str, ...]
     backend: str = "fused"
     runner: Any = None
-    recorded: bool = False
+    prepared: bool = False
 
     def arguments(self, x, y, params: dict[str, torch.Tensor], generator) -> list:
         args = []
@@ -96,9 +96,9 @@ class Program:
     def run(self, x, y, params, generator=None) -> dict[str, torch.Tensor]:
         args = self.arguments(x, y, params, generator)
         with torch.no_grad():
-            if not self.recorded:
+            if not self.prepared:
                 self._record_shapes(args, generator)
-                self.recorded = True
+                self.prepared = True
                 self._finalize()
             return (self.gm if self.runner is None else self.runner)(*args)
 

@@ -20,3 +20,18 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-6, what: str = "
         assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         err = rel_error(a, e)
         assert err < rtol, f"{what} {name}: relative error {err:.3e} >= {rtol:.0e}"
+
+
+def check_against_references(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian"), **compile_kw):
+    """Compile, call once, and compare grad / diag_ggn / diag_hessian with the torch.func references
+    of :mod:`reference` (float64, relative error < 1e-6). Returns the result."""
+    import fxcurv
+    import reference
+
+    out = fxcurv.compile(model, loss_fn, quantities=quantities, **compile_kw)(x, y)
+    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
+    if "diag_ggn" in quantities:
+        assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
+    if "diag_hessian" in quantities:
+        assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
+    return out

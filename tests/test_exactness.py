@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import fxcurv
-import reference as ref
 from architectures import random_cnn, random_mlp
-from helpers import assert_close
+from helpers import check_against_references
 
 LOSSES = {
     "ce_mean": lambda: torch.nn.CrossEntropyLoss(),
@@ -28,14 +27,7 @@ def make_target(loss: str, n: int, classes: int, gen: torch.Generator) -> torch.
     return torch.randn(n, classes, generator=gen, dtype=torch.float64)
 
 
-def check_exact(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian")):
-    out = fxcurv.compile(model, loss_fn, quantities=quantities)(x, y)
-    assert_close(out.grad, ref.grad(model, loss_fn, x, y), what="grad")
-    if "diag_ggn" in quantities:
-        assert_close(out["diag_ggn"], ref.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
-    if "diag_hessian" in quantities:
-        assert_close(out["diag_hessian"], ref.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
-    return out
+check_exact = check_against_references
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -27,13 +27,12 @@ from .pointwise import (
     KernelValue,
     NotFusible,
     PointwiseProgram,
-    _LOCK,
     _module_source,
     _suffix_of,
     dot_precision,
+    cached_kernel,
     emit_program,
     interpreting,
-    load_source,
     next_pow2,
     triton_cdiv,
     use_triton,
@@ -131,23 +130,10 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
     return _module_source(f"def kernel({params}):", body, epilogue)
 
 
-_KERNELS: dict = {}
-
-
 def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any:
     """The compiled kernel of :func:`matmul_source`, cached per ``(epilogue.key(), spec)``."""
-    key = (None if epilogue is None else epilogue.key(), spec, interpreting())
-    with _LOCK:
-        hit = _KERNELS.get(key)
-        if hit is None:
-            try:
-                hit = load_source(matmul_source(epilogue, spec), "mm").kernel
-            except NotFusible as e:
-                hit = e
-            _KERNELS[key] = hit
-    if isinstance(hit, NotFusible):
-        raise hit
-    return hit
+    key = ("mm", None if epilogue is None else epilogue.key(), spec, interpreting())
+    return cached_kernel(key, lambda: matmul_source(epilogue, spec), "mm")
 
 
 def _config(M: int, N: int, K: int) -> dict:

@@ -1318,12 +1318,17 @@ def pointwise_kernel(program: PointwiseProgram, spec: Optional[PointwiseSpec] = 
     ``(program.key(), spec)``: equal programs share one kernel."""
     if spec is None:
         spec = PointwiseSpec(("full",) * program.n_inputs, ("full",) * program.n_outputs)
-    key = (program.key(), spec, interpreting())
+    return cached_kernel((program.key(), spec, interpreting()), lambda: to_triton_source(program, spec), "pw")
+
+
+def cached_kernel(key: Any, source: Callable[[], str], prefix: str) -> Any:
+    """The kernel compiled from ``source()``, once per ``key``; a :class:`NotFusible` raised while
+    generating the source is cached too (and raised again), so a program is tried once."""
     with _LOCK:
         hit = _KERNELS.get(key)
         if hit is None:
             try:
-                hit = load_source(to_triton_source(program, spec), "pw").kernel
+                hit = load_source(source(), prefix).kernel
             except NotFusible as e:
                 hit = e
             _KERNELS[key] = hit

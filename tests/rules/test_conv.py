@@ -18,7 +18,7 @@ from torch.func import jacrev, vjp
 import fxcurv
 import reference
 from fxcurv.rules import registry
-from helpers import assert_close, rel_error
+from helpers import assert_close, check_against_references, rel_error
 
 DT = torch.float64
 OP = "conv2d"
@@ -212,14 +212,7 @@ def _data(cfg, loss):
 LOSSES = [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")]
 
 
-def check_end_to_end(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian")):
-    out = fxcurv.compile(model, loss_fn, quantities=quantities)(x, y)
-    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
-    if "diag_ggn" in quantities:
-        assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
-    if "diag_hessian" in quantities:
-        assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
-    return out
+check_end_to_end = check_against_references
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES, ids=["ce", "mse_sum"])

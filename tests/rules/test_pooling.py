@@ -18,7 +18,7 @@ from torch.func import jacrev, vjp
 import fxcurv
 import reference
 from fxcurv.rules import registry
-from helpers import assert_close, rel_error
+from helpers import assert_close, check_against_references, rel_error
 
 DT = torch.float64
 
@@ -165,14 +165,7 @@ def test_avg_diag_against_explicit_averaging_matrix(cfg):
 
 # ---- end to end ---------------------------------------------------------------------------------
 
-def check_end_to_end(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian")):
-    out = fxcurv.compile(model, loss_fn, quantities=quantities)(x, y)
-    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
-    if "diag_ggn" in quantities:
-        assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
-    if "diag_hessian" in quantities:
-        assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
-    return out
+check_end_to_end = check_against_references
 
 
 def _cnn(pool, hw, act=nn.Tanh, n_out=3):
