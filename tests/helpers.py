@@ -35,3 +35,21 @@ def check_against_references(model, loss_fn, x, y, quantities=("diag_ggn", "diag
     if "diag_hessian" in quantities:
         assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
     return out
+
+
+def call_rule(table, op, key, *messages, **ctx):
+    """Call the rule ``table[(op, key)]`` the way the compiler binds it: every argument after the
+    messages by name from ``ctx``, derived quantities from the op's DERIVED rules."""
+    from fxcurv.rules import registry
+
+    fn = table[(op, key)]
+    defaults = registry.rule_defaults(fn)
+    kwargs = {}
+    for name in registry.rule_inputs(fn, len(messages)):
+        if name in ctx:
+            kwargs[name] = ctx[name]
+        elif (op, name) in registry.DERIVED:
+            kwargs[name] = call_rule(registry.DERIVED, op, name, **ctx)
+        elif name not in defaults:
+            raise KeyError(name)
+    return fn(*messages, **kwargs)

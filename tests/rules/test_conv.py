@@ -18,7 +18,7 @@ from torch.func import jacrev, vjp
 import fxcurv
 import reference
 from fxcurv.rules import registry
-from helpers import assert_close, check_against_references, rel_error
+from helpers import assert_close, call_rule, check_against_references, rel_error
 
 DT = torch.float64
 OP = "conv2d"
@@ -37,6 +37,10 @@ CONVS = [
 ]
 IDS = [c[0] for c in CONVS]
 
+
+
+def _call_rule(table, key, *messages, **ctx):
+    return call_rule(table, OP, key, *messages, **ctx)
 
 def _conv(cfg, cout=4, seed=0):
     _, kw, cin, _, _ = cfg
@@ -60,22 +64,6 @@ def _context(mod, x):
                bias=None if mod.bias is None else mod.bias.detach())
     ctx["out"] = registry.OPS[OP].forward(x, ctx["weight"], ctx["bias"], **canon.attrs)
     return ctx
-
-
-def call_rule(table, key, *messages, **ctx):
-    """Call a rule the way the compiler binds it: every argument after the messages by name,
-    derived quantities from the op's DERIVED rules."""
-    fn = table[(OP, key)]
-    defaults = registry.rule_defaults(fn)
-    kwargs = {}
-    for name in registry.rule_inputs(fn, len(messages)):
-        if name in ctx:
-            kwargs[name] = ctx[name]
-        elif (OP, name) in registry.DERIVED:
-            kwargs[name] = call_rule(registry.DERIVED, name, **ctx)
-        elif name not in defaults:
-            raise KeyError(name)
-    return fn(*messages, **kwargs)
 
 
 def _forward(ctx):
@@ -107,14 +95,14 @@ def test_jac_t_x_matches_vjp_per_column(cfg):
     ctx = _context(mod, x)
     k = 3
     v = torch.randn((k,) + ctx["out"].shape, dtype=DT)
-    got = call_rule(registry.JAC_T, "x", v, **ctx)
+    got = _call_rule(registry.JAC_T, "x", v, **ctx)
     f = _forward(ctx)
     _, pullback = vjp(lambda t: f(t, ctx["weight"], ctx["bias"]), x)
     want = torch.stack([pullback(v[i])[0] for i in range(k)])
     assert got.shape == want.shape
     assert rel_error(got, want) < 1e-10
     # Gradients carry no leading dim.
-    assert rel_error(call_rule(registry.JAC_T, "x", v[0], **ctx), want[0]) < 1e-10
+    assert rel_error(_call_rule(registry.JAC_T, "x", v[0], **ctx), want[0]) < 1e-10
 
 
 @pytest.mark.parametrize("cfg", CONVS, ids=IDS)
@@ -125,7 +113,7 @@ def test_diag_x_is_hesscale_eq8(cfg):
     jx, _, _ = _jacobians(ctx)
     # (J o J)^T d per sample: the diagonal of J^T diag(d) J.
     want = torch.einsum("nji,nj->ni", jx * jx, d.flatten(1)).reshape(x.shape)
-    got = call_rule(registry.DIAG, "x", d, **ctx)
+    got = _call_rule(registry.DIAG, "x", d, **ctx)
     assert rel_error(got, want) < 1e-10
 
 
@@ -137,12 +125,12 @@ def test_per_sample_matches_jacrev(cfg):
     v = torch.randn((k,) + ctx["out"].shape, dtype=DT)
     _, jw, jb = _jacobians(ctx)
     want_w = torch.einsum("nji,knj->kni", jw, v.flatten(2)).reshape((k, x.shape[0]) + mod.weight.shape)
-    got_w = call_rule(registry.PER_SAMPLE, "weight", v, **ctx)
+    got_w = _call_rule(registry.PER_SAMPLE, "weight", v, **ctx)
     assert got_w.shape == want_w.shape
     assert rel_error(got_w, want_w) < 1e-10
     if jb is not None:
         want_b = torch.einsum("nji,knj->kni", jb, v.flatten(2))
-        assert rel_error(call_rule(registry.PER_SAMPLE, "bias", v, **ctx), want_b) < 1e-10
+        assert rel_error(_call_rule(registry.PER_SAMPLE, "bias", v, **ctx), want_b) < 1e-10
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -161,7 +149,7 @@ def test_diag_sqrt_is_exact(cfg, signed):
         # The squares come after the sum over output positions: (J_W^T S_k)^2 per sample.
         jts = torch.einsum("nji,knj->kni", j, s.flatten(2))
         want = torch.einsum("kn,kni->i", w, jts * jts)
-        got = call_rule(registry.DIAG_SQRT, name, s, sign, **ctx)
+        got = _call_rule(registry.DIAG_SQRT, name, s, sign, **ctx)
         assert rel_error(got, want.reshape(got.shape)) < 1e-10, name
         assert got.shape == (shape if shape is not None else mod.bias.shape)
 
@@ -173,10 +161,10 @@ def test_diag_diag_is_hesscale_eq9(cfg):
     d = torch.randn(ctx["out"].shape, dtype=DT)
     _, jw, jb = _jacobians(ctx)
     want_w = torch.einsum("nji,nj->i", jw * jw, d.flatten(1)).reshape(mod.weight.shape)
-    assert rel_error(call_rule(registry.DIAG_DIAG, "weight", d, **ctx), want_w) < 1e-10
+    assert rel_error(_call_rule(registry.DIAG_DIAG, "weight", d, **ctx), want_w) < 1e-10
     if jb is not None:
         want_b = torch.einsum("nji,nj->i", jb * jb, d.flatten(1))
-        assert rel_error(call_rule(registry.DIAG_DIAG, "bias", d, **ctx), want_b) < 1e-10
+        assert rel_error(_call_rule(registry.DIAG_DIAG, "bias", d, **ctx), want_b) < 1e-10
 
 
 @pytest.mark.parametrize("cfg", CONVS, ids=IDS)
@@ -185,9 +173,9 @@ def test_grad_matches_autograd(cfg):
     ctx = _context(mod, x)
     g = torch.randn(ctx["out"].shape, dtype=DT)
     (mod(x) * g).sum().backward()
-    assert rel_error(call_rule(registry.GRAD, "weight", g, **ctx), mod.weight.grad) < 1e-10
+    assert rel_error(_call_rule(registry.GRAD, "weight", g, **ctx), mod.weight.grad) < 1e-10
     if mod.bias is not None:
-        assert rel_error(call_rule(registry.GRAD, "bias", g, **ctx), mod.bias.grad) < 1e-10
+        assert rel_error(_call_rule(registry.GRAD, "bias", g, **ctx), mod.bias.grad) < 1e-10
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch.func import jacrev, vjp
 import fxcurv
 import reference
 from fxcurv.rules import registry
-from helpers import assert_close, check_against_references, rel_error
+from helpers import assert_close, call_rule, check_against_references, rel_error
 
 DT = torch.float64
 
@@ -56,21 +56,6 @@ def _context(mod, x):
     ctx["out"] = out
     assert torch.equal(out, mod(x))
     return op.name, ctx
-
-
-def call_rule(table, op, key, *messages, **ctx):
-    """Call a rule the way the compiler binds it: arguments after the messages by name."""
-    fn = table[(op, key)]
-    defaults = registry.rule_defaults(fn)
-    kwargs = {}
-    for name in registry.rule_inputs(fn, len(messages)):
-        if name in ctx:
-            kwargs[name] = ctx[name]
-        elif (op, name) in registry.DERIVED:
-            kwargs[name] = call_rule(registry.DERIVED, op, name, **ctx)
-        elif name not in defaults:
-            raise KeyError(name)
-    return fn(*messages, **kwargs)
 
 
 def _input(hw, n=3, c=2, seed=0):
