@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import QUANTITIES, __version__, compile
+from .api import BACKENDS
 from .networks import NETWORKS
 
 _DEFAULT_QUANTITIES = "diag_ggn,diag_ggn_mc,diag_hessian,hesscale,hesscale_gn"
@@ -48,14 +49,15 @@ def inspect(args) -> int:
     quantities = args.quantities or (_CONV_DEFAULT_QUANTITIES if is_conv else _DEFAULT_QUANTITIES)
     quantities = tuple(q.strip() for q in quantities.split(",") if q.strip())
 
-    engine = compile(model, loss_fn, quantities=quantities, mc_samples=args.mc_samples, seed=args.seed)
+    engine = compile(model, loss_fn, quantities=quantities, mc_samples=args.mc_samples, seed=args.seed,
+                     backend=args.backend)
     t0 = time.perf_counter()
     out = engine(x, y)
     first = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"fxcurv {__version__} | {args.network}: {net.source} | {n_params:,} parameters")
     print(f"batch {args.batch} x {net.input_shape}, {args.dtype}, {type(loss_fn).__name__}, "
-          f"quantities: {', '.join(quantities)}")
+          f"quantities: {', '.join(quantities)}, backend {args.backend}")
     graph = engine.graph
     nodes = list(graph.nodes)
     backward = sum(1 for n in nodes if n.meta.get("kind") not in (None, "forward", "input", "output")
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss", choices=("ce", "mse"), default="ce")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--mc-samples", type=int, default=1)
+    p.add_argument("--backend", choices=BACKENDS, default="fused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dot", help="also write the program as a graphviz DOT file")
