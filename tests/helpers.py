@@ -53,3 +53,19 @@ def call_rule(table, op, key, *messages, **ctx):
         elif name not in defaults:
             raise KeyError(name)
     return fn(*messages, **kwargs)
+
+
+def check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last: tuple):
+    """``quantity`` (hesscale or hesscale_gn) runs, gives finite values shaped like every parameter,
+    and equals the exact Hessian diagonal (torch.func) on the parameters ``last`` of the last layer,
+    where the HesScale paper says it is exact."""
+    import fxcurv
+    import reference
+    import torch
+
+    out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)
+    exact = reference.diag_hessian(model, loss_fn, x, y)
+    assert set(out[quantity]) == set(exact)
+    for name, value in out[quantity].items():
+        assert value.shape == exact[name].shape and torch.isfinite(value).all()
+    assert_close({k: out[quantity][k] for k in last}, {k: exact[k] for k in last}, what=quantity)

@@ -224,14 +224,6 @@ def define_op(name: str, family: str, forward: Callable, inputs, params=(), **kw
     return op
 
 
-def op_of_target(target) -> Optional[OpDef]:
-    """The op whose forward (or saving forward) is ``target``."""
-    for op in OPS.values():
-        if target is op.forward or target is op.forward_saving:
-            return op
-    return None
-
-
 def rule_inputs(fn: Callable, n_messages: int) -> list[str]:
     """Names of the context arguments a rule takes after its ``n_messages`` message arguments."""
     params = list(inspect.signature(fn).parameters.values())[n_messages:]

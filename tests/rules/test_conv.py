@@ -16,9 +16,8 @@ from torch import nn
 from torch.func import jacrev, vjp
 
 import fxcurv
-import reference
 from fxcurv.rules import registry
-from helpers import assert_close, call_rule, check_against_references, rel_error
+from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
 DT = torch.float64
 OP = "conv2d"
@@ -255,13 +254,7 @@ def test_hesscale_runs_and_is_exact_at_last_layer(quantity):
     model = _net(cfg)
     loss_fn = nn.CrossEntropyLoss()
     x, y = _data(cfg, loss_fn)
-    out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)
-    exact = reference.diag_hessian(model, loss_fn, x, y)
-    assert set(out[quantity]) == set(exact)
-    for name, value in out[quantity].items():
-        assert value.shape == exact[name].shape and torch.isfinite(value).all()
-    last = ("5.weight", "5.bias")
-    assert_close({k: out[quantity][k] for k in last}, {k: exact[k] for k in last}, what=quantity)
+    check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last=("5.weight", "5.bias"))
 
 
 # ---- errors -------------------------------------------------------------------------------------
