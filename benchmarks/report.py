@@ -151,7 +151,7 @@ def net_markdown(cfg: str, net: dict, backends) -> str:
         return f"{tag} [{notes.index(text) + 1}]"
 
     rows = [(q, q, False) for q in FXCURV_QUANTITIES]
-    rows += [(f"{COMBINED_Q} (one program)", COMBINED_Q, False), (f"… the same as 3 separate engines", COMBINED_Q, True)]
+    rows += [(f"{COMBINED_Q} (one program)", COMBINED_Q, False), ("… the same as 3 separate engines", COMBINED_Q, True)]
     for label, q, sep in rows:
         cells = [cell(_cell_id(q, sep, fam, b)) for _, fam, b in cols]
         if any(cells):

@@ -15,7 +15,6 @@ import copy
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -39,7 +38,7 @@ from fxcurv.networks import NETWORKS  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
 from methods import (  # noqa: E402
-    BACKPACK_EXT, COMBINED, COMBINED_Q, FXCURV_QUANTITIES, Asdl, Autograd, Backpack, FloorRef, Fxcurv,
+    BACKPACK_EXT, COMBINED, FXCURV_QUANTITIES, Asdl, Autograd, Backpack, FloorRef, Fxcurv,
     FxcurvSeparate, TorchFunc,
 )
 

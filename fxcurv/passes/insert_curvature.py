@@ -25,9 +25,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
-from torch import nn
 
 from .. import factors
 from ..errors import UnsupportedOpError

@@ -21,7 +21,6 @@ when the program is built) and are factorized by eigendecomposition, ``H_n = U d
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
