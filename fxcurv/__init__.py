@@ -6,13 +6,14 @@ the gradient and every requested quantity in one call.
 """
 
 from . import rules  # noqa: F401  (registers the op vocabulary)
-from .api import Engine, Program, Result, build_program, compile
-from .errors import FxcurvError, InputError, LossError, TraceError, UnsupportedOpError
-from .quantities import QUANTITIES
+from .api import Engine, Program, Result, compile
+from .errors import FxcurvError, InputError, LossError, MemoryBudgetError, TraceError, UnsupportedOpError
+from .passes.memory import MemoryEstimate
+from .quantities import QUANTITIES, Quantity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "Engine", "Program", "Result", "build_program", "QUANTITIES",
-    "FxcurvError", "TraceError", "UnsupportedOpError", "LossError", "InputError",
+    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate",
+    "FxcurvError", "TraceError", "UnsupportedOpError", "LossError", "InputError", "MemoryBudgetError",
 ]

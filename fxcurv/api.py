@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from . import passes
-from .errors import InputError
+from .errors import InputError, MemoryBudgetError, UnsupportedOpError
+from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
-from .quantities import normalize
+from .node_info import GENERATOR, INPUT, TARGET, info
+from .passes.canonicalize import unsupported_nodes
+from .passes.memory import MemoryEstimate
+from .passes.pipeline import BACKENDS, Build, run_pipeline
+from .quantities import Quantity, resolve
+from .rules import registry
 from .trace import Traced, trace
+
+QuantitySpec = Union[str, Quantity, Iterable[Union[str, Quantity]]]
+# Traced versions of a model kept at once (a model switched between train() and eval() every step
+# reuses both); older ones are dropped with their programs.
+_VERSIONS_KEPT = 4
 
 
 class Result(Mapping):
-    """Loss, gradient and quantities of one call, keyed by the model's parameter names.
+    """Loss, gradient and quantities of one call, keyed by the model's parameter names in
+    ``named_parameters()`` order.
 
     ``result.loss`` (scalar), ``result.grad["1.weight"]``, ``result["diag_ggn"]["1.weight"]``; iterating
-    gives the quantity names (``"grad"`` included).
+    gives the quantity names (``"grad"`` first).
     """
 
-    def __init__(self, loss: torch.Tensor, values: dict[str, dict[str, torch.Tensor]]):
+    def __init__(self, loss: torch.Tensor, values: dict[str, dict[str, Any]]):
         self.loss = loss
         self._values = values
 
@@ -34,7 +45,7 @@ class Result(Mapping):
     def grad(self) -> dict[str, torch.Tensor]:
         return self._values["grad"]
 
-    def __getitem__(self, quantity: str) -> dict[str, torch.Tensor]:
+    def __getitem__(self, quantity: str) -> dict[str, Any]:
         try:
             return self._values[quantity]
         except KeyError:
@@ -50,112 +61,65 @@ class Result(Mapping):
         return f"Result(loss={self.loss.item():.6g}, quantities={list(self._values)})"
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a program once and records the shape of every value (for the listing)."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if isinstance(value, torch.Tensor):
-            n.meta["shape"] = tuple(value.shape)
-            n.meta["dtype"] = value.dtype
-        return value
-
-
-BACKENDS = ("fused", "eager", "inductor")
-
-
 @dataclass
 class Program:
     """The compiled curvature program of one input signature.
 
-    ``gm`` is the program as a ``torch.fx.GraphModule``; ``runner`` is what executes it (the module
-    itself, or its ``torch.compile``d version for the inductor backend).
+    ``gm`` is the program as a ``torch.fx.GraphModule``; ``runner`` executes it (the module itself,
+    or its ``torch.compile``d version for the inductor backend); ``memory`` is its estimated peak.
     """
 
     gm: fx.GraphModule
-    placeholders: list[str]
+    quantities: tuple[Quantity, ...]
+    backend: str
+    memory: MemoryEstimate
+    runner: Callable[..., Any]
     param_of: dict[str, str]  # placeholder -> parameter name
-    quantities: tuple[str, ...]
-    backend: str = "fused"
-    runner: Any = None
-    prepared: bool = False
+    placeholders: tuple[str, ...]
 
-    def arguments(self, x, y, params: dict[str, torch.Tensor], generator) -> list:
-        args = []
-        for name in self.placeholders:
-            if name == "x":
-                args.append(x)
-            elif name == "y":
-                args.append(y)
-            elif name == "generator":
-                args.append(generator)
-            else:
-                args.append(params[self.param_of[name]])
-        return args
+    @classmethod
+    def from_build(cls, build: Build) -> Program:
+        assert build.canonical is not None and build.graph is not None and build.memory is not None
+        gm = fx.GraphModule(build.canonical.root, build.graph, "CurvatureProgram")
+        runner: Callable[..., Any] = gm
+        if build.backend == "inductor":
+            runner = torch.compile(gm, backend="inductor", dynamic=False)
+        placeholders = tuple(n.name for n in build.graph.nodes if n.op == "placeholder")
+        param_of = {n.name: info(n).param for n in build.graph.nodes if n.op == "placeholder" and info(n).param}
+        return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders)
 
-    def run(self, x, y, params, generator=None) -> dict[str, torch.Tensor]:
-        args = self.arguments(x, y, params, generator)
+    def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],
+            generator: Optional[torch.Generator]) -> dict[str, Any]:
+        fixed = {INPUT: x, TARGET: y, GENERATOR: generator}
+        args = [fixed[n] if n in fixed else params[self.param_of[n]] for n in self.placeholders]
         with torch.no_grad():
-            if not self.prepared:
-                self._record_shapes(args, generator)
-                self.prepared = True
-                self._finalize()
-            return (self.gm if self.runner is None else self.runner)(*args)
-
-    def _record_shapes(self, args: list, generator) -> None:
-        """Every value's shape and dtype, which fusion and the listing need, without computing.
-
-        Fake tensors propagate shapes at no cost and draw no random numbers. Should an op lack a
-        fake implementation, the program runs once for real, with the random state restored after,
-        so that every call -- the first included -- runs the same (fused) program on the same draws.
-        """
-        try:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            FakeTensorProp(self.gm, mode).propagate(*args)
-            for n in self.gm.graph.nodes:
-                val = n.meta.pop("val", None)
-                if isinstance(val, torch.Tensor):
-                    n.meta["shape"], n.meta["dtype"] = tuple(val.shape), val.dtype
-            return
-        except Exception:  # noqa: BLE001 - fall back to a real run
-            pass
-        devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
-        state = generator.get_state() if generator is not None else None
-        with torch.random.fork_rng(devices=devices):
-            _Recorder(self.gm).run(*args)
-        if generator is not None:
-            generator.set_state(state)
-
-    def _finalize(self) -> None:
-        graph = self.gm.graph
-        if self.backend == "fused":
-            passes.fuse(graph)
-            passes.eliminate_dead_code(graph)
-        passes.free_messages(graph)
-        self.gm.recompile()
-        if self.backend == "inductor":
-            self.runner = torch.compile(self.gm, backend="inductor", dynamic=False)
+            return self.runner(*args)
 
 
-def build_program(traced: Traced, x, y, quantities: tuple[str, ...], mc_samples: int = 1,
-                  backend: str = "fused") -> Program:
-    """Trace -> canonical graph -> curvature program -> shared, pruned, (fused,) scheduled program.
+@dataclass
+class _Version:
+    """One trace of the model and loss, and the programs built from it per input signature."""
 
-    ``backend``: ``"eager"`` runs the unfused program op by op; ``"fused"`` runs the fused program
-    (Triton kernels on CUDA tensors, their torch references on the CPU); ``"inductor"`` hands the
-    unfused program to ``torch.compile``.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    canon = passes.canonicalize(traced, x, y)
-    graph = passes.insert_curvature(canon, quantities, mc_samples)
-    passes.share_products(graph)
-    passes.eliminate_dead_code(graph)
-    passes.free_messages(graph)
-    gm = fx.GraphModule(canon.root, graph, "CurvatureProgram")
-    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-    param_of = {n.name: n.meta["param"] for n in graph.nodes if n.op == "placeholder" and n.meta.get("param")}
-    return Program(gm, placeholders, param_of, quantities, backend)
+    fingerprint: tuple[Any, ...]
+    traced: Traced
+    programs: dict[tuple[Any, ...], Program]
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process could still allocate on ``device`` (``None`` where unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
 
 
 class Engine:
@@ -163,46 +127,111 @@ class Engine:
 
     Programs are cached per input signature (shapes, dtypes, devices of ``x``, ``y`` and the
     parameters): calling again with the same shapes reuses the program, a new batch size or dtype
-    builds another. ``graph``/``code``/``to_dot()`` show the most recently used program.
+    builds another. Each call checks that the model and loss are still what the programs were built
+    from (:mod:`fxcurv.guards`) and traces them anew where they are not. ``graph``/``code``/
+    ``to_dot()`` show the most recently used program.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, quantities=("grad",), *, mc_samples: int = 1,
-                 seed: Optional[int] = None, backend: str = "fused"):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.quantities = normalize(quantities)
-        if not isinstance(mc_samples, int) or mc_samples < 1:
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,
+                 mc_samples: int = 1, seed: Optional[int] = None, backend: str = "fused",
+                 memory_budget: Optional[float] = None):
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        self.mc_samples = mc_samples
-        self.seed = seed
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes (or None), got {memory_budget!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.quantities = resolve(quantities)
+        self.mc_samples = mc_samples
+        self.seed = seed
         self.backend = backend
-        self.traced = trace(model, loss_fn)
-        self._programs: dict[tuple, Program] = {}
+        self.memory_budget = memory_budget
+        self._versions: OrderedDict[tuple[Any, ...], _Version] = OrderedDict()
+        self._current: Optional[_Version] = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._last: Optional[Program] = None
+        self._version()  # trace now: errors at compile time
+
+    # ---- the model as it is now ----------------------------------------------------------------
+    def _version(self) -> _Version:
+        """The trace of the model and loss as they are now (guarded: traced anew when they changed)."""
+        fp = fingerprint(self.model, self.loss_fn)
+        current = self._current
+        if current is not None and current.fingerprint == fp:
+            return current
+        found = self._versions.get(fp)
+        if found is None:
+            traced = trace(self.model, self.loss_fn)
+            problems = unsupported_nodes(traced)
+            if problems:
+                raise UnsupportedOpError(
+                    f"{len(problems)} node(s) of the model are outside fxcurv's vocabulary:\n  "
+                    + "\n  ".join(problems)
+                    + f"\nSupported ops and the torch calls that map to them:\n  {registry.supported_sources()}")
+            found = _Version(fp, traced, {})
+            self._versions[fp] = found
+            while len(self._versions) > _VERSIONS_KEPT:
+                self._versions.popitem(last=False)
+        self._versions.move_to_end(fp)
+        self._current = found
+        return found
+
+    @property
+    def quantity_names(self) -> tuple[str, ...]:
+        return tuple(q.name for q in self.quantities)
 
     # ---- calling -------------------------------------------------------------------------------
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.traced.params.items()}
-
-    def signature(self, x, y) -> tuple:
-        def sig(t):
+    @staticmethod
+    def signature(version: _Version, x: Any, y: Any) -> tuple[Any, ...]:
+        def sig(t: Any) -> tuple[Any, ...]:
             return (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else (type(t).__name__,)
 
-        params = tuple((p.dtype, p.device, p.requires_grad) for p in self.traced.params.values())
+        params = tuple((p.dtype, p.device) for p in version.traced.params.values())
         return sig(x), sig(y), params
 
-    def program(self, x, y) -> Program:
+    def program(self, x: torch.Tensor, y: Any) -> Program:
         """The program for inputs like ``(x, y)``, built on first use."""
-        key = self.signature(x, y)
-        prog = self._programs.get(key)
+        _check_call(x, y)
+        version = self._version()
+        key = self.signature(version, x, y)
+        prog = version.programs.get(key)
         if prog is None:
-            prog = build_program(self.traced, x, y, self.quantities, self.mc_samples, self.backend)
-            self._programs[key] = prog
+            prog = self._build(version, x, y)
+            version.programs[key] = prog
         self._last = prog
         return prog
+
+    def _build(self, version: _Version, x: torch.Tensor, y: Any) -> Program:
+        params = {name: p.detach() for name, p in version.traced.params.items()}
+        build = run_pipeline(Build(version.traced, x, y, params, self.quantities, self.mc_samples, self.backend))
+        prog = Program.from_build(build)
+        budget = self.memory_budget if self.memory_budget is not None else available_memory(x.device)
+        if budget is not None and prog.memory.peak_bytes > budget:
+            raise MemoryBudgetError(
+                f"the curvature program for inputs {tuple(x.shape)} would need about "
+                f"{prog.memory.peak_bytes / 2**20:.0f} MiB at its peak, at node '{prog.memory.at}' "
+                f"({prog.memory.at_description}), more than the budget of {budget / 2**20:.0f} MiB"
+                f"{' (the memory available now)' if self.memory_budget is None else ''}. Use a smaller batch, "
+                "fewer quantities, Monte Carlo instead of exact factors (diag_ggn_mc), or raise memory_budget=")
+        return prog
+
+    def memory_estimate(self, x: torch.Tensor, y: Any) -> MemoryEstimate:
+        """The estimated peak memory of the program for inputs like ``(x, y)`` (see
+        :mod:`fxcurv.passes.memory`), without running it."""
+        version = self._version()
+        _check_call(x, y)
+        key = self.signature(version, x, y)
+        prog = version.programs.get(key)
+        if prog is not None:
+            return prog.memory
+        budget = self.memory_budget
+        self.memory_budget = float("inf")  # an estimate never refuses
+        try:
+            return self._build(version, x, y).memory
+        finally:
+            self.memory_budget = budget
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
         if self.seed is None:
@@ -212,34 +241,27 @@ class Engine:
         return self._generators[device]
 
     def __call__(self, x: torch.Tensor, y: Any, *, generator: Optional[torch.Generator] = None) -> Result:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"input x must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0:
-            raise InputError("input x must have a batch dimension (dim 0), got a 0-d tensor")
-        if not isinstance(y, torch.Tensor):
-            raise InputError(f"target y must be a tensor, got {type(y).__name__}")
-        if y.dim() == 0 or y.shape[0] != x.shape[0]:
-            raise InputError(
-                f"target y has shape {tuple(y.shape)} but the input batch has {x.shape[0]} samples; "
-                "y's dim 0 must be the batch"
-            )
         prog = self.program(x, y)
-        if generator is None and "diag_ggn_mc" in self.quantities:
+        version = self._current
+        assert version is not None
+        if generator is None:
             generator = self._generator(x.device)
-        flat = prog.run(x, y, self._params(), generator)
-        values: dict[str, dict[str, torch.Tensor]] = {q: {} for q in ("grad",) + tuple(
-            q for q in self.quantities if q != "grad")}
-        for key, value in flat.items():
-            if key == "loss":
-                continue
-            q, name = key.split("/", 1)
-            values[q][name] = value
-        # A parameter the loss never reads has zero derivatives of every order.
-        for name, p in self.traced.params.items():
-            if p.requires_grad and name not in values["grad"]:
-                for q in values:
-                    values[q][name] = torch.zeros_like(p.detach())
-        return Result(flat["loss"], values)
+        params = {name: p.detach() for name, p in version.traced.params.items()}
+        out = prog.run(x, y, params, generator)
+        values = {q.name: {name: q.wrap(v, version.traced.params[name]) for name, v in out[q.name].items()}
+                  for q in prog.quantities}
+        return Result(out["loss"], values)
+
+    # ---- copying -------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """An engine pickles (and deep-copies) as its model, loss and options; programs are rebuilt."""
+        return {"model": self.model, "loss_fn": self.loss_fn, "quantities": self.quantity_names,
+                "mc_samples": self.mc_samples, "seed": self.seed, "backend": self.backend,
+                "memory_budget": self.memory_budget}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        model, loss_fn = state.pop("model"), state.pop("loss_fn")
+        self.__init__(model, loss_fn, **state)  # type: ignore[misc]
 
     # ---- inspecting ----------------------------------------------------------------------------
     def _require_program(self) -> Program:
@@ -268,17 +290,36 @@ class Engine:
         return to_dot(self._require_program().gm.graph)
 
     def __repr__(self) -> str:
-        return f"Engine({type(self.model).__name__}, quantities={self.quantities}, programs={len(self._programs)})"
+        programs = sum(len(v.programs) for v in self._versions.values())
+        return f"Engine({type(self.model).__name__}, quantities={self.quantity_names}, programs={programs})"
 
 
-def compile(model: nn.Module, loss_fn: Callable, quantities=("grad",), *, mc_samples: int = 1,
-            seed: Optional[int] = None, backend: str = "fused") -> Engine:  # noqa: A001 - mirrors torch.compile
+def _check_call(x: Any, y: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"input x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise InputError("input x must have a batch dimension (dim 0), got a 0-d tensor")
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"target y must be a tensor, got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise InputError(
+            f"target y has shape {tuple(y.shape)} but the input batch has {x.shape[0]} samples; "
+            "y's dim 0 must be the batch"
+        )
+
+
+def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,  # noqa: A001
+            mc_samples: int = 1, seed: Optional[int] = None, backend: str = "fused",
+            memory_budget: Optional[float] = None) -> Engine:
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
-    ``quantities``: any of ``grad``, ``diag_ggn``, ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``,
+    ``quantities``: names (or :class:`fxcurv.quantities.Quantity` objects) from
+    ``fxcurv.QUANTITIES``: ``grad``, ``diag_ggn``, ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``,
     ``hesscale_gn`` (the gradient is always returned). ``mc_samples`` columns are drawn for
     ``diag_ggn_mc``; ``seed`` makes them reproducible (or pass ``generator=`` per call).
     ``backend``: ``"fused"`` (default), ``"eager"`` (unfused, op by op) or ``"inductor"``
-    (``torch.compile``); all give the same numbers.
+    (``torch.compile``); all give the same numbers. ``memory_budget``: bytes the program's values may
+    take at their peak (estimated before it runs); default: the memory available when it is built.
     """
-    return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed, backend=backend)
+    return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed, backend=backend,
+                  memory_budget=memory_budget)

@@ -19,3 +19,8 @@ class LossError(FxcurvError, ValueError):
 
 class InputError(FxcurvError, ValueError):
     """Inputs, targets or parameters have shapes, dtypes or devices the program cannot take."""
+
+
+class MemoryBudgetError(FxcurvError, MemoryError):
+    """The program's estimated peak memory exceeds the budget (``memory_budget=``, default: what the
+    machine has available); raised before it runs, naming the node at the peak."""

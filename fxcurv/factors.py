@@ -16,7 +16,10 @@ from typing import Optional
 
 import torch
 
+from .targets import target
 
+
+@target()
 def signed_square_sum(per_sample: torch.Tensor, sign: Optional[torch.Tensor], lead: int) -> torch.Tensor:
     """``sum_{k,n} sign[k, n] * per_sample[k, n, ...]**2`` over the ``lead + 1`` leading dimensions.
 
@@ -28,6 +31,7 @@ def signed_square_sum(per_sample: torch.Tensor, sign: Optional[torch.Tensor], le
     return sq.sum(dim=tuple(range(lead + 1)))
 
 
+@target()
 def diagonal_to_columns(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``diag(r)`` per sample as signed columns: ``S[j, n] = sqrt|r[n, j]| e_j``, ``sign[j, n] = sign r[n, j]``.
 
@@ -40,6 +44,7 @@ def diagonal_to_columns(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols.permute(2, 0, 1).reshape((d, n) + shape), torch.sign(flat).T.contiguous()
 
 
+@target()
 def unit_columns(x: torch.Tensor) -> torch.Tensor:
     """The identity as columns, ``[D, N, *shape]`` for ``x [N, *shape]``: the x-side of a mixed term."""
     n, shape = x.shape[0], x.shape[1:]
@@ -48,6 +53,7 @@ def unit_columns(x: torch.Tensor) -> torch.Tensor:
     return eye.expand((d, n) + shape)
 
 
+@target()
 def mixed_contribution(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``2 sum_{i,n} a[i, n] * b[i, n]``: the diagonal of ``J_x^T B + B^T J_x`` from column pairs.
 
@@ -59,6 +65,7 @@ def mixed_contribution(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * (a * b).sum(dim=(0, 1))
 
 
+@target(fresh=True)
 def stack_columns(g: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     """The bundle ``[g; S_1; S_2; ...]``, ``[1 + K_1 + K_2 + ..., N, ...]``: the gradient as column 0.
 
@@ -68,19 +75,20 @@ def stack_columns(g: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     return torch.cat((g.unsqueeze(0),) + factors, dim=0)
 
 
-stack_columns.fresh = True
 
-
+@target()
 def gradient_column(bundle: torch.Tensor) -> torch.Tensor:
     """``g``, column 0 of the bundle (a view)."""
     return bundle[0]
 
 
+@target()
 def column_range(bundle: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """The factor columns ``start:stop`` of the bundle (a view)."""
     return bundle[start:stop]
 
 
+@target(pointwise=True, fresh=True)
 def add_all(*values: torch.Tensor) -> torch.Tensor:
     """The sum of messages arriving from several consumers (a fan-out in the forward graph)."""
     total = values[0]
@@ -89,10 +97,8 @@ def add_all(*values: torch.Tensor) -> torch.Tensor:
     return total
 
 
-add_all.pointwise = True
-add_all.fresh = True
 
-
+@target()
 def zeros_like_param(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p)
 

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .node_info import Kind, info
+from .targets import target_info
+
 _KIND_COLORS = {
     "forward": "#dddddd", "input": "#ffffff", "derived": "#fff2cc", "grad": "#cfe2f3",
     "sqrt": "#d9ead3", "diag": "#fce5cd", "residual": "#f4cccc", "param": "#d9d2e9",
@@ -15,7 +18,7 @@ _KIND_COLORS = {
 
 
 def _label(target: Any) -> str:
-    return getattr(target, "rule_label", None) or getattr(target, "__name__", str(target))
+    return target_info(target).label
 
 
 def _fmt(value: Any) -> str:
@@ -34,10 +37,7 @@ def _fmt(value: Any) -> str:
 
 
 def _shape(node: fx.Node) -> str:
-    shape = node.meta.get("shape")
-    if shape is None:
-        return ""
-    return "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+    return info(node).describe_value()
 
 
 def node_line(node: fx.Node, name_width: int = 18, shape_width: int = 20) -> str:
@@ -53,19 +53,18 @@ def node_line(node: fx.Node, name_width: int = 18, shape_width: int = 20) -> str
     else:
         args = [_fmt(a) for a in node.args] + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()]
         rhs = f"{_label(node.target)}({', '.join(args)})"
-    meta = node.meta
+    record = info(node)
     notes = []
-    if meta.get("kind") and meta.get("kind") not in ("forward", "input"):
-        what = meta.get("message") or ""
-        notes.append(f"{meta['kind']} {what}".strip())
-        if meta.get("stream"):
-            notes.append(meta["stream"])
-        if meta.get("of"):
-            notes.append(f"of {meta['of']}")
-    elif meta.get("source"):
-        notes.append(meta["source"])
-    if meta.get("contains"):
-        notes.append("fuses: " + " -> ".join(meta["contains"]))
+    if record.kind.is_backward:
+        notes.append(f"{record.kind.value} {record.message}".strip())
+        if record.stream:
+            notes.append(record.stream)
+        if record.of:
+            notes.append(f"of {record.of}")
+    elif record.source:
+        notes.append(record.source)
+    if record.contains:
+        notes.append("fuses: " + " -> ".join(record.contains))
     comment = f"  # {'; '.join(notes)}" if notes else ""
     return f"{name:<{name_width}} {shape:<{shape_width}} = {rhs}{comment}"
 
@@ -77,10 +76,8 @@ def listing(graph: fx.Graph) -> str:
     lines = []
     section = None
     for node in nodes:
-        kind = node.meta.get("kind", "forward" if node.op != "placeholder" else "input")
-        new_section = "forward" if kind in ("forward", "input") or node.op in ("placeholder", "get_attr") else "backward"
-        if node.op == "output":
-            new_section = "output"
+        kind = info(node).kind
+        new_section = "output" if kind is Kind.OUTPUT else "backward" if kind.is_backward else "forward"
         if new_section != section:
             lines.append({"forward": "# forward", "backward": "# backward: gradient and curvature messages",
                           "output": "# results"}[new_section])
@@ -93,13 +90,13 @@ def to_dot(graph: fx.Graph, name: str = "curvature_program") -> str:
     """The program as a graphviz DOT digraph, nodes colored by kind."""
     lines = [f"digraph {name} {{", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="monospace"];']
     for node in graph.nodes:
-        kind = node.meta.get("kind", "input" if node.op == "placeholder" else "forward")
+        kind = info(node).kind.value
         if node.op == "output":
             label = "results"
         else:
             label = f"{node.name}\\n{_label(node.target) if node.op == 'call_function' else node.op} {_shape(node)}"
-            if node.meta.get("contains"):
-                label += "\\n[" + ", ".join(node.meta["contains"]) + "]"
+            if info(node).contains:
+                label += "\\n[" + ", ".join(info(node).contains) + "]"
         color = _KIND_COLORS.get(kind, "#ffffff")
         lines.append(f'  "{node.name}" [label="{label}", fillcolor="{color}"];')
     for node in graph.nodes:

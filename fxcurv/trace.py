@@ -118,7 +118,7 @@ def trace(model: nn.Module, loss_fn: Callable) -> Traced:
     x = graph.placeholder("x")
     y = graph.placeholder("y")
 
-    def prefixed(gm: fx.GraphModule, prefix: str, inputs: list[fx.Node], region: str) -> tuple[fx.Node, list]:
+    def prefixed(gm: fx.GraphModule, prefix: str, inputs: list[fx.Node]) -> tuple[Any, list[fx.Node]]:
         env: dict[fx.Node, Any] = {}
         placeholders = iter(inputs)
         out, copied = None, []
@@ -132,17 +132,15 @@ def trace(model: nn.Module, loss_fn: Callable) -> Traced:
             new = graph.node_copy(node, lambda n: env[n])
             if node.op in ("call_module", "get_attr"):
                 new.target = f"{prefix}.{node.target}"
-            new.meta["region"] = region
-            new.meta["source_module"] = prefix
             env[node] = new
             copied.append(new)
         return out, copied
 
-    f, _ = prefixed(model_gm, "model", [x], "model")
+    f, _ = prefixed(model_gm, "model", [x])
     if not isinstance(f, fx.Node):
         raise TraceError("the model must return a single tensor (the model output fed to the loss)")
     loss_inputs = [n for n in loss_gm.graph.nodes if n.op == "placeholder"]
-    loss_out, loss_nodes = prefixed(loss_gm, "loss", [f, y][: len(loss_inputs)], "loss")
+    loss_out, loss_nodes = prefixed(loss_gm, "loss", [f, y][: len(loss_inputs)])
     if not isinstance(loss_out, fx.Node):
         raise TraceError("the loss must return a single scalar tensor")
     graph.output(loss_out)

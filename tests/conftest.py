@@ -14,3 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import fxcurv.passes.pipeline  # noqa: E402
+
+# Every program the tests build is linted after every pass.
+fxcurv.passes.pipeline.CHECK = True

@@ -38,21 +38,20 @@ def check_against_references(model, loss_fn, x, y, quantities=("diag_ggn", "diag
 
 
 def call_rule(table, op, key, *messages, **ctx):
-    """Call the rule ``table[(op, key)]`` the way the compiler binds it: every argument after the
-    messages by name from ``ctx``, derived quantities from the op's DERIVED rules."""
+    """Call the rule ``table[(op, key)]`` the way the compiler binds it (``registry.bind``): every
+    argument after the messages by name from ``ctx``, derived quantities from the op's DERIVED rules."""
     from fxcurv.rules import registry
 
-    fn = table[(op, key)]
-    defaults = registry.rule_defaults(fn)
-    kwargs = {}
-    for name in registry.rule_inputs(fn, len(messages)):
+    rule = table[(op, key)]
+
+    def resolve(name):
         if name in ctx:
-            kwargs[name] = ctx[name]
-        elif (op, name) in registry.DERIVED:
-            kwargs[name] = call_rule(registry.DERIVED, op, name, **ctx)
-        elif name not in defaults:
-            raise KeyError(name)
-    return fn(*messages, **kwargs)
+            return ctx[name]
+        if (op, name) in registry.DERIVED:
+            return call_rule(registry.DERIVED, op, name, **ctx)
+        raise registry.Unresolved(name)
+
+    return rule.fn(*messages, **registry.bind(rule, resolve, len(messages)))
 
 
 def check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last: tuple):

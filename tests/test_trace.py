@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fxcurv.node_info import info
 from fxcurv.passes.canonicalize import canonicalize
 from fxcurv.trace import trace
 
 
 def ops_of(model, x, y, loss=torch.nn.CrossEntropyLoss()):
     canon = canonicalize(trace(model, loss), x, y)
-    return canon, [n.meta.get("op") for n in canon.graph.nodes if n.op == "call_function"]
+    return canon, [info(n).op for n in canon.graph.nodes if n.op == "call_function"]
 
 
 class ThreeSpellings(torch.nn.Module):
@@ -44,7 +45,7 @@ class Views(torch.nn.Module):
 def test_shape_queries_fold_and_reshapes_keep_per_sample_shapes():
     canon, ops = ops_of(Views(), torch.randn(5, 3, 4), torch.zeros(5, dtype=torch.long))
     assert ops == ["reshape", "reshape", "reshape", "linear", "cross_entropy"]
-    shapes = [n.kwargs["shape"] for n in canon.graph.nodes if n.meta.get("op") == "reshape"]
+    shapes = [n.kwargs["shape"] for n in canon.graph.nodes if info(n).op == "reshape"]
     assert shapes == [(12,), (2, 6), (12,)]
 
 

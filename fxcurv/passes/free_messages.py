@@ -7,19 +7,21 @@ user runs:
 1. **Sink** nodes whose inputs live on anyway (forward values, parameters) to just before their first
    user, so that e.g. a zero result or ``x**2`` is not held across the whole backward walk. Nodes that
    read a message stay where they are: moving them later would keep the message alive longer.
-2. **Annotate** liveness: ``meta['frees']`` lists the values whose last use is the node, which the
-   program listing shows, and ``meta['live']`` the values alive after it.
+2. **Annotate** liveness: ``NodeInfo.frees`` lists the values whose last use is the node, and
+   ``NodeInfo.live`` counts the values alive after it.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-_LONG_LIVED = {"forward", "input"}
+from ..node_info import Kind, info, set_info
+
+_LONG_LIVED = {Kind.FORWARD, Kind.INPUT, Kind.CONSTANT}
 
 
 def _long_lived(node: fx.Node) -> bool:
-    return node.op in ("placeholder", "get_attr") or node.meta.get("kind") in _LONG_LIVED
+    return node.op in ("placeholder", "get_attr") or info(node).kind in _LONG_LIVED
 
 
 def sink_nodes(graph: fx.Graph) -> fx.Graph:
@@ -48,11 +50,11 @@ def annotate_liveness(graph: fx.Graph) -> fx.Graph:
             frees.setdefault(user, []).append(value.name)
     live: set = set()
     for node in graph.nodes:
-        node.meta["frees"] = sorted(frees.get(node, []))
-        live -= set(node.meta["frees"])
+        freed = tuple(sorted(frees.get(node, [])))
+        live -= set(freed)
         if node.op == "call_function" and node.users:
             live.add(node.name)
-        node.meta["live"] = len(live)
+        set_info(node, frees=freed, live=len(live))
     return graph
 
 

@@ -10,16 +10,19 @@ Three kinds of region, found with networkx on the program's dataflow graph:
 2. **Matmul epilogues** -- a pointwise region fed by a ``message @ weight`` product that nothing else
    reads becomes that product with the region as its epilogue: the activation+linear composite of
    HBP B.4 / Botev eq. 29, ``(W^T [g; S]) * phi'(x)``, and HesScale's ``((W o W)^T d) phi'(x)^2 + r``.
-3. **Parameter reductions** -- the gradient ``g^T x``, the GGN diagonal ``(sum_k S_k^2)^T x^2`` and
-   HesScale's ``d^T x^2`` of one linear layer (and its bias) read the same input ``x``: one fused node
-   squares ``x`` and the factor columns once and runs the products together.
+3. **Parameter reductions** -- rules that declare a :class:`~fxcurv.targets.Reduction` over their op's
+   ``[N, I]`` input, such as a linear layer's gradient ``g^T x``, GGN diagonal ``(sum_k S_k^2)^T x^2``
+   and HesScale's ``d^T x^2`` (and its bias's sums), read the same ``x``: one fused node squares the
+   factor columns once and runs the products together.
 
-Fused nodes keep ``meta['contains']``, the labels of the rules they replaced, so ``print(engine.graph)``
-shows what each contains. The pass needs the value shapes recorded by a first run of the program.
+What may be fused is what the rules declare (:class:`~fxcurv.targets.Fusion`), never a name. Fused
+nodes record the labels of the rules they replaced (``NodeInfo.contains``), so ``print(engine.graph)``
+shows what each contains. The pass reads the value shapes that ``record_shapes`` put on every node.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import networkx as nx
@@ -27,14 +30,15 @@ import torch
 import torch.fx as fx
 
 from .. import kernels
-from ..rules import registry
+from ..node_info import Kind, copy_info, info, set_info
+from ..targets import LabeledTarget, Left, Reduction, TargetInfo, target, target_info
 
 
 # ---- analysis ---------------------------------------------------------------------------------------
 
-def _shape(node: Any) -> Optional[tuple]:
+def _shape(node: Any) -> Optional[tuple[int, ...]]:
     if isinstance(node, fx.Node):
-        return node.meta.get("shape")
+        return info(node).shape
     return ()  # Python scalars broadcast everywhere
 
 
@@ -48,9 +52,9 @@ def _tensor_inputs(node: fx.Node) -> list:
 
 
 def is_pointwise(node: fx.Node) -> bool:
-    return (node.op == "call_function" and getattr(node.target, "pointwise", False)
-            and node.meta.get("shape") is not None
-            and node.meta.get("dtype", torch.float32).is_floating_point)
+    record = info(node)
+    return (node.op == "call_function" and target_info(node.target).fusion.pointwise
+            and record.shape is not None and (record.dtype or torch.float32).is_floating_point)
 
 
 def dataflow(graph: fx.Graph) -> nx.DiGraph:
@@ -84,10 +88,10 @@ def pointwise_regions(graph: fx.Graph) -> list[dict]:
     regions = []
     while pending:
         members = pending.pop()
-        shape = tuple(max((n.meta["shape"] for n in members), key=_numel))
+        shape = tuple(max((_shape(n) or () for n in members), key=_numel))
         drop = set()
         for n in members:
-            if tuple(n.meta["shape"]) != shape and not all(u in members for u in n.users):
+            if _shape(n) != shape and not all(u in members for u in n.users):
                 drop.add(n)
             elif any(a not in members and not _is_suffix(tuple(_shape(a) or (None,)), shape)
                      for a in _tensor_inputs(n)):
@@ -124,8 +128,8 @@ def matmul_prologue(region: dict) -> Optional[fx.Node]:
     """An input of ``region`` that is a ``message @ weight`` rule read only by the region, with the
     region's shape: the product whose epilogue the region becomes."""
     for a in region["inputs"]:
-        if (a.op == "call_function" and getattr(a.target, "matmul", None)
-                and tuple(a.meta.get("shape") or ()) == region["shape"]
+        if (a.op == "call_function" and target_info(a.target).fusion.matmul is not None
+                and _shape(a) == region["shape"]
                 and all(u in region["nodes"] for u in a.users)):
             return a
     return None
@@ -134,61 +138,81 @@ def matmul_prologue(region: dict) -> Optional[fx.Node]:
 # ---- rewriting ---------------------------------------------------------------------------------------
 
 def _label(node: fx.Node) -> str:
-    return getattr(node.target, "rule_label", None) or getattr(node.target, "__name__", str(node.target))
+    return target_info(node.target).label
 
 
-def _named(fn, name: str, label: str):
-    fn.__name__ = fn.__qualname__ = name
-    fn.rule_label = label
-    return fn
+@dataclass(frozen=True)
+class FusedPointwise(LabeledTarget):
+    """A generated elementwise kernel computing a region's outputs; it may overwrite the inputs at
+    positions ``owned`` (fresh buffers nothing else reads)."""
+
+    program: kernels.PointwiseProgram
+    owned: frozenset[int]
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo("fused.pointwise")
+
+    def __call__(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        return kernels.pointwise(self.program, inputs, owned=self.owned)
 
 
-def _pointwise_target(program: kernels.PointwiseProgram, owned: frozenset):
-    def fused_pointwise(*inputs):
-        return kernels.pointwise(program, inputs, owned=owned)
+@dataclass(frozen=True)
+class FusedMatmul(LabeledTarget):
+    """``epilogue(a @ b, *extras)`` in one kernel (HBP B.4 / Botev eq. 29), with ``b`` squared as it is
+    loaded where ``square_b`` (HesScale's ``(W o W)``)."""
 
-    return _named(fused_pointwise, "fused_pointwise", "fused.pointwise")
+    program: kernels.PointwiseProgram
+    square_b: bool
+    n_outputs: int
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo("fused.matmul_epilogue")
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, *extras: Any) -> Any:
+        out = kernels.matmul_epilogue(a, b, self.program, extras, square_b=self.square_b)
+        return out if self.n_outputs > 1 else (out,)
+
+
+@target("item", view=True)
+def _item(values: Any, i: int) -> Any:
+    return values[i]
 
 
 def _fresh(node: Any) -> bool:
-    """Does ``node`` hold a buffer nothing else aliases? Rules tagged ``fresh`` allocate their result;
-    a fused node's outputs are its own; a ``view`` rule (a crop) is fresh where its message was and
-    nothing else reads that message."""
+    """Does ``node`` hold a buffer nothing else aliases? Rules declared ``fresh`` allocate their
+    result; a fused node's outputs are its own; a ``view`` (a crop) is fresh where what it views was
+    and nothing else reads that."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     if node.target is _item:
-        return node.args[0].meta.get("kind") == "fused"
-    if getattr(node.target, "view", False):
+        return info(node.args[0]).kind is Kind.FUSED
+    fusion = target_info(node.target).fusion
+    if fusion.view:
         src = node.args[0]
         return isinstance(src, fx.Node) and len(src.users) == 1 and _fresh(src)
-    return bool(getattr(node.target, "fresh", False))
+    return fusion.allocates
 
 
-def _owned(inputs: list, members: set, shape: tuple) -> frozenset:
+def _owned(inputs: list[fx.Node], members: set[fx.Node], shape: tuple[int, ...]) -> frozenset[int]:
     """Positions of region inputs a fused kernel may overwrite: fresh buffers of the region's shape
     that nothing outside the region reads (on the CPU, reusing them also saves the page faults of a
     fresh allocation, which cost more than the arithmetic of a large elementwise product)."""
     return frozenset(
         i for i, a in enumerate(inputs)
-        if isinstance(a, fx.Node) and tuple(a.meta.get("shape") or ()) == shape
+        if isinstance(a, fx.Node) and _shape(a) == shape
         and all(u in members for u in a.users) and _fresh(a))
 
 
-def _matmul_target(program: kernels.PointwiseProgram, square_b: bool, n_outputs: int):
-    def fused_matmul(a, b, *extras):
-        out = kernels.matmul_epilogue(a, b, program, extras, square_b=square_b)
-        return out if n_outputs > 1 else (out,)
-
-    return _named(fused_matmul, "fused_matmul_epilogue", "fused.matmul_epilogue")
-
-
-def _replace(graph: fx.Graph, members: list, outputs: list, target, args, contains: list, shape) -> None:
+def _replace(graph: fx.Graph, members: list[fx.Node], outputs: list[fx.Node], target_fn: Any, args: list[Any],
+             contains: list[str], shape: tuple[int, ...]) -> None:
     """Insert one fused node computing ``outputs`` (a tuple) and drop ``members``."""
     last = max(members, key=lambda n: _position(graph)[n])
     with graph.inserting_after(last):
-        fused = graph.call_function(target, tuple(args))
-    fused.meta.update(kind="fused", contains=contains, shape=shape, of=outputs[0].meta.get("of", ""),
-                      message=" + ".join(o.meta.get("message", "") or o.name for o in outputs))
+        fused = graph.call_function(target_fn, tuple(args))
+    set_info(fused, kind=Kind.FUSED, contains=tuple(contains), shape=shape, of=info(outputs[0]).of,
+             message=" + ".join(info(o).message or o.name for o in outputs))
     for i, out in enumerate(outputs):
         _pick(graph, fused, i, out)
     for n in sorted(members, key=lambda n: -_position(graph)[n]):
@@ -197,24 +221,17 @@ def _replace(graph: fx.Graph, members: list, outputs: list, target, args, contai
 
 
 def _pick(graph: fx.Graph, fused: fx.Node, i: int, old: fx.Node) -> fx.Node:
-    """Output ``i`` of ``fused`` takes the place, the name and the metadata of ``old``."""
+    """Output ``i`` of ``fused`` takes the place, the name and the record of ``old``."""
     name = old.name
     old._rename(f"{name}_unfused")
     with graph.inserting_after(fused):
         pick = graph.create_node("call_function", _item, (fused, i), name=name)
-    pick.meta.update({k: v for k, v in old.meta.items() if k not in ("frees", "live")})
+    copy_info(pick, old, frees=(), live=0)
     old.replace_all_uses_with(pick)
     return pick
 
 
-def _item(values, i):
-    return values[i]
-
-
-_item.rule_label = "item"
-
-
-def _position(graph: fx.Graph) -> dict:
+def _position(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
@@ -235,134 +252,143 @@ def fuse_pointwise(graph: fx.Graph) -> int:
             continue
         contains = [_label(n) for n in members]
         if prologue is not None:
-            a, b = prologue.args[0], prologue.kwargs[prologue.target.matmul]
+            operand = target_info(prologue.target).fusion.matmul
+            assert operand is not None
+            a, b = prologue.args[0], prologue.kwargs[operand]
             square_b = False
             # HesScale's (W o W): square the weight as the kernel loads it instead of materializing it.
-            if (getattr(b.target, "rule_label", "").endswith("derived[weight_sq]") and len(b.users) == 1):
-                b, square_b = b.kwargs["weight"], True
-            target = _matmul_target(program, square_b, len(outputs))
+            squares = target_info(b.target).fusion.squares if isinstance(b, fx.Node) else None
+            if squares is not None and len(b.users) == 1:
+                b, square_b = b.kwargs[squares], True
+            fused_target: Any = FusedMatmul(program, square_b, len(outputs))
             args = [a, b] + externals[1:]
             members = members + [prologue]
             contains = [_label(prologue)] + contains
         else:
-            target = _pointwise_target(program, _owned(externals, region["nodes"], region["shape"]))
+            fused_target = FusedPointwise(program, _owned(externals, region["nodes"], region["shape"]))
             args = externals
-        _replace(graph, members, outputs, target, args, contains, region["shape"])
+        _replace(graph, members, outputs, fused_target, args, contains, region["shape"])
         count += 1
     return count
 
 
-def linear_param_reductions(x, g, factors=(), diags=()):
-    """What one linear layer's parameter quantities need from its messages, in one node.
+@dataclass(frozen=True)
+class FusedReductions(LabeledTarget):
+    """Stage one of an op's parameter reductions over its ``[N, I]`` input ``x`` (rules declaring a
+    :class:`~fxcurv.targets.Reduction`): each distinct left operand ``L_j [N, O]`` -- a message (``g``,
+    HesScale's ``d``) or the signed column squares ``sum_k sign_k S_k^2`` of a factor origin (HBP eq.
+    S.8b-c), computed once and shared by weight and bias -- then ``[L_j]^T x`` for the lefts whose right
+    operand is ``x`` (gradients, HesScale eq. 2), every ``sum_n L_j`` (biases), and the lefts whose right
+    operand is ``x**2``, stacked for stage two. The messages die after this node, before
+    :func:`weight_diagonals` allocates the weight-shaped diagonals."""
 
-    Returns ``(g^T x, sum g, c, sum c)`` where ``c = [c_1, c_2, ...]`` stacks, per square-root
-    factor origin, ``sum_k sign_k S_k^2`` (the per-sample diagonal at the layer output, HBP eq.
-    S.8b-c; each computed once, shared by weight and bias), then the HesScale diagonals ``d``
-    (eq. 5). The messages die after this node, before :func:`linear_weight_diagonals` allocates the
-    weight-shaped diagonals: only one of the two weight-sized outputs coexists with them.
-    """
-    lefts = [kernels.column_square_sum(S, sign) for S, sign in factors] + list(diags)
-    c = None
-    if lefts:
-        c = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=1)
-    gram_g = None if g is None else g.reshape(-1, g.shape[-1]).T @ x
-    return gram_g, None if g is None else g.sum(0), c, None if c is None else c.sum(0)
+    squares: tuple[bool, ...]  # per left: signed column squares of (S, sign), or the message itself
+    to_x: tuple[int, ...]
+    to_x_sq: tuple[int, ...]
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo("fused.param_reductions")
+
+    def __call__(self, x: torch.Tensor, *lefts: Any) -> tuple[Any, torch.Tensor, Any]:
+        cols = [kernels.column_square_sum(*left) if sq else left for sq, left in zip(self.squares, lefts)]
+        gram_x = None
+        if self.to_x:
+            a = torch.cat([cols[j] for j in self.to_x], dim=1) if len(self.to_x) > 1 else cols[self.to_x[0]]
+            gram_x = a.reshape(-1, a.shape[-1]).T @ x
+        sums = (torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]).sum(0)
+        c = None
+        if self.to_x_sq:
+            c = torch.cat([cols[j] for j in self.to_x_sq], dim=1) if len(self.to_x_sq) > 1 else cols[self.to_x_sq[0]]
+        return gram_x, sums, c
 
 
-linear_param_reductions.rule_label = "fused.linear_param_reductions"
-
-
-def linear_weight_diagonals(c, x, x_sq=None):
-    """``c^T (x o x)`` split per origin: the weight diagonals (HBP eq. S.8c, HesScale eq. 5), one
-    product for all origins."""
+@target("fused.weight_diagonals")
+def weight_diagonals(c: torch.Tensor, x: torch.Tensor, x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stage two: ``c^T (x o x)`` for all stacked lefts at once (HBP eq. S.8c, HesScale eq. 5)."""
     _, gram_c = kernels.dual_gram(None, x, b=c, x_sq=x_sq)
     return gram_c
 
 
-linear_weight_diagonals.rule_label = "fused.linear_weight_diagonals"
+@target("rows", view=True)
+def rows(value: torch.Tensor, j: int, width: int) -> torch.Tensor:
+    """Rows ``j * width : (j + 1) * width`` of a stacked result (a view)."""
+    return value.narrow(0, j * width, width)
 
 
-_LINEAR = {
-    ("grad", "weight"): registry.GRAD.get(("linear", "weight")),
-    ("grad", "bias"): registry.GRAD.get(("linear", "bias")),
-    ("sqrt", "weight"): registry.DIAG_SQRT.get(("linear", "weight")),
-    ("sqrt", "bias"): registry.DIAG_SQRT.get(("linear", "bias")),
-    ("diag", "weight"): registry.DIAG_DIAG.get(("linear", "weight")),
-    ("diag", "bias"): registry.DIAG_DIAG.get(("linear", "bias")),
-}
+def _reduction(node: fx.Node) -> Optional[Reduction]:
+    if node.op != "call_function":
+        return None
+    return target_info(node.target).fusion.reduction
 
 
 def fuse_param_reductions(graph: fx.Graph) -> int:
-    """Fuse the gradient and diagonal products of each linear layer with a ``[N, I]`` input."""
-    kind_of = {fn: key for key, fn in _LINEAR.items() if fn is not None}
-    groups: dict[str, list] = {}
+    """Fuse the parameter reductions of each op node whose input ``x`` is ``[N, I]``."""
+    groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in kind_of:
-            groups.setdefault(node.meta.get("of", ""), []).append(node)
+        if _reduction(node) is not None:
+            groups.setdefault(info(node).of, []).append(node)
     count = 0
-    for _, nodes in groups.items():
-        kinds = {n: kind_of[n.target] for n in nodes}
+    for nodes in groups.values():
         x = next((n.kwargs["x"] for n in nodes if "x" in n.kwargs), None)
-        if x is None or len(x.meta.get("shape") or ()) != 2:
+        if not isinstance(x, fx.Node) or len(info(x).shape or ()) != 2:
             continue
-        if not any(k[0] in ("sqrt", "diag") for k in kinds.values()):
-            continue  # the gradient alone: nothing to share
-        g_nodes = [n for n in nodes if kinds[n][0] == "grad"]
-        g = g_nodes[0].args[0] if g_nodes else None
-        if any(n.args[0] is not g for n in g_nodes):
-            continue
-        factors, diags = [], []
+        if all(_reduction(n).right == "x" for n in nodes if _reduction(n) is not None):
+            continue  # gradients alone: nothing to share
+        lefts: list[tuple[bool, tuple[Any, ...]]] = []
+        place: dict[fx.Node, int] = {}
         for n in nodes:
-            kind = kinds[n][0]
-            if kind == "sqrt" and (n.args[0], n.args[1]) not in factors:
-                factors.append((n.args[0], n.args[1]))
-            elif kind == "diag" and n.args[0] not in diags:
-                diags.append(n.args[0])
+            red = _reduction(n)
+            assert red is not None
+            left = (True, (n.args[0], n.args[1])) if red.left is Left.SIGNED_SQUARES else (False, (n.args[0],))
+            if left not in lefts:
+                lefts.append(left)
+            place[n] = lefts.index(left)
+        to_x = tuple(sorted({place[n] for n in nodes if _reduction(n).right == "x"}))
+        to_x_sq = tuple(sorted({place[n] for n in nodes if _reduction(n).right == "x_sq"}))
         x_sq = next((n.kwargs.get("x_sq") for n in nodes if n.kwargs.get("x_sq") is not None), None)
         order = _position(graph)
-        last = max(nodes, key=order.get)
-        with graph.inserting_after(last):
-            fused = graph.call_function(linear_param_reductions, (x, g, tuple(factors), tuple(diags)))
-        fused.meta.update(kind="fused", contains=[_label(n) for n in sorted(nodes, key=order.get)],
-                          of=nodes[0].meta.get("of", ""), message="grad + sum_k S_k^2")
-        lefts = factors + diags
-        weight_diags = c_sum = None
-        if lefts:
-            with graph.inserting_after(fused):
-                c = graph.call_function(_item, (fused, 2))
-                c_sum = graph.call_function(_item, (fused, 3))
-            with graph.inserting_after(c_sum):
-                weight_diags = graph.call_function(linear_weight_diagonals, (c, x), {"x_sq": x_sq})
-            weight_diags.meta.update(kind="fused", contains=["c^T x^2"], of=fused.meta["of"],
-                                     message="weight diagonals")
+        nodes = sorted(nodes, key=order.get)
+        target_fn = FusedReductions(tuple(sq for sq, _ in lefts), to_x, to_x_sq)
+        args = [x] + [vals if sq else vals[0] for sq, vals in lefts]
+        with graph.inserting_after(nodes[-1]):
+            fused = graph.call_function(target_fn, tuple(args))
+        set_info(fused, kind=Kind.FUSED, contains=tuple(_label(n) for n in nodes), of=info(nodes[0]).of,
+                 message="parameter reductions")
+        picks = {}
+        with graph.inserting_after(fused):
+            for i, what in enumerate(("gram_x", "sums", "c")):
+                picks[what] = graph.call_function(_item, (fused, i))
+                set_info(picks[what], kind=Kind.FUSED, of=info(fused).of, message=what)
+        diagonals = None
+        if to_x_sq:
+            with graph.inserting_after(picks["c"]):
+                diagonals = graph.call_function(weight_diagonals, (picks["c"], x), {"x_sq": x_sq})
+            set_info(diagonals, kind=Kind.FUSED, contains=("c^T x^2",), of=info(fused).of,
+                     message="weight diagonals")
         for n in nodes:
-            kind, param = kinds[n]
-            if kind == "grad":
-                _pick(graph, fused, 0 if param == "weight" else 1, n)
+            red = _reduction(n)
+            assert red is not None
+            j = place[n]
+            width = info(n.args[0]).shape[-1]
+            if red.right == "x":
+                _pick_rows(graph, picks["gram_x"], to_x.index(j), width, n)
+            elif red.right == "x_sq":
+                assert diagonals is not None
+                _pick_rows(graph, diagonals, to_x_sq.index(j), width, n)
             else:
-                j = lefts.index((n.args[0], n.args[1]) if kind == "sqrt" else n.args[0])
-                out_width = n.meta["shape"][0] if param == "weight" else n.meta["shape"][-1]
-                source = weight_diags if param == "weight" else c_sum
-                _pick_slice(graph, source, j, out_width, n)
+                _pick_rows(graph, picks["sums"], j, width, n)
             graph.erase_node(n)
         count += 1
     return count
 
 
-def _rows(value, j, width):
-    """Rows ``j * width : (j + 1) * width`` of a stacked result (a view)."""
-    return value.narrow(0, j * width, width)
-
-
-_rows.rule_label = "rows"
-
-
-def _pick_slice(graph: fx.Graph, source: fx.Node, j: int, width: int, old: fx.Node) -> fx.Node:
+def _pick_rows(graph: fx.Graph, source: fx.Node, j: int, width: int, old: fx.Node) -> fx.Node:
     name = old.name
     old._rename(f"{name}_unfused")
     with graph.inserting_after(source):
-        pick = graph.create_node("call_function", _rows, (source, j, width), name=name)
-    pick.meta.update({k: v for k, v in old.meta.items() if k not in ("frees", "live")})
+        pick = graph.create_node("call_function", rows, (source, j, width), name=name)
+    copy_info(pick, old, frees=(), live=0)
     old.replace_all_uses_with(pick)
     return pick
 

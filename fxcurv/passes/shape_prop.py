@@ -1,4 +1,4 @@
-"""Shape propagation: run the traced graph once on example inputs and record each node's value.
+"""Shape propagation: example values on the traced graph, and fake-tensor shapes on the program.
 
 Canonicalization reads the recorded values: tensor shapes resolve reshapes to per-sample shapes,
 and shape queries (``x.size(0)``) fold into constants. A failure names the node and its source.
@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import InputError
+from ..node_info import set_value
 from ..rules import registry
 
 
@@ -56,3 +59,12 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs) -> None:
     interpreter.extra_traceback = False  # our message already names the node
     with torch.no_grad():
         interpreter.run(*example_inputs)
+
+
+def record_shapes(gm: fx.GraphModule, example_args: list[Any]) -> None:
+    """Shape and dtype of every value of a program, by fake-tensor propagation: no arithmetic, no
+    random numbers drawn. Fusion, the listing and the memory estimate read them."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*example_args)
+    for n in gm.graph.nodes:
+        set_value(n, n.meta.pop("val", None))

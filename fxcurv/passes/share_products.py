@@ -3,8 +3,8 @@
 Quantities ask for the same products -- ``f'(x)`` for the gradient and for every square-root factor,
 ``x**2`` for HesScale's and the GGN's weight diagonals, a loss factor shared by ``diag_ggn`` and
 ``diag_hessian`` -- and the builder may emit them more than once. Common-subexpression elimination
-merges nodes with the same target and arguments. Sampling nodes (anything taking a generator) are
-never merged.
+merges nodes with the same target and arguments. Sampling nodes (anything taking a generator, or
+declared impure) are never merged.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx as fx
+
+from ..targets import target_info
 
 
 def _key(value: Any) -> Any:
@@ -31,7 +33,7 @@ def _key(value: Any) -> Any:
 
 
 def _impure(node: fx.Node) -> bool:
-    return "generator" in node.kwargs or getattr(node.target, "impure", False)
+    return "generator" in node.kwargs or target_info(node.target).fusion.impure
 
 
 def share_products(graph: fx.Graph) -> fx.Graph:

@@ -14,7 +14,7 @@ import operator
 import torch
 
 from ..errors import UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op, example
 
 
 def add(a, b):
@@ -25,9 +25,8 @@ op = define_op("add", "add", add, inputs=("a", "b"))
 
 
 def _canonical(node, a, b):
-    va = getattr(a, "meta", {}).get("val")
-    vb = getattr(b, "meta", {}).get("val")
-    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+    va, vb = example(a), example(b)
+    if va is None or vb is None or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         raise UnsupportedOpError(
             "only the sum of two traced tensors (a residual connection) is supported; adding a "
             "constant or a buffer is not part of the vocabulary"
@@ -37,7 +36,7 @@ def _canonical(node, a, b):
             f"add of tensors with shapes {tuple(va.shape)} and {tuple(vb.shape)}: broadcasting sums "
             "are not supported, only the sum of two branches of equal shape"
         )
-    return Canonical({"a": a, "b": b})
+    return Match({"a": a, "b": b})
 
 
 @op.function(operator.add, operator.iadd, torch.add)

@@ -26,7 +26,7 @@ from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedOpError
 from ..factors import signed_square_sum
-from .registry import Canonical, define_op
+from .registry import Match, define_op, example
 
 
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
@@ -44,10 +44,8 @@ op = define_op(
 
 def _shape_of(value):
     """The shape of a traced value (fx node with an example value) or a tensor; ``None`` if unknown."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    val = getattr(value, "meta", {}).get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    val = example(value)
+    return None if val is None else tuple(val.shape)
 
 
 def _resolve_padding(padding, kernel_shape, dilation):
@@ -89,7 +87,7 @@ def _canonical(x, weight, bias, stride, padding, dilation, groups):
     dilation = _pair(dilation)
     padding = _resolve_padding(padding, _shape_of(weight), dilation)
     attrs = {"stride": _pair(stride), "padding": padding, "dilation": dilation, "groups": int(groups)}
-    return Canonical({"x": x, "weight": weight, "bias": bias}, attrs)
+    return Match({"x": x, "weight": weight, "bias": bias}, attrs)
 
 
 @op.module(nn.Conv2d)
@@ -110,7 +108,7 @@ def _from_function(node, a):
 
 # ---- derived quantities -------------------------------------------------------------------------
 
-@op.derived("weight_sq", pointwise=True)
+@op.derived("weight_sq", pointwise=True, squares="weight")
 def conv2d_weight_sq(weight):
     return weight * weight
 

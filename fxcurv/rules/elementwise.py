@@ -14,26 +14,25 @@ all messages. Where the output is cheaper to differentiate from (tanh, sigmoid) 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Canonical, define_op
+from .registry import Match, OpDef, define_op
 
 
 def define_activation(
     name: str,
-    forward: Callable,
-    d1: Callable,
-    d2: Optional[Callable],
-    modules=(),
-    functions=(),
-    methods=(),
-    attrs: dict | None = None,
-    doc: str = "",
-):
+    forward: Callable[..., torch.Tensor],
+    d1: Callable[..., torch.Tensor],
+    d2: Optional[Callable[..., torch.Tensor]],
+    modules: tuple[type, ...] = (),
+    functions: tuple[Callable[..., Any], ...] = (),
+    methods: tuple[str, ...] = (),
+    attrs: Optional[dict[str, tuple[str, Optional[int], Any]]] = None,
+) -> OpDef:
     """Register an activation from ``phi`` (``forward(x, **attrs)``), ``phi'`` and ``phi''``.
 
     ``d1``/``d2`` take any of ``x``, ``out`` and the attributes by name. ``d2=None`` marks a
@@ -41,7 +40,7 @@ def define_activation(
     ``(module attribute, functional positional index, default)``.
     """
     attrs = attrs or {}
-    op = define_op(name, "elementwise", forward, inputs=("x",), elementwise=True, doc=doc)
+    op = define_op(name, "elementwise", forward, inputs=("x",))
 
     def _attrs_from_args(a):
         return {k: a(idx, k, default) for k, (_, idx, default) in attrs.items()}
@@ -49,23 +48,21 @@ def define_activation(
     if modules:
         @op.module(*modules)
         def _from_module(node, mod):
-            return Canonical({"x": node.args[0]}, {k: getattr(mod, m) for k, (m, _, _) in attrs.items()})
+            return Match({"x": node.args[0]}, {k: getattr(mod, m) for k, (m, _, _) in attrs.items()})
 
     if functions:
         @op.function(*functions)
         def _from_function(node, a):
-            return Canonical({"x": a(0, "input")}, _attrs_from_args(a))
+            return Match({"x": a(0, "input")}, _attrs_from_args(a))
 
     if methods:
         @op.method(*methods)
         def _from_method(node, a):
-            return Canonical({"x": a(0, "self")}, _attrs_from_args(a))
+            return Match({"x": a(0, "self")}, _attrs_from_args(a))
 
-    op.derived("d1", pointwise=True)(d1)
-    d1.rule_label = f"{name}'"
+    op.derived("d1", label=f"{name}'", pointwise=True)(d1)
     if d2 is not None:
-        op.derived("d2", pointwise=True)(d2)
-        d2.rule_label = f"{name}''"
+        op.derived("d2", label=f"{name}''", pointwise=True)(d2)
 
         @op.residual("x", pointwise=True)
         def elementwise_residual(g, d2):

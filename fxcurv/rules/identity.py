@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op
 
 
 def identity(x):
@@ -29,21 +29,12 @@ def _from_module(node, mod):
             f"{type(mod).__name__} in training mode is stochastic; call model.eval() (dropout is "
             "then the identity) or remove it"
         )
-    return Canonical({"x": node.args[0]})
+    return Match({"x": node.args[0]})
 
 
 @op.function(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
 def _from_function(node, a):
     if a(2, "training", True) and a(1, "p", 0.5) > 0:
         raise UnsupportedOpError("functional dropout with training=True is stochastic; pass training=False")
-    return Canonical({"x": a(0, "input")})
+    return Match({"x": a(0, "input")})
 
-
-@op.jac_t("x")
-def identity_jac_t(v):
-    return v
-
-
-@op.diag("x")
-def identity_diag(d):
-    return d

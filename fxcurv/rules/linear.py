@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..factors import signed_square_sum
-from .registry import Canonical, define_op
+from .registry import Left, Match, Reduction, define_op
 
 
 def linear(x, weight, bias=None):
@@ -28,12 +28,12 @@ op = define_op(
 
 @op.module(nn.Linear)
 def _from_module(node, mod):
-    return Canonical({"x": node.args[0], "weight": mod.weight, "bias": mod.bias})
+    return Match({"x": node.args[0], "weight": mod.weight, "bias": mod.bias})
 
 
 @op.function(F.linear)
 def _from_function(node, a):
-    return Canonical({"x": a(0, "input"), "weight": a(1, "weight"), "bias": a(2, "bias", None)})
+    return Match({"x": a(0, "input"), "weight": a(1, "weight"), "bias": a(2, "bias", None)})
 
 
 @op.derived("x_sq", pointwise=True)
@@ -41,7 +41,7 @@ def linear_x_sq(x):
     return x * x
 
 
-@op.derived("weight_sq", pointwise=True)
+@op.derived("weight_sq", pointwise=True, squares="weight")
 def linear_weight_sq(weight):
     return weight * weight
 
@@ -63,18 +63,18 @@ def linear_diag_x(d, weight_sq):
     return d @ weight_sq
 
 
-@op.grad("weight")
+@op.grad("weight", reduction=Reduction(Left.MESSAGE, "x"))
 def linear_grad_weight(g, x):
     """HesScale eq. 2: ``dL/dW = g^T x`` summed over samples (and ``mid``)."""
     return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
 
-@op.grad("bias")
+@op.grad("bias", reduction=Reduction(Left.MESSAGE, None))
 def linear_grad_bias(g):
     return g.reshape(-1, g.shape[-1]).sum(0)
 
 
-@op.diag_sqrt("weight")
+@op.diag_sqrt("weight", reduction=Reduction(Left.SIGNED_SQUARES, "x_sq"))
 def linear_diag_sqrt_weight(S, sign, x, x_sq):
     """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` from HBP eq. S.8c, ``H_W = x x^T (x) H_z``.
 
@@ -89,7 +89,7 @@ def linear_diag_sqrt_weight(S, sign, x, x_sq):
     return signed_square_sum(linear_per_sample_weight(S, x), sign, S.dim() - x.dim())
 
 
-@op.diag_sqrt("bias")
+@op.diag_sqrt("bias", reduction=Reduction(Left.SIGNED_SQUARES, None))
 def linear_diag_sqrt_bias(S, sign, x):
     """HBP eq. S.8b, ``H_b = H_z``: the signed column squares summed over columns and samples (for
     ``[N, *mid, in]`` inputs, over ``mid`` before squaring)."""
@@ -99,13 +99,13 @@ def linear_diag_sqrt_bias(S, sign, x):
     return signed_square_sum(linear_per_sample_bias(S, x), sign, lead)
 
 
-@op.diag_diag("weight")
+@op.diag_diag("weight", reduction=Reduction(Left.MESSAGE, "x_sq"))
 def linear_diag_diag_weight(d, x_sq):
     """HesScale eq. 5: ``d_W = d^T x^2`` summed over samples (exact for a diagonal ``H_z``)."""
     return d.reshape(-1, d.shape[-1]).T @ x_sq.reshape(-1, x_sq.shape[-1])
 
 
-@op.diag_diag("bias")
+@op.diag_diag("bias", reduction=Reduction(Left.MESSAGE, None))
 def linear_diag_diag_bias(d):
     return d.reshape(-1, d.shape[-1]).sum(0)
 

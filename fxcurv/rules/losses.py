@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, LossError, UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op
 
 # ---- softmax cross-entropy ----------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ def _ce_attrs(reduction, ignore_index, label_smoothing, weight, size_average=Non
 @ce.module(nn.CrossEntropyLoss)
 def _ce_from_module(node, mod):
     attrs = _ce_attrs(mod.reduction, mod.ignore_index, mod.label_smoothing, mod.weight)
-    return None if attrs is None else Canonical({"f": node.args[0], "y": node.args[1]}, attrs)
+    return None if attrs is None else Match({"f": node.args[0], "y": node.args[1]}, attrs)
 
 
 @ce.function(F.cross_entropy)
@@ -93,7 +93,7 @@ def _ce_from_function(node, a):
     attrs = _ce_attrs(a(6, "reduction", "mean"), a(4, "ignore_index", -100),
                       a(7, "label_smoothing", 0.0), a(2, "weight", None),
                       a(3, "size_average", None), a(5, "reduce", None))
-    return None if attrs is None else Canonical({"f": a(0, "input"), "y": a(1, "target")}, attrs)
+    return None if attrs is None else Match({"f": a(0, "input"), "y": a(1, "target")}, attrs)
 
 
 @ce.derived("probs")
@@ -159,7 +159,10 @@ def ce_sqrt_hessian(probs, target_dist, sample_weight):
     v = q - onehot
     reflection = torch.eye(c, dtype=probs.dtype, device=probs.device) - (2 / (v * v).sum(1)).view(n, 1, 1) * (
         v.unsqueeze(2) * v.unsqueeze(1))  # [N, C, C], symmetric: rows are columns
-    basis = reflection[onehot == 0].view(n, c - 1, c)  # the rows (= columns) other than m
+    # The rows (= columns) other than m, gathered (a fixed shape, unlike a boolean mask).
+    rows = torch.arange(c - 1, device=probs.device).unsqueeze(0)
+    rows = rows + (rows >= m.unsqueeze(1)).long()  # [N, C - 1]: 0..C-1 without m
+    basis = reflection.gather(1, rows.unsqueeze(2).expand(n, c - 1, c))
     factor = basis * (q * scale.unsqueeze(1)).unsqueeze(1)  # column j: q o Q_j, scaled
     return factor.transpose(0, 1).contiguous(), None
 
@@ -212,12 +215,12 @@ def _mse_attrs(reduction, size_average=None, reduce=None):
 
 @mse.module(nn.MSELoss)
 def _mse_from_module(node, mod):
-    return Canonical({"f": node.args[0], "y": node.args[1]}, _mse_attrs(mod.reduction))
+    return Match({"f": node.args[0], "y": node.args[1]}, _mse_attrs(mod.reduction))
 
 
 @mse.function(F.mse_loss)
 def _mse_from_function(node, a):
-    return Canonical({"f": a(0, "input"), "y": a(1, "target")},
+    return Match({"f": a(0, "input"), "y": a(1, "target")},
                      _mse_attrs(a(4, "reduction", "mean"), a(2, "size_average", None), a(3, "reduce", None)))
 
 

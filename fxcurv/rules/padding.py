@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op, example
 
 
 def pad(x, pad, value=0.0):
@@ -30,14 +30,14 @@ def _canonical(x, pads, value):
     pads = tuple(int(p) for p in pads)
     if len(pads) % 2:
         raise UnsupportedOpError(f"pad={pads} has odd length; F.pad takes (left, right) pairs")
-    val = getattr(x, "meta", {}).get("val")
-    if isinstance(val, torch.Tensor) and len(pads) // 2 > val.dim() - 1:
+    val = example(x)
+    if val is not None and len(pads) // 2 > val.dim() - 1:
         raise UnsupportedOpError(
             f"pad={pads} pads {len(pads) // 2} trailing dims of an input with shape {tuple(val.shape)}, "
             "including the batch axis (dim 0); fxcurv treats samples as independent. Supported: "
             "padding of the per-sample dimensions"
         )
-    return Canonical({"x": x}, {"pad": pads, "value": 0.0 if value is None else float(value)})
+    return Match({"x": x}, {"pad": pads, "value": 0.0 if value is None else float(value)})
 
 
 @op.module(*_MODULES)

@@ -19,12 +19,12 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op, example
 
 
 def _check_batched(x, what):
-    val = getattr(x, "meta", {}).get("val")
-    if isinstance(val, torch.Tensor) and val.dim() != 4:
+    val = example(x)
+    if val is not None and val.dim() != 4:
         raise UnsupportedOpError(
             f"{what} of an input with shape {tuple(val.shape)}: fxcurv takes batched inputs "
             "[N, C, H, W] (dim 0 is the batch); add a batch dimension to unbatched inputs"
@@ -62,7 +62,7 @@ def _max_canonical(x, kernel_size, stride, padding, dilation, ceil_mode, return_
     _check_batched(x, "max_pool2d")
     attrs = {"kernel_size": _pair(kernel_size), "stride": _stride(stride, kernel_size),
              "padding": _pair(padding), "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode)}
-    return Canonical({"x": x}, attrs)
+    return Match({"x": x}, attrs)
 
 
 @max_op.module(nn.MaxPool2d)
@@ -123,7 +123,7 @@ def _avg_canonical(x, kernel_size, stride, padding, ceil_mode, count_include_pad
              "padding": _pair(padding), "ceil_mode": bool(ceil_mode),
              "count_include_pad": bool(count_include_pad),
              "divisor_override": None if divisor_override is None else int(divisor_override)}
-    return Canonical({"x": x}, attrs)
+    return Match({"x": x}, attrs)
 
 
 @avg_op.module(nn.AvgPool2d)

@@ -9,55 +9,157 @@ file in this package defines its ops with :func:`define_op` and registers, in ta
   ``jac_t`` (transposed Jacobian, for gradients ``g [N, ...]`` and square-root factors
   ``S [K, N, ...]`` alike), ``diag`` (the HesScale/BL89 diagonal backpropagation, HesScale eq. 4 and 8)
   and ``residual`` (the op's own second-order term ``f''(x) * g`` of HBP eq. S.9);
-* **parameter rules** -- what the op contributes to a quantity of a parameter input: ``grad``,
-  ``diag_sqrt`` (``sum_{k,n} sign (J^T S)^2``, the GGN/Hessian diagonal from square-root factors),
-  ``diag_diag`` (HesScale eq. 5 and 9) and ``per_sample`` (the per-sample transposed Jacobian
-  ``[*lead, N, *param]``, needed where a parameter is used more than once).
+* **parameter rules** -- what the op contributes to a parameter input: ``grad``, ``diag_sqrt``
+  (``sum_{k,n} sign (J^T S)^2``, the GGN/Hessian diagonal from square-root factors), ``diag_diag``
+  (HesScale eq. 5 and 9) and ``per_sample`` (the per-sample transposed Jacobian ``[*lead, N, *param]``,
+  needed where a parameter is used more than once).
 
-A rule is a small pure function on tensors. Its first positional argument is the message (plus
-``sign`` for ``diag_sqrt``); every other argument is looked up *by name* when the compiler binds the
-rule to an op node: the op's inputs (``x``, ``weight``, ``bias``), its attributes (``stride``, ...), its
-output ``out``, tensors its forward saved (``indices``), and *derived* quantities the op declares
-(``d1 = f'(x)``, ``x_sq = x**2``). A derived quantity becomes a graph node of its own, so that the
-gradient and every square-root factor passing through an activation share one ``f'(x)``.
+A rule is a small pure function on tensors, held with its metadata in a :class:`Rule`. Its first
+positional arguments are the messages (plus ``sign`` for ``diag_sqrt``); every other argument is
+looked up *by name* (:func:`bind`) when the compiler binds the rule to an op node: the op's inputs
+(``x``, ``weight``, ``bias``), its attributes (``stride``, ...), its output ``out``, tensors its forward
+saved (``indices``), and *derived* quantities the op declares (``d1 = f'(x)``, ``x_sq = x**2``). A
+derived quantity becomes a graph node of its own, so that the gradient and every square-root factor
+passing through an activation share one ``f'(x)``.
 
-Adding an op means adding one family file that calls :func:`define_op`; nothing else changes.
+A rule also declares what the fusion pass may do with its node (:class:`Fusion`): fusion reads these
+declarations, never function names. Every other function the compiler puts into a program (message
+sums, column picks, fused kernels) declares the same through :func:`declare_target`.
+
+Adding an op means adding one family file that calls :func:`define_op`; nothing else changes. Every
+table refuses a second registration under the same key.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from enum import Enum
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+from ..targets import TARGETS, Fusion, LabeledTarget, Left, Reduction, TargetInfo, declare_target, target_info
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+class RuleKind(Enum):
+    """The kinds of rules; ``label`` is how the program listing names them (``linear.jac_t[x]``)."""
+
+    JAC_T = "jac_t"
+    DIAG = "diag"
+    RESIDUAL = "residual"
+    GRAD = "grad"
+    DIAG_SQRT = "diag_sqrt"
+    DIAG_DIAG = "diag_diag"
+    PER_SAMPLE = "per_sample"
+    DERIVED = "derived"
+    LOSS_GRAD = "loss_grad"
+    LOSS_SQRT_HESSIAN = "loss_sqrt_hessian"
+    LOSS_SQRT_HESSIAN_MC = "loss_sqrt_hessian_mc"
+    LOSS_HESSIAN_DIAG = "loss_hessian_diag"
+
+    @property
+    def label(self) -> str:
+        return self.value.removeprefix("loss_") if self.value.startswith("loss_") else self.value
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: the function, the op and input it belongs to, and its fusion declaration."""
+
+    fn: Callable[..., Any]
+    op: str
+    kind: RuleKind
+    key: str
+    fusion: Fusion = Fusion()
+    label: str = ""
+
+    def context_names(self, n_messages: int) -> list[str]:
+        """Names of the context arguments after the ``n_messages`` message arguments."""
+        return list(inspect.signature(self.fn).parameters)[n_messages:]
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+RuleTable = dict[tuple[str, str], Rule]
+TABLES: dict[RuleKind, RuleTable] = {kind: {} for kind in RuleKind}
 # Message rules.
-JAC_T: dict[tuple[str, str], Callable] = {}
-DIAG: dict[tuple[str, str], Callable] = {}
-RESIDUAL: dict[tuple[str, str], Callable] = {}
+JAC_T = TABLES[RuleKind.JAC_T]
+DIAG = TABLES[RuleKind.DIAG]
+RESIDUAL = TABLES[RuleKind.RESIDUAL]
 # Parameter rules.
-GRAD: dict[tuple[str, str], Callable] = {}
-DIAG_SQRT: dict[tuple[str, str], Callable] = {}
-DIAG_DIAG: dict[tuple[str, str], Callable] = {}
-PER_SAMPLE: dict[tuple[str, str], Callable] = {}
+GRAD = TABLES[RuleKind.GRAD]
+DIAG_SQRT = TABLES[RuleKind.DIAG_SQRT]
+DIAG_DIAG = TABLES[RuleKind.DIAG_DIAG]
+PER_SAMPLE = TABLES[RuleKind.PER_SAMPLE]
 # Forward-side quantities shared by several rules of one op node.
-DERIVED: dict[tuple[str, str], Callable] = {}
-# Loss rules, keyed by (loss op, ""): the first and second derivatives w.r.t. the model output f.
-LOSS_GRAD: dict[tuple[str, str], Callable] = {}
-LOSS_SQRT_HESSIAN: dict[tuple[str, str], Callable] = {}
-LOSS_SQRT_HESSIAN_MC: dict[tuple[str, str], Callable] = {}
-LOSS_HESSIAN_DIAG: dict[tuple[str, str], Callable] = {}
+DERIVED = TABLES[RuleKind.DERIVED]
+# Loss rules, keyed by (loss op, "f"): the first and second derivatives w.r.t. the model output f.
+LOSS_GRAD = TABLES[RuleKind.LOSS_GRAD]
+LOSS_SQRT_HESSIAN = TABLES[RuleKind.LOSS_SQRT_HESSIAN]
+LOSS_SQRT_HESSIAN_MC = TABLES[RuleKind.LOSS_SQRT_HESSIAN_MC]
+LOSS_HESSIAN_DIAG = TABLES[RuleKind.LOSS_HESSIAN_DIAG]
 
 OPS: dict[str, "OpDef"] = {}
 # Canonicalization tables: torch source -> (op, canonicalizer).
-MODULE_SOURCES: dict[type, tuple["OpDef", Callable]] = {}
-FUNCTION_SOURCES: dict[Any, tuple["OpDef", Callable]] = {}
-METHOD_SOURCES: dict[str, tuple["OpDef", Callable]] = {}
+Canonicalizer = Callable[..., Optional["Match"]]
+MODULE_SOURCES: dict[type, tuple["OpDef", Canonicalizer]] = {}
+FUNCTION_SOURCES: dict[Any, tuple["OpDef", Canonicalizer]] = {}
+METHOD_SOURCES: dict[str, tuple["OpDef", Canonicalizer]] = {}
 
+
+def _register(table: dict, key: Any, value: Any, what: str) -> None:
+    if key in table:
+        raise ValueError(f"{what} is registered twice: {key!r}")
+    table[key] = value
+
+
+def rule_of(target: Any) -> Optional[Rule]:
+    """The rule whose function ``target`` is, if any."""
+    return _RULE_OF.get(target) if callable(target) and not isinstance(target, LabeledTarget) else None
+
+
+_RULE_OF: dict[Callable[..., Any], Rule] = {}
+
+
+# ---- binding ---------------------------------------------------------------------------------------
+
+class Unresolved(KeyError):
+    """A rule argument that is neither an input, attribute, output, saved nor derived value."""
+
+
+def bind(rule: Rule, resolve: Callable[[str], Any], n_messages: int) -> dict[str, Any]:
+    """Keyword arguments of ``rule`` after its ``n_messages`` messages, each looked up by name with
+    ``resolve`` (which raises :class:`Unresolved` for names it does not know); an unknown name takes
+    the function's default or is an error. The compiler and the tests bind rules through this."""
+    params = inspect.signature(rule.fn).parameters
+    kwargs: dict[str, Any] = {}
+    for name in rule.context_names(n_messages):
+        try:
+            kwargs[name] = resolve(name)
+        except Unresolved:
+            if params[name].default is inspect.Parameter.empty:
+                raise Unresolved(
+                    f"rule {rule.label} needs '{name}', which is neither an input, attribute, output, "
+                    "saved nor derived value of the op") from None
+    return kwargs
+
+
+def example(value: Any) -> Optional[torch.Tensor]:
+    """The example value shape propagation recorded on a traced node (torch.fx's ``"val"``), or the
+    tensor itself; ``None`` where unknown. Canonicalizers read shapes through this."""
+    if isinstance(value, torch.Tensor):
+        return value
+    val = getattr(value, "meta", {}).get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+# ---- ops ---------------------------------------------------------------------------------------------
 
 @dataclass
-class Canonical:
+class Match:
     """What a canonicalizer returns: the op's tensor inputs (fx nodes, parameters, ``None``) and its
     attributes (plain Python values)."""
 
@@ -68,12 +170,12 @@ class Canonical:
 class Args:
     """Positional-or-keyword access to a traced call's arguments, ``a(0, "input")``."""
 
-    def __init__(self, args, kwargs):
-        self.args, self.kwargs = tuple(args), dict(kwargs)
-
     _MISSING = object()
 
-    def __call__(self, index: Optional[int], name: str, default=_MISSING):
+    def __init__(self, args: Any, kwargs: Any):
+        self.args, self.kwargs = tuple(args), dict(kwargs)
+
+    def __call__(self, index: Optional[int], name: str, default: Any = _MISSING) -> Any:
         if index is not None and index < len(self.args):
             return self.args[index]
         if name in self.kwargs:
@@ -94,16 +196,15 @@ class OpDef:
 
     name: str
     family: str
-    forward: Callable
+    forward: Callable[..., Any]
     inputs: tuple[str, ...]
+    # Inputs that may be parameters (a weight, a bias); a parameter anywhere else is used as data.
     params: tuple[str, ...] = ()
-    forward_saving: Optional[Callable] = None
+    forward_saving: Optional[Callable[..., Any]] = None
     saved: tuple[str, ...] = ()
     # (data input, parameter input) pairs in which the op is bilinear: the mixed second derivative
     # couples them, which matters for the exact Hessian of a weight used more than once.
     bilinear: tuple[tuple[str, str], ...] = ()
-    # Elementwise ops map each input entry to one output entry: diagonal messages stay diagonal.
-    elementwise: bool = False
     # Ops that are the identity (nn.Identity, dropout in eval mode) are folded away.
     alias: bool = False
     # Losses end the graph: inputs ("f", "y"), rules in the LOSS_* tables.
@@ -111,141 +212,118 @@ class OpDef:
     # A loss whose per-sample Hessian w.r.t. f is positive semi-definite has unsigned factors.
     psd_hessian: bool = True
     # check(f, y, **attrs) raises InputError for targets the loss cannot take.
-    check: Optional[Callable] = None
+    check: Optional[Callable[..., None]] = None
     # The number of columns of the loss's square-root factor for a model output of this shape
     # (default: one per output entry of a sample).
-    sqrt_columns: Optional[Callable] = None
-    doc: str = ""
+    sqrt_columns: Optional[Callable[[tuple[int, ...]], int]] = None
 
     # ---- sources -------------------------------------------------------------------------------
-    def module(self, *types: type):
-        """Register ``canon(node, module) -> Canonical`` for ``call_module`` nodes of ``types``."""
+    def module(self, *types: type) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, module) -> Match`` for ``call_module`` nodes of ``types``."""
 
-        def deco(fn):
+        def deco(fn: Fn) -> Fn:
             for t in types:
-                MODULE_SOURCES[t] = (self, fn)
+                _register(MODULE_SOURCES, t, (self, fn), "module source")
             return fn
 
         return deco
 
-    def function(self, *fns: Any):
-        """Register ``canon(node, args: Args) -> Canonical`` for ``call_function`` nodes."""
+    def function(self, *fns: Any) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args) -> Match`` for ``call_function`` nodes."""
 
-        def deco(fn):
+        def deco(fn: Fn) -> Fn:
             for f in fns:
-                FUNCTION_SOURCES[f] = (self, fn)
+                _register(FUNCTION_SOURCES, f, (self, fn), "function source")
             return fn
 
         return deco
 
-    def method(self, *names: str):
-        """Register ``canon(node, args: Args) -> Canonical`` for ``call_method`` nodes; ``args(0)``
+    def method(self, *names: str) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args) -> Match`` for ``call_method`` nodes; ``args(0)``
         is the tensor the method is called on."""
 
-        def deco(fn):
+        def deco(fn: Fn) -> Fn:
             for n in names:
-                METHOD_SOURCES[n] = (self, fn)
+                _register(METHOD_SOURCES, n, (self, fn), "method source")
             return fn
 
         return deco
 
     # ---- rules ---------------------------------------------------------------------------------
-    def _table(self, table: dict, key: str, kind: str, pointwise: bool = False, matmul: Optional[str] = None,
-               fresh: bool = False, view: bool = False):
-        """Register ``fn`` under ``(op, key)``. Tags tell the fusion pass what a rule is:
-        ``pointwise`` -- an elementwise function of its tensor arguments (broadcast over leading
-        dims), fusible into generated kernels; ``matmul="weight"`` -- ``message @ weight`` (the
-        product an elementwise epilogue can be fused into, HBP B.4); ``fresh`` -- returns a newly
-        allocated tensor (implied by the two tags before), which a fused kernel reading it last may
-        overwrite; ``view`` -- returns a view of its message (a crop), fresh if the message was."""
+    def rule(self, kind: RuleKind, key: str, label: Optional[str] = None, **fusion: Any) -> Callable[[Fn], Fn]:
+        """Register ``fn`` as the ``kind`` rule of this op for input/parameter/derived name ``key``."""
 
-        def deco(fn):
-            fn.rule_label = f"{self.name}.{kind}[{key}]"
-            fn.pointwise = pointwise
-            fn.matmul = matmul
-            fn.fresh = fresh or pointwise or matmul is not None
-            fn.view = view
-            table[(self.name, key)] = fn
+        def deco(fn: Fn) -> Fn:
+            rule = Rule(fn, self.name, kind, key, Fusion(**fusion),
+                        label or f"{self.name}.{kind.label}[{key}]")
+            _register(TABLES[kind], (self.name, key), rule, f"{kind.value} rule")
+            _register(_RULE_OF, fn, rule, "rule function")
+            declare_target(fn, rule.label, rule.fusion)
             return fn
 
         return deco
 
-    def derived(self, name: str, pointwise: bool = False):
-        return self._table(DERIVED, name, "derived", pointwise)
+    def derived(self, name: str, label: Optional[str] = None, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.DERIVED, name, label, **fusion)
 
-    def jac_t(self, input: str, pointwise: bool = False, matmul: Optional[str] = None, fresh: bool = False,
-              view: bool = False):
-        return self._table(JAC_T, input, "jac_t", pointwise, matmul, fresh, view)
+    def jac_t(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.JAC_T, input, **fusion)
 
-    def diag(self, input: str, pointwise: bool = False, matmul: Optional[str] = None, fresh: bool = False,
-             view: bool = False):
-        return self._table(DIAG, input, "diag", pointwise, matmul, fresh, view)
+    def diag(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.DIAG, input, **fusion)
 
-    def residual(self, input: str, pointwise: bool = False):
-        return self._table(RESIDUAL, input, "residual", pointwise)
+    def residual(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.RESIDUAL, input, **fusion)
 
-    def grad(self, param: str):
-        return self._table(GRAD, param, "grad")
+    def grad(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.GRAD, param, **fusion)
 
-    def diag_sqrt(self, param: str):
-        return self._table(DIAG_SQRT, param, "diag_sqrt")
+    def diag_sqrt(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.DIAG_SQRT, param, **fusion)
 
-    def diag_diag(self, param: str):
-        return self._table(DIAG_DIAG, param, "diag_diag")
+    def diag_diag(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.DIAG_DIAG, param, **fusion)
 
-    def per_sample(self, param: str):
-        return self._table(PER_SAMPLE, param, "per_sample")
+    def per_sample(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        return self.rule(RuleKind.PER_SAMPLE, param, **fusion)
 
-    # ---- loss rules: (f, y, **ctx) -------------------------------------------------------------
-    def loss_grad(self):
+    # ---- loss rules: (**ctx) with f, y and derived values by name ------------------------------
+    def loss_grad(self) -> Callable[[Fn], Fn]:
         """``g = dL/df``, shaped like ``f``."""
-        return self._table(LOSS_GRAD, "f", "grad")
+        return self.rule(RuleKind.LOSS_GRAD, "f")
 
-    def loss_sqrt_hessian(self):
+    def loss_sqrt_hessian(self) -> Callable[[Fn], Fn]:
         """``(S, sign)`` with ``sum_k sign[k] S[k] S[k]^T`` the per-sample Hessian ``d2L/df2``;
         ``S`` is ``[K, N, *f]``, ``sign`` is ``[K, N]`` or ``None`` where the Hessian is PSD."""
-        return self._table(LOSS_SQRT_HESSIAN, "f", "sqrt_hessian")
+        return self.rule(RuleKind.LOSS_SQRT_HESSIAN, "f")
 
-    def loss_sqrt_hessian_mc(self):
+    def loss_sqrt_hessian_mc(self) -> Callable[[Fn], Fn]:
         """``S [mc_samples, N, *f]`` with ``E[S S^T]`` the per-sample Hessian (sampled targets)."""
-        return self._table(LOSS_SQRT_HESSIAN_MC, "f", "sqrt_hessian_mc")
+        return self.rule(RuleKind.LOSS_SQRT_HESSIAN_MC, "f", impure=True)
 
-    def loss_hessian_diag(self):
+    def loss_hessian_diag(self) -> Callable[[Fn], Fn]:
         """The exact diagonal of the per-sample Hessian, ``[N, *f]`` (HesScale App. A)."""
-        return self._table(LOSS_HESSIAN_DIAG, "f", "hessian_diag")
+        return self.rule(RuleKind.LOSS_HESSIAN_DIAG, "f")
 
 
-def define_op(name: str, family: str, forward: Callable, inputs, params=(), **kw) -> OpDef:
-    if name in OPS:
-        raise ValueError(f"op {name!r} is defined twice")
-    forward.rule_label = name
+def define_op(name: str, family: str, forward: Callable[..., Any], inputs: Any, params: Any = (),
+              **kw: Any) -> OpDef:
     op = OpDef(name, family, forward, tuple(inputs), tuple(params), **kw)
-    OPS[name] = op
+    _register(OPS, name, op, "op")
+    declare_target(forward, name)
+    if op.forward_saving is not None:
+        declare_target(op.forward_saving, f"{name}+saved")
     return op
-
-
-def rule_inputs(fn: Callable, n_messages: int) -> list[str]:
-    """Names of the context arguments a rule takes after its ``n_messages`` message arguments."""
-    params = list(inspect.signature(fn).parameters.values())[n_messages:]
-    return [p.name for p in params]
-
-
-def rule_defaults(fn: Callable) -> dict[str, Any]:
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.default is not inspect.Parameter.empty
-    }
 
 
 def source_name(fn: Any) -> str:
     """How users spell a function: ``F.linear``, ``torch.tanh``, ``operator.add``."""
     import operator
 
-    import torch.nn.functional as F
+    import torch.nn.functional as nnf
 
     name = getattr(fn, "__name__", str(fn))
-    for prefix, namespace in (("F.", F), ("torch.", torch), ("operator.", operator)):
+    for prefix, namespace in (("F.", nnf), ("torch.", torch), ("operator.", operator)):
         if getattr(namespace, name, None) is fn:
             return prefix + name
     return name

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedOpError
-from .registry import Canonical, define_op
+from .registry import Match, define_op, example
 
 
 def reshape(x, shape, in_shape):
@@ -22,8 +22,8 @@ op = define_op("reshape", "reshape", reshape, inputs=("x",))
 
 
 def _canonical(node, x):
-    out_val, in_val = node.meta.get("val"), getattr(x, "meta", {}).get("val")
-    if not isinstance(out_val, torch.Tensor) or not isinstance(in_val, torch.Tensor):
+    out_val, in_val = example(node), example(x)
+    if out_val is None or in_val is None:
         raise UnsupportedOpError("reshape of a value whose shape is unknown")
     if out_val.dim() == 0 or out_val.shape[0] != in_val.shape[0]:
         raise UnsupportedOpError(
@@ -31,7 +31,7 @@ def _canonical(node, x):
             "axis (dim 0); fxcurv treats dim 0 as the batch and samples as independent. Supported: "
             "reshapes of the per-sample dimensions, e.g. x.flatten(1) or x.view(x.size(0), -1)"
         )
-    return Canonical({"x": x}, {"shape": tuple(out_val.shape[1:]), "in_shape": tuple(in_val.shape[1:])})
+    return Match({"x": x}, {"shape": tuple(out_val.shape[1:]), "in_shape": tuple(in_val.shape[1:])})
 
 
 @op.module(nn.Flatten, nn.Unflatten)

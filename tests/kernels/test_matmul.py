@@ -76,9 +76,9 @@ def test_bigger_than_one_block():
 def _activation_linear_epilogue(name):
     """``J^T`` through an activation after the linear product: ``(V W) * phi'(out)``; the derivative
     is computed inside the epilogue from the activation output."""
-    d1 = R.DERIVED[(name, "d1")]
+    d1 = R.DERIVED[(name, "d1")].fn
     return compose([Step(d1, (), {"out": Input(1)}),
-                    Step(R.JAC_T[(name, "x")], (Input(0),), {"d1": Result(0)})],
+                    Step(R.JAC_T[(name, "x")].fn, (Input(0),), {"d1": Result(0)})],
                    input_names=["acc", "out"])
 
 
@@ -88,7 +88,7 @@ def test_activation_composite_hbp_b4(name):
     K, N, O, I = 4, 37, 19, 23
     V, W = _rand(K, N, O), _rand(O, I, seed=1)
     out = R.OPS[name].forward(_rand(N, I, seed=2))
-    expected = (V @ W) * R.DERIVED[(name, "d1")](out)
+    expected = (V @ W) * R.DERIVED[(name, "d1")].fn(out)
     program = _activation_linear_epilogue(name)
     _close(matmul_epilogue(V, W, program, [out], force="triton"), expected)
     _close(matmul_epilogue(V, W, program, [out], force="torch"), expected, rtol=0, atol=0)
@@ -98,10 +98,10 @@ def _hesscale_epilogue(name):
     """HesScale eq. 4 behind a linear layer: ``((W o W)^T d) * phi'^2 + g_z * phi''`` with
     ``g_z`` the gradient at the activation output."""
     return compose([
-        Step(R.DERIVED[(name, "d1")], (), {"out": Input(1)}),
-        Step(R.DERIVED[(name, "d2")], (), {"out": Input(1)}),
-        Step(R.DIAG[(name, "x")], (Input(0),), {"d1": Result(0)}),
-        Step(R.RESIDUAL[(name, "x")], (Input(2),), {"d2": Result(1)}),
+        Step(R.DERIVED[(name, "d1")].fn, (), {"out": Input(1)}),
+        Step(R.DERIVED[(name, "d2")].fn, (), {"out": Input(1)}),
+        Step(R.DIAG[(name, "x")].fn, (Input(0),), {"d1": Result(0)}),
+        Step(R.RESIDUAL[(name, "x")].fn, (Input(2),), {"d2": Result(1)}),
         Step(operator.add, (Result(2), Result(3))),
     ], input_names=["acc", "out", "g"])
 
@@ -110,7 +110,7 @@ def test_hesscale_squared_weight_epilogue():
     N, O, I = 37, 19, 23
     d, W = _rand(N, O, positive=True), _rand(O, I, seed=1)
     out, g = torch.tanh(_rand(N, I, seed=2)), _rand(N, I, seed=3)
-    d1, d2 = R.DERIVED[("tanh", "d1")](out), R.DERIVED[("tanh", "d2")](out)
+    d1, d2 = R.DERIVED[("tanh", "d1")].fn(out), R.DERIVED[("tanh", "d2")].fn(out)
     expected = (d @ (W * W)) * d1 * d1 + g * d2
     program = _hesscale_epilogue("tanh")
     _close(matmul_epilogue(d, W, program, [out, g], square_b=True, force="triton"), expected)
@@ -120,10 +120,10 @@ def test_hesscale_squared_weight_epilogue():
 def test_multi_output_epilogue():
     """One product, two messages: ``g_x = g_z * phi'`` and the residual ``g_z * phi''``."""
     program = compose([
-        Step(R.DERIVED[("tanh", "d1")], (), {"out": Input(1)}),
-        Step(R.DERIVED[("tanh", "d2")], (), {"out": Input(1)}),
-        Step(R.JAC_T[("tanh", "x")], (Input(0),), {"d1": Result(0)}),
-        Step(R.RESIDUAL[("tanh", "x")], (Input(0),), {"d2": Result(1)}),
+        Step(R.DERIVED[("tanh", "d1")].fn, (), {"out": Input(1)}),
+        Step(R.DERIVED[("tanh", "d2")].fn, (), {"out": Input(1)}),
+        Step(R.JAC_T[("tanh", "x")].fn, (Input(0),), {"d1": Result(0)}),
+        Step(R.RESIDUAL[("tanh", "x")].fn, (Input(0),), {"d2": Result(1)}),
     ], outputs=[Result(2), Result(3)], input_names=["acc", "out"])
     g, W, out = _rand(37, 19), _rand(19, 23, seed=1), torch.tanh(_rand(37, 23, seed=2))
     gz = g @ W

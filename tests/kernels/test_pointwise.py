@@ -60,9 +60,17 @@ ACTIVATIONS = [(name, attrs) for name, cases in ATTRS.items() for attrs in cases
 IDS = [f"{n}-{'-'.join(str(v) for v in a.values())}" if a else n for n, a in ACTIVATIONS]
 
 
+# Piecewise-linear activations have no second derivative (no d2 rule, no residual term).
+PIECEWISE_LINEAR = {"relu", "leaky_relu"}
+DERIVATIVES = [(name, attrs, which) for name, attrs in ACTIVATIONS for which in ("d1", "d2")
+               if not (which == "d2" and name in PIECEWISE_LINEAR)]
+
+
 def test_every_activation_is_covered():
     elementwise = {n for n, op in R.OPS.items() if op.family == "elementwise"}
     assert elementwise == set(ATTRS)
+    for name in ATTRS:
+        assert ((name, "d2") in R.DERIVED) == (name not in PIECEWISE_LINEAR), name
 
 
 def _forward_inputs(name, attrs, dtype=torch.float32, shape=(4, 6), seed=0):
@@ -92,12 +100,11 @@ def _close(actual, expected, rtol=RTOL, atol=ATOL):
 
 # ---- the real derivative rules -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,attrs", ACTIVATIONS, ids=IDS)
-@pytest.mark.parametrize("which", ["d1", "d2"])
+@pytest.mark.parametrize("name,attrs,which", DERIVATIVES,
+                         ids=[f"{w}-{i}" for (_, _, w), i in zip(DERIVATIVES, [IDS[ACTIVATIONS.index((n, a))]
+                                                                              for n, a, _ in DERIVATIVES])])
 def test_derivative_rule(name, attrs, which):
-    fn = R.DERIVED.get((name, which))
-    if fn is None:
-        pytest.skip(f"{name} is piecewise linear: no {which}")
+    fn = R.DERIVED[(name, which)].fn
     x, out = _forward_inputs(name, attrs)
     tensor_args = [p for p in inspect.signature(fn).parameters if p in ("x", "out")]
     program = trace_pointwise(fn, len(tensor_args), {k: v for k, v in attrs.items()
@@ -122,15 +129,15 @@ def _chain(name, attrs):
     (``[N, D]``).
     """
     avail = {"x": Input(0), "out": Input(1)}
-    d1 = R.DERIVED[(name, "d1")]
+    d1 = R.DERIVED[(name, "d1")].fn
     steps = [Step(d1, (), _by_name(d1, avail, attrs))]
-    steps.append(Step(R.JAC_T[(name, "x")], (Input(2),), {"d1": Result(0)}))
-    steps.append(Step(R.DIAG[(name, "x")], (Input(3),), {"d1": Result(0)}))
+    steps.append(Step(R.JAC_T[(name, "x")].fn, (Input(2),), {"d1": Result(0)}))
+    steps.append(Step(R.DIAG[(name, "x")].fn, (Input(3),), {"d1": Result(0)}))
     hess = Result(2)
     if (name, "d2") in R.DERIVED:
-        d2 = R.DERIVED[(name, "d2")]
+        d2 = R.DERIVED[(name, "d2")].fn
         steps.append(Step(d2, (), _by_name(d2, avail, attrs)))
-        steps.append(Step(R.RESIDUAL[(name, "x")], (Input(4),), {"d2": Result(3)}))
+        steps.append(Step(R.RESIDUAL[(name, "x")].fn, (Input(4),), {"d2": Result(3)}))
         steps.append(Step(operator.add, (Result(2), Result(4))))
         hess = Result(5)
     return compose(steps, outputs=[Result(1), hess, Result(0)], n_inputs=5,
@@ -141,12 +148,12 @@ def _chain_expected(name, attrs, x, out, v, d, g):
     def call(fn, **avail):
         return fn(**_by_name(fn, avail, attrs))
 
-    d1 = call(R.DERIVED[(name, "d1")], x=x, out=out)
-    jv = R.JAC_T[(name, "x")](v, d1=d1)
-    hess = R.DIAG[(name, "x")](d, d1=d1)
+    d1 = call(R.DERIVED[(name, "d1")].fn, x=x, out=out)
+    jv = R.JAC_T[(name, "x")].fn(v, d1=d1)
+    hess = R.DIAG[(name, "x")].fn(d, d1=d1)
     if (name, "d2") in R.DERIVED:
-        d2 = call(R.DERIVED[(name, "d2")], x=x, out=out)
-        hess = hess + R.RESIDUAL[(name, "x")](g, d2=d2)
+        d2 = call(R.DERIVED[(name, "d2")].fn, x=x, out=out)
+        hess = hess + R.RESIDUAL[(name, "x")].fn(g, d2=d2)
     return jv, hess, d1
 
 
@@ -342,8 +349,8 @@ def test_builder_inlines_programs_and_merges_common_terms():
     b = ProgramBuilder()
     x = b.input("x")
     attrs = {"beta": 2.0, "threshold": 1.5}
-    d1 = b.call(R.DERIVED[("softplus", "d1")], x, **attrs)
-    d2 = b.call(R.DERIVED[("softplus", "d2")], x, **attrs)
+    d1 = b.call(R.DERIVED[("softplus", "d1")].fn, x, **attrs)
+    d2 = b.call(R.DERIVED[("softplus", "d2")].fn, x, **attrs)
     v = b.input("v")  # an input made after calls still comes first in the graph
     inner = trace_pointwise(lambda a, s: a * s)
     jv = b.call(inner, v, d1)
@@ -353,8 +360,8 @@ def test_builder_inlines_programs_and_merges_common_terms():
     assert len(sigmoids) == 1  # d1 and d2 share sigmoid(beta * x)
     xx, vv = torch.randn(4, 5), torch.randn(2, 4, 5)
     got = pointwise(program, [xx, vv], force="triton")
-    _close(got[0], vv * R.DERIVED[("softplus", "d1")](xx, **attrs))
-    _close(got[1], R.DERIVED[("softplus", "d2")](xx, **attrs))
+    _close(got[0], vv * R.DERIVED[("softplus", "d1")].fn(xx, **attrs))
+    _close(got[1], R.DERIVED[("softplus", "d2")].fn(xx, **attrs))
 
 
 def test_compose_accepts_tuples_programs_and_multi_output_steps():
@@ -370,9 +377,9 @@ def test_program_from_curvature_nodes():
     """Nodes as the curvature program holds them: rule targets, messages positional, context by name."""
     g = fx.Graph()
     out, v, d = g.placeholder("out"), g.placeholder("v"), g.placeholder("d")
-    d1 = g.call_function(R.DERIVED[("tanh", "d1")], (), {"out": out})
-    jv = g.call_function(R.JAC_T[("tanh", "x")], (v,), {"d1": d1})
-    dd = g.call_function(R.DIAG[("tanh", "x")], (d,), {"d1": d1})
+    d1 = g.call_function(R.DERIVED[("tanh", "d1")].fn, (), {"out": out})
+    jv = g.call_function(R.JAC_T[("tanh", "x")].fn, (v,), {"d1": d1})
+    dd = g.call_function(R.DIAG[("tanh", "x")].fn, (d,), {"d1": d1})
     total = g.call_function(torch.sum, (jv,))
     g.output((total, dd))
     program, inputs = program_from_nodes([d1, jv, dd])
@@ -388,9 +395,9 @@ def test_program_from_curvature_nodes():
 
 
 def test_program_key_is_stable_and_names_do_not_matter():
-    p1 = trace_pointwise(R.DERIVED[("tanh", "d2")])
+    p1 = trace_pointwise(R.DERIVED[("tanh", "d2")].fn)
     p2 = trace_pointwise(lambda y: -2 * y * (1 - y * y))
-    p3 = trace_pointwise(R.DERIVED[("tanh", "d1")])
+    p3 = trace_pointwise(R.DERIVED[("tanh", "d1")].fn)
     assert p1.key() == p2.key() and p1 == p2 and hash(p1) == hash(p2)
     assert p1.key() != p3.key()
     assert isinstance(p1, PointwiseProgram) and "forward" in p1.code

@@ -12,7 +12,9 @@ import torch.fx as fx
 import fxcurv
 import reference as ref
 from architectures import random_cnn, random_mlp
+from fxcurv.node_info import Kind, info, set_info
 from fxcurv.passes.fuse import fuse, pointwise_regions
+from fxcurv.targets import declare_target
 from helpers import assert_close
 
 ALL = ("diag_ggn", "diag_ggn_mc", "diag_hessian", "hesscale", "hesscale_gn")
@@ -22,7 +24,7 @@ def fused_result(model, loss_fn, x, y, quantities=ALL):
     engine = fxcurv.compile(model, loss_fn, quantities=quantities, seed=0)
     engine(x, y)  # the first call records shapes; fusion takes over from the second
     out = engine(x, y)
-    fused = [n for n in engine.graph.nodes if n.meta.get("kind") == "fused"]
+    fused = [n for n in engine.graph.nodes if info(n).kind is Kind.FUSED and info(n).contains]
     return engine, out, fused
 
 
@@ -73,7 +75,7 @@ def test_hbp_composite_and_parameter_reductions_are_fused():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     engine, _, fused = fused_result(model, torch.nn.CrossEntropyLoss(), torch.randn(5, 6),
                                     torch.tensor([0, 1, 2, 3, 0]), quantities=("diag_ggn",))
-    contents = [tuple(n.meta["contains"]) for n in fused]
+    contents = [tuple(info(n).contains) for n in fused]
     assert ("linear.jac_t[x]", "tanh'", "tanh.jac_t[x]") in contents
     reductions = [c for c in contents if c[0] == "linear.grad[weight]"]
     assert len(reductions) == 2 and all("linear.diag_sqrt[weight]" in c for c in reductions)
@@ -88,7 +90,7 @@ def test_hesscale_squares_the_weight_in_the_kernel():
                                     torch.tensor([0, 1, 2, 3, 0]), quantities=("hesscale_gn",))
     names = [n.name for n in engine.graph.nodes]
     assert not any(name.endswith("weight_sq") for name in names)  # (W o W) never materialized
-    assert any(c[0] == "linear.diag[x]" for c in (n.meta["contains"] for n in fused))
+    assert any(c[0] == "linear.diag[x]" for c in (info(n).contains for n in fused))
 
 
 def _sigmoid(v):
@@ -99,7 +101,8 @@ def _tanh(v):
     return torch.tanh(v)
 
 
-_sigmoid.pointwise = _tanh.pointwise = True
+declare_target(_sigmoid, pointwise=True)
+declare_target(_tanh, pointwise=True)
 
 
 def test_regions_respect_external_users_and_toposort_repairs_order():
@@ -112,11 +115,11 @@ def test_regions_respect_external_users_and_toposort_repairs_order():
     t2 = g.call_function(_tanh, (t1,))
     g.output((between, t2))
     for n in (a, t1, between, t2):
-        n.meta["shape"], n.meta["dtype"] = (3,), torch.float32
+        set_info(n, shape=(3,), dtype=torch.float32)
     regions = pointwise_regions(g)
     assert len(regions) == 1 and set(regions[0]["outputs"]) == {t1, t2}
     fuse(g)
-    assert sum(1 for n in g.nodes if n.meta.get("kind") == "fused") == 1
+    assert sum(1 for n in g.nodes if info(n).kind is Kind.FUSED) == 1
     g.lint()
     gm = fx.GraphModule(torch.nn.Module(), g)
     v = torch.randn(3)

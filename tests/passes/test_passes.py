@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 import fxcurv
+from fxcurv.node_info import Kind, info
 from fxcurv.passes import eliminate_dead_code, free_messages, share_products
 
 
@@ -49,7 +50,7 @@ def test_dead_code_is_removed_and_placeholders_stay():
 def test_liveness_frees_each_value_at_its_last_use():
     g = free_messages(share_products(eliminate_dead_code(_graph())))
     add = next(n for n in g.nodes if n.target is operator.add)
-    assert add.meta["frees"] == ["sin"]
+    assert info(add).frees == ("sin",)
 
 
 def test_program_has_no_duplicate_products_and_no_dead_nodes():
@@ -67,5 +68,5 @@ def test_program_has_no_duplicate_products_and_no_dead_nodes():
     # in one product) and by HesScale's diagonal (one node serving hesscale and hesscale_gn).
     d1 = [n for n in graph.nodes if n.name.endswith("_d1")]
     assert len(d1) == 1 and len(d1[0].users) == 2
-    bundles = [n for n in graph.nodes if n.meta.get("kind") == "bundle" and n.meta.get("of") == "sigmoid"]
-    assert len(bundles) == 1 and bundles[0].meta["shape"][0] == 1 + 2  # g and C - 1 = 2 factor columns
+    bundles = [n for n in graph.nodes if info(n).kind is Kind.BUNDLE and info(n).of == "sigmoid"]
+    assert len(bundles) == 1 and info(bundles[0]).shape[0] == 1 + 2  # g and C - 1 = 2 factor columns

@@ -1,0 +1,122 @@
+"""The messages of the curvature program, as typed streams.
+
+Backpropagation sends *messages* from each op's output to its inputs. Which messages exist is the
+union of what the requested quantities need (:class:`Needs`):
+
+* the **gradient** ``g [N, ...]`` -- always;
+* **square-root factor columns** ``S [K, N, ...]`` (with signs where the curvature is indefinite),
+  grouped by :class:`Origin`: where they start and what second-order term they carry
+  (:class:`FactorSource`). ``sum_k sign_k S_k S_k^T`` is one origin's share of the per-sample curvature
+  at a node (HBP eq. S.6-S.9); the origins' shares add up. Columns of one origin are summed where
+  paths meet (a fan-out in the forward graph), columns of different origins never mix;
+* **HesScale diagonals** ``d [N, ...]`` (:class:`DiagonalStream`), one stream per variant.
+
+The gradient and the columns that start at the loss (exact and Monte Carlo) pass every op alike, so
+they travel stacked as one *bundle* ``[g; S_loss; S_mc]`` (:class:`BundleLayout` says which rows are
+which): one ``W^T [...]`` product per linear layer moves all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+import torch.fx as fx
+
+
+class FactorSource(Enum):
+    """What a group of square-root factor columns carries."""
+
+    LOSS = "loss"  # the loss Hessian's exact factor, seeded at the loss (GGN)
+    MC = "mc"  # a Monte Carlo factor of the loss Hessian, sampled at the loss
+    RESIDUAL = "residual"  # an activation's residual diag(phi''(x) g) (HBP eq. S.9, second term)
+    MIXED = "mixed"  # unit columns for the mixed second derivative of a weight used twice
+
+    @property
+    def starts_at_loss(self) -> bool:
+        return self in (FactorSource.LOSS, FactorSource.MC)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a group of factor columns starts: the source, the forward node (``""``: the loss) and,
+    for a mixed term, the weight (its parameter name) whose second derivative it carries."""
+
+    source: FactorSource
+    at: str = ""
+    weight: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.source.value if not self.at else f"{self.source.value}:{self.at}"
+
+
+LOSS = Origin(FactorSource.LOSS)
+MC = Origin(FactorSource.MC)
+
+
+@dataclass(frozen=True)
+class DiagonalStream:
+    """A HesScale diagonal message (HesScale eq. 4, 8): with the activations' ``phi''(x) g`` terms
+    (``hesscale``) or without (``hesscale_gn``)."""
+
+    residual: bool
+
+    @property
+    def label(self) -> str:
+        return "hesscale" if self.residual else "hesscale_gn"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The message streams a quantity needs (the program carries the union over quantities)."""
+
+    factors: frozenset[FactorSource] = frozenset()
+    diagonals: frozenset[DiagonalStream] = frozenset()
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(self.factors | other.factors, self.diagonals | other.diagonals)
+
+
+@dataclass
+class Columns:
+    """One origin's columns at a node: dense ``S [K, N, ...]`` with ``sign [K, N]`` (``None``: all +1),
+    or a diagonal source ``r [N, ...]`` standing for ``diag(r)`` (only at the node where it starts)."""
+
+    origin: Origin
+    value: fx.Node
+    sign: Optional[fx.Node] = None
+    diagonal: bool = False
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """Rows of the bundle ``[g; S_loss; S_mc]``: row 0 is the gradient; ``rows[origin]`` the slice of an
+    origin's columns, ``signs[origin]`` their sign node (``None`` where positive)."""
+
+    rows: dict[Origin, tuple[int, int]] = field(default_factory=dict)
+    signs: dict[Origin, Optional[fx.Node]] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return 1 + sum(stop - start for start, stop in self.rows.values())
+
+
+@dataclass
+class Inbox:
+    """Messages sent to one forward node's output by its consumers, summed when it is visited."""
+
+    bundles: list[fx.Node] = field(default_factory=list)
+    diagonals: dict[DiagonalStream, list[fx.Node]] = field(default_factory=dict)
+    columns: dict[Origin, list[Columns]] = field(default_factory=dict)
+
+
+@dataclass
+class Messages:
+    """The summed messages at one forward node's output."""
+
+    bundle: fx.Node
+    g: fx.Node
+    diagonals: dict[DiagonalStream, fx.Node]
+    columns: dict[Origin, Columns]

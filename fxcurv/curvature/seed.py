@@ -1,0 +1,81 @@
+"""Seeding: the messages that start at the loss.
+
+The loss op's rules give, w.r.t. the model output ``f``: the gradient ``g = dL/df``; for the exact
+factor stream a square-root factor ``S`` of the per-sample Hessian (``sum_k sign_k S_k S_k^T =
+d2L/df_n^2``, HBP Sec. C); for the Monte Carlo stream sampled columns with that expectation; for
+HesScale the Hessian's exact diagonal (HesScale App. A). ``g`` and the columns are stacked into the
+bundle ``[g; S_loss; S_mc]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from .. import factors
+from ..errors import UnsupportedOpError
+from ..node_info import Kind, info
+from ..rules import registry
+from ..rules.registry import OpDef, RuleKind
+from .emit import Emitter
+from .messages import LOSS, MC, BundleLayout, FactorSource, Inbox, Needs
+
+
+def loss_columns(op: OpDef, shape: tuple[int, ...]) -> int:
+    """How many exact factor columns the loss has per sample for a model output of ``shape``."""
+    if op.sqrt_columns is not None:
+        return op.sqrt_columns(tuple(shape))
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
+         generator: Optional[fx.Node]) -> tuple[Inbox, BundleLayout]:
+    """The messages at the model output ``f`` (the loss's first argument), and the bundle's layout."""
+    op = emit.op_of(loss)
+    f = loss.args[0]
+    assert isinstance(f, fx.Node)
+    shape = info(f).shape
+    assert shape is not None, "shapes are recorded before curvature insertion"
+    g = emit.rule(emit.find_rule(RuleKind.LOSS_GRAD, loss, "f"), (), loss, kind=Kind.GRAD, message="g",
+                  shape=shape, at=f)
+    inbox = Inbox()
+    if needs.diagonals:
+        d = emit.rule(emit.find_rule(RuleKind.LOSS_HESSIAN_DIAG, loss, "f"), (), loss, kind=Kind.DIAG,
+                      message="d", stream="hesscale", shape=shape, at=f)
+        for stream in sorted(needs.diagonals, key=lambda s: s.label):
+            inbox.diagonals[stream] = [d]
+
+    rows: dict = {}
+    signs: dict = {}
+    columns: list[fx.Node] = []
+    start = 1
+    k = loss_columns(op, shape)
+    # A loss with no curvature (one class) has no columns: its GGN shares are zero, carried by nothing.
+    if FactorSource.LOSS in needs.factors and k > 0:
+        rule = emit.find_rule(RuleKind.LOSS_SQRT_HESSIAN, loss, "f")
+        both = emit.rule(rule, (), loss, kind=Kind.SQRT, message="(S, sign)", stream="loss",
+                         name=f"sqrt_hessian_{f.name}")
+        columns.append(emit.pick(both, 0, kind=Kind.SQRT, of=loss, message="S", stream="loss", at=f))
+        signs[LOSS] = None if op.psd_hessian else emit.pick(both, 1, kind=Kind.SQRT, of=loss, message="sign",
+                                                            stream="loss", at=f)
+        rows[LOSS] = (start, start + k)
+        start += k
+    if FactorSource.MC in needs.factors:
+        rule = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
+        if rule is None:
+            sampled = sorted(o for (o, _) in registry.LOSS_SQRT_HESSIAN_MC)
+            raise UnsupportedOpError(
+                f"diag_ggn_mc needs a loss with a likelihood to sample from; the loss ({info(loss).source}) "
+                f"has none. Supported: nn.CrossEntropyLoss, nn.MSELoss (or their functional forms; loss ops "
+                f"with a sampler: {', '.join(sampled)})")
+        columns.append(emit.rule(rule, (), loss, {"mc_samples": mc_samples, "generator": generator},
+                                 kind=Kind.SQRT, message="S", stream="mc", at=f))
+        signs[MC] = None
+        rows[MC] = (start, start + mc_samples)
+    bundle = emit.node(factors.stack_columns, (g, *columns), kind=Kind.BUNDLE, of=loss, message="[g; S]", at=f)
+    inbox.bundles.append(bundle)
+    return inbox, BundleLayout(rows, signs)

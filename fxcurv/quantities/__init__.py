@@ -1,0 +1,48 @@
+"""The quantities users request, one file each; importing this package registers them all.
+
+| name | what | defined by |
+| --- | --- | --- |
+| ``grad`` | gradient (always returned) | |
+| ``diag_ggn`` | exact GGN diagonal | HBP eq. S.6-S.8 |
+| ``diag_ggn_mc`` | Monte Carlo GGN diagonal | HBP Sec. C |
+| ``diag_hessian`` | exact Hessian diagonal | HBP eq. S.6, S.9 |
+| ``hesscale``, ``hesscale_gn`` | HesScale(GN) diagonal backpropagation | HesScale eq. 4-5, 8-9 |
+
+Adding a quantity is adding one file here that defines a :class:`~fxcurv.quantities.base.Quantity`
+and passes it to :func:`~fxcurv.quantities.base.register`, and its tests. Users name quantities by
+string or pass the objects themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Iterable, Union
+
+from .base import QUANTITIES, Quantity, register
+
+# Every quantity file registers itself; a new quantity is a new file here, nothing else.
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+GRAD = QUANTITIES["grad"]
+
+
+def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) -> tuple[Quantity, ...]:
+    """The requested quantities as objects, ``grad`` first, each once, in the order given."""
+    if isinstance(quantities, (str, Quantity)):
+        quantities = (quantities,)
+    out: list[Quantity] = [GRAD]
+    for q in quantities:
+        if isinstance(q, str):
+            if q not in QUANTITIES:
+                raise ValueError(f"unknown quantity {q!r}; fxcurv computes: {', '.join(QUANTITIES)}")
+            q = QUANTITIES[q]
+        elif not isinstance(q, Quantity):
+            raise TypeError(f"a quantity is a name or a fxcurv.quantities.Quantity, got {type(q).__name__}")
+        if all(q.name != seen.name for seen in out):
+            out.append(q)
+    return tuple(out)
+
+
+__all__ = ["QUANTITIES", "Quantity", "register", "resolve"]

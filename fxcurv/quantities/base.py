@@ -1,0 +1,67 @@
+"""What a quantity is: the messages it needs, what it collects per parameter, how it finishes.
+
+A :class:`Quantity` is declared once (one file in this package) and the compiler treats every
+quantity alike: it carries the union of the message streams the requested quantities need
+(:class:`~fxcurv.curvature.messages.Needs`), hands each quantity every use of every trainable
+parameter (:class:`~fxcurv.curvature.accumulate.ParamUse`), and asks it for the parameter's result
+after the last use (:class:`~fxcurv.curvature.accumulate.ParamEnd`). The program returns that result
+per parameter; :meth:`Quantity.wrap` turns it into what the user gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.fx as fx
+
+from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import Needs
+
+
+class Quantity:
+    """Base class of the quantities. Subclasses set ``name``, ``description``, ``reference`` and
+    ``needs``, and implement :meth:`collect` and :meth:`finalize`."""
+
+    name: str
+    description: str
+    reference: str = ""  # the equations that define it
+    needs: Needs = Needs()
+    # The result per parameter is a tensor shaped like the parameter (the default); other quantities
+    # say what they return in their description and implement wrap().
+    shaped_like_parameter: ClassVar[bool] = True
+
+    def start(self) -> Any:
+        """The empty per-parameter state (default: a list of contributions)."""
+        return []
+
+    def collect(self, use: ParamUse, state: Any) -> None:
+        raise NotImplementedError
+
+    def finalize(self, end: ParamEnd, state: Any) -> fx.Node:
+        raise NotImplementedError
+
+    def wrap(self, value: Any, param: torch.Tensor) -> Any:
+        """What the user gets for one parameter from the program's result (default: as it is)."""
+        return value
+
+    def __repr__(self) -> str:
+        return f"<quantity {self.name}: {self.description}>"
+
+
+QUANTITIES: dict[str, Quantity] = {}
+
+Q = TypeVar("Q", bound=Quantity)
+
+
+def register(quantity: Q) -> Q:
+    """Make ``quantity`` available by its name (a name is refused twice)."""
+    if quantity.name in QUANTITIES:
+        raise ValueError(f"quantity {quantity.name!r} is registered twice")
+    QUANTITIES[quantity.name] = quantity
+    return quantity
+
+
+def sum_or_zeros(end: ParamEnd, parts: list[fx.Node], message: str) -> fx.Node:
+    """The sum of a parameter's contributions; zeros shaped like it where there are none."""
+    return end.sum(parts, message=message) if parts else end.zeros(message)
