@@ -10,7 +10,7 @@ elementwise factors of ``phi``:
   squared on the fly (``square_b=True``) instead of stored.
 
 Without fusion the product is written to memory and read back by each elementwise rule;
-:func:`matmul_epilogue` applies the rules (a :class:`~fxcurv.kernels.pointwise.PointwiseProgram`)
+:func:`matmul_epilogue` applies the rules (a :class:`~fxcurv.kernels.program.PointwiseProgram`)
 to the accumulator tile while it is still in registers.
 """
 
@@ -22,21 +22,11 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .pointwise import (
-    LAUNCHES,
-    KernelValue,
-    NotFusible,
-    PointwiseProgram,
-    _module_source,
-    _suffix_of,
-    dot_precision,
-    cached_kernel,
-    emit_program,
-    interpreting,
-    next_pow2,
-    triton_cdiv,
-    use_triton,
-)
+from .cache import cached_kernel
+from .codegen import KernelValue, emit_program, module_source
+from .program import PointwiseProgram
+from .runtime import LAUNCHES, NotFusible, cdiv, dot_precision, interpreting, is_suffix, next_pow2, use_triton
+from .torch_path import run_torch
 
 _TL_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,7 +42,7 @@ class MatmulSpec:
     n_outputs: int = 1
 
 
-def _matmul_params(spec: MatmulSpec) -> list[str]:
+def matmul_params(spec: MatmulSpec) -> list[str]:
     ps = ["a_ptr", "b_ptr"]
     ps += [f"e{i}" if s == "scalar" else f"e{i}_ptr" for i, s in enumerate(spec.extras)]
     ps += [f"out{j}_ptr" for j in range(spec.n_outputs)]
@@ -65,7 +55,7 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
     """The module source of a tiled ``tl.dot`` kernel (float32 accumulation) computing
     ``epilogue(A @ B, *extras)`` for ``A [M, K]`` and ``B [K, N]`` (any strides), ``B`` optionally
     squared elementwise as it is loaded. The epilogue code comes from
-    :func:`~fxcurv.kernels.pointwise.emit_program` applied to the accumulator tile."""
+    :func:`~fxcurv.kernels.codegen.emit_program` applied to the accumulator tile."""
     body = [
         "pid = tl.program_id(0)",
         "num_pid_m = tl.cdiv(M, BLOCK_M)",
@@ -124,10 +114,10 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
         # a value computed from a [1, BLOCK_N] row only still covers the whole tile
         body.append(f"tl.store(out{j}_ptr + offs, tl.broadcast_to({val}, (BLOCK_M, BLOCK_N))"
                     f".to(out{j}_ptr.dtype.element_ty), mask=mask)")
-    params = ", ".join(_matmul_params(spec) + [
+    params = ", ".join(matmul_params(spec) + [
         "SQUARE_B: tl.constexpr", "PRECISION: tl.constexpr", "BLOCK_M: tl.constexpr",
         "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr"])
-    return _module_source(f"def kernel({params}):", body, epilogue)
+    return module_source(f"def kernel({params}):", body, epilogue)
 
 
 def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any:
@@ -161,7 +151,7 @@ def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseP
     out = torch.matmul(a, bb)
     if epilogue is None:
         return out
-    return _finish(epilogue.run_torch([out, *extras], owned=frozenset({0})), epilogue)
+    return _finish(run_torch(epilogue, [out, *extras], owned=frozenset({0})), epilogue)
 
 
 def _launch_plan(a, b, epilogue, extras, trans_b):
@@ -195,7 +185,7 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
             return f"extra {i} of dtype {e.dtype}"
         if e.numel() == 1:
             ex_spec.append("one")
-        elif not _suffix_of(tuple(e.shape), out_shape):
+        elif not is_suffix(tuple(e.shape), out_shape):
             return f"extra {i} of shape {tuple(e.shape)} is not a suffix of the output shape {out_shape}"
         elif e.numel() == M * N:
             ex_spec.append("full")
@@ -217,7 +207,7 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
         if meta is None:
             return "torch cannot run the epilogue on these inputs"
         out_dtypes = []
-        for o in epilogue._outputs:
+        for o in epilogue.output_nodes:
             m = meta[o]
             if m is None or m[0] != out_shape:
                 return f"epilogue output {o.name} is not shaped like the product"
@@ -266,7 +256,7 @@ def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[Pointwi
         return matmul_torch(a, b, epilogue, extras, trans_b=trans_b, square_b=square_b)
     if M and N:
         cfg = _config(M, N, K)
-        grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         kernel[grid](*args, SQUARE_B=square_b, PRECISION=dot_precision(a.dtype), **cfg)
         LAUNCHES["matmul"] += 1
     return _finish(tuple(outs), epilogue)

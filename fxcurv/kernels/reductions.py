@@ -20,17 +20,8 @@ from typing import Optional
 
 import torch
 
-from .pointwise import (
-    LAUNCHES,
-    NotFusible,
-    _LOCK,
-    dot_precision,
-    interpreting,
-    load_source,
-    next_pow2,
-    triton_cdiv,
-    use_triton,
-)
+from .cache import load_source
+from .runtime import LAUNCHES, NotFusible, cdiv, dot_precision, interpreting, next_pow2, use_triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,8 +105,7 @@ def dual_gram_kernel(a_ptr, c_ptr, s_ptr, sign_ptr, x_ptr, out1_ptr, out2_ptr, R
 
 
 def _kernels():
-    with _LOCK:
-        return load_source(_SOURCE, "red")
+    return load_source(_SOURCE, "red")
 
 
 # ---- column_square_sum -----------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def column_square_sum(S: torch.Tensor, sign: Optional[torch.Tensor] = None,
     if K == 0:
         return out.zero_()
     block = min(next_pow2(max(numel, 16)), 1 << 16) if interpreting() else 1024
-    grid = (triton_cdiv(numel, block),)
+    grid = (cdiv(numel, block),)
     _kernels().column_square_sum_kernel[grid](
         S3, S3 if sign2 is None else sign2, out, numel, O, K, S3.stride(0),
         0 if sign2 is None else sign2.stride(0), HAS_SIGN=sign2 is not None, BLOCK=block)
@@ -302,7 +292,7 @@ def dual_gram(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torch.Tens
     sa, sc, sx = st(a2), st(c2), st(x2)
     ss = (S3.stride(0), S3.stride(1), S3.stride(2)) if S3 is not None else (0, 0, 0)
     sg = (sign2.stride(0), sign2.stride(1)) if sign2 is not None else (0, 0)
-    grid = (triton_cdiv(O, bo) * triton_cdiv(I, bi),)
+    grid = (cdiv(O, bo) * cdiv(I, bi),)
     _kernels().dual_gram_kernel[grid](
         a2 if a2 is not None else dummy, c2 if c2 is not None else dummy,
         S3 if S3 is not None else dummy, sign2 if sign2 is not None else dummy, x2,
