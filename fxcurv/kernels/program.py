@@ -221,7 +221,10 @@ def _meta_run(module: fx.GraphModule, inputs: Sequence[Any]) -> Optional[NodeMet
     recorder = _Recorder(module)
     try:
         recorder.run(*fake)
-    except Exception:
+    except (RuntimeError, TypeError):
+        # torch rejects such inputs (shapes that do not broadcast, an argument of the wrong type, an
+        # op without a meta kernel: NotImplementedError is a RuntimeError). Callers then run the
+        # torch path, which raises the real error on the real inputs.
         return None
     return {n: ((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None)
             for n, v in recorder.values.items()}
@@ -253,6 +256,11 @@ class Step:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+
+# What fx raises when a function does not trace as a pointwise program: data-dependent control flow
+# or iteration (TraceError), Python numbers required of a traced value (``math.exp(x)``,
+# ``int(x)``: TypeError), builtins fx refuses to record (``len(x)``: RuntimeError).
+_UNTRACEABLE = (fx.proxy.TraceError, TypeError, RuntimeError)
 
 # A node, or several for a multi-output call.
 Traced = Union[fx.Node, tuple[fx.Node, ...]]
@@ -308,9 +316,7 @@ class ProgramBuilder:
             pargs, pkwargs = fx.node.map_aggregate((args, kwargs), self._proxy)
             try:
                 out = fn(*pargs, **pkwargs)
-            except NotFusible:
-                raise
-            except Exception as e:
+            except _UNTRACEABLE as e:
                 raise NotFusible(f"cannot trace {getattr(fn, '__name__', fn)} as a pointwise "
                                  f"program: {type(e).__name__}: {e}") from e
             result = _unwrap(out, fn)

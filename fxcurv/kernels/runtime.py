@@ -43,7 +43,7 @@ def triton_available() -> bool:
     if _triton_importable is None:
         try:
             import triton  # noqa: F401
-        except Exception:  # ImportError, or a broken install on an odd platform
+        except ImportError:
             _triton_importable = False
         else:
             _triton_importable = True
