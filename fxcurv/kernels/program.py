@@ -390,10 +390,6 @@ def _cse(g: fx.Graph) -> None:
         if op_kind(node) is None:  # only ops of the pointwise vocabulary are known to be pure
             continue
         key = (node.op, node.target, _freeze(tuple(node.args)), _freeze(dict(node.kwargs)))
-        try:
-            hash(key)
-        except TypeError:
-            continue
         if key in seen:
             node.replace_all_uses_with(seen[key])
             g.erase_node(node)

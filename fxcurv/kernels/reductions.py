@@ -116,10 +116,12 @@ def _flat_factor(S: torch.Tensor, sign: Optional[torch.Tensor]):
     K, O = S.shape[0], S.shape[-1]
     Rn = math.prod(S.shape[1:-1])  # explicit: -1 is ambiguous when K or O is 0
     S3 = S.reshape(K, Rn, O)
-    sign2 = None if sign is None else sign.reshape(K, Rn)
-    if sign2 is not None and sign2.shape[1] != S3.shape[1]:
-        raise ValueError(f"sign {tuple(sign.shape)} does not match S {tuple(S.shape)}")
-    return S3, sign2
+    if sign is None:
+        return S3, None
+    if sign.numel() != K * Rn:
+        raise ValueError(f"sign {tuple(sign.shape)} does not match S {tuple(S.shape)}: it needs "
+                         f"{K} x {Rn} elements, one per column and row")
+    return S3, sign.reshape(K, Rn)
 
 
 def column_square_sum_torch(S: torch.Tensor, sign: Optional[torch.Tensor] = None) -> torch.Tensor:

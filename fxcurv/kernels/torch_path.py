@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
@@ -218,11 +218,12 @@ class _RunnerWriter:
     def plain(self, node: fx.Node, var: str) -> str:
         """``node`` as the call it is."""
         args, kwargs = node.args, node.kwargs
-        arg_s = ", ".join([self.ref(a) for a in args] + [f"{k}={self.ref(v)}" for k, v in kwargs.items()])
         if node.op == "call_method":
-            return (f"{var} = {self.ref(args[0])}.{node.target}("
-                    + ", ".join([self.ref(a) for a in args[1:]]
-                                + [f"{k}={self.ref(v)}" for k, v in kwargs.items()]) + ")")
+            return f"{var} = {self.ref(args[0])}.{node.target}({self.arguments(args[1:], kwargs)})"
+        arg_s = self.arguments(args, kwargs)
         fname = f"_f{len(self.glb)}"
         self.glb[fname] = node.target
         return f"{var} = {fname}({arg_s})"
+
+    def arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        return ", ".join([self.ref(a) for a in args] + [f"{k}={self.ref(v)}" for k, v in kwargs.items()])
