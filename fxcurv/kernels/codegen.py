@@ -13,7 +13,7 @@ Generating source needs no triton (and no GPU); compiling it is :mod:`.cache`'s 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -166,8 +166,8 @@ class _Emitter:
         args = [val(a) for a in node.args]
         kwargs = {k: val(v) for k, v in node.kwargs.items()}
         tensor = any(a.tensor for a in args) or any(v.tensor for v in kwargs.values())
-        fn = getattr(self, f"_{kind}")
-        return fn(node, args, kwargs, tensor)
+        write: Callable[[fx.Node, _Args, _Kwargs, bool], KernelValue] = getattr(self, f"_{kind}")
+        return write(node, args, kwargs, tensor)
 
     def _no_kwargs(self, node: fx.Node, kwargs: _Kwargs, allowed: Sequence[str] = ()) -> None:
         for k in kwargs:

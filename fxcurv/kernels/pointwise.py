@@ -27,18 +27,26 @@ import torch.fx as fx
 from .cache import cached_kernel
 from .codegen import PointwiseSpec, to_triton_source
 from .program import PointwiseProgram
-from .runtime import LAUNCHES, NotFusible, cdiv, interpreting, is_suffix, next_pow2, use_triton
+from .runtime import (
+    FLAT_BLOCK,
+    INTERPRETER_MAX_FLAT_BLOCK,
+    LAUNCHES,
+    NotFusible,
+    cdiv,
+    flat_block,
+    interpreting,
+    is_suffix,
+    use_triton,
+)
 from .torch_path import run_torch
 
 __all__ = ["pointwise", "pointwise_kernel"]
 
-# The interpreter pays per program, not per element: one large block, at most this many elements.
-_INTERPRETER_MAX_BLOCK = 1 << 16
-# On a GPU: elements per program and warps per program.
-_GPU_BLOCK, _GPU_WARPS = 1024, 4
+# Warps per program on a GPU (the interpreter runs one).
+_GPU_WARPS = 4
 # From this many elements on, offsets are 64-bit: the last block's offsets (up to a block past
 # ``numel``) must not overflow int32.
-_INT64_NUMEL = 2**31 - max(_INTERPRETER_MAX_BLOCK, _GPU_BLOCK)
+_INT64_NUMEL = 2**31 - max(INTERPRETER_MAX_FLAT_BLOCK, FLAT_BLOCK)
 
 
 def pointwise_kernel(program: PointwiseProgram, spec: Optional[PointwiseSpec] = None) -> Any:
@@ -57,13 +65,6 @@ class _LaunchPlan(NamedTuple):
     args: list[Any]
     outputs: list[Any]
     numel: int
-
-
-def _block_size(numel: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` of a launch over ``numel`` elements."""
-    if interpreting():
-        return min(next_pow2(max(numel, 16)), _INTERPRETER_MAX_BLOCK), 1
-    return _GPU_BLOCK, _GPU_WARPS
 
 
 def _input_problem(inputs: Sequence[Any]) -> Optional[str]:
@@ -194,8 +195,8 @@ def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: Optional[
             raise
         return run_torch(program, inputs, owned)
     if plan.numel:
-        block, warps = _block_size(plan.numel)
+        block = flat_block(plan.numel)
         grid = (cdiv(plan.numel, block),)
-        kernel[grid](*plan.args, BLOCK=block, num_warps=warps)
+        kernel[grid](*plan.args, BLOCK=block, num_warps=1 if interpreting() else _GPU_WARPS)
         LAUNCHES["pointwise"] += 1
     return tuple(plan.outputs)

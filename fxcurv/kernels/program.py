@@ -30,7 +30,7 @@ __all__ = [
     "check_fusible", "compose", "input_signature", "program_from_nodes", "trace_pointwise",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 # Shape and dtype of each node's value for some inputs (``None``: not a tensor).
 NodeMeta = dict[fx.Node, Optional[tuple[tuple[int, ...], torch.dtype]]]
@@ -126,7 +126,7 @@ class PointwiseProgram:
         return pointwise(self, list(inputs), force=force)
 
     # ---- what depends on the inputs --------------------------------------------------------------
-    def cached(self, kind: str, key: Hashable, make: Callable[[], T]) -> T:
+    def cached(self, kind: str, key: Hashable, make: Callable[[], _T]) -> _T:
         """``make()``, once per ``(kind, key)`` for this program: derivations for inputs like a
         call's (meta runs, the torch path's runners) live as long as the program."""
         table = self._cache.setdefault(kind, {})
@@ -134,7 +134,7 @@ class PointwiseProgram:
             if len(table) > _MAX_CACHED:
                 table.clear()
             table[key] = make()
-        return cast(T, table[key])
+        return cast(_T, table[key])
 
     def meta(self, inputs: Sequence[Any]) -> Optional[NodeMeta]:
         """Shape and dtype of every node for inputs like ``inputs`` (run on the meta device), or

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 __all__ = [
-    "LAUNCHES", "NotFusible", "cdiv", "dot_precision", "interpreting", "is_suffix", "next_pow2",
-    "triton_available", "use_triton",
+    "FLAT_BLOCK", "INTERPRETER_MAX_FLAT_BLOCK", "LAUNCHES", "NotFusible", "cdiv", "dot_precision",
+    "flat_block", "interpreting", "is_suffix", "next_pow2", "triton_available", "use_triton",
 ]
 
 
@@ -33,6 +33,14 @@ LAUNCHES: Counter[str] = Counter()
 # Triton reads this variable when a kernel is *defined*: set, its interpreter runs kernels on CPU
 # tensors (numpy), which is how CI without a GPU tests them.
 _INTERPRET_VARIABLE = "TRITON_INTERPRET"
+
+# Elements per program of a kernel over a flat index space, on a GPU.
+FLAT_BLOCK = 1024
+# Under the interpreter, which pays per program and not per element, one block covers the tensor, up
+# to this many elements.
+INTERPRETER_MAX_FLAT_BLOCK = 1 << 16
+# The smallest flat block launched (blocks are powers of two: tl.arange needs one).
+_MIN_BLOCK = 16
 
 _triton_importable: Optional[bool] = None
 
@@ -83,6 +91,13 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for a launch grid: the number of blocks of ``b`` covering ``a`` elements."""
     return -(-a // b)
+
+
+def flat_block(numel: int) -> int:
+    """Elements per program of a kernel over ``numel`` flat elements."""
+    if interpreting():
+        return min(next_pow2(max(numel, _MIN_BLOCK)), INTERPRETER_MAX_FLAT_BLOCK)
+    return FLAT_BLOCK
 
 
 def dot_precision(dtype: torch.dtype) -> Optional[str]:
