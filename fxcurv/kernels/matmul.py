@@ -10,35 +10,33 @@ elementwise factors of ``phi``:
   squared on the fly (``square_b=True``) instead of stored.
 
 Without fusion the product is written to memory and read back by each elementwise rule;
-:func:`matmul_epilogue` applies the rules (a :class:`~fxcurv.kernels.pointwise.PointwiseProgram`)
+:func:`matmul_epilogue` applies the rules (a :class:`~fxcurv.kernels.program.PointwiseProgram`)
 to the accumulator tile while it is still in registers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from .pointwise import (
-    LAUNCHES,
-    KernelValue,
-    NotFusible,
-    PointwiseProgram,
-    _module_source,
-    _suffix_of,
-    dot_precision,
-    cached_kernel,
-    emit_program,
-    interpreting,
-    next_pow2,
-    triton_cdiv,
-    use_triton,
-)
+from .cache import cached_kernel
+from .codegen import KernelValue, emit_program, module_source
+from .program import PointwiseProgram
+from .runtime import LAUNCHES, NotFusible, cdiv, dot_precision, interpreting, is_suffix, next_pow2, use_triton
+from .torch_path import run_torch
 
+__all__ = ["MatmulResult", "MatmulSpec", "matmul_epilogue", "matmul_kernel", "matmul_params", "matmul_source",
+           "matmul_torch"]
+
+# Operand dtypes tl.dot multiplies (float64 is not one of them: it runs the torch path).
 _TL_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The product, or a tuple of the epilogue's outputs when it has several.
+MatmulResult = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,13 @@ class MatmulSpec:
     (``[Nout]``), ``"one"`` (one element) or ``"scalar"`` (a Python number); ``n_outputs`` of the
     epilogue (1 without one)."""
 
-    extras: tuple = ()
+    extras: tuple[str, ...] = ()
     n_outputs: int = 1
 
 
-def _matmul_params(spec: MatmulSpec) -> list[str]:
+def matmul_params(spec: MatmulSpec) -> list[str]:
+    """The parameters of the kernel :func:`matmul_source` writes for ``spec``, in order (less the
+    constexprs)."""
     ps = ["a_ptr", "b_ptr"]
     ps += [f"e{i}" if s == "scalar" else f"e{i}_ptr" for i, s in enumerate(spec.extras)]
     ps += [f"out{j}_ptr" for j in range(spec.n_outputs)]
@@ -65,7 +65,7 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
     """The module source of a tiled ``tl.dot`` kernel (float32 accumulation) computing
     ``epilogue(A @ B, *extras)`` for ``A [M, K]`` and ``B [K, N]`` (any strides), ``B`` optionally
     squared elementwise as it is loaded. The epilogue code comes from
-    :func:`~fxcurv.kernels.pointwise.emit_program` applied to the accumulator tile."""
+    :func:`~fxcurv.kernels.codegen.emit_program` applied to the accumulator tile."""
     body = [
         "pid = tl.program_id(0)",
         "num_pid_m = tl.cdiv(M, BLOCK_M)",
@@ -124,10 +124,10 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
         # a value computed from a [1, BLOCK_N] row only still covers the whole tile
         body.append(f"tl.store(out{j}_ptr + offs, tl.broadcast_to({val}, (BLOCK_M, BLOCK_N))"
                     f".to(out{j}_ptr.dtype.element_ty), mask=mask)")
-    params = ", ".join(_matmul_params(spec) + [
+    params = ", ".join(matmul_params(spec) + [
         "SQUARE_B: tl.constexpr", "PRECISION: tl.constexpr", "BLOCK_M: tl.constexpr",
         "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr"])
-    return _module_source(f"def kernel({params}):", body, epilogue)
+    return module_source(f"def kernel({params}):", body, epilogue)
 
 
 def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any:
@@ -136,7 +136,7 @@ def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any
     return cached_kernel(key, lambda: matmul_source(epilogue, spec), "mm")
 
 
-def _config(M: int, N: int, K: int) -> dict:
+def _config(M: int, N: int, K: int) -> dict[str, int]:
     if interpreting():
         # the interpreter pays per program and per loop step, not per element
         return dict(BLOCK_M=min(max(next_pow2(M), 16), 128), BLOCK_N=min(max(next_pow2(N), 16), 128),
@@ -147,12 +147,12 @@ def _config(M: int, N: int, K: int) -> dict:
                 num_stages=3)
 
 
-def _finish(outs: tuple, epilogue: Optional[PointwiseProgram]):
+def _finish(outs: Sequence[torch.Tensor], epilogue: Optional[PointwiseProgram]) -> MatmulResult:
     return outs[0] if epilogue is None or epilogue.n_outputs == 1 else tuple(outs)
 
 
 def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
-                 extras: Sequence[Any] = (), *, trans_b: bool = False, square_b: bool = False):
+                 extras: Sequence[Any] = (), *, trans_b: bool = False, square_b: bool = False) -> MatmulResult:
     """The reference: ``a @ op(b)`` with torch, then the epilogue, which may overwrite the fresh
     product (one multiply becomes ``out.mul_(extra)``: no second buffer)."""
     bb = b.t() if trans_b else b
@@ -161,10 +161,22 @@ def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseP
     out = torch.matmul(a, bb)
     if epilogue is None:
         return out
-    return _finish(epilogue.run_torch([out, *extras], owned=frozenset({0})), epilogue)
+    return _finish(run_torch(epilogue, [out, *extras], owned=frozenset({0})), epilogue)
 
 
-def _launch_plan(a, b, epilogue, extras, trans_b):
+class _MatmulPlan(NamedTuple):
+    """One launch of a matmul kernel: its spec, its arguments, the outputs and ``(M, N, K)``."""
+
+    spec: MatmulSpec
+    args: list[Any]
+    outputs: list[torch.Tensor]
+    sizes: tuple[int, int, int]
+
+
+def _launch_plan(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram], extras: Sequence[Any],
+                 trans_b: bool) -> Union[_MatmulPlan, str]:
+    """The launch of ``epilogue(a @ op(b), *extras)`` (outputs allocated), or a string saying why
+    the operands do not fit the kernel."""
     if a.dim() < 1 or b.dim() != 2:
         return "a must be [..., K] and b a matrix"
     if a.dtype != b.dtype or a.dtype not in _TL_DOT_DTYPES:
@@ -181,7 +193,9 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
         return "empty contraction"
     a2 = a.reshape(M, K)
     sb = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
-    ex_spec, ex_args, rows = [], [], []
+    ex_spec: list[str] = []
+    ex_args: list[Any] = []
+    rows: list[int] = []
     for i, e in enumerate(extras):
         if not isinstance(e, torch.Tensor):
             if isinstance(e, bool) or not isinstance(e, (int, float)):
@@ -195,7 +209,7 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
             return f"extra {i} of dtype {e.dtype}"
         if e.numel() == 1:
             ex_spec.append("one")
-        elif not _suffix_of(tuple(e.shape), out_shape):
+        elif not is_suffix(tuple(e.shape), out_shape):
             return f"extra {i} of shape {tuple(e.shape)} is not a suffix of the output shape {out_shape}"
         elif e.numel() == M * N:
             ex_spec.append("full")
@@ -206,8 +220,9 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
             rows.append(e.numel() // N)
         # a copy of an extra costs less than leaving the product unfused
         ex_args.append(e.contiguous())
+    out_dtypes: list[torch.dtype] = []
     if epilogue is None:
-        out_dtypes = [torch.promote_types(a.dtype, b.dtype)]
+        out_dtypes.append(torch.promote_types(a.dtype, b.dtype))
     else:
         if epilogue.n_inputs != 1 + len(extras):
             raise TypeError(f"epilogue takes {epilogue.n_inputs} inputs: the product and "
@@ -216,8 +231,7 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
         meta = epilogue.meta([acc, *extras])
         if meta is None:
             return "torch cannot run the epilogue on these inputs"
-        out_dtypes = []
-        for o in epilogue._outputs:
+        for o in epilogue.output_nodes:
             m = meta[o]
             if m is None or m[0] != out_shape:
                 return f"epilogue output {o.name} is not shaped like the product"
@@ -227,12 +241,12 @@ def _launch_plan(a, b, epilogue, extras, trans_b):
     outs = [torch.empty(out_shape, dtype=dt, device=a.device) for dt in out_dtypes]
     spec = MatmulSpec(tuple(ex_spec), len(outs))
     args = [a2, b, *ex_args, *outs, M, N, K, a2.stride(0), a2.stride(1), sb[0], sb[1], *rows]
-    return spec, args, outs, (M, N, K)
+    return _MatmulPlan(spec, args, outs, (M, N, K))
 
 
 def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
                     extras: Sequence[Union[torch.Tensor, float]] = (), *, trans_b: bool = False,
-                    square_b: bool = False, force: Optional[str] = None):
+                    square_b: bool = False, force: Optional[str] = None) -> MatmulResult:
     """``epilogue(a @ op(b), *extras)`` in one kernel: HBP B.4 / Botev eq. 29's
     ``(W^T [g; S]) * phi'(x)`` and HesScale eq. 4's ``((W o W)^T d) * phi'(x)^2 + ...``.
 
@@ -266,7 +280,7 @@ def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[Pointwi
         return matmul_torch(a, b, epilogue, extras, trans_b=trans_b, square_b=square_b)
     if M and N:
         cfg = _config(M, N, K)
-        grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         kernel[grid](*args, SQUARE_B=square_b, PRECISION=dot_precision(a.dtype), **cfg)
         LAUNCHES["matmul"] += 1
-    return _finish(tuple(outs), epilogue)
+    return _finish(outs, epilogue)

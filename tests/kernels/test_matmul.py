@@ -20,7 +20,7 @@ from fxcurv.kernels import (
     MatmulSpec,
     trace_pointwise,
 )
-from fxcurv.kernels.pointwise import _build_runner
+from fxcurv.kernels.torch_path import build_runner as _build_runner
 from fxcurv.rules import registry as R
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -191,7 +191,7 @@ def test_generated_matmul_kernels_compile_for_a_gpu():
     compile_for_gpu("""
         import test_matmul as T
         from fxcurv.kernels import MatmulSpec, load_source, matmul_source
-        from fxcurv.kernels.matmul import _matmul_params
+        from fxcurv.kernels.matmul import matmul_params as _matmul_params
 
         for ep, spec in [(None, MatmulSpec((), 1)), (T._activation_linear_epilogue("tanh"), MatmulSpec(("bcast",), 1)),
                          (T._hesscale_epilogue("tanh"), MatmulSpec(("full", "row"), 1)),

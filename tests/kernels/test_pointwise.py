@@ -40,7 +40,7 @@ from fxcurv.kernels import (
     to_triton_source,
     trace_pointwise,
 )
-from fxcurv.kernels.pointwise import _build_runner
+from fxcurv.kernels.torch_path import build_runner as _build_runner
 from fxcurv.rules import registry as R
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -535,7 +535,7 @@ def test_generated_pointwise_kernels_compile_for_a_gpu():
     compile_for_gpu("""
         import test_pointwise as T
         from fxcurv.kernels import PointwiseSpec, load_source, to_triton_source, trace_pointwise
-        from fxcurv.kernels.pointwise import _pointwise_params
+        from fxcurv.kernels.codegen import pointwise_params as _pointwise_params
 
         def sig(spec, outs):
             ptr = "*fp64" if spec.compute == "float64" else "*fp32"
