@@ -34,12 +34,19 @@ def _frozen(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _call(model, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The model on ``values``. ``tie_weights=False``: with a module registered under two names
+    (``self.c = self.a``), torch's weight tying leaves plain tensors in place of the parameters after
+    the call; the values, keyed by each parameter's first name, reach every use of the module anyway."""
+    return functional_call(model, values, (x,), tie_weights=False)
+
+
 def loss_of(model, loss_fn, x, y):
     params, frozen = trainable(model), _frozen(model)
     theta, layout = _flat(params)
 
     def f(vec):
-        return loss_fn(functional_call(model, {**_unflat(vec, layout), **frozen}, (x,)), y)
+        return loss_fn(_call(model, {**_unflat(vec, layout), **frozen}, x), y)
 
     return f, theta, layout
 
@@ -65,7 +72,7 @@ def ggn(model, loss_fn, x, y) -> torch.Tensor:
     theta, layout = _flat(params)
 
     def out(vec):
-        return functional_call(model, {**_unflat(vec, layout), **frozen}, (x,))
+        return _call(model, {**_unflat(vec, layout), **frozen}, x)
 
     fx = out(theta)
     jac = jacrev(out)(theta).reshape(fx.numel(), -1)
