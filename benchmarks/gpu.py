@@ -1,7 +1,8 @@
 """The GPU benchmark of benchmarks/gpu.sh: fxcurv's fused program (Triton kernels) against its eager
 and inductor backends, BackPACK and a plain forward+backward, on CUDA.
 
-    python benchmarks/gpu.py --out DIR [--configs mnist_mlp128,c3d3_128] [--budget-s 230] [--repeats 15]
+    python benchmarks/gpu.py --out DIR [--configs mnist_mlp128,c3d3_128] [--backends fused,inductor]
+                             [--budget-s 230] [--repeats 15] [--tf32] [--no-prewarm]
     python benchmarks/gpu.py --dry-run --out DIR    # on the CPU, one tiny net: checks the plumbing
 
 Per network and batch size (``CONFIGS``), for ``diag_ggn``, ``diag_ggn_mc`` (1 sample) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib
 import json
 import os
 import platform
@@ -214,7 +216,8 @@ def prewarm_jobs(args, skip: dict) -> list[tuple[str, str]]:
 
 
 def warm_command(args, job: tuple[str, str]) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--warm-one", *job]
+    tf32 = ["--tf32"] if args.tf32 else []
+    return [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), *tf32, "--warm-one", *job]
 
 
 def prewarm(jobs: list, command, budget_s: float, log_dir: Path, log) -> dict:
@@ -418,6 +421,8 @@ def parse_args(argv=None):
     p.add_argument("--min-repeats", type=int, default=None, help="timing rounds at least (default 5; dry run 1)")
     p.add_argument("--warmup", type=int, default=None,
                    help="calls after the building one, the last checked (default 2; dry run 0)")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"fxcurv backends to run (default: {','.join(BACKENDS)}); the others are skipped")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in every method's float32 products")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders")
     args = p.parse_args(argv)
@@ -431,6 +436,9 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {', '.join(table)}")
     args.table = table
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if set(args.backends) - set(BACKENDS):
+        p.error(f"unknown backends {sorted(set(args.backends) - set(BACKENDS))}; choose from {', '.join(BACKENDS)}")
     args.repeats = args.repeats if args.repeats is not None else (2 if args.dry_run else 15)
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (1 if args.dry_run else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.dry_run else 2)
@@ -440,6 +448,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # before a prewarm job builds anything: inductor's cache keys and fxcurv's kernels read these
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     if args.warm_one:
         return warm_one(args)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # BackPACK, every call
@@ -455,15 +466,15 @@ def main(argv=None) -> int:
         print(f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}): "
               "use --dry-run on a machine without a GPU", file=sys.stderr)
         return 2
+    for b in BACKENDS:
+        if b not in args.backends:
+            skip.setdefault(f"fxcurv/{b}", f"not requested (--backends {','.join(args.backends)})")
     try:
-        import backpack  # noqa: F401
-        import backpack.extensions  # noqa: F401
+        importlib.import_module("backpack.extensions")  # what methods.Backpack imports
     except Exception as e:  # noqa: BLE001 - reported as the reason, and BackPACK's methods are not run
         skip["backpack"] = (f"BackPACK unavailable ({type(e).__name__}: {e}); its wheels travel in "
                             "benchmarks/wheels (bash benchmarks/gpu.sh --prepare-wheels)")
         notes.append(skip["backpack"])
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
     for reason in sorted(set(skip.values())):
         print(f"skipped: {reason}")
     cuda = args.device == "cuda"

@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu.sh --dry-run         # the same stages on the CPU, tiny: checks the plumbing
 #   bash benchmarks/gpu.sh --prepare-wheels  # here (PyPI reachable): the wheels the GPU machine lacks
 #
-# Options: --skip-tests, --skip-bench, --total-budget S, --test-budget S (defaults below).
+# Options: --skip-tests, --skip-bench, --total-budget S, --test-budget S (defaults below); extra
+# arguments for pytest and for benchmarks/gpu.py in GPU_TEST_ARGS and GPU_BENCH_ARGS, e.g.
+#   GPU_BENCH_ARGS="--configs c3d3_128 --backends fused,inductor" bash benchmarks/gpu.sh --skip-tests
 # Everything goes under $OUT (a new temporary folder if unset): env.log, install.log, tests.log,
 # tests/junit.xml, bench.log, bench/results.{json,md}, stages.tsv, summary.log and SUMMARY.md.
 # Each stage runs under `timeout` with its own log; a stage that fails or times out is recorded in
@@ -122,7 +124,7 @@ EOF
 }
 
 stage_tests() {
-    local device=cuda workers f files=()
+    local device=cuda workers f files=() xdist_error
     local args=(-m pytest -p no:cacheprovider -v -rfE --durations=20 --junitxml="$OUT/tests/junit.xml")
     mkdir -p "$OUT/tests"
     if [ "$DRY_RUN" = 1 ]; then
@@ -143,12 +145,20 @@ stage_tests() {
     args+=(--device "$device")
     workers=$(( $(nproc) - 2 ))
     [ "$workers" -gt "$MAX_TEST_WORKERS" ] && workers=$MAX_TEST_WORKERS
-    if [ "$workers" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    if ! "$PY" -c "import xdist" 2>/dev/null; then
+        echo "one process: pytest-xdist is not installed"
+    elif ! xdist_error=$("$PY" -c "import xdist.plugin" 2>&1); then
+        # pytest would load the broken plugin by itself (an entry point) and fail to start
+        echo "one process: pytest-xdist does not load with this pytest: $(echo "$xdist_error" | tail -n 1)"
+        args+=(-p no:xdist -p no:xdist.looponfail)
+    elif [ "$workers" -gt 1 ]; then
         args+=(-n "$workers" --dist load)
         echo "pytest-xdist: $workers workers"
     else
-        echo "one process (pytest-xdist unavailable, or too few cores)"
+        echo "one process: too few cores for pytest-xdist"
     fi
+    # shellcheck disable=SC2206  # split on purpose: a list of arguments
+    args+=(${GPU_TEST_ARGS:-})
     echo "$PY ${args[*]}"
     "$PY" "${args[@]}"
 }
@@ -157,6 +167,8 @@ stage_bench() {
     local budget=$1
     local args=(benchmarks/gpu.py --out "$OUT" --budget-s "$budget")
     [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+    # shellcheck disable=SC2206  # split on purpose: a list of arguments
+    args+=(${GPU_BENCH_ARGS:-})
     echo "$PY ${args[*]}"
     "$PY" "${args[@]}"
 }
@@ -219,7 +231,7 @@ main() {
             --skip-bench) skip_bench=1 ;;
             --total-budget) shift; TOTAL_BUDGET_S=$1 ;;
             --test-budget) shift; TEST_BUDGET_S=$1 ;;
-            -h|--help) sed -n '2,16p' "$SELF"; exit 0 ;;
+            -h|--help) sed -n '2,18p' "$SELF"; exit 0 ;;
             *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
         esac
         shift
