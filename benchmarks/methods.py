@@ -108,7 +108,8 @@ class Fxcurv(Method):
         return self.engine(self.x, self.y)
 
     def check_call(self):
-        return self.engine(self.x, self.y, generator=torch.Generator().manual_seed(0))
+        # the generator lives where the samples are drawn (a CPU generator cannot draw on CUDA)
+        return self.engine(self.x, self.y, generator=torch.Generator(device=self.x.device).manual_seed(0))
 
     def values(self, result):
         return {q: dict(result[q]) for q in result}

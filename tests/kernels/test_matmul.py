@@ -1,4 +1,5 @@
-"""matmul_epilogue (fxcurv.kernels.matmul): the Triton kernel under the interpreter against torch."""
+"""matmul_epilogue (fxcurv.kernels.matmul): the Triton kernel (under the interpreter, or compiled with
+``pytest --device cuda``) against torch."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_torch_path_float64(square_b):
     a, b, e = _rand(3, 7, 5, dtype=torch.float64), _rand(5, 6, seed=1, dtype=torch.float64), \
         _rand(7, 6, seed=2, dtype=torch.float64)
     bb = b * b if square_b else b
-    got = matmul_epilogue(a, b, MUL, [e], square_b=square_b)  # CPU: the torch path
+    got = matmul_epilogue(a, b, MUL, [e], square_b=square_b)  # float64: the torch path, on any device
     torch.testing.assert_close(got, (a @ bb) * e, rtol=0, atol=0)
     plain = matmul_epilogue(a, b, None, square_b=square_b)
     torch.testing.assert_close(plain, a @ bb, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """Generated pointwise kernels (fxcurv.kernels.pointwise) against their torch references.
 
-Every Triton kernel runs under the interpreter (``TRITON_INTERPRET=1``, set in conftest) on CPU
-tensors with ``force="triton"``; shapes are tiny so that each launch is one program.
+Every Triton kernel runs with ``force="triton"``: under the interpreter (``TRITON_INTERPRET=1``, set
+in conftest) on CPU tensors, or compiled on CUDA tensors with ``pytest --device cuda``; shapes are
+tiny so that each launch is one program in the interpreter.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def test_rule_chain_torch_path_float64(name, attrs):
     program = _chain(name, attrs)
     inputs = _chain_inputs(name, attrs, torch.float64)
     copies = [t.clone() for t in inputs]
-    got = pointwise(program, inputs)  # CPU tensors: the torch path
+    got = pointwise(program, inputs, force="torch")  # what CPU tensors run
     for a, e in zip(got, _chain_expected(name, attrs, *inputs)):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, e, rtol=1e-14, atol=1e-15)
@@ -314,7 +315,7 @@ def test_not_fusible(case):
     x = torch.rand(4, 4) + 0.5
     with pytest.raises(NotFusible):
         pointwise(program, [x], force="triton")
-    (ref,) = pointwise(program, [x])  # CPU and not forced: the torch graph
+    (ref,) = pointwise(program, [x])  # not forced: the torch graph, on any device
     torch.testing.assert_close(ref, NOT_FUSIBLE[case](x))
 
 
@@ -433,7 +434,7 @@ def test_torch_path_keeps_aliases_alive():
     """``.to(same dtype)`` returns its input: that input must not be overwritten while the alias lives."""
     program = trace_pointwise(lambda x: ((x * 2).to(torch.float32), (x * 2) * 3))
     x = torch.randn(5)
-    a, b = pointwise(program, [x])
+    a, b = pointwise(program, [x], force="torch")
     torch.testing.assert_close(a, x * 2, rtol=0, atol=0)
     torch.testing.assert_close(b, x * 6, rtol=0, atol=0)
 
@@ -452,6 +453,7 @@ def test_autograd_inputs_keep_their_graph():
             torch.testing.assert_close(t.grad, r.grad)
 
 
+@pytest.mark.cpu_only(reason="checks the CPU torch paths of a Python without triton, in a subprocess")
 def test_import_without_triton():
     """The torch paths never need triton (e.g. macOS)."""
     code = textwrap.dedent("""

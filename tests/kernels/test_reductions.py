@@ -1,5 +1,5 @@
-"""Linear-layer reductions (fxcurv.kernels.reductions): Triton under the interpreter against torch,
-and the torch paths against the rules' own formulas in float64."""
+"""Linear-layer reductions (fxcurv.kernels.reductions): Triton (under the interpreter, or compiled with
+``pytest --device cuda``) against torch, and the torch paths against the rules' own formulas in float64."""
 
 from __future__ import annotations
 
