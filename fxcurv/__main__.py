@@ -39,6 +39,7 @@ def inspect(args) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     model = net.build().to(dtype).eval()
     x = torch.randn((args.batch,) + net.input_shape, dtype=dtype)
+    loss_fn: torch.nn.Module
     if args.loss == "ce":
         loss_fn = torch.nn.CrossEntropyLoss()
         y = torch.randint(0, net.classes, (args.batch,))

@@ -85,7 +85,8 @@ class Program:
         if build.backend == "inductor":
             runner = torch.compile(gm, backend="inductor", dynamic=False)
         placeholders = tuple(n.name for n in build.graph.nodes if n.op == "placeholder")
-        param_of = {n.name: info(n).param for n in build.graph.nodes if n.op == "placeholder" and info(n).param}
+        param_of = {n.name: str(info(n).param) for n in build.graph.nodes
+                    if n.op == "placeholder" and info(n).param is not None}
         return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders)
 
     def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],

@@ -1,5 +1,9 @@
 """Errors fxcurv raises. Each names the node or argument at fault and says what is supported."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class FxcurvError(Exception):
     """Base class of fxcurv's errors."""
@@ -18,7 +22,12 @@ class LossError(FxcurvError, ValueError):
 
 
 class InputError(FxcurvError, ValueError):
-    """Inputs, targets or parameters have shapes, dtypes or devices the program cannot take."""
+    """Inputs, targets or parameters have shapes, dtypes or devices the program cannot take.
+    ``node`` is the traced node where torch rejected them, if that is where it was found."""
+
+    def __init__(self, message: str, node: Any = None):
+        super().__init__(message)
+        self.node = node
 
 
 class MemoryBudgetError(FxcurvError, MemoryError):

@@ -45,7 +45,7 @@ def _plain(value: Any) -> bool:
 
 def _state(obj: Any) -> tuple[Any, ...]:
     """The plain attributes of an object (hyperparameters), and the identity of tensor attributes."""
-    items = []
+    items: list[tuple[Any, ...]] = []
     for key, value in vars(obj).items():
         if key in _MODULE_INTERNALS:
             continue

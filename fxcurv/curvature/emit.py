@@ -41,8 +41,9 @@ def _stream_tag(stream: str, kind: Kind) -> str:
     return (_PARAM_TAGS if kind is Kind.PARAM else _MESSAGE_TAGS).get(head, head)
 
 
-@target("getitem")
-def getitem(values: Any, i: int) -> Any:
+@target("item", view=True)
+def item(values: Any, i: int) -> Any:
+    """Item ``i`` of a node returning several values (a view of that value)."""
     return values[i]
 
 
@@ -73,7 +74,7 @@ class Emitter:
         return nodes[0] if len(nodes) == 1 else self.node(factors.add_all, tuple(nodes), **kw)
 
     def pick(self, both: fx.Node, i: int, **kw: Any) -> fx.Node:
-        return self.node(getitem, (both, i), **kw)
+        return self.node(item, (both, i), **kw)
 
     # ---- rules ---------------------------------------------------------------------------------
     @staticmethod

@@ -65,14 +65,14 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
         rows[LOSS] = (start, start + k)
         start += k
     if FactorSource.MC in needs.factors:
-        rule = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
-        if rule is None:
+        sampler = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
+        if sampler is None:
             sampled = sorted(o for (o, _) in registry.LOSS_SQRT_HESSIAN_MC)
             raise UnsupportedOpError(
                 f"diag_ggn_mc needs a loss with a likelihood to sample from; the loss ({info(loss).source}) "
                 f"has none. Supported: nn.CrossEntropyLoss, nn.MSELoss (or their functional forms; loss ops "
                 f"with a sampler: {', '.join(sampled)})")
-        columns.append(emit.rule(rule, (), loss, {"mc_samples": mc_samples, "generator": generator},
+        columns.append(emit.rule(sampler, (), loss, {"mc_samples": mc_samples, "generator": generator},
                                  kind=Kind.SQRT, message="S", stream="mc", at=f))
         signs[MC] = None
         rows[MC] = (start, start + mc_samples)

@@ -28,7 +28,7 @@ from .program import (
     Input,
     PointwiseProgram,
     ProgramBuilder,
-    Result,
+    StepResult,
     Step,
     check_fusible,
     compose,
@@ -44,7 +44,7 @@ from .reductions import (
 from .runtime import LAUNCHES, NotFusible, triton_available, use_triton
 
 __all__ = [
-    "NotFusible", "PointwiseProgram", "PointwiseSpec", "ProgramBuilder", "Input", "Result", "Step",
+    "NotFusible", "PointwiseProgram", "PointwiseSpec", "ProgramBuilder", "Input", "StepResult", "Step",
     "KernelValue", "trace_pointwise", "compose", "check_fusible", "to_triton_source", "emit_program",
     "pointwise", "pointwise_kernel", "program_from_nodes", "load_source", "cache_dir", "triton_available", "use_triton",
     "LAUNCHES", "MatmulSpec", "matmul_epilogue", "matmul_torch", "matmul_source", "matmul_kernel",

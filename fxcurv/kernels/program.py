@@ -20,13 +20,15 @@ from typing import Any, Optional, TypeVar, Union, cast
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .codegen import to_triton_source
 from .runtime import NotFusible
 from .vocabulary import op_kind, target_name
 
 __all__ = [
-    "Input", "InputSignature", "NodeMeta", "PointwiseProgram", "ProgramBuilder", "Result", "Step",
+    "Input", "InputSignature", "NodeMeta", "PointwiseProgram", "ProgramBuilder", "StepResult", "Step",
     "check_fusible", "compose", "input_signature", "program_from_nodes", "trace_pointwise",
 ]
 
@@ -202,32 +204,26 @@ def _arg_key(a: Any, index: dict[fx.Node, int]) -> str:
     return f"{type(a).__name__}:{a!r}"
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a module and keeps every node's value."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module, garbage_collect_values=False)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n] = out
-        return out
-
-
 def _meta_run(module: fx.GraphModule, inputs: Sequence[Any]) -> Optional[NodeMeta]:
-    fake = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
+    """Shape and dtype of every node for inputs like ``inputs``, by fake-tensor propagation (no
+    arithmetic); ``None`` where torch rejects such inputs."""
+    # On the meta device: callers describe an input by its shape alone (a meta tensor for a product
+    # not computed yet) next to real tensors, and fake tensors must share one device.
+    meta = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
             for a in inputs]
-    recorder = _Recorder(module)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        recorder.run(*fake)
+        FakeTensorProp(module, mode).propagate(*meta)
     except (RuntimeError, TypeError):
         # torch rejects such inputs (shapes that do not broadcast, an argument of the wrong type, an
-        # op without a meta kernel: NotImplementedError is a RuntimeError). Callers then run the
+        # op without a fake kernel: NotImplementedError is a RuntimeError). Callers then run the
         # torch path, which raises the real error on the real inputs.
         return None
-    return {n: ((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None)
-            for n, v in recorder.values.items()}
+    out: NodeMeta = {}
+    for n in module.graph.nodes:
+        v = n.meta.pop("val", None)
+        out[n] = (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+    return out
 
 
 # ==== building programs ==============================================================================
@@ -240,7 +236,7 @@ class Input:
 
 
 @dataclass(frozen=True)
-class Result:
+class StepResult:
     """The result of an earlier step of :func:`compose`; ``item`` picks one of a multi-output step."""
 
     step: int
@@ -250,7 +246,7 @@ class Result:
 @dataclass(frozen=True)
 class Step:
     """One step of :func:`compose`: ``fn(*args, **kwargs)`` where arguments are :class:`Input`,
-    :class:`Result` or constants (activation attributes, scalars)."""
+    :class:`StepResult` or constants (activation attributes, scalars)."""
 
     fn: Any
     args: tuple[Any, ...] = ()
@@ -400,11 +396,11 @@ def _cse(g: fx.Graph) -> None:
 def _resolve(ref: Any, inputs: Sequence[fx.Node], results: Sequence[Traced]) -> Any:
     if isinstance(ref, Input):
         return inputs[ref.index]
-    if isinstance(ref, Result):
+    if isinstance(ref, StepResult):
         r = results[ref.step]
         if ref.item is None:
             if isinstance(r, tuple):
-                raise ValueError(f"step {ref.step} has {len(r)} results; say which with Result(step, item)")
+                raise ValueError(f"step {ref.step} has {len(r)} results; say which with StepResult(step, item)")
             return r
         if isinstance(r, tuple):
             return r[ref.item]
@@ -416,8 +412,8 @@ def _resolve(ref: Any, inputs: Sequence[fx.Node], results: Sequence[Traced]) -> 
     return ref
 
 
-def _refs(x: Any) -> Iterator[Union[Input, Result]]:
-    if isinstance(x, (Input, Result)):
+def _refs(x: Any) -> Iterator[Union[Input, StepResult]]:
+    if isinstance(x, (Input, StepResult)):
         yield x
     elif isinstance(x, (tuple, list)):
         for y in x:
@@ -436,7 +432,7 @@ def _normalized(step: Union[Step, tuple[Any, ...]]) -> tuple[Any, tuple[Any, ...
 
 
 def compose(steps: Sequence[Union[Step, tuple[Any, ...]]],
-            outputs: Optional[Sequence[Union[Input, Result]]] = None,
+            outputs: Optional[Sequence[Union[Input, StepResult]]] = None,
             n_inputs: Optional[int] = None, input_names: Optional[Sequence[str]] = None) -> PointwiseProgram:
     """One program from a chain of steps; each step's arguments are program inputs, results of
     earlier steps or constants.
@@ -451,9 +447,9 @@ def compose(steps: Sequence[Union[Step, tuple[Any, ...]]],
 
         compose([(DERIVED[("tanh", "d1")], (Input(0),)),
                  (DERIVED[("tanh", "d2")], (Input(0),)),
-                 (DIAG[("tanh", "x")], (Input(1),), {"d1": Result(0)}),
-                 (RESIDUAL[("tanh", "x")], (Input(2),), {"d2": Result(1)}),
-                 (operator.add, (Result(2), Result(3)))])
+                 (DIAG[("tanh", "x")], (Input(1),), {"d1": StepResult(0)}),
+                 (RESIDUAL[("tanh", "x")], (Input(2),), {"d2": StepResult(1)}),
+                 (operator.add, (StepResult(2), StepResult(3)))])
     """
     norm = [_normalized(s) for s in steps]
     if n_inputs is None:

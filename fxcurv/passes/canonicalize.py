@@ -142,7 +142,7 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
     try:
         propagate_shapes(gm, x, y)
     except InputError as err:
-        if getattr(err, "node", None) in set(traced.loss_nodes):
+        if err.node in set(traced.loss_nodes):
             # torch rejected the target deep inside the loss; the loss's own check says which
             # targets it takes.
             _check_target(traced, gm, y)

@@ -22,6 +22,7 @@ shows what each contains. The pass reads the value shapes that ``record_shapes``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,7 +31,9 @@ import torch
 import torch.fx as fx
 
 from .. import kernels
+from ..curvature.emit import item
 from ..node_info import Kind, copy_info, info, set_info
+from ..kernels.runtime import is_suffix
 from ..targets import LabeledTarget, Left, Reduction, TargetInfo, target, target_info
 
 
@@ -40,11 +43,6 @@ def _shape(node: Any) -> Optional[tuple[int, ...]]:
     if isinstance(node, fx.Node):
         return info(node).shape
     return ()  # Python scalars broadcast everywhere
-
-
-def _is_suffix(small: tuple, big: tuple) -> bool:
-    """``small`` broadcasts against ``big`` by trailing alignment with equal dims (or is a scalar)."""
-    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == tuple(small)
 
 
 def _tensor_inputs(node: fx.Node) -> list:
@@ -66,13 +64,6 @@ def dataflow(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-def _numel(shape: tuple) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def pointwise_regions(graph: fx.Graph) -> list[dict]:
     """Maximal fusible pointwise regions: ``{"nodes", "shape", "outputs", "inputs"}`` each.
 
@@ -88,12 +79,12 @@ def pointwise_regions(graph: fx.Graph) -> list[dict]:
     regions = []
     while pending:
         members = pending.pop()
-        shape = tuple(max((_shape(n) or () for n in members), key=_numel))
+        shape = tuple(max((_shape(n) or () for n in members), key=math.prod))
         drop = set()
         for n in members:
             if _shape(n) != shape and not all(u in members for u in n.users):
                 drop.add(n)
-            elif any(a not in members and not _is_suffix(tuple(_shape(a) or (None,)), shape)
+            elif any(a not in members and not is_suffix(tuple(_shape(a) or (None,)), shape)
                      for a in _tensor_inputs(n)):
                 drop.add(n)
         if not drop and not _acyclic_after_contraction(members, dfg):
@@ -137,7 +128,7 @@ def matmul_prologue(region: dict) -> Optional[fx.Node]:
 
 # ---- rewriting ---------------------------------------------------------------------------------------
 
-def _label(node: fx.Node) -> str:
+def _label_of(node: fx.Node) -> str:
     return target_info(node.target).label
 
 
@@ -175,18 +166,13 @@ class FusedMatmul(LabeledTarget):
         return out if self.n_outputs > 1 else (out,)
 
 
-@target("item", view=True)
-def _item(values: Any, i: int) -> Any:
-    return values[i]
-
-
 def _fresh(node: Any) -> bool:
     """Does ``node`` hold a buffer nothing else aliases? Rules declared ``fresh`` allocate their
     result; a fused node's outputs are its own; a ``view`` (a crop) is fresh where what it views was
     and nothing else reads that."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
-    if node.target is _item:
+    if node.target is item:
         return info(node.args[0]).kind is Kind.FUSED
     fusion = target_info(node.target).fusion
     if fusion.view:
@@ -225,7 +211,7 @@ def _pick(graph: fx.Graph, fused: fx.Node, i: int, old: fx.Node) -> fx.Node:
     name = old.name
     old._rename(f"{name}_unfused")
     with graph.inserting_after(fused):
-        pick = graph.create_node("call_function", _item, (fused, i), name=name)
+        pick = graph.create_node("call_function", item, (fused, i), name=name)
     copy_info(pick, old, frees=(), live=0)
     old.replace_all_uses_with(pick)
     return pick
@@ -250,7 +236,7 @@ def fuse_pointwise(graph: fx.Graph) -> int:
                 members, outputs, leading=(prologue,) if prologue is not None else ())
         except kernels.NotFusible:
             continue
-        contains = [_label(n) for n in members]
+        contains = [_label_of(n) for n in members]
         if prologue is not None:
             operand = target_info(prologue.target).fusion.matmul
             assert operand is not None
@@ -263,7 +249,7 @@ def fuse_pointwise(graph: fx.Graph) -> int:
             fused_target: Any = FusedMatmul(program, square_b, len(outputs))
             args = [a, b] + externals[1:]
             members = members + [prologue]
-            contains = [_label(prologue)] + contains
+            contains = [_label_of(prologue)] + contains
         else:
             fused_target = FusedPointwise(program, _owned(externals, region["nodes"], region["shape"]))
             args = externals
@@ -353,12 +339,12 @@ def fuse_param_reductions(graph: fx.Graph) -> int:
         args = [x] + [vals if sq else vals[0] for sq, vals in lefts]
         with graph.inserting_after(nodes[-1]):
             fused = graph.call_function(target_fn, tuple(args))
-        set_info(fused, kind=Kind.FUSED, contains=tuple(_label(n) for n in nodes), of=info(nodes[0]).of,
+        set_info(fused, kind=Kind.FUSED, contains=tuple(_label_of(n) for n in nodes), of=info(nodes[0]).of,
                  message="parameter reductions")
         picks = {}
         with graph.inserting_after(fused):
             for i, what in enumerate(("gram_x", "sums", "c")):
-                picks[what] = graph.call_function(_item, (fused, i))
+                picks[what] = graph.call_function(item, (fused, i))
                 set_info(picks[what], kind=Kind.FUSED, of=info(fused).of, message=what)
         diagonals = None
         if to_x_sq:

@@ -15,7 +15,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..curvature.accumulate import Accumulator
-from ..curvature.emit import Emitter, getitem
+from ..curvature.emit import Emitter, item
 from ..curvature.messages import FactorSource, Needs
 from ..curvature.propagate import Propagator
 from ..curvature.seed import seed
@@ -53,10 +53,10 @@ def copy_forward(emit: Emitter, canon: CanonicalGraph, needs_messages: set[fx.No
             if op.saved and op.forward_saving is not None and node in needs_messages:
                 both = emit.graph.call_function(op.forward_saving, args, kwargs)
                 set_info(both, kind=Kind.FORWARD, of=node.name, message="(out, saved)")
-                new = emit.graph.call_function(getitem, (both, 0))
+                new = emit.graph.call_function(item, (both, 0))
                 emit.saved[node] = {}
                 for i, name in enumerate(op.saved):
-                    saved = emit.graph.call_function(getitem, (both, i + 1))
+                    saved = emit.graph.call_function(item, (both, i + 1))
                     set_info(saved, kind=Kind.FORWARD, of=node.name, message=name)
                     emit.saved[node][name] = saved
             else:

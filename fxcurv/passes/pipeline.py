@@ -74,7 +74,7 @@ class Build:
 @dataclass(frozen=True)
 class Pass:
     name: str
-    run: Callable[[Build], None]
+    run: Callable[[Build], Any]
     backends: tuple[str, ...] = BACKENDS
 
 

@@ -22,8 +22,8 @@ def describe(node: fx.Node, root: torch.nn.Module | None = None) -> str:
     """``'name' (source)`` for error messages: the module type or the function called."""
     if node.op == "call_module" and root is not None:
         try:
-            mod = root.get_submodule(node.target)
-            return f"'{node.name}' (nn.{type(mod).__name__} at {node.target.split('.', 1)[-1]})"
+            mod = root.get_submodule(str(node.target))
+            return f"'{node.name}' (nn.{type(mod).__name__} at {str(node.target).split('.', 1)[-1]})"
         except AttributeError:
             pass
     if node.op == "call_function":
@@ -44,12 +44,9 @@ class ShapeProp(fx.Interpreter):
                 f"{a.name} {tuple(a.meta['val'].shape)}" for a in n.all_input_nodes
                 if isinstance(a.meta.get("val"), torch.Tensor)
             )
-            failure = InputError(
+            raise InputError(
                 f"the model/loss failed at node {describe(n, self.module)} with inputs [{shapes}]: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            )
-            failure.node = n
-            raise failure from err
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", node=n) from err
         n.meta["val"] = value
         return value
 

@@ -13,7 +13,7 @@ from fxcurv.kernels import (
     LAUNCHES,
     Input,
     NotFusible,
-    Result,
+    StepResult,
     Step,
     compose,
     matmul_epilogue,
@@ -79,7 +79,7 @@ def _activation_linear_epilogue(name):
     is computed inside the epilogue from the activation output."""
     d1 = R.DERIVED[(name, "d1")].fn
     return compose([Step(d1, (), {"out": Input(1)}),
-                    Step(R.JAC_T[(name, "x")].fn, (Input(0),), {"d1": Result(0)})],
+                    Step(R.JAC_T[(name, "x")].fn, (Input(0),), {"d1": StepResult(0)})],
                    input_names=["acc", "out"])
 
 
@@ -101,9 +101,9 @@ def _hesscale_epilogue(name):
     return compose([
         Step(R.DERIVED[(name, "d1")].fn, (), {"out": Input(1)}),
         Step(R.DERIVED[(name, "d2")].fn, (), {"out": Input(1)}),
-        Step(R.DIAG[(name, "x")].fn, (Input(0),), {"d1": Result(0)}),
-        Step(R.RESIDUAL[(name, "x")].fn, (Input(2),), {"d2": Result(1)}),
-        Step(operator.add, (Result(2), Result(3))),
+        Step(R.DIAG[(name, "x")].fn, (Input(0),), {"d1": StepResult(0)}),
+        Step(R.RESIDUAL[(name, "x")].fn, (Input(2),), {"d2": StepResult(1)}),
+        Step(operator.add, (StepResult(2), StepResult(3))),
     ], input_names=["acc", "out", "g"])
 
 
@@ -123,9 +123,9 @@ def test_multi_output_epilogue():
     program = compose([
         Step(R.DERIVED[("tanh", "d1")].fn, (), {"out": Input(1)}),
         Step(R.DERIVED[("tanh", "d2")].fn, (), {"out": Input(1)}),
-        Step(R.JAC_T[("tanh", "x")].fn, (Input(0),), {"d1": Result(0)}),
-        Step(R.RESIDUAL[("tanh", "x")].fn, (Input(0),), {"d2": Result(1)}),
-    ], outputs=[Result(2), Result(3)], input_names=["acc", "out"])
+        Step(R.JAC_T[("tanh", "x")].fn, (Input(0),), {"d1": StepResult(0)}),
+        Step(R.RESIDUAL[("tanh", "x")].fn, (Input(0),), {"d2": StepResult(1)}),
+    ], outputs=[StepResult(2), StepResult(3)], input_names=["acc", "out"])
     g, W, out = _rand(37, 19), _rand(19, 23, seed=1), torch.tanh(_rand(37, 23, seed=2))
     gz = g @ W
     got = matmul_epilogue(g, W, program, [out], force="triton")

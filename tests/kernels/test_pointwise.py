@@ -29,7 +29,7 @@ from fxcurv.kernels import (
     PointwiseProgram,
     PointwiseSpec,
     ProgramBuilder,
-    Result,
+    StepResult,
     Step,
     cache_dir,
     check_fusible,
@@ -132,16 +132,16 @@ def _chain(name, attrs):
     avail = {"x": Input(0), "out": Input(1)}
     d1 = R.DERIVED[(name, "d1")].fn
     steps = [Step(d1, (), _by_name(d1, avail, attrs))]
-    steps.append(Step(R.JAC_T[(name, "x")].fn, (Input(2),), {"d1": Result(0)}))
-    steps.append(Step(R.DIAG[(name, "x")].fn, (Input(3),), {"d1": Result(0)}))
-    hess = Result(2)
+    steps.append(Step(R.JAC_T[(name, "x")].fn, (Input(2),), {"d1": StepResult(0)}))
+    steps.append(Step(R.DIAG[(name, "x")].fn, (Input(3),), {"d1": StepResult(0)}))
+    hess = StepResult(2)
     if (name, "d2") in R.DERIVED:
         d2 = R.DERIVED[(name, "d2")].fn
         steps.append(Step(d2, (), _by_name(d2, avail, attrs)))
-        steps.append(Step(R.RESIDUAL[(name, "x")].fn, (Input(4),), {"d2": Result(3)}))
-        steps.append(Step(operator.add, (Result(2), Result(4))))
-        hess = Result(5)
-    return compose(steps, outputs=[Result(1), hess, Result(0)], n_inputs=5,
+        steps.append(Step(R.RESIDUAL[(name, "x")].fn, (Input(4),), {"d2": StepResult(3)}))
+        steps.append(Step(operator.add, (StepResult(2), StepResult(4))))
+        hess = StepResult(5)
+    return compose(steps, outputs=[StepResult(1), hess, StepResult(0)], n_inputs=5,
                    input_names=["x", "out", "v", "d", "g"])
 
 
@@ -367,8 +367,8 @@ def test_builder_inlines_programs_and_merges_common_terms():
 
 def test_compose_accepts_tuples_programs_and_multi_output_steps():
     two = trace_pointwise(lambda a: (a * 2, a + 1))
-    program = compose([(two, (Input(0),)), (operator.mul, (Result(0, 0), Result(0, 1))),
-                       (torch.tanh, (Result(1),))])
+    program = compose([(two, (Input(0),)), (operator.mul, (StepResult(0, 0), StepResult(0, 1))),
+                       (torch.tanh, (StepResult(1),))])
     assert program.n_inputs == 1 and program.n_outputs == 1
     x = torch.randn(6)
     _close(program(x, force="triton")[0], torch.tanh((x * 2) * (x + 1)))
