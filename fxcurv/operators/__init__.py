@@ -1,0 +1,29 @@
+"""Matrix-valued per-parameter results: linear operators over the row-major flattened parameter.
+
+| class | what |
+| --- | --- |
+| :class:`CurvatureOperator` | the common base: ``@``, ``to_dense``, ``diag``, ``trace``, ``damped`` |
+| :class:`Kronecker` | a Kronecker-factored block ``kron(G, A)`` / ``G`` (KFAC, KFLR, KFRA, HBP) |
+| :class:`KroneckerInverse` | its exact damped inverse (``Kronecker.inverse``) |
+| :class:`FactoredApproxInverse` | Botev's factored approximation of it (``Kronecker.inverse_factored``) |
+| :class:`BlockOperator` | an exact block known through products (``block_ggn``, ``block_hessian``) |
+| :class:`DampedOperator` | ``scale * K + damping * I`` of any of them (EA-CG eq. 9-10) |
+"""
+
+from .base import (
+    DENSE_CHUNK_COLUMNS,
+    DENSE_MAX_BYTES,
+    DIAG_MAX_COLUMNS,
+    CurvatureOperator,
+    DampedOperator,
+    DenseSizeError,
+    SingularOperatorError,
+)
+from .block import BlockOperator
+from .kronecker import FactoredApproxInverse, Kronecker, KroneckerInverse
+
+__all__ = [
+    "CurvatureOperator", "DampedOperator", "Kronecker", "KroneckerInverse", "FactoredApproxInverse",
+    "BlockOperator", "DenseSizeError", "SingularOperatorError", "DENSE_MAX_BYTES", "DENSE_CHUNK_COLUMNS",
+    "DIAG_MAX_COLUMNS",
+]
