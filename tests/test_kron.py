@@ -188,7 +188,7 @@ def test_logdet_refuses_singular_and_indefinite():
     sign, expected = torch.linalg.slogdet(dense_reference(k) + 0.1 * eye(k.numel, k.factors[0]))
     assert rel_error(k.logdet(0.1), expected) < TIGHT
     G, A = make("linear").factors
-    with pytest.raises(SingularOperatorError, match="not positive definite"):
+    with pytest.raises(SingularOperatorError, match="not positive definite.*indefinite.*use a damping above"):
         Kronecker((-G, A)).logdet(0.01)
 
 
@@ -247,6 +247,10 @@ def test_inverse_of_indefinite_factors_is_exact():
     V = torch.randn(k.numel, 2, generator=gen(14), dtype=F64)
     D = torch.kron(G, A) + 0.2 * eye(k.numel, G)
     assert rel_error(k.inverse(0.2) @ V, torch.linalg.solve(D, V)) < 1e-9
+    # ... and is refused where the damping cancels a negative eigenvalue g_i a_j = -1
+    cancel = Kronecker(tuple(torch.diag(torch.tensor(d, dtype=F64)) for d in ([-1.0, 2.0], [1.0, 3.0])))
+    with pytest.raises(SingularOperatorError, match=r"not invertible.*indefinite \(smallest eigenvalue -3"):
+        cancel.inverse(1.0)
 
 
 def test_eigendecompositions_computed_once(monkeypatch):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import DENSE_CHUNK_COLUMNS, CurvatureOperator, check_dense_size
+from .base import DENSE_CHUNK_COLUMNS, CurvatureOperator
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -61,11 +61,10 @@ class BlockOperator(CurvatureOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self._check_result(self._matvec(V), V.shape[1], f"matvec of a [{self.numel}, {V.shape[1]}] input")
 
-    def to_dense(self, max_bytes: int | None = None) -> torch.Tensor:
-        """The block as ``[P, P]``: products with the identity, ``chunk_columns`` columns at a time;
-        refused above ``max_bytes`` (default :data:`~fxcurv.operators.base.DENSE_MAX_BYTES`)."""
-        check_dense_size(self._name(), self.numel, self.dtype, max_bytes)
-        return self._dense(self.chunk_columns)
+    def _dense(self, chunk: int = DENSE_CHUNK_COLUMNS) -> torch.Tensor:
+        """Products with the identity, :attr:`chunk_columns` columns at a time (``to_dense`` checks the
+        size first)."""
+        return super()._dense(self.chunk_columns)
 
     def diag(self, max_columns: int | None = None) -> torch.Tensor:
         """The diagonal shaped like the parameter: the ``diag`` callable's if given, else from ``P``

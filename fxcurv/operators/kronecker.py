@@ -195,18 +195,22 @@ class Kronecker(CurvatureOperator):
     def _damped_eigvals(self, damping: float, what: str, positive: bool) -> torch.Tensor:
         """``g_i a_j + damping`` (flat, eigenbasis order), refused where one is zero to working precision
         (``positive``: where one is not clearly positive)."""
-        lam = kron_eigvals(self.factor_eigh()) + damping
-        scale = max(lam.abs().max().item(), damping)
+        undamped = kron_eigvals(self.factor_eigh())
+        lam = undamped + damping
+        scale = max(undamped.abs().max().item(), damping)
         tol = eigenvalue_tolerance(scale, self.sizes, self.dtype)
         smallest = (lam.min() if positive else lam.abs().min()).item()
         if smallest <= tol:
             condition, measure = ("positive definite", "eigenvalue") if positive else ("invertible", "|eigenvalue|")
-            if damping > 0:
+            lowest = undamped.min().item()
+            if lowest < -tol:
+                cause = (f"the block is indefinite (smallest eigenvalue {lowest:.3e}) and the damping does not lift "
+                         f"it clear of zero: use a damping above {-lowest:.3e}")
+            elif damping > 0:
                 cause = (f"damping {damping:g} is at or below that rounding level: use a larger damping"
                          + ("" if self.dtype == torch.float64 else " or float64"))
             else:
-                cause = ("the factors have zero (or negative) eigenvalues: pass damping > 0, e.g. 1e-3 times "
-                         "the largest eigenvalue")
+                cause = "the factors have zero eigenvalues: pass damping > 0, e.g. 1e-3 times the largest eigenvalue"
             raise SingularOperatorError(
                 f"{self._name()}.{what}: {self._describe()} + {damping:g} I is not {condition} in "
                 f"{self.dtype}: its smallest {measure} is {smallest:.3e} <= {tol:.3e}, the rounding level for "
@@ -258,17 +262,17 @@ class KroneckerInverse(CurvatureOperator):
 
     kind = "exact damped inverse"
 
-    def __init__(self, of: Kronecker, damping: float):
-        super().__init__(of.param_shape, of.dtype, of.device, of.label)
-        self.of = of
-        self.damping = check_damping(damping, f"{of._name()}.inverse")
-        self._inv_eigvals = 1 / of._damped_eigvals(self.damping, "inverse", positive=False)
+    def __init__(self, block: Kronecker, damping: float):
+        super().__init__(block.param_shape, block.dtype, block.device, block.label)
+        self.block = block  # the block it inverts
+        self.damping = check_damping(damping, f"{block._name()}.inverse")
+        self._inv_eigvals = 1 / block._damped_eigvals(self.damping, "inverse", positive=False)
 
     def _describe(self) -> str:
-        return f"({self.of._describe()} + {self.damping:g} I)^-1, exact via eigendecompositions"
+        return f"({self.block._describe()} + {self.damping:g} I)^-1, exact via eigendecompositions"
 
     def _bases(self) -> tuple[torch.Tensor, ...]:
-        return tuple(Q for _, Q in self.of.factor_eigh())
+        return tuple(Q for _, Q in self.block.factor_eigh())
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         Q = self._bases()
