@@ -5,15 +5,16 @@ the gradient and curvature backpropagation for each op, and returns an engine th
 the gradient and every requested quantity in one call.
 """
 
-from . import rules  # noqa: F401  (registers the op vocabulary)
+from . import operators, rules  # noqa: F401  (rules: registers the op vocabulary)
 from .api import Engine, Program, Result, compile
 from .errors import FxcurvError, InputError, LossError, MemoryBudgetError, TraceError, UnsupportedOpError
+from .operators import BlockOperator, Kronecker
 from .passes.memory import MemoryEstimate
 from .quantities import QUANTITIES, Quantity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate",
+    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate", "Kronecker", "BlockOperator",
     "FxcurvError", "TraceError", "UnsupportedOpError", "LossError", "InputError", "MemoryBudgetError",
 ]

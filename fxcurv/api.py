@@ -76,6 +76,7 @@ class Program:
     runner: Callable[..., Any]
     param_of: dict[str, str]  # placeholder -> parameter name
     placeholders: tuple[str, ...]
+    statics: dict[tuple[str, str], Any]  # (quantity, parameter) -> static data for the quantity's wrap
 
     @classmethod
     def from_build(cls, build: Build) -> Program:
@@ -87,7 +88,7 @@ class Program:
         placeholders = tuple(n.name for n in build.graph.nodes if n.op == "placeholder")
         param_of = {n.name: str(info(n).param) for n in build.graph.nodes
                     if n.op == "placeholder" and info(n).param is not None}
-        return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders)
+        return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders, build.statics)
 
     def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],
             generator: Optional[torch.Generator]) -> dict[str, Any]:
@@ -249,7 +250,8 @@ class Engine:
             generator = self._generator(x.device)
         params = {name: p.detach() for name, p in version.traced.params.items()}
         out = prog.run(x, y, params, generator)
-        values = {q.name: {name: q.wrap(v, version.traced.params[name]) for name, v in out[q.name].items()}
+        values = {q.name: {name: q.wrap(v, version.traced.params[name], prog.statics.get((q.name, name)))
+                           for name, v in out[q.name].items()}
                   for q in prog.quantities}
         return Result(out["loss"], values)
 

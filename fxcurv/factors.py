@@ -115,3 +115,45 @@ def expand_columns(g: torch.Tensor, d: int) -> torch.Tensor:
 
 def unfold_lead(t: torch.Tensor, d: int) -> torch.Tensor:
     return t.reshape((d, -1) + t.shape[1:])
+
+
+# ---- batch-averaged matrices (KFRA, HBP blocks) -------------------------------------------------
+
+@target()
+def dense_from_columns(S: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_{k,n} sign_kn vec(S_kn) vec(S_kn)^T``: ``[D, D]`` from columns ``S [K, N, *shape]`` -- the
+    loss Hessian summed over the batch (BackPACK's loss-Hessian strategy "sum")."""
+    flat = S.reshape(S.shape[0] * S.shape[1], -1)
+    weighted = flat if sign is None else flat * sign.reshape(-1, 1).to(flat.dtype)
+    return weighted.T @ flat
+
+
+@target()
+def dense_zeros(f: torch.Tensor) -> torch.Tensor:
+    """``[D, D]`` zeros for an output ``f [N, *shape]``: a loss without curvature."""
+    d = f[0].numel()
+    return f.new_zeros((d, d))
+
+
+def _residual_sum(r: torch.Tensor) -> torch.Tensor:
+    """``sum_n r_n``, flattened: the residual ``phi''(x) g`` summed over the batch (the loss's
+    reduction is inside ``g``)."""
+    return r.reshape(r.shape[0], -1).sum(0)
+
+
+@target("with_residual")
+def with_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``M + diag(sum_n phi''(x_n) g_n)``: HBP eq. S.9 / Botev eq. 31's ``D``, batch summed."""
+    return m + torch.diag(_residual_sum(r))
+
+
+@target("with_abs_residual")
+def with_abs_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """EA-CG's positive-curvature Hessian with gamma = -1 (eq. 8b): the residual's absolute value."""
+    return m + torch.diag(_residual_sum(r).abs())
+
+
+@target("with_clipped_residual")
+def with_clipped_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """EA-CG's positive-curvature Hessian with gamma = 0 (eq. 8b): the residual's positive part."""
+    return m + torch.diag(_residual_sum(r).clamp(min=0))

@@ -91,6 +91,13 @@ class ParamUse:
     def dense(self, columns: Columns) -> tuple[fx.Node, Optional[fx.Node]]:
         return self.emit.dense(columns, self.node)
 
+    def has_rule(self, kind: RuleKind) -> bool:
+        return (self.emit.op_of(self.node).name, self.input) in registry.TABLES[kind]
+
+    def where(self) -> str:
+        """The use, for error messages: the parameter, the node and what the user wrote."""
+        return f"parameter {self.name} at node '{self.node.name}' ({info(self.node).source or info(self.node).op})"
+
 
 @dataclass
 class ParamEnd:
@@ -135,6 +142,16 @@ class ParamEnd:
                               kind=Kind.PARAM, of=term.node, message="B^T E", stream=origin.label, at=self.param)
 
 
+@dataclass(frozen=True)
+class Finalized:
+    """A quantity's result for one parameter: ``value`` (graph nodes, nested in tuples) the program
+    returns, and ``static``, plain Python data the quantity's ``wrap`` needs besides (e.g. which op a
+    use was), kept with the program."""
+
+    value: Any
+    static: Any = None
+
+
 @dataclass
 class _Slot:
     uses_left: int
@@ -151,7 +168,8 @@ class Accumulator:
         self.mixed = mixed
         self.uses = {p: sum(1 for u in p.users for a in u.args if a is p) for p in params}
         self.slots = {p: _Slot(self.uses[p], {q.name: q.start() for q in quantities}) for p in params}
-        self.results: dict[fx.Node, dict[str, fx.Node]] = {}
+        self.results: dict[fx.Node, dict[str, Any]] = {}
+        self.statics: dict[tuple[str, str], Any] = {}  # (quantity, parameter name) -> static data
 
     def use(self, node: fx.Node, input: str, param: fx.Node, messages: Messages) -> None:
         slot = self.slots[param]
@@ -165,9 +183,16 @@ class Accumulator:
     def _finalize(self, param: fx.Node) -> None:
         end = ParamEnd(self.emit, param, self.mixed)
         slot = self.slots[param]
-        self.results[param] = {q.name: q.finalize(end, slot.states[q.name]) for q in self.quantities}
+        results = {}
+        for q in self.quantities:
+            out = q.finalize(end, slot.states[q.name])
+            if isinstance(out, Finalized):
+                self.statics[(q.name, end.name)] = out.static
+                out = out.value
+            results[q.name] = out
+        self.results[param] = results
 
-    def finish(self) -> dict[str, dict[str, fx.Node]]:
+    def finish(self) -> dict[str, dict[str, Any]]:
         """Finalize parameters the loss never reaches; results per quantity, in parameter order."""
         for param, slot in self.slots.items():
             if param not in self.results:

@@ -9,7 +9,10 @@ union of what the requested quantities need (:class:`Needs`):
   (:class:`FactorSource`). ``sum_k sign_k S_k S_k^T`` is one origin's share of the per-sample curvature
   at a node (HBP eq. S.6-S.9); the origins' shares add up. Columns of one origin are summed where
   paths meet (a fan-out in the forward graph), columns of different origins never mix;
-* **HesScale diagonals** ``d [N, ...]`` (:class:`DiagonalStream`), one stream per variant.
+* **HesScale diagonals** ``d [N, ...]`` (:class:`DiagonalStream`), one stream per variant;
+* **batch-averaged matrices** ``M [D, D]`` (:class:`DenseStream`): KFRA's and HBP's recursion
+  ``M_x = E_n[J_n^T M_z J_n] + diag(sum_n phi''(x_n) g_n)`` (Botev eq. 29-31, HBP Sec. 3.2, S.11), one
+  stream per treatment of the residual term.
 
 The gradient and the columns that start at the loss (exact and Monte Carlo) pass every op alike, so
 they travel stacked as one *bundle* ``[g; S_loss; S_mc]`` (:class:`BundleLayout` says which rows are
@@ -68,15 +71,38 @@ class DiagonalStream:
         return "hesscale" if self.residual else "hesscale_gn"
 
 
+class Residual(Enum):
+    """What a batch-averaged matrix does with an activation's residual ``sum_n phi''(x_n) g_n``: drop it
+    (the GGN: KFRA), keep it (HBP's Hessian), or keep its absolute value or positive part (EA-CG's
+    positive-curvature Hessian, eq. 8b with gamma = -1 and gamma = 0)."""
+
+    NONE = "ggn"
+    SIGNED = "hessian"
+    ABS = "pch_abs"
+    CLIP = "pch_clip"
+
+
+@dataclass(frozen=True)
+class DenseStream:
+    """A batch-averaged matrix message and the residual treatment it carries."""
+
+    residual: Residual
+
+    @property
+    def label(self) -> str:
+        return f"dense:{self.residual.value}"
+
+
 @dataclass(frozen=True)
 class Needs:
     """The message streams a quantity needs (the program carries the union over quantities)."""
 
     factors: frozenset[FactorSource] = frozenset()
     diagonals: frozenset[DiagonalStream] = frozenset()
+    dense: frozenset[DenseStream] = frozenset()
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(self.factors | other.factors, self.diagonals | other.diagonals)
+        return Needs(self.factors | other.factors, self.diagonals | other.diagonals, self.dense | other.dense)
 
 
 @dataclass
@@ -110,6 +136,7 @@ class Inbox:
     bundles: list[fx.Node] = field(default_factory=list)
     diagonals: dict[DiagonalStream, list[fx.Node]] = field(default_factory=dict)
     columns: dict[Origin, list[Columns]] = field(default_factory=dict)
+    dense: dict[DenseStream, list[fx.Node]] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,3 +147,4 @@ class Messages:
     g: fx.Node
     diagonals: dict[DiagonalStream, fx.Node]
     columns: dict[Origin, Columns]
+    dense: dict[DenseStream, fx.Node] = field(default_factory=dict)

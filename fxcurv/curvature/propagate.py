@@ -9,6 +9,10 @@ the backward graph) and passed on to every input that depends on a parameter:
   residual ``phi''(x) g``;
 * where the residual factor stream is carried, the op's residual ``diag(phi''(x) g)`` starts an origin
   of its own at the input (HBP eq. S.9, second term), kept as a diagonal until it must pass an op;
+* each batch-averaged matrix by the op's ``dense`` rule, ``E_n[J_n^T M J_n]`` (or, for an op without
+  one, its exact expectation from the ``jac_t`` rule applied twice, :class:`DenseFromJacT`), plus the
+  op's batch-summed residual for the streams that keep it; a node reached by two such matrices (a
+  fan-out) is refused: their sum would drop the cross terms between the branches;
 * where mixed terms are carried and the op is bilinear in a data input and a weight that is also
   used upstream of that input, unit columns start at the data input: pushed back to the weight they
   give ``J_x^T e_i``, which pairs with the op's mixed derivative ``B^T e_i`` (HBP eq. S.6, second term;
@@ -18,7 +22,9 @@ the backward graph) and passed on to every input that depends on a parameter:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
+
+import torch
 
 import torch.fx as fx
 
@@ -28,7 +34,39 @@ from ..node_info import Kind, info
 from ..rules import registry
 from ..rules.registry import OpDef, RuleKind
 from .emit import Emitter
-from .messages import BundleLayout, Columns, DiagonalStream, FactorSource, Inbox, Messages, Needs, Origin
+from ..targets import LabeledTarget, TargetInfo
+from .messages import (BundleLayout, Columns, DenseStream, DiagonalStream, FactorSource, Inbox, Messages, Needs,
+                       Origin, Residual)
+
+
+# A batch-averaged matrix is [D, D] per node: beyond this many bytes it is the wrong tool (the c3d3's
+# first convolution output would need 11.6 GB); the Kronecker factors from columns (kflr, kfac) and
+# the exact diagonals scale with the layer instead.
+DENSE_LIMIT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class DenseFromJacT(LabeledTarget):
+    """``E_n[J_n^T M J_n]`` for an op without a ``dense`` rule, from its ``jac_t`` rule: ``M``'s
+    columns passed back for every sample give ``J_n^T M``, whose columns passed back again give
+    ``J_n^T M J_n`` (``M`` is symmetric); averaged over the batch. Exact, ``O(N D_in D_out)`` products."""
+
+    op: str
+    input: str
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo(f"{self.op}.dense[{self.input}]")
+
+    def __call__(self, m: torch.Tensor, out: torch.Tensor, **ctx: Any) -> torch.Tensor:
+        jac_t = registry.JAC_T[(self.op, self.input)].fn
+        n, shape_out = out.shape[0], tuple(out.shape[1:])
+        d_out = m.shape[0]
+        first = jac_t(m.reshape((d_out, 1) + shape_out).expand((d_out, n) + shape_out), **ctx)  # [D_out, N, *in]
+        d_in = first[0, 0].numel()
+        rows = first.reshape(d_out, n, d_in).permute(2, 1, 0).reshape((d_in, n) + shape_out)
+        second = jac_t(rows, **ctx)  # [D_in, N, *in]
+        return second.reshape(d_in, n, d_in).mean(1)
 
 
 @dataclass(frozen=True)
@@ -54,8 +92,11 @@ class Propagator:
         self.mixed: dict[Origin, MixedTerm] = {}
 
     def post(self, target: fx.Node, *, bundle: Optional[fx.Node] = None,
-             diagonals: Optional[dict[DiagonalStream, fx.Node]] = None, columns: Optional[Columns] = None) -> None:
+             diagonals: Optional[dict[DiagonalStream, fx.Node]] = None, columns: Optional[Columns] = None,
+             dense: Optional[dict[DenseStream, fx.Node]] = None) -> None:
         box = self.inboxes.setdefault(target, Inbox())
+        for stream, m in (dense or {}).items():
+            box.dense.setdefault(stream, []).append(m)
         if bundle is not None:
             box.bundles.append(bundle)
         for stream, d in (diagonals or {}).items():
@@ -90,7 +131,16 @@ class Propagator:
             total = emit.sum([c.value for c in group], kind=Kind.SQRT, of=node, message="S", stream=origin.label,
                              at=node)
             columns[origin] = Columns(origin, total, group[0].sign)
-        return Messages(bundle, g, diagonals, columns)
+        dense = {}
+        for stream, ms in box.dense.items():
+            if len(ms) > 1:
+                raise UnsupportedOpError(
+                    f"node '{node.name}' ({info(node).source or info(node).op}) is read by {len(ms)} ops (a fan-out, "
+                    f"e.g. a residual connection): a batch-averaged matrix ({stream.label.split(':')[1]}: KFRA / HBP "
+                    "blocks) cannot pass it exactly, the sum of the branches' matrices drops their cross terms. "
+                    "Supported: networks without fan-out; kflr, kfac and the exact diagonals take residual networks")
+            dense[stream] = ms[0]
+        return Messages(bundle, g, diagonals, columns, dense)
 
     def through(self, node: fx.Node, name: str, target: fx.Node, msgs: Messages) -> None:
         """Send ``msgs`` at op ``node``'s output to its data input ``name`` (value ``target``)."""
@@ -115,7 +165,7 @@ class Propagator:
             diagonals[stream] = emit.rule(emit.find_rule(RuleKind.DIAG, node, name), (d,), node, kind=Kind.DIAG,
                                           message="d", stream=stream.label, shape=shape, at=target)
         self._residual(node, op, name, target, msgs, diagonals)
-        self.post(target, diagonals=diagonals)
+        self.post(target, diagonals=diagonals, dense=self._dense(node, op, name, target, msgs))
         if FactorSource.MIXED in self.needs.factors:
             self._mixed(node, op, name, target, msgs)
 
@@ -133,6 +183,32 @@ class Propagator:
         if FactorSource.RESIDUAL in self.needs.factors:
             self.post(target, columns=Columns(Origin(FactorSource.RESIDUAL, node.name), r, None, diagonal=True))
 
+    def _dense(self, node: fx.Node, op: OpDef, name: str, target: fx.Node,
+               msgs: Messages) -> dict[DenseStream, fx.Node]:
+        if not msgs.dense:
+            return {}
+        emit = self.emit
+        check_dense_size(target)
+        rule = registry.DENSE.get((op.name, name))
+        out: dict[DenseStream, fx.Node] = {}
+        residual = registry.RESIDUAL.get((op.name, name))
+        r = None
+        for stream, m in msgs.dense.items():
+            kw = dict(kind=Kind.SQRT, message="M", stream=stream.label, at=target)
+            if rule is not None:
+                passed = emit.rule(rule, (m,), node, **kw)
+            else:
+                jac_t = emit.find_rule(RuleKind.JAC_T, node, name)
+                ctx = registry.bind(jac_t, lambda n: emit.resolve(node, n), 1)
+                passed = emit.node(DenseFromJacT(op.name, name), (m, emit.env[node]), ctx, of=node, **kw)
+            if residual is not None and stream.residual is not Residual.NONE:
+                if r is None:
+                    r = emit.rule(residual, (msgs.g,), node, kind=Kind.RESIDUAL, message="r", shape=info(target).shape,
+                                  at=target)
+                passed = emit.node(_WITH_RESIDUAL[stream.residual], (passed, r), of=node, **kw)
+            out[stream] = passed
+        return out
+
     def _mixed(self, node: fx.Node, op: OpDef, name: str, target: fx.Node, msgs: Messages) -> None:
         inputs = self.emit.inputs_of(node)
         for data, param in op.bilinear:
@@ -144,3 +220,23 @@ class Propagator:
                                    message="E", stream=origin.label, at=target)
             self.post(target, columns=Columns(origin, basis))
             self.mixed[origin] = MixedTerm(node, param, basis, msgs.g)
+
+
+_WITH_RESIDUAL = {Residual.SIGNED: factors.with_residual, Residual.ABS: factors.with_abs_residual,
+                  Residual.CLIP: factors.with_clipped_residual}
+
+
+def check_dense_size(node: fx.Node) -> None:
+    """Refuse a batch-averaged matrix at ``node`` beyond :data:`DENSE_LIMIT_BYTES`, naming the figure."""
+    record = info(node)
+    assert record.shape is not None and record.dtype is not None
+    d = 1
+    for s in record.shape[1:]:
+        d *= s
+    nbytes = d * d * torch.empty((), dtype=record.dtype).element_size()
+    if nbytes > DENSE_LIMIT_BYTES:
+        raise UnsupportedOpError(
+            f"node '{node.name}' ({record.source or record.op}): a batch-averaged matrix (KFRA / HBP blocks) of its "
+            f"{d} features per sample would be [{d}, {d}], {nbytes / 2**30:.1f} GiB, above the "
+            f"{DENSE_LIMIT_BYTES / 2**30:.0f} GiB fxcurv allows for one. Use kflr or kfac (Kronecker factors from "
+            "columns) for this network, or the exact diagonals")

@@ -19,6 +19,7 @@ from ..node_info import Kind, info
 from ..rules import registry
 from ..rules.registry import OpDef, RuleKind
 from .emit import Emitter
+from .propagate import check_dense_size
 from .messages import LOSS, MC, BundleLayout, FactorSource, Inbox, Needs
 
 
@@ -55,15 +56,31 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
     start = 1
     k = loss_columns(op, shape)
     # A loss with no curvature (one class) has no columns: its GGN shares are zero, carried by nothing.
-    if FactorSource.LOSS in needs.factors and k > 0:
+    if (FactorSource.LOSS in needs.factors or needs.dense) and k > 0:
         rule = emit.find_rule(RuleKind.LOSS_SQRT_HESSIAN, loss, "f")
         both = emit.rule(rule, (), loss, kind=Kind.SQRT, message="(S, sign)", stream="loss",
                          name=f"sqrt_hessian_{f.name}")
-        columns.append(emit.pick(both, 0, kind=Kind.SQRT, of=loss, message="S", stream="loss", at=f))
-        signs[LOSS] = None if op.psd_hessian else emit.pick(both, 1, kind=Kind.SQRT, of=loss, message="sign",
-                                                            stream="loss", at=f)
-        rows[LOSS] = (start, start + k)
-        start += k
+        s = emit.pick(both, 0, kind=Kind.SQRT, of=loss, message="S", stream="loss", at=f)
+        sign = None if op.psd_hessian else emit.pick(both, 1, kind=Kind.SQRT, of=loss, message="sign",
+                                                     stream="loss", at=f)
+        if FactorSource.LOSS in needs.factors:
+            columns.append(s)
+            signs[LOSS] = sign
+            rows[LOSS] = (start, start + k)
+            start += k
+        if needs.dense:
+            # HBP Sec. 3.2 / Botev eq. 29's start: the loss Hessian summed over the batch (its reduction's
+            # 1/N is in the factor), BackPACK's loss-Hessian strategy "sum".
+            check_dense_size(f)
+            m = emit.node(factors.dense_from_columns, (s, sign), kind=Kind.SQRT, of=loss, message="M",
+                          stream="dense", at=f)
+            for stream in sorted(needs.dense, key=lambda st: st.label):
+                inbox.dense[stream] = [m]
+    elif needs.dense:  # no curvature at all: the matrices are zeros
+        m = emit.node(factors.dense_zeros, (emit.env[f],), kind=Kind.SQRT, of=loss, message="M", stream="dense",
+                      at=f)
+        for stream in sorted(needs.dense, key=lambda st: st.label):
+            inbox.dense[stream] = [m]
     if FactorSource.MC in needs.factors:
         sampler = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
         if sampler is None:

@@ -10,7 +10,7 @@ requested quantities declare they need; nothing here knows a quantity by name.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch.fx as fx
 
@@ -65,8 +65,10 @@ def copy_forward(emit: Emitter, canon: CanonicalGraph, needs_messages: set[fx.No
         emit.env[node] = new
 
 
-def insert_curvature(canon: CanonicalGraph, quantities: tuple[Quantity, ...], mc_samples: int = 1) -> fx.Graph:
-    """The curvature program for ``quantities`` (a ``torch.fx.Graph`` owned by ``canon.root``)."""
+def insert_curvature(canon: CanonicalGraph, quantities: tuple[Quantity, ...], mc_samples: int = 1,
+                     statics: Optional[dict[tuple[str, str], Any]] = None) -> fx.Graph:
+    """The curvature program for ``quantities`` (a ``torch.fx.Graph`` owned by ``canon.root``);
+    ``statics`` receives the quantities' static data per (quantity, parameter name)."""
     needs = Needs()
     for q in quantities:
         needs = needs | q.needs
@@ -100,6 +102,8 @@ def insert_curvature(canon: CanonicalGraph, quantities: tuple[Quantity, ...], mc
                 propagator.through(node, name, value, messages)
     results: dict[str, Any] = {"loss": emit.env[canon.loss]}
     results.update(accumulator.finish())
+    if statics is not None:
+        statics.update(accumulator.statics)
     out = emit.graph.output(results)
     set_info(out, kind=Kind.OUTPUT)
     emit.graph.lint()

@@ -57,6 +57,7 @@ class Build:
     canonical: Optional[CanonicalGraph] = None
     graph: Optional[fx.Graph] = None
     memory: Optional[MemoryEstimate] = None
+    statics: dict[tuple[str, str], Any] = field(default_factory=dict)  # what the quantities' wrap reads
     done: list[str] = field(default_factory=list)
 
     @property
@@ -84,7 +85,7 @@ def _canonicalize(b: Build) -> None:
 
 def _insert_curvature(b: Build) -> None:
     assert b.canonical is not None
-    b.graph = insert_curvature(b.canonical, b.quantities, b.mc_samples)
+    b.graph = insert_curvature(b.canonical, b.quantities, b.mc_samples, b.statics)
 
 
 def _record_shapes(b: Build) -> None:

@@ -41,8 +41,9 @@ class Quantity:
     def finalize(self, end: ParamEnd, state: Any) -> fx.Node:
         raise NotImplementedError
 
-    def wrap(self, value: Any, param: torch.Tensor) -> Any:
-        """What the user gets for one parameter from the program's result (default: as it is)."""
+    def wrap(self, value: Any, param: torch.Tensor, static: Any = None) -> Any:
+        """What the user gets for one parameter from the program's result (default: as it is);
+        ``static`` is what :meth:`finalize` returned besides the graph nodes (see ``Finalized``)."""
         return value
 
     def __repr__(self) -> str:

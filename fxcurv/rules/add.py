@@ -71,3 +71,14 @@ def add_diag_a(d):
 @op.diag("b")
 def add_diag_b(d):
     return d
+
+
+@op.dense("a")
+def add_dense_a(m):
+    """HBP Sec. B.3: both Jacobians are identities."""
+    return m
+
+
+@op.dense("b")
+def add_dense_b(m):
+    return m

@@ -279,3 +279,60 @@ def conv2d_diag_sqrt_bias(S, sign):
     """HBP Sec. D.4 (bias): ``diag((1_P (x) I)^T H_B (1_P (x) I))`` from the columns, summed over
     positions before squaring."""
     return signed_square_sum(conv2d_per_sample_bias(S), sign, S.dim() - 4)
+
+
+# ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------
+
+def _check_ungrouped(groups: int) -> None:
+    if groups != 1:
+        raise UnsupportedOpError(
+            f"Kronecker factors of a grouped convolution (groups={groups}) are not defined here (nor in "
+            "BackPACK); supported: groups=1. The exact diagonals (diag_ggn, diag_hessian) take groups.")
+
+
+def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
+    s = S.flatten(-2).sum(-1)  # [K, N, C_out]: the positions summed before the outer product
+    w = s if sign is None else s * sign.unsqueeze(-1).to(s.dtype)
+    return torch.einsum("kno,knp->op", w, s)
+
+
+@op.kron_out("weight")
+def conv2d_kron_out_weight(S, sign, groups):
+    """KFLR / KFAC output factor in BackPACK's convention: ``sum_{k,n} sign (sum_p S)(sum_p S)^T``, the
+    exact GGN of the bias (HBP Sec. D.4) -- KFC's ``Gamma`` times the number of output positions."""
+    _check_ungrouped(groups)
+    return _spatially_summed_gram(S, sign)
+
+
+@op.kron_out("bias")
+def conv2d_kron_out_bias(S, sign):
+    """The bias block (HBP Sec. D.4): ``sum_{k,n} sign (sum_p S)(sum_p S)^T``."""
+    return _spatially_summed_gram(S, sign)
+
+
+@op.kron_in("weight")
+def conv2d_kron_in_weight(x_cols, groups):
+    """KFC input factor: ``(1/N) sum_{n,p} [[x]]_{n,p} [[x]]_{n,p}^T`` over the unfolded patches
+    (HBP Sec. D.3's ``[[X]]``), ``[C_in k1 k2, C_in k1 k2]``."""
+    _check_ungrouped(groups)
+    cols = x_cols[:, 0]  # [N, C_in k1 k2, P]
+    return torch.einsum("nip,njp->ij", cols, cols) / cols.shape[0]
+
+
+def _channel_blocks_summed(m: torch.Tensor, channels: int) -> torch.Tensor:
+    p = m.shape[0] // channels
+    return m.reshape(channels, p, channels, p).sum((1, 3))
+
+
+@op.kron_dense("weight")
+def conv2d_kron_dense_weight(m, weight, groups):
+    """KFRA output factor in BackPACK's convention: the batch-averaged matrix at the output summed over
+    pairs of positions, ``[C_out, C_out]``."""
+    _check_ungrouped(groups)
+    return _channel_blocks_summed(m, weight.shape[0])
+
+
+@op.kron_dense("bias")
+def conv2d_kron_dense_bias(m, weight):
+    """The bias block from the batch-averaged matrix: ``(1_P (x) I)^T M (1_P (x) I)``."""
+    return _channel_blocks_summed(m, weight.shape[0])

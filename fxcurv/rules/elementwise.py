@@ -79,6 +79,13 @@ def define_activation(
         """HesScale eq. 4: ``phi'(x)^2 * d_z``."""
         return d * (d1 * d1)
 
+    @op.dense("x")
+    def elementwise_dense(m, d1):
+        """Botev eq. 29's ``B M B`` batch averaged (KFRA's expectation approximation, BackPACK's):
+        ``E_n[diag(phi'(x_n)) M diag(phi'(x_n))] = E_n[phi'(x_n) phi'(x_n)^T] o M``."""
+        f = d1.reshape(d1.shape[0], -1)
+        return (f.T @ f) * m / d1.shape[0]
+
     return op
 
 

@@ -7,6 +7,8 @@ sample's parameter Jacobian then sums over ``mid``, so square-root factors must 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,3 +123,64 @@ def linear_per_sample_weight(v, x):
 def linear_per_sample_bias(v, x):
     lead = v.dim() - x.dim()
     return _flat(v, lead).sum(-2)
+
+
+# ---- the batch-averaged and Kronecker-factored family -------------------------------------------
+
+def _positions_summed(S: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[*lead, N, *mid, O] -> [*lead, N, O]``: factor columns summed over the positions ``mid``."""
+    lead = S.dim() - x.dim()
+    return _flat(S, lead).sum(-2)
+
+
+def _signed_gram(s: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_{k,n} sign_kn s_kn s_kn^T`` for ``s [K, N, O]``."""
+    w = s if sign is None else s * sign.unsqueeze(-1).to(s.dtype)
+    return torch.einsum("kno,knp->op", w, s)
+
+
+@op.kron_out("weight")
+def linear_kron_out_weight(S, sign, x):
+    """KFLR / KFAC output factor (BackPACK's convention): ``sum_{k,n} sign (sum_m S)(sum_m S)^T``, the
+    exact GGN of the bias (HBP eq. S.8b); positions ``mid`` of ``[N, *mid, in]`` inputs are summed
+    first, as a convolution's (Grosse & Martens' KFC with BackPACK's scaling)."""
+    return _signed_gram(_positions_summed(S, x), sign)
+
+
+@op.kron_out("bias")
+def linear_kron_out_bias(S, sign, x):
+    """The bias block itself (HBP eq. S.8b): ``sum_{k,n} sign (sum_m S)(sum_m S)^T``."""
+    return _signed_gram(_positions_summed(S, x), sign)
+
+
+@op.kron_in("weight")
+def linear_kron_in_weight(x):
+    """KFAC / KFLR / KFRA input factor: ``(1/N) sum_{n,m} x x^T`` (HBP eq. S.8c's ``x x^T``, batch averaged)."""
+    flat = _flat(x, 0)
+    return torch.einsum("nmi,nmj->ij", flat, flat) / x.shape[0]
+
+
+@op.dense("x")
+def linear_dense_x(m, x, weight):
+    """HBP eq. S.8a on a batch-averaged matrix: ``E_n[W^T M W] = W^T M W`` (every sample has the same
+    Jacobian), block by block over the positions ``mid`` of ``[N, *mid, in]`` inputs."""
+    out, inp = weight.shape
+    p = m.shape[0] // out
+    blocks = m.reshape(p, out, p, out)
+    return torch.einsum("aobp,oi,pj->aibj", blocks, weight, weight).reshape(p * inp, p * inp)
+
+
+@op.kron_dense("weight")
+def linear_kron_dense_weight(m, weight):
+    """KFRA / HBP output factor: the batch-averaged matrix at the output (Botev eq. 29), summed over the
+    position blocks of ``[N, *mid, in]`` inputs."""
+    out = weight.shape[0]
+    p = m.shape[0] // out
+    return m.reshape(p, out, p, out).sum((0, 2))
+
+
+@op.kron_dense("bias")
+def linear_kron_dense_bias(m, weight):
+    out = weight.shape[0]
+    p = m.shape[0] // out
+    return m.reshape(p, out, p, out).sum((0, 2))

@@ -54,6 +54,10 @@ class RuleKind(Enum):
     DIAG_SQRT = "diag_sqrt"
     DIAG_DIAG = "diag_diag"
     PER_SAMPLE = "per_sample"
+    DENSE = "dense"
+    KRON_OUT = "kron_out"
+    KRON_DENSE = "kron_dense"
+    KRON_IN = "kron_in"
     DERIVED = "derived"
     LOSS_GRAD = "loss_grad"
     LOSS_SQRT_HESSIAN = "loss_sqrt_hessian"
@@ -94,6 +98,11 @@ GRAD = TABLES[RuleKind.GRAD]
 DIAG_SQRT = TABLES[RuleKind.DIAG_SQRT]
 DIAG_DIAG = TABLES[RuleKind.DIAG_DIAG]
 PER_SAMPLE = TABLES[RuleKind.PER_SAMPLE]
+# The batch-averaged family (KFRA, HBP blocks) and Kronecker factors.
+DENSE = TABLES[RuleKind.DENSE]
+KRON_OUT = TABLES[RuleKind.KRON_OUT]
+KRON_DENSE = TABLES[RuleKind.KRON_DENSE]
+KRON_IN = TABLES[RuleKind.KRON_IN]
 # Forward-side quantities shared by several rules of one op node.
 DERIVED = TABLES[RuleKind.DERIVED]
 # Loss rules, keyed by (loss op, "f"): the first and second derivatives w.r.t. the model output f.
@@ -286,6 +295,25 @@ class OpDef:
 
     def per_sample(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
         return self.rule(RuleKind.PER_SAMPLE, param, **fusion)
+
+    def dense(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``E_n[J_n^T M J_n]``: a batch-averaged matrix ``M [D_out, D_out]`` passed to ``input``
+        (``[D_in, D_in]``), the expectation approximation of KFRA / HBP (Botev eq. 29, HBP Sec. 3.2)."""
+        return self.rule(RuleKind.DENSE, input, **fusion)
+
+    def kron_out(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The output-side Kronecker factor of ``param`` from factor columns at the op's output,
+        ``sum_{k,n} sign S S^T`` (summed over positions for a convolution): KFLR, KFAC."""
+        return self.rule(RuleKind.KRON_OUT, param, **fusion)
+
+    def kron_dense(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The output-side Kronecker factor of ``param`` from the batch-averaged matrix at the op's
+        output: KFRA, HBP blocks."""
+        return self.rule(RuleKind.KRON_DENSE, param, **fusion)
+
+    def kron_in(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The input-side Kronecker factor of ``param``, from the op's input (``x^T x / N``)."""
+        return self.rule(RuleKind.KRON_IN, param, **fusion)
 
     # ---- loss rules: (**ctx) with f, y and derived values by name ------------------------------
     def loss_grad(self) -> Callable[[Fn], Fn]:

@@ -1,0 +1,104 @@
+"""Kronecker-factored curvature blocks (shared by ``kflr``, ``kfac``, ``kfra`` and the ``hbp_*`` blocks).
+
+A parameter's block is approximated by ``G (x) A`` (BackPACK's factor order and scaling): the input
+factor ``A = (1/N) sum_n x_n x_n^T`` (HBP eq. S.8c's ``x x^T``, batch averaged; unfolded patches for
+a convolution) and an output factor ``G`` from
+
+* square-root factor columns at the op's output, ``G = sum_{k,n} sign S S^T`` -- exact columns for
+  KFLR, sampled ones for KFAC (Botev et al. App. C); or
+* the batch-averaged matrix at the op's output, ``G = M`` -- KFRA's recursion (Botev eq. 29-31) and
+  HBP's with its residual terms (HBP Sec. 3.2, S.11; EA-CG eq. 8b for the PCH variants).
+
+A bias has the single factor ``G``. A parameter used by more than one op has no such factorization
+(its block has cross terms between the uses): that is refused, naming the parameter and the node.
+All of them are exact for one sample (N = 1) on an MLP: ``kflr = kfra =`` the GGN block and
+``hbp_hessian =`` the Hessian block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import DenseStream, FactorSource, Needs, Origin
+from ..errors import UnsupportedOpError
+from ..operators import Kronecker
+from ..rules.registry import RuleKind
+from .base import Quantity
+
+
+@dataclass
+class _State:
+    factors: Optional[tuple[fx.Node, ...]] = None
+
+
+class _KroneckerQuantity(Quantity):
+    shaped_like_parameter = False
+
+    def start(self) -> _State:
+        return _State()
+
+    def _refuse_shared(self, use: ParamUse) -> None:
+        if use.shared:
+            raise UnsupportedOpError(
+                f"{self.name}: {use.where()} is used by more than one op; a Kronecker factorization is defined "
+                "for a parameter one op uses (its block has cross terms between the uses). Supported for tied "
+                "weights: diag_ggn, diag_hessian (exact)")
+
+    def _with_input_factor(self, use: ParamUse, g: fx.Node) -> tuple[fx.Node, ...]:
+        if not use.has_rule(RuleKind.KRON_IN):
+            return (g,)
+        return (g, use.rule(RuleKind.KRON_IN, message="A", shaped=False))
+
+    def finalize(self, end: ParamEnd, state: _State) -> Any:
+        return state.factors if state.factors is not None else end.zeros(self.name)
+
+    def wrap(self, value: Any, param: torch.Tensor, static: Any = None) -> Kronecker:
+        if isinstance(value, torch.Tensor):  # a parameter the loss does not reach: zero factors
+            return Kronecker(_zero_factors(param), param.shape, label=self.name)
+        return Kronecker(tuple(value), param.shape, label=self.name)
+
+
+def _zero_factors(param: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero factors in the shapes of linear and convolution parameters: ``(G [O, O], A [I, I])`` for a
+    weight (``I`` the entries per output row), ``(G [P, P],)`` for a bias."""
+    if param.dim() >= 2:
+        o, i = param.shape[0], param[0].numel()
+        return param.new_zeros(o, o), param.new_zeros(i, i)
+    return (param.new_zeros(param.numel(), param.numel()),)
+
+
+class ColumnKronecker(_KroneckerQuantity):
+    """``G`` from the factor columns of ``source`` at the op's output."""
+
+    def __init__(self, name: str, description: str, reference: str, source: FactorSource):
+        self.name, self.description, self.reference = name, description, reference
+        self.origin = Origin(source)
+        self.needs = Needs(factors=frozenset({source}))
+
+    def collect(self, use: ParamUse, state: _State) -> None:
+        self._refuse_shared(use)
+        cols = use.columns.get(self.origin)
+        if cols is None:  # a loss without curvature (one class): no columns, zero factors
+            return
+        g = use.rule(RuleKind.KRON_OUT, cols.value, cols.sign, message="G", stream=self.origin.label, shaped=False)
+        state.factors = self._with_input_factor(use, g)
+
+
+class DenseKronecker(_KroneckerQuantity):
+    """``G`` from the batch-averaged matrix of ``stream`` at the op's output."""
+
+    def __init__(self, name: str, description: str, reference: str, stream: DenseStream):
+        self.name, self.description, self.reference = name, description, reference
+        self.stream = stream
+        self.needs = Needs(dense=frozenset({stream}))
+
+    def collect(self, use: ParamUse, state: _State) -> None:
+        self._refuse_shared(use)
+        g = use.rule(RuleKind.KRON_DENSE, use.messages.dense[self.stream], message="G", stream=self.stream.label,
+                     shaped=False)
+        state.factors = self._with_input_factor(use, g)
