@@ -296,17 +296,12 @@ def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
     return torch.einsum("kno,knp->op", w, s)
 
 
-@op.kron_out("weight")
-def conv2d_kron_out_weight(S, sign, groups):
-    """KFLR / KFAC output factor in BackPACK's convention: ``sum_{k,n} sign (sum_p S)(sum_p S)^T``, the
-    exact GGN of the bias (HBP Sec. D.4) -- KFC's ``Gamma`` times the number of output positions."""
+@op.kron_out("weight", "bias")
+def conv2d_kron_out(S, sign, groups):
+    """KFLR / KFAC output factor of weight and bias in BackPACK's convention: ``sum_{k,n} sign (sum_p S)
+    (sum_p S)^T``, the exact GGN of the bias (HBP Sec. D.4) -- KFC's ``Gamma`` times the number of output
+    positions."""
     _check_ungrouped(groups)
-    return _spatially_summed_gram(S, sign)
-
-
-@op.kron_out("bias")
-def conv2d_kron_out_bias(S, sign):
-    """The bias block (HBP Sec. D.4): ``sum_{k,n} sign (sum_p S)(sum_p S)^T``."""
     return _spatially_summed_gram(S, sign)
 
 
@@ -324,15 +319,9 @@ def _channel_blocks_summed(m: torch.Tensor, channels: int) -> torch.Tensor:
     return m.reshape(channels, p, channels, p).sum((1, 3))
 
 
-@op.kron_dense("weight")
-def conv2d_kron_dense_weight(m, weight, groups):
-    """KFRA output factor in BackPACK's convention: the batch-averaged matrix at the output summed over
-    pairs of positions, ``[C_out, C_out]``."""
+@op.kron_dense("weight", "bias")
+def conv2d_kron_dense(m, weight, groups):
+    """KFRA output factor of weight and bias in BackPACK's convention: the batch-averaged matrix at the
+    output summed over pairs of positions, ``(1_P (x) I)^T M (1_P (x) I)``, ``[C_out, C_out]``."""
     _check_ungrouped(groups)
-    return _channel_blocks_summed(m, weight.shape[0])
-
-
-@op.kron_dense("bias")
-def conv2d_kron_dense_bias(m, weight):
-    """The bias block from the batch-averaged matrix: ``(1_P (x) I)^T M (1_P (x) I)``."""
     return _channel_blocks_summed(m, weight.shape[0])

@@ -139,17 +139,11 @@ def _signed_gram(s: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.einsum("kno,knp->op", w, s)
 
 
-@op.kron_out("weight")
-def linear_kron_out_weight(S, sign, x):
-    """KFLR / KFAC output factor (BackPACK's convention): ``sum_{k,n} sign (sum_m S)(sum_m S)^T``, the
-    exact GGN of the bias (HBP eq. S.8b); positions ``mid`` of ``[N, *mid, in]`` inputs are summed
-    first, as a convolution's (Grosse & Martens' KFC with BackPACK's scaling)."""
-    return _signed_gram(_positions_summed(S, x), sign)
-
-
-@op.kron_out("bias")
-def linear_kron_out_bias(S, sign, x):
-    """The bias block itself (HBP eq. S.8b): ``sum_{k,n} sign (sum_m S)(sum_m S)^T``."""
+@op.kron_out("weight", "bias")
+def linear_kron_out(S, sign, x):
+    """KFLR / KFAC output factor of weight and bias (BackPACK's convention): ``sum_{k,n} sign (sum_m S)
+    (sum_m S)^T``, the exact GGN of the bias (HBP eq. S.8b); positions ``mid`` of ``[N, *mid, in]``
+    inputs are summed first, as a convolution's (Grosse & Martens' KFC with BackPACK's scaling)."""
     return _signed_gram(_positions_summed(S, x), sign)
 
 
@@ -170,17 +164,10 @@ def linear_dense_x(m, x, weight):
     return torch.einsum("aobp,oi,pj->aibj", blocks, weight, weight).reshape(p * inp, p * inp)
 
 
-@op.kron_dense("weight")
-def linear_kron_dense_weight(m, weight):
-    """KFRA / HBP output factor: the batch-averaged matrix at the output (Botev eq. 29), summed over the
-    position blocks of ``[N, *mid, in]`` inputs."""
-    out = weight.shape[0]
-    p = m.shape[0] // out
-    return m.reshape(p, out, p, out).sum((0, 2))
-
-
-@op.kron_dense("bias")
-def linear_kron_dense_bias(m, weight):
+@op.kron_dense("weight", "bias")
+def linear_kron_dense(m, weight):
+    """KFRA / HBP output factor of weight and bias: the batch-averaged matrix at the output (Botev eq.
+    29), summed over the position blocks of ``[N, *mid, in]`` inputs."""
     out = weight.shape[0]
     p = m.shape[0] // out
     return m.reshape(p, out, p, out).sum((0, 2))

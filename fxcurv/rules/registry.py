@@ -259,13 +259,18 @@ class OpDef:
         return deco
 
     # ---- rules ---------------------------------------------------------------------------------
-    def rule(self, kind: RuleKind, key: str, label: Optional[str] = None, **fusion: Any) -> Callable[[Fn], Fn]:
-        """Register ``fn`` as the ``kind`` rule of this op for input/parameter/derived name ``key``."""
+    def rule(self, kind: RuleKind, key: str, label: Optional[str] = None, *also: str,
+             **fusion: Any) -> Callable[[Fn], Fn]:
+        """Register ``fn`` as the ``kind`` rule of this op for input/parameter/derived name ``key`` (and
+        the names ``also``: one function for several inputs computes one value, which the program
+        then shares between them)."""
 
         def deco(fn: Fn) -> Fn:
+            keys = (key,) + also
             rule = Rule(fn, self.name, kind, key, Fusion(**fusion),
-                        label or f"{self.name}.{kind.label}[{key}]")
-            _register(TABLES[kind], (self.name, key), rule, f"{kind.value} rule")
+                        label or f"{self.name}.{kind.label}[{','.join(keys)}]")
+            for k in keys:
+                _register(TABLES[kind], (self.name, k), rule, f"{kind.value} rule")
             _register(_RULE_OF, fn, rule, "rule function")
             declare_target(fn, rule.label, rule.fusion)
             return fn
@@ -301,15 +306,15 @@ class OpDef:
         (``[D_in, D_in]``), the expectation approximation of KFRA / HBP (Botev eq. 29, HBP Sec. 3.2)."""
         return self.rule(RuleKind.DENSE, input, **fusion)
 
-    def kron_out(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
-        """The output-side Kronecker factor of ``param`` from factor columns at the op's output,
-        ``sum_{k,n} sign S S^T`` (summed over positions for a convolution): KFLR, KFAC."""
-        return self.rule(RuleKind.KRON_OUT, param, **fusion)
+    def kron_out(self, param: str, *also: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The output-side Kronecker factor of ``param`` (and ``also``) from factor columns at the op's
+        output, ``sum_{k,n} sign S S^T`` (summed over positions for a convolution): KFLR, KFAC."""
+        return self.rule(RuleKind.KRON_OUT, param, None, *also, **fusion)
 
-    def kron_dense(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
-        """The output-side Kronecker factor of ``param`` from the batch-averaged matrix at the op's
-        output: KFRA, HBP blocks."""
-        return self.rule(RuleKind.KRON_DENSE, param, **fusion)
+    def kron_dense(self, param: str, *also: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The output-side Kronecker factor of ``param`` (and ``also``) from the batch-averaged matrix
+        at the op's output: KFRA, HBP blocks."""
+        return self.rule(RuleKind.KRON_DENSE, param, None, *also, **fusion)
 
     def kron_in(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
         """The input-side Kronecker factor of ``param``, from the op's input (``x^T x / N``)."""
