@@ -9,10 +9,11 @@ eq. S.6, S.8a), ``diag`` against ``(J_n o J_n)^T d`` (HesScale eq. 4, 8), ``resi
 per-sample Hessian of ``g . f`` (HBP eq. S.6, S.9), the parameter rules against (per-sample) VJPs and
 Jacobians (HBP eq. S.8b-c, HesScale eq. 2, 5, 7, 9), and every derived value against its meaning.
 
-Which rules exist is stated here per op (:data:`EXPECTED`), not read from the registry: a new rule
-without a case here, a case-less op, and a lost registration all fail
-:func:`test_expected_rules_are_exactly_the_registered_ones`; a lost registration also fails its
-rule's test. Loss ops are covered by ``tests/rules/test_losses.py``.
+Which rules exist is stated here per op (:data:`EXPECTED`), not read from the registry: a rule or op
+registered but not listed, and a listed rule no longer registered, fail
+:func:`test_expected_rules_are_exactly_the_registered_ones` (a lost registration also fails its own
+rule's test); a listed rule that no case exercises fails :func:`test_every_expected_rule_is_exercised`.
+Loss ops (their loss tables and derived values) are covered by ``tests/rules/test_losses.py``.
 """
 
 from __future__ import annotations
