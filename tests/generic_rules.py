@@ -28,8 +28,9 @@ parameter itself). Then
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch.func import jacrev, vjp, vmap
@@ -43,7 +44,7 @@ class OpContext:
     output and the tensors its forward saved -- what the compiler binds rule arguments to."""
 
     op: OpDef
-    inputs: dict[str, Optional[torch.Tensor]]
+    inputs: dict[str, torch.Tensor | None]
     attrs: dict[str, Any]
     out: torch.Tensor
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -93,7 +94,7 @@ def _lead(v: torch.Tensor, like: torch.Tensor) -> tuple[int, ...]:
 
 # ---- Jacobians ----------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def per_sample_jacobians(c: OpContext, key: str) -> torch.Tensor:
     """``J_n`` for every sample, ``[N, M, P]``, by ``torch.func.jacrev`` of the single-sample forward."""
     out = []
@@ -161,7 +162,7 @@ def per_sample(c: OpContext, key: str, v: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1).reshape(lead + (c.n,) + tuple(c.inputs[key].shape))
 
 
-def diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+def diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """HBP eq. S.8b-c: ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2`` from the per-sample VJPs."""
     jts = per_sample(c, key, s)  # [K, N, *theta]
     w = torch.ones(s.shape[:2], dtype=s.dtype) if sign is None else sign

@@ -21,20 +21,21 @@ from __future__ import annotations
 import functools
 import operator
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
+import generic_rules as ref
 import pytest
 import torch
 import torch.nn.functional as F
+from generic_rules import OpContext
+from helpers import call_rule, rel_error
 from torch import nn
 
-import generic_rules as ref
 from fxcurv.rules import conv as conv_rules
 from fxcurv.rules import registry
 from fxcurv.rules.registry import RuleKind
-from generic_rules import OpContext
-from helpers import call_rule, rel_error
 
 DT = torch.float64
 RTOL = 1e-10
@@ -88,7 +89,7 @@ class _Traced:
 
 def _context(op: registry.OpDef, match: registry.Match, tensors: dict[int, torch.Tensor],
              expected: torch.Tensor) -> OpContext:
-    def value(v: Any) -> Optional[torch.Tensor]:
+    def value(v: Any) -> torch.Tensor | None:
         if isinstance(v, _Traced):
             return tensors[id(v)]
         if isinstance(v, torch.Tensor):  # a module's parameter
@@ -271,7 +272,17 @@ CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
 
 
-@functools.lru_cache(maxsize=None)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread is faster, and much faster on a busy machine
+    (idle threads spin); the previous setting is restored for the other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@functools.cache
 def context(case_id: str) -> OpContext:
     """The case's context, built once (seeded by the case id)."""
     torch.manual_seed(zlib.crc32(case_id.encode()))
