@@ -45,9 +45,11 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
                   shape=shape, at=f)
     inbox = Inbox()
     if needs.diagonals:
+        streams = sorted(needs.diagonals, key=lambda s: s.label)
+        # One seed serves every diagonal stream; it is labeled with one that the program carries.
         d = emit.rule(emit.find_rule(RuleKind.LOSS_HESSIAN_DIAG, loss, "f"), (), loss, kind=Kind.DIAG,
-                      message="d", stream="hesscale", shape=shape, at=f)
-        for stream in sorted(needs.diagonals, key=lambda s: s.label):
+                      message="d", stream=streams[0].label, shape=shape, at=f)
+        for stream in streams:
             inbox.diagonals[stream] = [d]
 
     rows: dict = {}

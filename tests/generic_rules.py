@@ -1,0 +1,243 @@
+"""Generic rules: every rule kind of fxcurv, derived from an op's forward by torch.func (float64).
+
+DESIGN.md asks that every hand-written rule equal the *generic exact rule* derived from the op
+itself. This module is that derivation on the test side. A reference here reads the op's forward
+(``registry.OPS[op].forward``) with its canonical attributes, and torch.func; never a rule, a derived
+value or a helper of fxcurv's rules. So a rule and its reference are two unrelated computations.
+
+Notation, per sample ``n`` of an op ``z = f(x, theta)`` with data inputs ``x`` (batched, dim 0) and
+parameters ``theta`` (shared by the samples): ``J_n = dz_n / du_n`` is the per-sample Jacobian with
+respect to one input ``u`` (``M`` output entries by ``P`` input entries; for a parameter ``u_n`` is the
+parameter itself). Then
+
+* ``jac_t[u](V)``       = ``J^T v_k`` for every column ``v_k`` of ``V [*lead, N, *z]``: HBP eq. S.6
+  (first term) and S.8a; a vector-Jacobian product of the *batched* forward gives all samples at
+  once, since samples are independent;
+* ``diag[u](d)``        = ``diag(J_n^T diag(d_n) J_n) = (J_n o J_n)^T d_n``: HesScale eq. 4 and 8
+  (first terms, the off-diagonal terms of ``H_z`` dropped);
+* ``residual[u](g)``    = the per-sample Hessian ``d2 (g_n . f(u_n)) / du_n^2``: HBP eq. S.6 (second
+  term), S.9 for activations (``diag(phi''(x) g)``); the compiler holds it as ``diag(r)``, so its
+  off-diagonal entries must vanish;
+* ``grad[theta](g)``    = ``sum_n J_n^T g_n``, the VJP of the batched forward: HesScale eq. 2, 7;
+* ``per_sample[theta](V)`` = ``J_n^T v_{k,n}`` for each column and sample, ``[*lead, N, *theta]``;
+* ``diag_sqrt[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2``, the diagonal of
+  ``sum_n J_n^T (sum_k sign S S^T) J_n``: HBP eq. S.8b-c (the square taken after ``J_n^T``);
+* ``diag_diag[theta](d)`` = ``sum_n diag(J_n^T diag(d_n) J_n)``: HesScale eq. 5 and 9.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import jacrev, vjp, vmap
+
+from fxcurv.rules.registry import OpDef
+
+
+@dataclass(eq=False)
+class OpContext:
+    """One op application: its tensor inputs by name (``None`` where absent), canonical attributes,
+    output and the tensors its forward saved -- what the compiler binds rule arguments to."""
+
+    op: OpDef
+    inputs: dict[str, torch.Tensor | None]
+    attrs: dict[str, Any]
+    out: torch.Tensor
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def bindings(self) -> dict[str, Any]:
+        """Rule arguments by name (``tests/helpers.call_rule`` adds the derived values)."""
+        return {**self.inputs, **self.attrs, "out": self.out, **self.saved}
+
+    def is_param(self, key: str) -> bool:
+        return key in self.op.params
+
+    # ---- the forward as a function of one input -------------------------------------------------
+    def forward(self, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batched forward as a function of input ``key``, every other input fixed."""
+
+        def f(u: torch.Tensor) -> torch.Tensor:
+            args = [u if k == key else self.inputs[k] for k in self.op.inputs]
+            return self.op.forward(*args, **self.attrs)
+
+        return f
+
+    def sample_forward(self, key: str, n: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """Sample ``n``'s forward ``u_n -> z_n`` (no batch axis) as a function of input ``key``, and
+        ``u_n``: data inputs are sliced to sample ``n``, parameters are shared."""
+        fixed = {k: v if v is None or self.is_param(k) else v[n:n + 1] for k, v in self.inputs.items()}
+        batched = not self.is_param(key)
+
+        def f(u: torch.Tensor) -> torch.Tensor:
+            args = [(u[None] if batched else u) if k == key else fixed[k] for k in self.op.inputs]
+            return self.op.forward(*args, **self.attrs)[0]
+
+        value = self.inputs[key]
+        assert value is not None, f"{self.op.name} has no input {key} here"
+        return f, value[n] if batched else value
+
+    @property
+    def n(self) -> int:
+        return self.out.shape[0]
+
+
+def _lead(v: torch.Tensor, like: torch.Tensor) -> tuple[int, ...]:
+    """The leading (column) dims of a message ``v [*lead, *like]``."""
+    lead = v.dim() - like.dim()
+    assert lead >= 0 and tuple(v.shape[lead:]) == tuple(like.shape), (tuple(v.shape), tuple(like.shape))
+    return tuple(v.shape[:lead])
+
+
+# ---- Jacobians ----------------------------------------------------------------------------------
+
+@functools.cache
+def per_sample_jacobians(c: OpContext, key: str) -> torch.Tensor:
+    """``J_n`` for every sample, ``[N, M, P]``, by ``torch.func.jacrev`` of the single-sample forward."""
+    out = []
+    for n in range(c.n):
+        f, u = c.sample_forward(key, n)
+        out.append(jacrev(f)(u).reshape(c.out[n].numel(), u.numel()))
+    return torch.stack(out)
+
+
+def per_sample_hessian(c: OpContext, key: str, g: torch.Tensor, n: int) -> torch.Tensor:
+    """``d2 (g_n . f(u_n)) / du_n^2`` as a ``[P, P]`` matrix (reverse over reverse mode)."""
+    f, u = c.sample_forward(key, n)
+    h = jacrev(jacrev(lambda t: (g[n] * f(t)).sum()))(u)
+    return h.reshape(u.numel(), u.numel())
+
+
+def hvp(c: OpContext, key: str, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(d2 (g . f(u)) / du^2) w`` for the batched forward (reverse over reverse mode). For a data
+    input the Hessian is block diagonal with the per-sample Hessians as blocks; for a parameter it is
+    their sum."""
+    f = c.forward(key)
+    _, pullback = vjp(jacrev(lambda t: (g * f(t)).sum()), c.inputs[key])
+    return pullback(w)[0]
+
+
+# ---- message rules ------------------------------------------------------------------------------
+
+def jac_t(c: OpContext, key: str, v: torch.Tensor) -> torch.Tensor:
+    """``J^T v`` for every column of ``v [*lead, N, *z]``: one VJP of the batched forward per column."""
+    lead = _lead(v, c.out)
+    _, pullback = vjp(c.forward(key), c.inputs[key])
+    cols = vmap(pullback)(v.reshape((-1,) + tuple(c.out.shape)))[0]
+    return cols.reshape(lead + tuple(c.inputs[key].shape))
+
+
+def diag(c: OpContext, key: str, d: torch.Tensor) -> torch.Tensor:
+    """HesScale eq. 4/8 (first term): ``(J_n o J_n)^T d_n`` per sample, shaped like the input."""
+    _lead(d, c.out)
+    j = per_sample_jacobians(c, key)
+    return torch.einsum("nmp,nm->np", j * j, d.reshape(c.n, -1)).reshape(c.inputs[key].shape)
+
+
+def residual_hessians(c: OpContext, key: str, g: torch.Tensor) -> torch.Tensor:
+    """HBP eq. S.6 (second term): the per-sample Hessians of ``g_n . f(u_n)``, ``[N, P, P]``."""
+    return torch.stack([per_sample_hessian(c, key, g, n) for n in range(c.n)])
+
+
+# ---- parameter rules ----------------------------------------------------------------------------
+
+def grad(c: OpContext, key: str, g: torch.Tensor) -> torch.Tensor:
+    """``sum_n J_n^T g_n``: the VJP of the batched forward (the parameter is shared by the samples)."""
+    _, pullback = vjp(c.forward(key), c.inputs[key])
+    return pullback(g)[0]
+
+
+def per_sample(c: OpContext, key: str, v: torch.Tensor) -> torch.Tensor:
+    """``J_n^T v_{k,n}`` for every column ``k`` and sample ``n``, ``[*lead, N, *theta]``: per-sample VJPs."""
+    lead = _lead(v, c.out)
+    flat = v.reshape((-1,) + tuple(c.out.shape))
+    out = []
+    for n in range(c.n):
+        f, u = c.sample_forward(key, n)
+        _, pullback = vjp(f, u)
+        out.append(vmap(pullback)(flat[:, n])[0])
+    return torch.stack(out, dim=1).reshape(lead + (c.n,) + tuple(c.inputs[key].shape))
+
+
+def diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """HBP eq. S.8b-c: ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2`` from the per-sample VJPs."""
+    jts = per_sample(c, key, s)  # [K, N, *theta]
+    w = torch.ones(s.shape[:2], dtype=s.dtype) if sign is None else sign
+    return torch.einsum("kn,knp->p", w, (jts * jts).flatten(2)).reshape(c.inputs[key].shape)
+
+
+def diag_diag(c: OpContext, key: str, d: torch.Tensor) -> torch.Tensor:
+    """HesScale eq. 5/9: ``sum_n (J_n o J_n)^T d_n``, shaped like the parameter."""
+    _lead(d, c.out)
+    j = per_sample_jacobians(c, key)
+    return torch.einsum("nmp,nm->p", j * j, d.reshape(c.n, -1)).reshape(c.inputs[key].shape)
+
+
+# ---- derived values -----------------------------------------------------------------------------
+
+def elementwise_derivative(c: OpContext) -> torch.Tensor:
+    """``phi'(x)``: the diagonal of the per-sample Jacobian of an elementwise op (which must be
+    diagonal: checked here)."""
+    j = per_sample_jacobians(c, "x")
+    diagonal = torch.diagonal(j, dim1=1, dim2=2)
+    off = j - torch.diag_embed(diagonal)
+    assert off.abs().max() == 0, f"{c.op.name} is not elementwise: its Jacobian has off-diagonal entries"
+    return diagonal.reshape(c.inputs["x"].shape)
+
+
+def elementwise_second_derivative(c: OpContext) -> torch.Tensor:
+    """``phi''(x)``: the diagonal of the per-sample Hessian of ``1 . phi(x_n)``."""
+    ones = torch.ones_like(c.out)
+    h = residual_hessians(c, "x", ones)
+    return torch.diagonal(h, dim1=1, dim2=2).reshape(c.inputs["x"].shape)
+
+
+def square_of(key: str) -> Callable[[OpContext], torch.Tensor]:
+    def ref(c: OpContext) -> torch.Tensor:
+        value = c.inputs[key]
+        assert value is not None
+        return value ** 2
+
+    ref.__doc__ = f"``{key} o {key}``: the squared entries HesScale eq. 5/8-9 read."
+    return ref
+
+
+def unfolded_input(c: OpContext) -> torch.Tensor:
+    """The unfolded input ``[[X]]`` of a convolution (HBP Sec. D.3), ``[N, G, C_in/G * K1 * K2, P]``,
+    read off the per-sample weight Jacobian: ``Z = W [[X]] + b`` gives
+    ``dZ[c, p] / dW[c, i] = [[X]][i, p]`` for every output channel ``c`` of a group."""
+    w = c.inputs["weight"]
+    assert w is not None
+    groups = c.attrs["groups"]
+    c_out, per_group = w.shape[0], w[0].numel()
+    positions = c.out[0, 0].numel()
+    j = per_sample_jacobians(c, "weight").reshape(c.n, c_out, positions, c_out, per_group)
+    first = [g * (c_out // groups) for g in range(groups)]  # one output channel per group
+    cols = torch.stack([j[:, ch, :, ch, :] for ch in first], dim=1)  # [N, G, P, I]
+    return cols.transpose(2, 3)
+
+
+def averaging_weights(c: OpContext) -> torch.Tensor:
+    """``1/divisor_j`` per output position ``j`` of an average pooling, ``[1, 1, Y1, Y2]``: the
+    nonzero entries of row ``j`` of its per-sample Jacobian ``A`` (HBP Sec. D.2), read off one
+    sample's first channel."""
+    j = per_sample_jacobians(c, "x")[0]
+    plane_out, plane_in = c.out[0, 0].numel(), c.inputs["x"][0, 0].numel()
+    a = j[:plane_out, :plane_in]  # channel 0 -> channel 0
+    rows = a.max(dim=1).values
+    assert (rows > 0).all() and ((a == 0) | (a == rows[:, None])).all(), "rows of A are not constant"
+    return rows.reshape((1, 1) + tuple(c.out.shape[-2:]))
+
+
+# The generic meaning of every derived value a registered rule reads, by name.
+DERIVED: dict[str, Callable[[OpContext], torch.Tensor]] = {
+    "d1": elementwise_derivative,
+    "d2": elementwise_second_derivative,
+    "x_sq": square_of("x"),
+    "weight_sq": square_of("weight"),
+    "x_cols": unfolded_input,
+    "inv_divisor": averaging_weights,
+}

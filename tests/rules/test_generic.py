@@ -1,0 +1,476 @@
+"""Every rule of every (non-loss) op against its generic torch.func derivation (float64).
+
+Each case is one op application, canonicalized the way the compiler does it (the op's module,
+function or method canonicalizer from ``registry.MODULE_SOURCES`` / ``FUNCTION_SOURCES`` /
+``METHOD_SOURCES``), with random inputs. Each rule registered for the op is bound with
+``helpers.call_rule`` (``registry.bind``, derived values included) and compared with the generic
+derivation in :mod:`generic_rules`, which reads only the op's forward: ``jac_t`` against VJPs (HBP
+eq. S.6, S.8a), ``diag`` against ``(J_n o J_n)^T d`` (HesScale eq. 4, 8), ``residual`` against the
+per-sample Hessian of ``g . f`` (HBP eq. S.6, S.9), the parameter rules against (per-sample) VJPs and
+Jacobians (HBP eq. S.8b-c, HesScale eq. 2, 5, 7, 9), and every derived value against its meaning.
+
+Which rules exist is stated here per op (:data:`EXPECTED`), not read from the registry: a rule or op
+registered but not listed, and a listed rule no longer registered, fail
+:func:`test_expected_rules_are_exactly_the_registered_ones` (a lost registration also fails its own
+rule's test); a listed rule that no case exercises fails :func:`test_every_expected_rule_is_exercised`.
+Loss ops (their loss tables and derived values) are covered by ``tests/rules/test_losses.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import generic_rules as ref
+import pytest
+import torch
+import torch.nn.functional as F
+from generic_rules import OpContext
+from helpers import call_rule, rel_error
+from torch import nn
+
+from fxcurv.rules import conv as conv_rules
+from fxcurv.rules import registry
+from fxcurv.rules.registry import RuleKind
+
+DT = torch.float64
+RTOL = 1e-10
+K = 3  # square-root factor columns
+
+JAC_T, DIAG, RESIDUAL, GRAD = RuleKind.JAC_T, RuleKind.DIAG, RuleKind.RESIDUAL, RuleKind.GRAD
+DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_DIAG, RuleKind.PER_SAMPLE,
+                                             RuleKind.DERIVED)
+
+# ---- the rules each op must have ------------------------------------------------------------------
+
+_PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT: ("weight", "bias"),
+               DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias")}
+_SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DERIVED: ("d1", "d2")}
+_PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DERIVED: ("d1",)}
+_LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
+
+EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
+    "linear": {**_PARAMETRIC, DERIVED: ("x_sq", "weight_sq")},
+    "conv2d": {**_PARAMETRIC, DERIVED: ("weight_sq", "x_sq", "x_cols")},
+    "relu": _PIECEWISE_LINEAR,
+    "leaky_relu": _PIECEWISE_LINEAR,
+    "sigmoid": _SMOOTH,
+    "tanh": _SMOOTH,
+    "elu": _SMOOTH,
+    "softplus": _SMOOTH,
+    "silu": _SMOOTH,
+    "gelu": _SMOOTH,
+    "reshape": _LINEAR_MAP,
+    "max_pool2d": _LINEAR_MAP,
+    "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
+    "pad": _LINEAR_MAP,
+    "add": {JAC_T: ("a", "b"), DIAG: ("a", "b")},
+    "identity": {},  # folded away at canonicalization (alias): no rules
+}
+
+
+def _expected_triples() -> set[tuple[RuleKind, str, str]]:
+    return {(kind, op, key) for op, kinds in EXPECTED.items() for kind, keys in kinds.items() for key in keys}
+
+
+# ---- building a case the way the compiler canonicalizes it ------------------------------------------
+
+class _Traced:
+    """Stands for a traced fx node: the example value shape propagation records (``meta["val"]``)."""
+
+    def __init__(self, val: Any, args: tuple = (), target: Any = None):
+        self.meta = {"val": val}
+        self.args, self.target = args, target
+
+
+def _context(op: registry.OpDef, match: registry.Match, tensors: dict[int, torch.Tensor],
+             expected: torch.Tensor) -> OpContext:
+    def value(v: Any) -> torch.Tensor | None:
+        if isinstance(v, _Traced):
+            return tensors[id(v)]
+        if isinstance(v, torch.Tensor):  # a module's parameter
+            return v.detach()
+        assert v is None, v
+        return None
+
+    assert set(match.inputs) <= set(op.inputs)
+    inputs = {k: value(match.inputs.get(k)) for k in op.inputs}
+    attrs = dict(match.attrs)
+    args = [inputs[k] for k in op.inputs]
+    out = op.forward(*args, **attrs)
+    # The canonical op computes what the user's call computed.
+    assert out.shape == expected.shape and rel_error(out, expected.detach()) < 1e-14
+    saved = {}
+    if op.forward_saving is not None:
+        out_saving, *values = op.forward_saving(*args, **attrs)
+        assert torch.equal(out_saving, out)
+        saved = dict(zip(op.saved, values))
+    return OpContext(op, inputs, attrs, out, saved)
+
+
+def module_call(mod: nn.Module, *xs: torch.Tensor) -> OpContext:
+    """``mod(*xs)`` through the module canonicalizer (``registry.MODULE_SOURCES``)."""
+    op, canon = registry.MODULE_SOURCES[type(mod)]
+    nodes = tuple(_Traced(x) for x in xs)
+    expected = mod(*xs)
+    match = canon(_Traced(expected, nodes), mod)
+    return _context(op, match, {id(n): x for n, x in zip(nodes, xs)}, expected)
+
+
+def _trace_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, torch.Tensor]]:
+    tensors: dict[int, torch.Tensor] = {}
+
+    def standin(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+            node = _Traced(v)
+            tensors[id(node)] = v
+            return node
+        return v
+
+    return tuple(map(standin, args)), {k: standin(v) for k, v in kwargs.items()}, tensors
+
+
+def function_call(fn: Callable, *args: Any, **kwargs: Any) -> OpContext:
+    """``fn(*args, **kwargs)`` through the function canonicalizer (``registry.FUNCTION_SOURCES``);
+    tensors stand for traced values, ``nn.Parameter`` arguments for parameters."""
+    op, canon = registry.FUNCTION_SOURCES[fn]
+    expected = fn(*args, **kwargs)
+    targs, tkwargs, tensors = _trace_args(args, kwargs)
+    match = canon(_Traced(expected, targs, fn), registry.Args(targs, tkwargs))
+    return _context(op, match, tensors, expected)
+
+
+def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> OpContext:
+    """``self_.name(*args, **kwargs)`` through the method canonicalizer (``registry.METHOD_SOURCES``)."""
+    op, canon = registry.METHOD_SOURCES[name]
+    expected = getattr(self_, name)(*args, **kwargs)
+    targs, tkwargs, tensors = _trace_args((self_,) + args, kwargs)
+    match = canon(_Traced(expected, targs, name), registry.Args(targs, tkwargs))
+    return _context(op, match, tensors, expected)
+
+
+def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(*shape, dtype=DT)
+
+
+def param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(randn(*shape))
+
+
+# ---- cases ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One op application. ``without``: inputs absent here (no bias); ``patches``: module attributes
+    set while its rules run (to reach a code path small inputs do not take); ``only``: the rule kinds
+    that path concerns (every kind where empty)."""
+
+    id: str
+    op: str
+    build: Callable[[], OpContext]
+    without: tuple[str, ...] = ()
+    patches: tuple[tuple[Any, str, Any], ...] = ()
+    only: tuple[RuleKind, ...] = ()  # check only these kinds (a case for one code path)
+
+
+def _softplus_both_sides(beta: float, threshold: float, x: torch.Tensor) -> torch.Tensor:
+    above = beta * x > threshold
+    assert above.any() and (~above).any(), "softplus case must have inputs on both sides of the threshold"
+    return x
+
+
+def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+CASES: list[Case] = [
+    # linear: [N, in] takes the Kronecker shortcut of diag_sqrt, [N, *mid, in] the per-sample route.
+    Case("linear", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 4))),
+    Case("linear_nobias", "linear", lambda: module_call(nn.Linear(4, 3, bias=False).to(DT), randn(3, 4)),
+         without=("bias",)),
+    Case("linear_mid_fn", "linear", lambda: function_call(F.linear, randn(3, 2, 4), param(3, 4), param(3))),
+    Case("linear_mid2", "linear", lambda: module_call(nn.Linear(4, 2).to(DT), randn(2, 2, 3, 4))),
+    # conv2d
+    Case("conv", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 3).to(DT), randn(3, 2, 5, 4))),
+    # (6 + 2 - 3) / 2 leaves a remainder: the transposed convolution needs an output padding.
+    Case("conv_s2_p1", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 3, stride=2, padding=1).to(DT),
+                                                     randn(3, 2, 6, 5))),
+    Case("conv_dil2", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 3, padding=1, dilation=2).to(DT),
+                                                    randn(2, 2, 5, 4))),
+    Case("conv_groups2", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                       randn(3, 4, 4, 3))),
+    Case("conv_rect_stride_nobias", "conv2d", lambda: module_call(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), bias=False).to(DT), randn(3, 2, 6, 4)), without=("bias",)),
+    Case("conv_out1x1", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3))),
+    Case("conv_same_fn", "conv2d", lambda: function_call(F.conv2d, randn(2, 2, 5, 4), param(3, 2, 3, 3), param(3),
+                                                         1, "same", (2, 1), 1)),
+    Case("conv_groups_fn_kw", "conv2d", lambda: function_call(F.conv2d, randn(2, 4, 5, 4), param(6, 2, 2, 3),
+                                                              bias=param(6), stride=2, padding=(1, 0), groups=2)),
+    # The exact weight diagonal reduces blocks of samples; a tiny bound makes every sample a block.
+    Case("conv_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                       randn(3, 4, 4, 3)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT,)),
+    # activations (module, function and method forms; their attributes)
+    Case("relu", "relu", lambda: module_call(nn.ReLU(), randn(3, 2, 3))),
+    Case("relu_method", "relu", lambda: method_call("relu", randn(3, 5))),
+    Case("leaky_relu", "leaky_relu", lambda: module_call(nn.LeakyReLU(0.2), randn(3, 2, 3))),
+    Case("leaky_relu_fn", "leaky_relu", lambda: function_call(F.leaky_relu, randn(3, 5), 0.3)),
+    Case("sigmoid", "sigmoid", lambda: module_call(nn.Sigmoid(), randn(3, 2, 3, scale=2.0))),
+    Case("tanh", "tanh", lambda: module_call(nn.Tanh(), randn(3, 2, 3, scale=2.0))),
+    Case("tanh_fn", "tanh", lambda: function_call(torch.tanh, randn(3, 4))),
+    Case("elu", "elu", lambda: module_call(nn.ELU(alpha=0.7), randn(3, 2, 3))),
+    Case("elu_fn", "elu", lambda: function_call(F.elu, randn(3, 5), 1.3)),
+    Case("softplus", "softplus", lambda: module_call(
+        nn.Softplus(beta=2.0, threshold=1.5), _softplus_both_sides(2.0, 1.5, randn(3, 2, 3, scale=2.0)))),
+    Case("softplus_default_fn", "softplus", lambda: function_call(
+        F.softplus, _softplus_both_sides(1.0, 20.0, _with(randn(3, 5, scale=3.0), (0, 1), 25.0)))),
+    Case("silu", "silu", lambda: module_call(nn.SiLU(), randn(3, 2, 3, scale=2.0))),
+    Case("gelu", "gelu", lambda: module_call(nn.GELU(), randn(3, 2, 3, scale=2.0))),
+    Case("gelu_tanh", "gelu", lambda: module_call(nn.GELU(approximate="tanh"), randn(3, 2, 3, scale=2.0))),
+    Case("gelu_tanh_fn", "gelu", lambda: function_call(F.gelu, randn(3, 5, scale=2.0), approximate="tanh")),
+    # max-pooling (the saved argmax indices are bound as `indices`)
+    Case("max_k3s2_overlap", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2), randn(3, 2, 7, 5))),
+    Case("max_ceil", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2, ceil_mode=True), randn(3, 2, 6, 6))),
+    Case("max_pad_dil", "max_pool2d", lambda: module_call(nn.MaxPool2d(2, 1, padding=1, dilation=2),
+                                                          randn(3, 2, 5, 6))),
+    Case("max_fn", "max_pool2d", lambda: function_call(F.max_pool2d, randn(3, 2, 7, 4), (3, 2), (2, 1), (1, 0),
+                                                       ceil_mode=True)),
+    # average pooling
+    Case("avg_k2", "avg_pool2d", lambda: module_call(nn.AvgPool2d(2), randn(3, 2, 6, 5))),
+    Case("avg_pad_incl", "avg_pool2d", lambda: module_call(nn.AvgPool2d(3, 2, padding=1), randn(3, 2, 7, 5))),
+    Case("avg_pad_excl", "avg_pool2d", lambda: module_call(nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+                                                           randn(3, 2, 7, 5))),
+    Case("avg_ceil_incl", "avg_pool2d", lambda: module_call(nn.AvgPool2d(3, 2, padding=1, ceil_mode=True),
+                                                            randn(3, 2, 6, 6))),
+    Case("avg_ceil_excl", "avg_pool2d", lambda: module_call(
+        nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), randn(3, 2, 6, 6))),
+    Case("avg_divisor", "avg_pool2d", lambda: module_call(nn.AvgPool2d((2, 3), 1, divisor_override=4),
+                                                          randn(3, 2, 4, 5))),
+    Case("avg_fn", "avg_pool2d", lambda: function_call(F.avg_pool2d, randn(3, 2, 7, 6), 3, None, 1, True, False)),
+    # constant padding: non-negative pads crop by a view, negative ones by a zero pad
+    Case("pad_zero", "pad", lambda: module_call(nn.ZeroPad2d((0, 1, 2, 1)), randn(3, 2, 4, 3))),
+    Case("pad_const", "pad", lambda: module_call(nn.ConstantPad2d(1, 0.5), randn(3, 2, 3, 3))),
+    Case("pad_crop_mixed", "pad", lambda: module_call(nn.ZeroPad2d((-1, 1, 0, -1)), randn(3, 2, 4, 4))),
+    Case("pad_crop_fn", "pad", lambda: function_call(F.pad, randn(3, 2, 4, 5), (-1, -2, -1, 0))),
+    Case("pad_features_fn", "pad", lambda: function_call(F.pad, randn(3, 5), (2, 1), value=-1.0)),
+    Case("pad_three_dims_fn", "pad", lambda: function_call(F.pad, randn(3, 2, 3, 4), (1, 0, 0, 1, 1, 1))),
+    # reshape
+    Case("flatten", "reshape", lambda: module_call(nn.Flatten(), randn(3, 2, 3, 2))),
+    Case("unflatten", "reshape", lambda: module_call(nn.Unflatten(1, (2, 3)), randn(3, 6))),
+    Case("view_method", "reshape", lambda: method_call("view", randn(3, 2, 3, 2), 3, 2, -1)),
+    # add
+    Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
+    Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
+]
+CASE_BY_ID = {c.id: c for c in CASES}
+assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread is faster, and much faster on a busy machine
+    (idle threads spin); the previous setting is restored for the other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@functools.cache
+def context(case_id: str) -> OpContext:
+    """The case's context, built once (seeded by the case id)."""
+    torch.manual_seed(zlib.crc32(case_id.encode()))
+    c = CASE_BY_ID[case_id].build()
+    assert c.op.name == CASE_BY_ID[case_id].op
+    return c
+
+
+def messages(case_id: str, what: str) -> torch.Generator:
+    """A generator for the random messages of one check, seeded by case and check."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{case_id}/{what}".encode()))
+
+
+def rand_like(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, dtype=DT, generator=gen)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert isinstance(got, torch.Tensor), f"{what}: got {type(got).__name__}"
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    # A vanishing reference would reduce the comparison to an absolute one: the cases avoid it.
+    assert want.abs().max() > 0, f"{what}: the reference is zero; the case does not test the rule"
+    err = rel_error(got, want)
+    assert err < RTOL, f"{what}: relative error {err:.3e} >= {RTOL:.0e}"
+
+
+# ---- the checks, one per rule kind ------------------------------------------------------------------
+
+def _rule(kind: RuleKind, op: str, key: str, *msgs: Any, c: OpContext) -> torch.Tensor:
+    assert (op, key) in registry.TABLES[kind], f"lost registration: {op} has no {kind.value} rule for {key}"
+    return call_rule(registry.TABLES[kind], op, key, *msgs, **c.bindings())
+
+
+def check_jac_t(case: Case, c: OpContext, key: str) -> None:
+    v = rand_like((2, 2) + tuple(c.out.shape), messages(case.id, f"jac_t[{key}]"))
+    want = ref.jac_t(c, key, v)
+    # Square-root factor columns [K, N, ...], the gradient [N, ...] without a column axis, and
+    # columns with two leading axes.
+    assert_matches(_rule(JAC_T, case.op, key, v.flatten(0, 1), c=c), want.flatten(0, 1),
+                   f"jac_t[{key}] of [K, N, ...] columns")
+    assert_matches(_rule(JAC_T, case.op, key, v[0, 0], c=c), want[0, 0], f"jac_t[{key}] of a gradient [N, ...]")
+    assert_matches(_rule(JAC_T, case.op, key, v, c=c), want, f"jac_t[{key}] of [2, 2, N, ...] columns")
+
+
+def check_diag(case: Case, c: OpContext, key: str) -> None:
+    d = rand_like(tuple(c.out.shape), messages(case.id, f"diag[{key}]"))
+    assert_matches(_rule(DIAG, case.op, key, d, c=c), ref.diag(c, key, d), f"diag[{key}]")
+
+
+def check_residual(case: Case, c: OpContext, key: str) -> None:
+    g = rand_like(tuple(c.out.shape), messages(case.id, f"residual[{key}]"))
+    got = _rule(RESIDUAL, case.op, key, g, c=c)
+    hessians = ref.residual_hessians(c, key, g)  # [N, P, P]
+    diagonal = torch.diagonal(hessians, dim1=1, dim2=2).reshape(c.inputs[key].shape)
+    assert_matches(got, diagonal, f"residual[{key}] (Hessian diagonal)")
+    # The compiler holds the residual as diag(r): the per-sample Hessian must be diagonal.
+    assert_matches(torch.diag_embed(got.reshape(c.n, -1)), hessians, f"residual[{key}] (whole Hessian)")
+
+
+def check_grad(case: Case, c: OpContext, key: str) -> None:
+    g = rand_like(tuple(c.out.shape), messages(case.id, f"grad[{key}]"))
+    assert_matches(_rule(GRAD, case.op, key, g, c=c), ref.grad(c, key, g), f"grad[{key}]")
+
+
+def check_per_sample(case: Case, c: OpContext, key: str) -> None:
+    v = rand_like((K,) + tuple(c.out.shape), messages(case.id, f"per_sample[{key}]"))
+    assert_matches(_rule(PER_SAMPLE, case.op, key, v, c=c), ref.per_sample(c, key, v), f"per_sample[{key}]")
+
+
+def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
+    gen = messages(case.id, f"diag_sqrt[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
+    sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
+    sign[0, 0], sign[1, 0] = 1.0, -1.0  # both signs occur
+    for signs, what in ((None, "unsigned"), (sign, "signed")):
+        got = _rule(DIAG_SQRT, case.op, key, s, signs, c=c)
+        assert_matches(got, ref.diag_sqrt(c, key, s, signs), f"diag_sqrt[{key}] {what}")
+
+
+def check_diag_diag(case: Case, c: OpContext, key: str) -> None:
+    d = rand_like(tuple(c.out.shape), messages(case.id, f"diag_diag[{key}]"))
+    assert_matches(_rule(DIAG_DIAG, case.op, key, d, c=c), ref.diag_diag(c, key, d), f"diag_diag[{key}]")
+
+
+def check_derived(case: Case, c: OpContext, key: str) -> None:
+    assert key in ref.DERIVED, f"derived value {key} has no generic meaning in generic_rules.DERIVED"
+    assert_matches(_rule(DERIVED, case.op, key, c=c), ref.DERIVED[key](c), f"derived {key}")
+
+
+CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
+    JAC_T: check_jac_t, DIAG: check_diag, RESIDUAL: check_residual, GRAD: check_grad,
+    PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
+}
+
+# Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks.
+PARAMS = [(case, kind, key) for case in CASES for kind, keys in EXPECTED[case.op].items() for key in keys
+          if key not in case.without and (not case.only or kind in case.only)]
+
+
+@pytest.mark.parametrize("case, kind, key", PARAMS,
+                         ids=[f"{c.id}-{kind.value}[{key}]" for c, kind, key in PARAMS])
+def test_rule_matches_generic_derivation(case, kind, key, monkeypatch):
+    for module, name, value in case.patches:
+        monkeypatch.setattr(module, name, value)
+    CHECKS[kind](case, context(case.id), key)
+
+
+# ---- what the rules take for granted ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case_is_canonical_and_per_sample(case):
+    """The case's canonical inputs are float64 (absent exactly where the case says), and the op maps
+    each sample alone: the batched forward is the stack of single-sample forwards, which every rule and
+    every reference above assumes."""
+    c = context(case.id)
+    assert {k for k, v in c.inputs.items() if v is None} == set(case.without)
+    assert all(v.dtype == DT for v in c.inputs.values() if v is not None)
+    for key, value in c.inputs.items():
+        if value is None or c.is_param(key):
+            continue
+        stacked = torch.stack([c.sample_forward(key, n)[0](value[n]) for n in range(c.n)])
+        assert rel_error(stacked, c.out) < 1e-14
+
+
+NO_RESIDUAL = [(case, key) for case in CASES for key in registry.OPS[case.op].inputs
+               if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only]
+
+
+@pytest.mark.parametrize("case, key", NO_RESIDUAL, ids=[f"{c.id}-{key}" for c, key in NO_RESIDUAL])
+def test_inputs_without_residual_rule_have_no_second_derivative(case, key):
+    """HBP eq. S.6: where an op has no residual rule for an input (a data input or a parameter), the
+    compiler passes no second-order term there; that is exact only if the per-sample Hessian of
+    ``g . f`` w.r.t. that input vanishes (linear maps, piecewise-linear activations, poolings at
+    their argmax)."""
+    c = context(case.id)
+    gen = messages(case.id, f"no_residual[{key}]")
+    g = rand_like(tuple(c.out.shape), gen)
+    # One product with a random direction and random g: a nonzero per-sample Hessian gives a nonzero
+    # product with probability one (the batched Hessian is block diagonal for a data input, the sum of
+    # the per-sample Hessians, each linear in its own g_n, for a parameter).
+    hw = ref.hvp(c, key, g, rand_like(tuple(c.inputs[key].shape), gen))
+    assert hw.abs().max() == 0, f"{case.op}: d2(g . f)/d{key}^2 != 0 but there is no residual rule for {key}"
+
+
+# ---- completeness -----------------------------------------------------------------------------------
+
+def test_expected_rules_are_exactly_the_registered_ones():
+    """Every rule registered for a non-loss op is listed in EXPECTED, and every listed rule is
+    registered: a rule added without a generic test fails here, and so does a lost registration."""
+    losses = {name for name, op in registry.OPS.items() if op.is_loss}
+    assert set(EXPECTED) == set(registry.OPS) - losses, "every non-loss op needs an EXPECTED entry"
+    registered = {(kind, op, key) for kind, table in registry.TABLES.items() for (op, key) in table
+                  if op not in losses}
+    expected = _expected_triples()
+    untested = sorted(f"{op}.{kind.value}[{key}]" for kind, op, key in registered - expected)
+    lost = sorted(f"{op}.{kind.value}[{key}]" for kind, op, key in expected - registered)
+    assert not untested, f"registered without a generic test (add them to EXPECTED and a case): {untested}"
+    assert not lost, f"expected but not registered (lost registration): {lost}"
+    # Loss tables hold loss ops only (tests/rules/test_losses.py covers them).
+    for kind in (RuleKind.LOSS_GRAD, RuleKind.LOSS_SQRT_HESSIAN, RuleKind.LOSS_SQRT_HESSIAN_MC,
+                 RuleKind.LOSS_HESSIAN_DIAG):
+        assert {op for op, _ in registry.TABLES[kind]} <= losses
+
+
+def test_every_expected_rule_is_exercised():
+    """Each expected (kind, op, key) is checked by at least one case, with a check for its kind."""
+    exercised = {(kind, case.op, key) for case, kind, key in PARAMS}
+    missing = sorted(f"{op}.{kind.value}[{key}]" for kind, op, key in _expected_triples() - exercised)
+    assert not missing, f"no case exercises: {missing}"
+    assert {kind for kind, _, _ in exercised} <= set(CHECKS)
+    # Every derived value has a generic meaning, and some rule reads it.
+    for kind, op, key in exercised:
+        if kind is DERIVED:
+            assert key in ref.DERIVED
+            readers = [rule for (o, _), rule in _non_derived_rules() if o == op and key in _reads(rule)]
+            assert readers, f"{op}'s derived value {key} is read by no rule"
+
+
+def _non_derived_rules():
+    return [(k, rule) for kind, table in registry.TABLES.items() if kind is not DERIVED for k, rule in table.items()]
+
+
+def _reads(rule: registry.Rule) -> set[str]:
+    """Argument names a rule binds, directly or through the derived values it reads."""
+    names = set(rule.context_names(0))
+    for name in list(names):
+        derived = registry.DERIVED.get((rule.op, name))
+        if derived is not None:
+            names |= _reads(derived)
+    return names
