@@ -22,7 +22,16 @@ parameter itself). Then
 * ``per_sample[theta](V)`` = ``J_n^T v_{k,n}`` for each column and sample, ``[*lead, N, *theta]``;
 * ``diag_sqrt[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2``, the diagonal of
   ``sum_n J_n^T (sum_k sign S S^T) J_n``: HBP eq. S.8b-c (the square taken after ``J_n^T``);
-* ``diag_diag[theta](d)`` = ``sum_n diag(J_n^T diag(d_n) J_n)``: HesScale eq. 5 and 9.
+* ``diag_diag[theta](d)`` = ``sum_n diag(J_n^T diag(d_n) J_n)``: HesScale eq. 5 and 9;
+* ``dense[u](M)``      = ``(1/N) sum_n J_n^T M J_n``: the batch-averaged matrix of KFRA / HBP (Botev
+  eq. 29, HBP Sec. 3.2), with ``M`` over one sample's output entries;
+* ``kron_out[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_b^T s_{k,n})(J_b^T s_{k,n})^T``, the bias
+  block from the columns (BackPACK's output factor of KFLR/KFAC for weight and bias alike), with
+  ``J_b`` the op's Jacobian w.r.t. its bias (a zero bias where the op has none);
+* ``kron_dense[theta](M)`` = ``J_b^T M J_b``, the bias block from a batch-averaged matrix (KFRA's);
+* ``kron_in[weight]`` = ``(1/N) sum_{n,e} v_{n,e} v_{n,e}^T`` over the output entries ``e`` of one
+  output channel, ``v_{n,e}`` that channel's row of ``J_{W,n}^T e``: ``x x^T`` for a linear layer, the
+  unfolded patches' for a convolution (HBP eq. S.8c, Sec. D.3).
 """
 
 from __future__ import annotations
@@ -174,6 +183,51 @@ def diag_diag(c: OpContext, key: str, d: torch.Tensor) -> torch.Tensor:
     _lead(d, c.out)
     j = per_sample_jacobians(c, key)
     return torch.einsum("nmp,nm->p", j * j, d.reshape(c.n, -1)).reshape(c.inputs[key].shape)
+
+
+# ---- the batch-averaged and Kronecker family -----------------------------------------------------
+
+def dense(c: OpContext, key: str, m: torch.Tensor) -> torch.Tensor:
+    """``(1/N) sum_n J_n^T M J_n`` from the per-sample Jacobians."""
+    j = per_sample_jacobians(c, key)
+    return torch.einsum("nap,ab,nbq->pq", j, m, j) / c.n
+
+
+def _with_bias(c: OpContext) -> OpContext:
+    """The op with a bias input (zeros where it has none), for the bias Jacobian."""
+    if c.inputs.get("bias") is not None:
+        return c
+    w = c.inputs["weight"]
+    assert w is not None
+    return OpContext(c.op, {**c.inputs, "bias": torch.zeros(w.shape[0], dtype=w.dtype)}, c.attrs, c.out, c.saved)
+
+
+def bias_jacobian(c: OpContext) -> torch.Tensor:
+    """``J_b`` of one sample, ``[M, C_out]`` (the same for every sample)."""
+    return per_sample_jacobians(_with_bias(c), "bias")[0]
+
+
+def kron_out(c: OpContext, s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    jb = bias_jacobian(c)
+    cols = torch.einsum("knm,mc->knc", s.reshape(s.shape[0], c.n, -1), jb)
+    w = torch.ones(s.shape[:2], dtype=s.dtype) if sign is None else sign
+    return torch.einsum("kn,knc,knd->cd", w, cols, cols)
+
+
+def kron_dense(c: OpContext, m: torch.Tensor) -> torch.Tensor:
+    jb = bias_jacobian(c)
+    return jb.T @ m @ jb
+
+
+def kron_in(c: OpContext) -> torch.Tensor:
+    jb = bias_jacobian(c)
+    channel0 = jb[:, 0] == 1  # the output entries of channel 0
+    assert channel0.any() and ((jb == 0) | (jb == 1)).all(), "the bias Jacobian is not a 0/1 selection"
+    w = c.inputs["weight"]
+    assert w is not None
+    j = per_sample_jacobians(c, "weight").reshape(c.n, -1, w.shape[0], w[0].numel())  # [N, M, C_out, I]
+    rows = j[:, channel0, 0, :]  # [N, entries of channel 0, I]
+    return torch.einsum("nei,nej->ij", rows, rows) / c.n
 
 
 # ---- derived values -----------------------------------------------------------------------------

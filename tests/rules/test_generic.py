@@ -33,6 +33,7 @@ from generic_rules import OpContext
 from helpers import call_rule, rel_error
 from torch import nn
 
+from fxcurv.errors import UnsupportedOpError
 from fxcurv.rules import conv as conv_rules
 from fxcurv.rules import registry
 from fxcurv.rules.registry import RuleKind
@@ -44,17 +45,19 @@ K = 3  # square-root factor columns
 JAC_T, DIAG, RESIDUAL, GRAD = RuleKind.JAC_T, RuleKind.DIAG, RuleKind.RESIDUAL, RuleKind.GRAD
 DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_DIAG, RuleKind.PER_SAMPLE,
                                              RuleKind.DERIVED)
+DENSE, KRON_OUT, KRON_DENSE, KRON_IN = RuleKind.DENSE, RuleKind.KRON_OUT, RuleKind.KRON_DENSE, RuleKind.KRON_IN
 
 # ---- the rules each op must have ------------------------------------------------------------------
 
 _PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT: ("weight", "bias"),
-               DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias")}
-_SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DERIVED: ("d1", "d2")}
-_PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DERIVED: ("d1",)}
+               DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias"), KRON_OUT: ("weight", "bias"),
+               KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",)}
+_SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED: ("d1", "d2")}
+_PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
 
 EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
-    "linear": {**_PARAMETRIC, DERIVED: ("x_sq", "weight_sq")},
+    "linear": {**_PARAMETRIC, DENSE: ("x",), DERIVED: ("x_sq", "weight_sq")},
     "conv2d": {**_PARAMETRIC, DERIVED: ("weight_sq", "x_sq", "x_cols")},
     "relu": _PIECEWISE_LINEAR,
     "leaky_relu": _PIECEWISE_LINEAR,
@@ -64,11 +67,11 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "softplus": _SMOOTH,
     "silu": _SMOOTH,
     "gelu": _SMOOTH,
-    "reshape": _LINEAR_MAP,
+    "reshape": {**_LINEAR_MAP, DENSE: ("x",)},
     "max_pool2d": _LINEAR_MAP,
     "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
     "pad": _LINEAR_MAP,
-    "add": {JAC_T: ("a", "b"), DIAG: ("a", "b")},
+    "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
 }
 
@@ -373,14 +376,54 @@ def check_derived(case: Case, c: OpContext, key: str) -> None:
     assert_matches(_rule(DERIVED, case.op, key, c=c), ref.DERIVED[key](c), f"derived {key}")
 
 
+def _symmetric(d: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(d, d, dtype=DT, generator=gen)
+    return a + a.T
+
+
+def check_dense(case: Case, c: OpContext, key: str) -> None:
+    m = _symmetric(c.out[0].numel(), messages(case.id, f"dense[{key}]"))
+    assert_matches(_rule(DENSE, case.op, key, m, c=c), ref.dense(c, key, m), f"dense[{key}]")
+
+
+def check_kron_out(case: Case, c: OpContext, key: str) -> None:
+    gen = messages(case.id, f"kron_out[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
+    sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
+    sign[0, 0], sign[1, 0] = 1.0, -1.0
+    for signs, what in ((None, "unsigned"), (sign, "signed")):
+        assert_matches(_rule(KRON_OUT, case.op, key, s, signs, c=c), ref.kron_out(c, s, signs), f"kron_out[{key}] {what}")
+
+
+def check_kron_dense(case: Case, c: OpContext, key: str) -> None:
+    m = _symmetric(c.out[0].numel(), messages(case.id, f"kron_dense[{key}]"))
+    assert_matches(_rule(KRON_DENSE, case.op, key, m, c=c), ref.kron_dense(c, m), f"kron_dense[{key}]")
+
+
+def check_kron_in(case: Case, c: OpContext, key: str) -> None:
+    assert_matches(_rule(KRON_IN, case.op, key, c=c), ref.kron_in(c), f"kron_in[{key}]")
+
+
 CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     JAC_T: check_jac_t, DIAG: check_diag, RESIDUAL: check_residual, GRAD: check_grad,
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
+    DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
 }
 
-# Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks.
+_KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
+
+
+def _grouped(case: Case) -> bool:
+    return case.op == "conv2d" and context(case.id).attrs["groups"] != 1
+
+
+# Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks and
+# the Kronecker factors of grouped convolutions (refused: test_grouped_convolution_has_no_kronecker_factors).
 PARAMS = [(case, kind, key) for case in CASES for kind, keys in EXPECTED[case.op].items() for key in keys
-          if key not in case.without and (not case.only or kind in case.only)]
+          if key not in case.without and (not case.only or kind in case.only)
+          and not (kind in _KRONECKER and _grouped(case))]
+GROUPED = [(case, kind, key) for case in CASES if _grouped(case) for kind in _KRONECKER
+           for key in EXPECTED[case.op][kind] if key not in case.without]
 
 
 @pytest.mark.parametrize("case, kind, key", PARAMS,
@@ -389,6 +432,16 @@ def test_rule_matches_generic_derivation(case, kind, key, monkeypatch):
     for module, name, value in case.patches:
         monkeypatch.setattr(module, name, value)
     CHECKS[kind](case, context(case.id), key)
+
+
+@pytest.mark.parametrize("case, kind, key", GROUPED, ids=[f"{c.id}-{kind.value}[{key}]" for c, kind, key in GROUPED])
+def test_grouped_convolution_has_no_kronecker_factors(case, kind, key):
+    """Neither fxcurv nor BackPACK defines Kronecker factors for groups != 1: a clear refusal."""
+    c = context(case.id)
+    args = {KRON_OUT: (rand_like((K,) + tuple(c.out.shape), messages(case.id, "grouped")), None),
+            KRON_DENSE: (_symmetric(c.out[0].numel(), messages(case.id, "grouped")),), KRON_IN: ()}[kind]
+    with pytest.raises(UnsupportedOpError, match="groups="):
+        _rule(kind, case.op, key, *args, c=c)
 
 
 # ---- what the rules take for granted ----------------------------------------------------------------
