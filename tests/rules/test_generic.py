@@ -392,7 +392,8 @@ def check_kron_out(case: Case, c: OpContext, key: str) -> None:
     sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
     sign[0, 0], sign[1, 0] = 1.0, -1.0
     for signs, what in ((None, "unsigned"), (sign, "signed")):
-        assert_matches(_rule(KRON_OUT, case.op, key, s, signs, c=c), ref.kron_out(c, s, signs), f"kron_out[{key}] {what}")
+        assert_matches(_rule(KRON_OUT, case.op, key, s, signs, c=c), ref.kron_out(c, s, signs),
+                       f"kron_out[{key}] {what}")
 
 
 def check_kron_dense(case: Case, c: OpContext, key: str) -> None:
