@@ -154,17 +154,24 @@ def reduction_scale(loss_fn: nn.Module, f: torch.Tensor) -> float:
     raise NotImplementedError(f"reduction scale of {loss_fn!r}")
 
 
-def _check_loss(loss_fn: nn.Module, f: torch.Tensor) -> None:
+def _check_loss(loss_fn: nn.Module, f: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """CrossEntropyLoss (no class weights, no ignored targets; label smoothing is fine: it leaves the
+    Hessian w.r.t. the logits unchanged) or MSELoss, reduction mean or sum, outputs ``[N, C]``."""
     if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)) or loss_fn.reduction not in ("mean", "sum"):
         raise NotImplementedError(f"only CrossEntropyLoss / MSELoss with reduction mean/sum, got {loss_fn!r}")
     if f.dim() != 2:
         raise NotImplementedError("model outputs of shape [N, C] only")
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None:
+            raise NotImplementedError("CrossEntropyLoss with class weights")
+        if y is not None and (y.is_floating_point() or bool((y == loss_fn.ignore_index).any())):
+            raise NotImplementedError("CrossEntropyLoss with probability or ignored targets")
 
 
 def loss_hessian_blocks(loss_fn: nn.Module, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``[N, C, C]``: the per-sample blocks ``H_n = d2L/df_n2`` of the exact loss Hessian (torch.func),
     reduction scale included. Checks that the off-diagonal blocks vanish (independent samples)."""
-    _check_loss(loss_fn, f)
+    _check_loss(loss_fn, f, y)
     n, c = f.shape
     h = torch.func.hessian(lambda z: loss_fn(z, y))(f)  # [N, C, N, C]
     blocks = torch.diagonal(h, dim1=0, dim2=2).permute(2, 0, 1)  # [N, C, C]
@@ -185,7 +192,7 @@ def mc_columns(loss_fn: nn.Module, f: torch.Tensor, mc_samples: int, seed: int =
     ``Normal(f, sqrt(0.5)).sample((M,))``), so :func:`run_backpack` with the same ``seed`` matches.
     """
     _check_loss(loss_fn, f)
-    f = f.detach()
+    f = f.detach().to(torch.float64)  # BackPACK draws from float64 probabilities in run_backpack
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -201,6 +208,9 @@ def mc_columns(loss_fn: nn.Module, f: torch.Tensor, mc_samples: int, seed: int =
 # ---- the network: a Sequential walked layer by layer ------------------------------------------
 
 PARAMETRIC = (nn.Linear, nn.Conv2d)
+# layers the KFRA/HBP recursion passes with M <- 1/N sum_n J_n^T M J_n (linear in their input)
+LINEAR_IN_INPUT = (nn.Linear, nn.Conv2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
+                   nn.Identity)
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -228,7 +238,7 @@ def _forward(model, loss_fn, x, y):
     inputs, outputs = [], []
     h = x.detach().requires_grad_(True)  # one graph through every layer, even with frozen parameters
     for _, layer in layers:
-        inputs.append(h.detach())
+        inputs.append(h.detach().clone())  # clone: an in-place activation would overwrite it
         h = layer(h)
         outputs.append(h)
     f = h
@@ -281,7 +291,7 @@ def _layer_io(model: nn.Module, mods, x: torch.Tensor) -> tuple[torch.Tensor, di
         def record(mod, inp, out):
             if name in io:
                 raise NotImplementedError(f"{name} is called twice (shared module)")
-            io[name] = (inp[0].detach(), out.detach())
+            io[name] = (inp[0].detach().clone(), out.detach().clone())
         return record
 
     handles = [mod.register_forward_hook(hook(name)) for name, mod in mods]
@@ -398,12 +408,17 @@ def hbp_factors(model: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, y: to
       ``M <- M o (1/N sum_n phi'(h_n) phi'(h_n)^T) + diag(mod(sum_n phi''(h_n) o g_n))``
       where ``g_n = dL/da_n`` (reduction scale included, so the residual is the batch *average* for
       ``"mean"`` and the *sum* for ``"sum"``), and ``mod`` is applied to that summed diagonal;
-    * any other layer linear in its input (Flatten, pooling, padding): ``M <- 1/N sum_n J_n^T M J_n``.
+    * any other layer of :data:`LINEAR_IN_INPUT` (Flatten, pooling, padding, Identity):
+      ``M <- 1/N sum_n J_n^T M J_n``; any other layer is an error.
 
     The first layer's input is data: nothing is propagated past it.
     """
     if curv_type not in CURV_TYPES:
         raise ValueError(f"unknown curv_type {curv_type!r}; expected one of {CURV_TYPES}")
+    for name, layer in _layers(model):
+        if not isinstance(layer, ELEMENTWISE + LINEAR_IN_INPUT):
+            raise NotImplementedError(f"layer {name}: {type(layer).__name__} is neither an elementwise activation "
+                                      f"nor one of {[t.__name__ for t in LINEAR_IN_INPUT]}")
     model, layers, inputs, outputs, grads, f, y = _forward(model, loss_fn, x, y)
     n = x.shape[0]
     m = loss_hessian_blocks(loss_fn, f, y).sum(0)  # [C, C]
@@ -432,7 +447,7 @@ def hbp_factors(model: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, y: to
                 m = m + torch.diag(res)
         elif isinstance(layer, nn.Linear):
             m = layer.weight.detach().T @ m @ layer.weight.detach()  # S.8a
-        else:  # linear in its input: conv (bias irrelevant to the Jacobian), flatten, pooling, padding
+        else:  # LINEAR_IN_INPUT: conv (its bias does not enter the Jacobian), flatten, pooling, padding
             jacs = torch.stack([input_jacobian(layer, xin[k]) for k in range(n)])  # [N, out, in]
             m = torch.einsum("noi,op,npj->ij", jacs, m, jacs) / n
     return _in_parameter_order(model, out)
