@@ -325,47 +325,62 @@ def _mlp_with(act):
     return nn.Sequential(nn.Linear(4, 5), act, nn.Linear(5, 3)).to(torch.float64)
 
 
-X4, Y3 = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
-XC = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+# the cases build their tensors when they run (not at import: under --device cuda, tensors created at
+# collection would land on the GPU)
+def x4():
+    return torch.randn(3, 4, dtype=torch.float64)
+
+
+def xc():
+    return torch.randn(3, 2, 4, 4, dtype=torch.float64)
+
+
+def y3():
+    return torch.tensor([0, 2, 1])
+
+
+def _twice(layer):
+    return nn.Sequential(layer, nn.Tanh(), layer)
+
+
 CE = nn.CrossEntropyLoss()
-_shared = nn.Linear(3, 3)
 REFUSALS = {
     # activations: only ReLU, Sigmoid, Tanh (plus Dropout, Flatten, pooling, ZeroPad2d, Identity)
-    **{f"{act.__name__}_{q}": (lambda act=act, q=q: br.run_backpack(_mlp_with(act()), CE, X4, Y3, q),
+    **{f"{act.__name__}_{q}": (lambda act=act, q=q: br.run_backpack(_mlp_with(act()), CE, x4(), y3(), q),
                                NotImplementedError, f"does not have an extension for Module.*{act.__name__}")
        for act in (nn.ELU, nn.LeakyReLU, nn.Softplus, nn.SiLU, nn.GELU) for q in ("kflr", "kfra")},
-    "identity_kfra": (lambda: br.run_backpack(_mlp_with(nn.Identity()), CE, X4, Y3, "kfra"), NotImplementedError,
+    "identity_kfra": (lambda: br.run_backpack(_mlp_with(nn.Identity()), CE, x4(), y3(), "kfra"), NotImplementedError,
                       None),  # Identity is a ScaleModule, which has no EA rule (bare NotImplementedError)
     # branching: without the converter the custom module has no extension; with it, only KFAC works
-    **{f"residual_{q}": (lambda q=q: br.run_backpack(Residual(), CE, X4, Y3, q), NotImplementedError,
+    **{f"residual_{q}": (lambda q=q: br.run_backpack(Residual(), CE, x4(), y3(), q), NotImplementedError,
                          "does not have an extension for Module") for q in ("kflr", "kfra", "hbp")},
-    "residual_converter_kflr": (lambda: br.run_backpack(Residual(), CE, X4, Y3, "kflr", use_converter=True),
+    "residual_converter_kflr": (lambda: br.run_backpack(Residual(), CE, x4(), y3(), "kflr", use_converter=True),
                                 NotImplementedError, "No accumulation rule"),
-    **{f"residual_converter_{q}": (lambda q=q: br.run_backpack(Residual(), CE, X4, Y3, q, use_converter=True),
+    **{f"residual_converter_{q}": (lambda q=q: br.run_backpack(Residual(), CE, x4(), y3(), q, use_converter=True),
                                    NotImplementedError, None) for q in ("kfra", "hbp")},  # SumModule: no EA rule
-    "functional_tanh_converter_kfra": (lambda: br.run_backpack(FunctionalTanh(), CE, X4, Y3, "kfra",
+    "functional_tanh_converter_kfra": (lambda: br.run_backpack(FunctionalTanh(), CE, x4(), y3(), "kfra",
                                                                use_converter=True),
                                        AssertionError, "expects a backpropagation quantity"),
-    "shared_linear_kflr": (lambda: br.run_backpack(nn.Sequential(_shared, nn.Tanh(), _shared), CE, X4[:, :3], Y3,
+    "shared_linear_kflr": (lambda: br.run_backpack(_twice(nn.Linear(3, 3)), CE, x4()[:, :3], y3(),
                                                    "kflr"), AttributeError, "output"),
     # HBP's residual of an activation after a convolution is [C, H, W], not a vector
     **{f"conv_sigmoid_hbp_{c}": (lambda c=c: br.run_backpack(
-        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(48, 3)), CE, XC, Y3,
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(48, 3)), CE, xc(), y3(),
         "hbp", curv_type=c), AssertionError, None) for c in ("hessian", "pch-abs")},
     "linear_3d_input": (lambda: br.run_backpack(nn.Sequential(nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 3)), CE,
-                                                torch.randn(3, 2, 4), Y3, "kflr"),
+                                                torch.randn(3, 2, 4), y3(), "kflr"),
                         NotImplementedError, "Only 2d inputs"),
     "conv_groups": (lambda: br.run_backpack(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 3)),
-                                            CE, XC, Y3, "kflr"), NotImplementedError, "groups"),
-    "batchnorm": (lambda: br.run_backpack(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)), CE, X4,
-                                          Y3, "kflr"), NotImplementedError, "BatchNorm1d"),
-    "ce_class_weights": (lambda: br.run_backpack(_mlp_with(nn.Tanh()), nn.CrossEntropyLoss(weight=torch.ones(3)), X4,
-                                                 Y3, "kflr"), NotImplementedError, "weight"),
-    "huber_loss": (lambda: br.run_backpack(_mlp_with(nn.Tanh()), nn.HuberLoss(), X4, torch.randn(3, 3), "kflr"),
+                                            CE, xc(), y3(), "kflr"), NotImplementedError, "groups"),
+    "batchnorm": (lambda: br.run_backpack(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)), CE, x4(),
+                                          y3(), "kflr"), NotImplementedError, "BatchNorm1d"),
+    "ce_class_weights": (lambda: br.run_backpack(_mlp_with(nn.Tanh()), nn.CrossEntropyLoss(weight=torch.ones(3)), x4(),
+                                                 y3(), "kflr"), NotImplementedError, "weight"),
+    "huber_loss": (lambda: br.run_backpack(_mlp_with(nn.Tanh()), nn.HuberLoss(), x4(), torch.randn(3, 3), "kflr"),
                    NotImplementedError, "HuberLoss"),
     # MSELoss's summed Hessian (KFRA/HBP) is torch.eye in the default dtype: float64 nets fail
     # unless float64 is the default dtype (what run_backpack does)
-    "mse_float64_kfra": (lambda: _raw_backpack(_mlp_with(nn.Tanh()), nn.MSELoss(), X4, torch.randn(3, 3,
+    "mse_float64_kfra": (lambda: _raw_backpack(_mlp_with(nn.Tanh()), nn.MSELoss(), x4(), torch.randn(3, 3,
                                                dtype=torch.float64), "kfra"),
                          RuntimeError, "expected scalar type Double but found Float"),
 }
