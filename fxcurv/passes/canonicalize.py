@@ -318,12 +318,12 @@ def _canonical_loss(traced: Traced, gm: fx.GraphModule, b: _Builder, f: fx.Node,
         set_info(new, op=op.name, source=_source(node, gm), shape=(), dtype=f_val.dtype)
         return new
     # General path: the traced loss runs as a whole; torch.func differentiates it.
-    check_general_loss(traced.loss_gm, f_val, y_val)
+    hvp = check_general_loss(traced.loss_gm, f_val, y_val)  # "forward" or "reverse" products
     b.root.loss_fn = traced.loss_gm
     with b.graph.inserting_before(None):
         fn = b.graph.get_attr("loss_fn")
     set_info(fn, source="the traced loss")
-    new = b.graph.call_function(general_loss, (f, y_node), {"loss_fn": fn})
+    new = b.graph.call_function(general_loss, (f, y_node), {"loss_fn": fn, "hvp": hvp})
     set_info(new, op="general_loss", source="traced loss (general path, torch.func Hessian)", shape=(),
              dtype=f_val.dtype)
     return new

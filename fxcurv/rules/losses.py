@@ -25,6 +25,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import InputError, LossError, UnsupportedOpError
 from .registry import Match, define_op
@@ -256,39 +257,126 @@ def mse_hessian_diag(f, reduction):
 # ---- the general path -----------------------------------------------------------------------------
 
 
-def general_loss(f, y, loss_fn):
+def general_loss(f, y, loss_fn, hvp="forward"):
+    if is_fake(f):  # shape propagation: see _shaped
+        return _shaped(f, ())
     return loss_fn(f, y)
 
 
 general = define_op("general_loss", "losses", general_loss, inputs=("f", "y"), is_loss=True,
                     psd_hessian=False)
 
+# How the general path multiplies the loss Hessian with a vector: forward-over-reverse (``jvp`` of
+# ``grad``, the cheaper) or reverse-over-reverse (``vjp`` of ``grad``) for losses with an op that
+# has no forward-mode derivative in torch (``F.huber_loss``). Chosen once per program
+# (:func:`hvp_mode`) and stored on the loss node as its ``hvp`` attribute.
+HVP_MODES = ("forward", "reverse")
 
-def per_sample_hessians(loss_fn, f, y) -> torch.Tensor:
-    """``[N, D, D]``: the blocks ``d2L/df_n^2`` of a sample-separable loss, ``D = f[0].numel()``.
+# The separability probe is drawn from a private generator per device, seeded once and advancing
+# at every call: a fresh direction each call, and the user's random state (which Monte Carlo draws
+# use) untouched.
+_PROBE_SEED = 0x5EED
+_PROBE_GENERATORS: dict[torch.device, torch.Generator] = {}
 
-    Separability makes the Hessian block diagonal, so one Hessian-vector product with the ``c``-th
-    unit vector repeated in every sample returns column ``c`` of every block at once: ``D`` products
-    instead of ``N * D``, vectorized with ``vmap``.
-    """
-    n, d = f.shape[0], f[0].numel()
+# The separability check's tolerance, relative to the size of the Hessian-vector product. Rounding
+# makes the two products the check compares differ by a few units of the dtype's precision times
+# the number of terms summed; eps ** (2/3) (4e-11 in float64, 2e-5 in float32) stays above that
+# for D up to ~1e4 output entries per sample while a coupling any larger is refused.
+_SEPARABILITY_RTOL_EXPONENT = 2.0 / 3.0
+
+
+def _shaped(f: torch.Tensor, shape) -> torch.Tensor:
+    """An empty tensor of ``shape`` like ``f``. The general path's nodes know their shapes (a scalar
+    loss, ``f``'s gradient, ``[N, D, D]`` blocks), so under shape propagation with fake tensors they
+    return one instead of running the user's loss, which may not run on fake tensors (a boolean
+    mask's data-dependent shape)."""
+    return f.new_empty(shape)
+
+
+def hessian_vector_products(loss_fn, f, y, tangents: torch.Tensor, hvp: str) -> torch.Tensor:
+    """``[T, *f]``: ``H v`` for every tangent ``v`` of ``tangents [T, *f]``, ``H = d2L/df2`` of the
+    whole batch, vectorized over the tangents. ``hvp="reverse"`` uses ``H v = (v^T H)^T``
+    (``H`` is symmetric)."""
 
     def grad_f(f_):
         return torch.func.grad(lambda ff: loss_fn(ff, y))(f_)
 
+    if hvp == "forward":
+        return torch.func.vmap(lambda v: torch.func.jvp(grad_f, (f,), (v,))[1])(tangents)
+    if hvp == "reverse":
+        _, pullback = torch.func.vjp(grad_f, f)
+        return torch.func.vmap(lambda v: pullback(v)[0])(tangents)
+    raise ValueError(f"hvp={hvp!r}: choose from {', '.join(HVP_MODES)}")
+
+
+def _probe(f: torch.Tensor) -> torch.Tensor:
+    gen = _PROBE_GENERATORS.get(f.device)
+    if gen is None:
+        gen = _PROBE_GENERATORS[f.device] = torch.Generator(device=f.device).manual_seed(_PROBE_SEED)
+    return torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=gen)
+
+
+def per_sample_hessians(loss_fn, f, y, hvp: str = "forward") -> torch.Tensor:
+    """``[N, D, D]``: the blocks ``d2L/df_n^2``, ``D = f[0].numel()``; LossError where the loss
+    couples samples at these inputs.
+
+    The Hessian-vector product with the ``c``-th unit vector repeated in every sample returns, in
+    sample ``n``, column ``c`` of the block row sum ``B_n = sum_m H_nm``: ``D`` products give every
+    ``B_n``, and ``B_n`` is the diagonal block ``H_nn`` exactly where the off-diagonal blocks
+    vanish. One more product, with a random probe, checks that they do (:func:`_check_separable`):
+    ``D + 1`` products instead of ``N D``, vectorized, at every call.
+    """
+    n, d = f.shape[0], f.shape[1:].numel()
     basis = torch.eye(d, dtype=f.dtype, device=f.device).reshape((d, 1) + f.shape[1:])
-    basis = basis.expand((d, n) + f.shape[1:])
-    columns = torch.func.vmap(lambda v: torch.func.jvp(grad_f, (f,), (v,))[1])(basis)
-    return columns.reshape(d, n, d).permute(1, 2, 0)
+    tangents = basis.expand((d, n) + f.shape[1:])
+    probe = None
+    if n > 1:  # one sample cannot be coupled to another
+        probe = _probe(f)
+        tangents = torch.cat((tangents, probe.unsqueeze(0)))
+    products = hessian_vector_products(loss_fn, f, y, tangents, hvp)
+    blocks = products[:d].reshape(d, n, d).permute(1, 2, 0)
+    if probe is not None:
+        _check_separable(blocks, probe.reshape(n, d), products[d].reshape(n, d))
+    return blocks
+
+
+def _check_separable(blocks: torch.Tensor, probe: torch.Tensor, product: torch.Tensor) -> None:
+    """LossError unless ``product = H v`` (``v = probe``) equals the block-diagonal ``B_n v_n``.
+
+    Why this cannot miss a coupling: with ``B_n = sum_m H_nm`` the difference is
+    ``r_n = (H v)_n - B_n v_n = sum_{m != n} H_nm (v_m - v_n) = (M v)_n``, where ``M`` has the
+    off-diagonal blocks of ``H`` as its own off-diagonal blocks (and their negated row sums on the
+    diagonal). So ``M = 0`` exactly when ``H`` is block diagonal, and otherwise ``M v = 0`` only on
+    a proper subspace, which a Gaussian ``v`` drawn independently of the loss hits with probability
+    zero. The check runs at every call of the general path, on that call's ``(f, y)``: a coupling
+    that vanishes there contributes nothing to that call's numbers. In floating point it refuses
+    couplings above ``eps ** (2/3)`` of the product's size (both ``|B| |v|`` and ``|H v|``: a
+    coupling whose blocks sum to zero, ``(f_1 - f_2)^2``, has ``B = 0``). NaN inputs propagate
+    NaN (a NaN residual compares false), as every other quantity does.
+    """
+    residual = (product - torch.einsum("nij,nj->ni", blocks, probe)).abs().max()
+    size = torch.maximum(torch.einsum("nij,nj->ni", blocks.abs(), probe.abs()).max(), product.abs().max())
+    rtol = torch.finfo(product.dtype).eps ** _SEPARABILITY_RTOL_EXPONENT
+    if residual > rtol * size:
+        raise LossError(
+            "the loss couples samples: its Hessian w.r.t. the model output is not block diagonal "
+            f"over the batch at these inputs (a random probe's Hessian-vector product differs from "
+            f"the per-sample blocks' by {float(residual / size):.1e} of its size). fxcurv supports "
+            "losses that are a sum or mean of per-sample terms"
+        )
 
 
 @general.derived("hessian")
-def general_hessian(f, y, loss_fn):
-    return per_sample_hessians(loss_fn, f, y)
+def general_hessian(f, y, loss_fn, hvp):
+    if is_fake(f):
+        return _shaped(f, (f.shape[0], f.shape[1:].numel(), f.shape[1:].numel()))
+    return per_sample_hessians(loss_fn, f, y, hvp)
 
 
 @general.loss_grad()
 def general_grad(f, y, loss_fn):
+    if is_fake(f):
+        return _shaped(f, f.shape)
     return torch.func.grad(lambda ff: loss_fn(ff, y))(f)
 
 
@@ -297,8 +385,8 @@ def general_sqrt_hessian(f, hessian):
     """Signed factors of each ``H_n = U diag(lam) U^T``: columns ``U[:, k] sqrt|lam_k|``, sign ``sign(lam_k)``."""
     lam, u = torch.linalg.eigh(hessian)  # [N, D], [N, D, D]
     s = u * lam.abs().sqrt().unsqueeze(1)  # column k scaled
-    n = f.shape[0]
-    return s.permute(2, 0, 1).reshape((-1, n) + f.shape[1:]), torch.sign(lam).T.contiguous()
+    n, d = hessian.shape[:2]
+    return s.permute(2, 0, 1).reshape((d, n) + f.shape[1:]), torch.sign(lam).T.contiguous()
 
 
 @general.loss_hessian_diag()
@@ -308,45 +396,174 @@ def general_hessian_diag(f, hessian):
 
 # ---- validating a general loss --------------------------------------------------------------------
 
-# Ops through which the model output cannot be differentiated (zero or undefined derivatives).
+# Ops whose *value* has a zero or undefined derivative w.r.t. their input: autograd treats it as a
+# constant, so a loss computed from it has no Hessian in its traced form.
 _NON_DIFFERENTIABLE_FUNCTIONS = {
     torch.argmax, torch.argmin, torch.round, torch.floor, torch.ceil, torch.sign, torch.trunc,
-    torch.detach, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne, torch.heaviside,
-    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
-    operator.floordiv, operator.mod,
+    torch.detach, torch.heaviside, operator.floordiv, operator.mod,
 }
 _NON_DIFFERENTIABLE_METHODS = {
     "argmax", "argmin", "round", "floor", "ceil", "sign", "trunc", "detach", "detach_", "long",
-    "int", "short", "bool", "byte", "char", "item", "tolist", "numpy", "gt", "lt", "ge", "le", "eq",
-    "ne", "requires_grad_",
+    "int", "short", "bool", "byte", "char", "item", "tolist", "numpy", "requires_grad_",
 }
+# Comparisons make boolean *selectors*: piecewise constant, derivative zero wherever defined. A loss
+# that only chooses with them -- ``torch.where(|d| < delta, d^2 / 2, delta (|d| - delta / 2))`` --
+# has, off the boundaries between its pieces, the Hessian of the piece selected there.
+_COMPARISON_FUNCTIONS = {
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne, torch.greater, torch.less,
+    torch.greater_equal, torch.less_equal, torch.not_equal, torch.isnan, torch.isinf, torch.isfinite,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+}
+_COMPARISON_METHODS = {"gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal",
+                       "less_equal", "not_equal", "isnan", "isinf", "isfinite"}
+# Ops that take selectors anywhere and give selectors (or values, for a product with a value).
+_SELECTOR_FUNCTIONS = {operator.and_, operator.or_, operator.xor, operator.invert, torch.logical_and,
+                       torch.logical_or, torch.logical_xor, torch.logical_not, operator.mul, torch.mul}
+_SELECTOR_METHODS = {"logical_and", "logical_or", "logical_xor", "logical_not", "mul", "to", "type",
+                     "type_as", "float", "double", "half", "bfloat16", "bool", "long", "int", "short",
+                     "byte", "char"}
+_SELECTOR_USES = ("torch.where's condition, masked_fill's mask, a boolean index, a 0/1 factor of a "
+                  "product, logical combinations and casts of selectors")
+_SUPPORTED_LOSSES = ("Supported: losses built from differentiable torch ops (e.g. softmax, log, exp, "
+                     "pow, sum, mean), comparisons used as selectors, nn.CrossEntropyLoss, nn.MSELoss")
 
 
-def check_general_loss(loss_gm: torch.fx.GraphModule, f: torch.Tensor, y) -> None:
-    """Reject a traced loss that cannot be differentiated twice w.r.t. ``f``, or that couples samples."""
-    placeholders = [n for n in loss_gm.graph.nodes if n.op == "placeholder"]
-    depends = {placeholders[0]}
+def _split_arguments(node: torch.fx.Node) -> tuple[set, set]:
+    """``(selecting, other)``: the nodes among ``node``'s arguments in which a selector selects
+    (a condition, a mask, an index), and the nodes among the others."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+
+    def take(index: int, name: str):
+        if index < len(args):
+            value, args[index] = args[index], None
+            return value
+        return kwargs.pop(name, None)
+
+    selecting = None
+    if node.op == "call_function" and node.target is torch.where:  # where(condition, input, other)
+        selecting = take(0, "condition")
+    elif node.op == "call_function" and node.target is torch.masked_fill:  # masked_fill(input, mask, value)
+        selecting = take(1, "mask")
+    elif node.op == "call_function" and node.target is operator.getitem:  # input[index]
+        selecting = take(1, "")
+    elif node.op == "call_method" and node.target == "where":  # input.where(condition, other)
+        selecting = take(1, "condition")
+    elif node.op == "call_method" and node.target in ("masked_fill", "masked_fill_"):
+        selecting = take(1, "mask")
+    return _nodes_in(selecting), _nodes_in((args, kwargs))
+
+
+# Queries of a tensor's metadata: no value, no derivative (``f.dtype``, ``f.size(0)``).
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
+
+
+def _is_metadata(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRIBUTES) or (
+        node.op == "call_method" and node.target in _METADATA_METHODS)
+
+
+def _nodes_in(value) -> set:
+    found: set = set()
+    torch.fx.node.map_arg(value, lambda n: found.add(n))
+    return found
+
+
+def _is_comparison(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _COMPARISON_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _COMPARISON_METHODS)
+
+
+def _takes_selectors(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _SELECTOR_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _SELECTOR_METHODS)
+
+
+def _name(node: torch.fx.Node) -> str:
+    return getattr(node.target, "__name__", node.target)
+
+
+def _not_differentiable(node: torch.fx.Node, why: str) -> LossError:
+    return LossError(
+        f"loss node '{node.name}' ({_name(node)}) is not differentiable w.r.t. the model output: "
+        f"{why}. {_SUPPORTED_LOSSES}"
+    )
+
+
+def check_differentiable(loss_gm: torch.fx.GraphModule) -> None:
+    """Refuse a traced loss whose value depends on the model output through an op with zero or
+    undefined derivative, except comparisons used only as selectors.
+
+    A forward walk marks the nodes that depend on ``f`` and, among them, the *selectors*: the
+    comparisons and what depends on ``f`` only through them (piecewise constant). A selector may
+    enter an op only in a selecting argument (:func:`_split_arguments`) or one of
+    ``_SELECTOR_FUNCTIONS``/``_METHODS``; anywhere else (``mask.sum()``, ``mask + f``) its zero
+    derivative would be the loss's.
+    """
+    f_node = next(n for n in loss_gm.graph.nodes if n.op == "placeholder")
+    depends = {f_node}
+    selector_of: dict[torch.fx.Node, torch.fx.Node] = {}  # selector -> the comparison it comes from
     for node in loss_gm.graph.nodes:
-        if node.op in ("placeholder", "output") or not any(a in depends for a in node.all_input_nodes):
+        inputs = [a for a in node.all_input_nodes if a in depends]
+        if node.op == "placeholder" or not inputs or _is_metadata(node):
+            continue
+        selectors = [a for a in inputs if a in selector_of]
+        misused = selectors
+        if selectors and node.op != "output":
+            other = set() if _takes_selectors(node) else _split_arguments(node)[1]
+            misused = [a for a in selectors if a in other]
+        if misused:
+            user = f"node '{node.name}' ({_name(node)})" if node.op != "output" else "the loss's value"
+            raise _not_differentiable(
+                selector_of[misused[0]],
+                f"it is a comparison, and its result is used as a value by {user}, where its zero "
+                f"derivative makes the loss's Hessian meaningless. Comparisons may select: "
+                f"{_SELECTOR_USES}")
+        if node.op == "output":
             continue
         depends.add(node)
-        bad = (node.op == "call_function" and node.target in _NON_DIFFERENTIABLE_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _NON_DIFFERENTIABLE_METHODS)
-        if node.op == "call_method" and node.target == "to" and any(
-                isinstance(a, torch.dtype) and not a.is_floating_point for a in node.args[1:]):
-            bad = True
-        if bad:
-            name = getattr(node.target, "__name__", node.target)
-            raise LossError(
-                f"loss node '{node.name}' ({name}) is not differentiable w.r.t. the model output: "
-                "its derivative is zero or undefined, so the loss has no Hessian in its traced form. "
-                "Supported: losses built from differentiable torch ops (e.g. softmax, log, exp, "
-                "pow, sum, mean), nn.CrossEntropyLoss, nn.MSELoss"
-            )
+        if _is_comparison(node):
+            selector_of[node] = node
+        elif selectors and len(selectors) == len(inputs):
+            selector_of[node] = selector_of[selectors[0]]  # piecewise constant in f
+        elif (node.op == "call_function" and node.target in _NON_DIFFERENTIABLE_FUNCTIONS) or (
+                node.op == "call_method" and node.target in _NON_DIFFERENTIABLE_METHODS) or (
+                node.op == "call_method" and node.target == "to" and any(
+                    isinstance(a, torch.dtype) and not a.is_floating_point for a in node.args[1:])):
+            raise _not_differentiable(
+                node, "its derivative is zero or undefined, so the loss has no Hessian in its traced form")
+
+
+# torch's message when an op of the loss has no forward-mode derivative (F.huber_loss).
+_NO_FORWARD_AD = "forward AD"
+
+
+def hvp_mode(loss_fn, f: torch.Tensor, y) -> str:
+    """``"forward"`` where every op of the loss has a forward-mode derivative, else ``"reverse"``:
+    decided once per program, from one Hessian-vector product at the example inputs (whether torch
+    has an op's forward-mode rule does not depend on values)."""
+    try:
+        hessian_vector_products(loss_fn, f, y, torch.ones_like(f).unsqueeze(0), "forward")
+    except NotImplementedError as err:
+        if _NO_FORWARD_AD not in str(err):
+            raise
+        return "reverse"
+    return "forward"
+
+
+def _finite(t) -> bool:
+    return not isinstance(t, torch.Tensor) or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_general_loss(loss_gm: torch.fx.GraphModule, f: torch.Tensor, y) -> str:
+    """Reject a traced loss that cannot be differentiated twice w.r.t. ``f``, that is not a scalar,
+    or that couples samples at these inputs; return the Hessian-vector product mode
+    (:data:`HVP_MODES`) its program uses."""
+    check_differentiable(loss_gm)
     with torch.enable_grad():
         try:
             value = loss_gm(f, y)
-        except Exception as err:  # noqa: BLE001 - re-raised with context
+        except Exception as err:  # noqa: BLE001 - the user's loss; re-raised with context
             raise LossError(f"the loss failed on the model output {tuple(f.shape)}: {err}") from err
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise LossError(
@@ -354,22 +571,14 @@ def check_general_loss(loss_gm: torch.fx.GraphModule, f: torch.Tensor, y) -> Non
                 f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else tuple(value.shape)}"
             )
         try:
-            hess = per_sample_hessians(loss_gm, f, y)
-        except Exception as err:  # noqa: BLE001
+            mode = hvp_mode(loss_gm, f, y)
+            hess = per_sample_hessians(loss_gm, f, y, mode)
+        except LossError:
+            raise  # the loss couples samples
+        except Exception as err:  # noqa: BLE001 - the user's loss under torch.func; re-raised with context
             raise LossError(f"the loss cannot be differentiated twice with torch.func: {err}") from err
-        if not torch.isfinite(hess).all():
+        # Non-finite inputs propagate NaN like every other quantity; finite ones must give a finite
+        # Hessian.
+        if _finite(f) and _finite(y) and not torch.isfinite(hess).all():
             raise LossError("the loss's Hessian w.r.t. the model output is not finite at these inputs")
-        if f.shape[0] > 1:
-            # A loss that couples samples (e.g. normalizing by a batch statistic) has off-diagonal
-            # blocks that the per-sample factorization would silently drop.
-            probe = torch.zeros_like(f)
-            probe[0] = torch.randn_like(f[0])
-            grad_f = lambda ff: torch.func.grad(lambda z: loss_gm(z, y))(ff)  # noqa: E731
-            hvp = torch.func.jvp(grad_f, (f,), (probe,))[1]
-            scale = hvp[0].abs().max().clamp(min=torch.finfo(f.dtype).tiny)
-            if hvp[1:].abs().max() > 1e-6 * scale + 1e-12:
-                raise LossError(
-                    "the loss couples samples: its Hessian w.r.t. the model output is not block "
-                    "diagonal over the batch. fxcurv supports losses that are a sum or mean of "
-                    "per-sample terms"
-                )
+    return mode
