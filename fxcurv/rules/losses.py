@@ -31,6 +31,15 @@ from ..errors import InputError, LossError, UnsupportedOpError
 from .registry import Match, define_op
 
 # ---- softmax cross-entropy ----------------------------------------------------------------------
+#
+# The model output is ``[N, C]`` or, for dense predictions (segmentation), ``[N, C, d1, ...]``: one
+# C-way softmax per *position* ``a`` of ``(d1, ...)``. Losses of different positions share no
+# logits, so each sample's Hessian is block diagonal over its positions, one HBP Sec. C.2 block per
+# position. Every rule below works per position: ``probs``/``target_dist`` are ``[N, C, *d]``, the
+# weight ``sample_weight`` is ``[N, *d]`` (one per position; ``[N]`` for 2-D outputs).
+
+# Integer target dtypes: class indices.
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def cross_entropy(f, y, reduction="mean", ignore_index=-100, label_smoothing=0.0):
@@ -39,35 +48,46 @@ def cross_entropy(f, y, reduction="mean", ignore_index=-100, label_smoothing=0.0
 
 
 def _check_cross_entropy(f, y, reduction, ignore_index, label_smoothing):
-    if f.dim() != 2:
+    """Raise InputError unless ``y`` is a target cross-entropy takes for the model output ``f``:
+    class indices ``[N, d1, ...]`` or class probabilities shaped like ``f``."""
+    shape, dtype = f.shape, f.dtype
+    if len(shape) < 2:
         raise InputError(
-            f"cross_entropy: the model output has shape {tuple(f.shape)}; the closed form takes "
-            "logits [N, C] (other shapes take the general loss path)"
+            f"cross_entropy: the model output has shape {tuple(shape)}; cross_entropy takes logits "
+            "[N, C] or [N, C, d1, ...] (class axis 1)"
         )
-    n, c = f.shape
-    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        if y.shape != (n,):
+    index_shape = (shape[0],) + tuple(shape[2:])
+    if y.dtype in _INDEX_DTYPES:
+        if tuple(y.shape) != index_shape:
+            spelled = f"[{shape[0]}] (one class per sample)" if len(shape) == 2 else \
+                f"{index_shape} (one class per sample and position)"
             raise InputError(
-                f"target y: cross_entropy with class-index targets expects shape [{n}] (one class "
-                f"per sample), got {tuple(y.shape)}"
+                f"target y: cross_entropy with class-index targets expects shape {spelled}, got "
+                f"{tuple(y.shape)}"
             )
     elif y.is_floating_point():
-        if y.shape != f.shape:
+        if tuple(y.shape) != tuple(shape):
             raise InputError(
                 f"target y: cross_entropy with class-probability targets expects shape "
-                f"{tuple(f.shape)}, got {tuple(y.shape)}"
+                f"{tuple(shape)}, got {tuple(y.shape)}"
             )
-        if y.dtype != f.dtype:
-            raise InputError(f"target y: dtype {y.dtype} differs from the model output's {f.dtype}")
+        if y.dtype != dtype:
+            raise InputError(f"target y: dtype {y.dtype} differs from the model output's {dtype}")
     else:
         raise InputError(
-            f"target y: cross_entropy takes int64 class indices [N] or float class probabilities "
-            f"[N, C]; got dtype {y.dtype}"
+            f"target y: cross_entropy takes int64 class indices {list(index_shape)} or float class "
+            f"probabilities {list(shape)}; got dtype {y.dtype}"
         )
+
+
+def _positions(shape) -> int:
+    """``P = d1 * d2 * ...``, the number of positions per sample (1 for ``[N, C]`` outputs)."""
+    return int(torch.Size(shape[2:]).numel())
 
 
 ce = define_op("cross_entropy", "losses", cross_entropy, inputs=("f", "y"), is_loss=True,
-               check=_check_cross_entropy, sqrt_columns=lambda shape: max(shape[1] - 1, 0))
+               check=_check_cross_entropy,
+               sqrt_columns=lambda shape: max(shape[1] - 1, 0) * _positions(shape))
 
 
 def _ce_attrs(reduction, ignore_index, label_smoothing, weight, size_average=None, reduce=None):
@@ -97,6 +117,17 @@ def _ce_from_function(node, a):
     return None if attrs is None else Match({"f": a(0, "input"), "y": a(1, "target")}, attrs)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *d] -> [N * P, C]``: one row per (sample, position), samples major."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _from_rows(rows: torch.Tensor, shape) -> torch.Tensor:
+    """``[K, N * P, C] -> [K, N, C, *d]``, the inverse of :func:`_rows` behind a leading axis."""
+    k, c = rows.shape[0], shape[1]
+    return rows.reshape((k, shape[0]) + tuple(shape[2:]) + (c,)).movedim(-1, 2)
+
+
 @ce.derived("probs")
 def ce_probs(f):
     return torch.softmax(f, dim=1)
@@ -104,83 +135,116 @@ def ce_probs(f):
 
 @ce.derived("target_dist")
 def ce_target_dist(f, y, ignore_index, label_smoothing):
-    """The target distribution ``t`` per sample (one-hot, smoothed; zero where ignored)."""
+    """The target distribution ``t`` per position, ``[N, C, *d]`` (one-hot, smoothed; zero where ignored)."""
     c = f.shape[1]
     if y.is_floating_point():
         t = y
     else:
-        valid = y != ignore_index
-        t = F.one_hot(torch.where(valid, y, 0).long(), c).to(f.dtype) * valid.unsqueeze(1)
+        valid = (y != ignore_index).unsqueeze(1)
+        t = F.one_hot(torch.where(y != ignore_index, y, 0).long(), c).movedim(-1, 1).to(f.dtype) * valid
     if label_smoothing:
         # torch smooths towards the uniform distribution: probability targets get eps/C whatever
         # their mass; class-index targets only where not ignored.
         uniform = label_smoothing / c
         if not y.is_floating_point():
-            uniform = uniform * valid.unsqueeze(1).to(f.dtype)
+            uniform = uniform * valid.to(f.dtype)
         t = (1 - label_smoothing) * t + uniform
     return t
 
 
 @ce.derived("sample_weight")
 def ce_sample_weight(f, y, reduction, ignore_index):
-    """``w_n``: the weight of sample ``n``'s loss in the reduced loss."""
-    n = f.shape[0]
+    """``w [N, *d]``: the weight of each position's loss in the reduced loss. ``"mean"`` divides
+    by the number of positions ``N * P`` (probability targets) or of non-ignored ones (class
+    indices), as torch does; with none (an empty batch) the weights are an empty tensor."""
+    shape = torch.Size((f.shape[0],) + tuple(f.shape[2:]))
     if reduction == "sum":
-        return f.new_ones(n)
+        return f.new_ones(shape)
     if y.is_floating_point():
-        return f.new_full((n,), 1.0 / n)
+        return f.new_full(shape, 1.0 / max(shape.numel(), 1))
     valid = (y != ignore_index).to(f.dtype)
     return valid / valid.sum().clamp(min=1)
 
 
 @ce.loss_grad()
 def ce_grad(probs, target_dist, sample_weight):
-    """``dL/df = w ((sum t) p - t)`` (HesScale App. A.1: ``q - p`` for one-hot targets)."""
+    """``dL/df = w ((sum t) p - t)`` per position (HesScale App. A.1: ``q - p`` for one-hot targets)."""
     return sample_weight.unsqueeze(1) * (target_dist.sum(1, keepdim=True) * probs - target_dist)
 
 
-@ce.loss_sqrt_hessian()
-def ce_sqrt_hessian(probs, target_dist, sample_weight):
-    """A rank-``(C - 1)`` factor of HBP Sec. C.2's ``H = diag(p) - p p^T``: ``[C - 1, N, C]``.
+def _householder_factor(probs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``[R, C - 1, C]``: per row ``r`` of ``probs [R, C]``, ``C - 1`` vectors ``s_j`` with
+    ``sum_j s_j s_j^T = scale_r^2 (diag p - p p^T)``.
 
-    ``H`` annihilates the ones vector, so ``C - 1`` columns suffice (one fewer than the ``C`` columns
-    of ``diag(sqrt p) - p sqrt(p)^T``, which is every factor product 10% cheaper for ``C = 10``). With
-    ``q = sqrt(p)`` (a unit vector) and ``Q`` an orthonormal basis of ``q``'s orthogonal complement,
-    ``S = diag(q) Q`` gives ``S S^T = diag(q) (I - q q^T) diag(q) = H``. ``Q`` is the Householder
-    reflection mapping ``q`` to ``e_m`` without its column ``m``, ``m = argmin q`` so that
+    ``H`` annihilates the ones vector, so ``C - 1`` columns suffice. With ``q = sqrt(p)`` (a unit
+    vector) and ``Q`` an orthonormal basis of ``q``'s orthogonal complement, ``S = diag(q) Q`` gives
+    ``S S^T = diag(q) (I - q q^T) diag(q) = diag p - p p^T``. ``Q`` is the Householder reflection
+    mapping ``q`` to ``e_m`` without its column ``m``, ``m = argmin q`` so that
     ``|q - e_m|^2 = 2 - 2 q_m >= 2 - 2 / sqrt(C)`` keeps the reflection well conditioned.
     """
-    n, c = probs.shape
-    scale = (sample_weight * target_dist.sum(1)).sqrt()  # [N]
-    if c == 1:  # a single class: the loss is constant in f
-        return probs.new_zeros((0, n, 1)), None
+    r, c = probs.shape
     q = probs.sqrt()
     m = q.argmin(dim=1)
     onehot = F.one_hot(m, c).to(probs.dtype)
     v = q - onehot
-    reflection = torch.eye(c, dtype=probs.dtype, device=probs.device) - (2 / (v * v).sum(1)).view(n, 1, 1) * (
-        v.unsqueeze(2) * v.unsqueeze(1))  # [N, C, C], symmetric: rows are columns
+    reflection = torch.eye(c, dtype=probs.dtype, device=probs.device) - (2 / (v * v).sum(1)).view(r, 1, 1) * (
+        v.unsqueeze(2) * v.unsqueeze(1))  # [R, C, C], symmetric: rows are columns
     # The rows (= columns) other than m, gathered (a fixed shape, unlike a boolean mask).
-    rows = torch.arange(c - 1, device=probs.device).unsqueeze(0)
-    rows = rows + (rows >= m.unsqueeze(1)).long()  # [N, C - 1]: 0..C-1 without m
-    basis = reflection.gather(1, rows.unsqueeze(2).expand(n, c - 1, c))
-    factor = basis * (q * scale.unsqueeze(1)).unsqueeze(1)  # column j: q o Q_j, scaled
-    return factor.transpose(0, 1).contiguous(), None
+    others = torch.arange(c - 1, device=probs.device).unsqueeze(0)
+    others = others + (others >= m.unsqueeze(1)).long()  # [R, C - 1]: 0..C-1 without m
+    basis = reflection.gather(1, others.unsqueeze(2).expand(r, c - 1, c))
+    return basis * (q * scale.unsqueeze(1)).unsqueeze(1)  # column j: q o Q_j, scaled
+
+
+@ce.loss_sqrt_hessian()
+def ce_sqrt_hessian(probs, target_dist, sample_weight):
+    """A factor of HBP Sec. C.2's ``H = w (sum t) (diag p - p p^T)`` per position, rank ``C - 1``.
+
+    ``[N, C]`` outputs: ``[C - 1, N, C]`` (:func:`_householder_factor`; 10% fewer columns than
+    ``diag(sqrt p) - p sqrt(p)^T`` for ``C = 10``). ``[N, C, *d]`` outputs: a sample's Hessian is
+    block diagonal over its ``P`` positions, so its factor is block diagonal too:
+    ``[(C - 1) P, N, C, *d]``, column ``(j, a)`` holding position ``a``'s ``j``-th vector at
+    position ``a`` and zeros elsewhere. One class (``C = 1``): the loss is constant, no columns.
+    """
+    shape = probs.shape
+    n, c = shape[:2]
+    if c == 1:
+        return probs.new_zeros((0,) + tuple(shape)), None
+    scale = (sample_weight * target_dist.sum(1)).sqrt()  # [N, *d]
+    factor = _householder_factor(_rows(probs), scale.reshape(-1))  # [N * P, C - 1, C]
+    if probs.dim() == 2:
+        return factor.transpose(0, 1).contiguous(), None
+    p = _positions(shape)
+    blocks = probs.new_zeros((c - 1, p, n, c, p))
+    # blocks[j, a, n, :, a] = factor[(n, a), j, :]: the diagonal over the two position axes.
+    blocks.diagonal(dim1=1, dim2=4).copy_(factor.view(n, p, c - 1, c).permute(2, 0, 3, 1))
+    return blocks.view(((c - 1) * p,) + tuple(shape)), None
 
 
 @ce.loss_sqrt_hessian_mc()
 def ce_sqrt_hessian_mc(probs, target_dist, sample_weight, mc_samples, generator):
-    """``(p - onehot(c_k)) sqrt(w sum t / K)`` with ``c_k ~ Cat(p)``, ``[K, N, C]``."""
-    n, c = probs.shape
-    classes = torch.multinomial(probs, mc_samples, replacement=True, generator=generator)  # [N, K]
-    onehot = F.one_hot(classes.T, c).to(probs.dtype)  # [K, N, C]
-    scale = (sample_weight * target_dist.sum(1) / mc_samples).sqrt().unsqueeze(-1)
-    return (probs.unsqueeze(0) - onehot) * scale
+    """``(p - onehot(c_k)) sqrt(w sum t / K)`` with ``c_k ~ Cat(p)`` drawn per position: ``[K, N, C, *d]``.
+
+    Draws of different positions are independent and ``E[onehot(c)] = p``, so the cross terms of
+    two positions vanish in expectation and ``E[S S^T]`` is the block-diagonal Hessian. Positions
+    whose probabilities are not finite (a NaN or inf in the input or a weight) get NaN columns, as
+    every other quantity propagates NaN; their draw is taken from a uniform stand-in so that
+    sampling never fails.
+    """
+    c = probs.shape[1]
+    rows = _rows(probs)  # [R, C]
+    finite = torch.isfinite(rows).all(1)  # [R]
+    draw_from = torch.where(finite.unsqueeze(1), rows, 1.0 / c)
+    classes = torch.multinomial(draw_from, mc_samples, replacement=True, generator=generator)  # [R, K]
+    onehot = F.one_hot(classes.T, c).to(probs.dtype)  # [K, R, C]
+    scale = (sample_weight * target_dist.sum(1)).reshape(-1) / mc_samples
+    scale = torch.where(finite, scale.sqrt(), torch.nan)
+    return _from_rows((rows.unsqueeze(0) - onehot) * scale.unsqueeze(-1), probs.shape)
 
 
 @ce.loss_hessian_diag()
 def ce_hessian_diag(probs, target_dist, sample_weight):
-    """HesScale App. A.1: ``diag(H) = q - q^2`` (times the sample's weight)."""
+    """HesScale App. A.1: ``diag(H) = q - q^2`` per position (times its weight)."""
     return (sample_weight * target_dist.sum(1)).unsqueeze(1) * (probs - probs * probs)
 
 
@@ -226,7 +290,9 @@ def _mse_from_function(node, a):
 
 
 def _mse_weight(f, reduction):
-    return 1.0 / f.numel() if reduction == "mean" else 1.0
+    """``w``: ``1 / numel`` for ``"mean"`` (any finite value for an empty batch, whose every
+    derivative is an empty tensor), ``1`` for ``"sum"``."""
+    return 1.0 / max(f.numel(), 1) if reduction == "mean" else 1.0
 
 
 @mse.loss_grad()
@@ -238,7 +304,7 @@ def mse_grad(f, y, reduction):
 @mse.loss_sqrt_hessian()
 def mse_sqrt_hessian(f, reduction):
     """HBP eq. S.12: ``H = 2 w I``, factor ``sqrt(2 w) I`` with one column per output entry."""
-    n, d = f.shape[0], f[0].numel()
+    n, d = f.shape[0], f.shape[1:].numel()
     eye = torch.eye(d, dtype=f.dtype, device=f.device) * (2 * _mse_weight(f, reduction)) ** 0.5
     return eye.reshape((d, 1) + f.shape[1:]).expand((d, n) + f.shape[1:]), None
 

@@ -19,7 +19,7 @@ import fxcurv
 import reference
 from fxcurv.errors import LossError
 from fxcurv.rules import losses as L
-from helpers import assert_close, check_against_references, rel_error
+from helpers import assert_close, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
 DTYPE = torch.float64
 N, C = 5, 4
@@ -244,3 +244,261 @@ def test_both_hessian_vector_product_modes_give_the_blocks(loss):
     else:
         with pytest.raises(NotImplementedError):
             L.per_sample_hessians(loss, f, y, "forward")
+
+
+# ---- 3. cross-entropy on [N, C, d1, ...] outputs ------------------------------------------------
+
+def _seg_targets(kind: str, shape, g: torch.Generator):
+    n, c, pos = shape[0], shape[1], tuple(shape[2:])
+    if kind == "index":
+        return torch.randint(0, c, (n,) + pos, generator=g), -100
+    if kind == "ignored":
+        y = torch.randint(0, c, (n,) + pos, generator=g)
+        y.view(-1)[::3] = 2
+        return y, 2
+    if kind == "ignored_default":
+        y = torch.randint(0, c, (n,) + pos, generator=g)
+        y.view(-1)[1::4] = -100
+        return y, -100
+    if kind == "probs":
+        return torch.softmax(torch.randn(shape, dtype=DTYPE, generator=g), 1), -100
+    if kind == "probs_unnormalized":
+        mass = torch.rand((n, 1) + pos, dtype=DTYPE, generator=g) * 2
+        return torch.softmax(torch.randn(shape, dtype=DTYPE, generator=g), 1) * mass, -100
+    raise ValueError(kind)
+
+
+def ce_rules(f, y, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    probs = L.ce_probs(f)
+    dist = L.ce_target_dist(f, y, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    weight = L.ce_sample_weight(f, y, reduction=reduction, ignore_index=ignore_index)
+    return probs, dist, weight
+
+
+SEG_SHAPES = [(N, C, 3), (3, C, 2, 3)]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("targets", ["index", "ignored", "ignored_default", "probs", "probs_unnormalized"])
+@pytest.mark.parametrize("shape", SEG_SHAPES, ids=["1d", "2d"])
+def test_segmentation_cross_entropy_rules(shape, targets, reduction, smoothing):
+    g = torch.Generator().manual_seed(6)
+    f = 2 * torch.randn(shape, dtype=DTYPE, generator=g)
+    y, ignore_index = _seg_targets(targets, shape, g)
+
+    def loss_fn(z):
+        return F.cross_entropy(z, y, reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing)
+
+    exp_grad, exp_blocks, _ = autodiff(loss_fn, f)
+    probs, dist, weight = ce_rules(f, y, reduction, ignore_index, smoothing)
+    grad = L.ce_grad(probs, dist, weight)
+    s, sign = L.ce_sqrt_hessian(probs, dist, weight)
+    diag = L.ce_hessian_diag(probs, dist, weight)
+    positions = torch.Size(shape[2:]).numel()
+    assert sign is None and s.shape == ((C - 1) * positions,) + tuple(shape)
+    assert s.shape[0] == L.ce.sqrt_columns(tuple(shape))
+    assert rel_error(grad, exp_grad) < 1e-10, "gradient"
+    assert rel_error(factor_blocks(s, None, shape[0]), exp_blocks) < 1e-10, "S S^T"
+    assert rel_error(diag.reshape(shape[0], -1), torch.diagonal(exp_blocks, dim1=1, dim2=2)) < 1e-10
+    # Each column lives at one position.
+    nonzero_positions = (s.flatten(3) != 0).any(2).any(1).sum(1) if s.dim() > 3 else None
+    if nonzero_positions is not None:
+        assert (nonzero_positions <= 1).all()
+
+
+def test_segmentation_mc_columns_draw_one_class_per_position():
+    """Every Monte Carlo column is ``(p - onehot(c)) sqrt(w sum t / K)`` at every position."""
+    g = torch.Generator().manual_seed(7)
+    shape, k = (3, C, 2, 3), 5
+    f = torch.randn(shape, dtype=DTYPE, generator=g)
+    y, _ = _seg_targets("index", shape, g)
+    probs, dist, weight = ce_rules(f, y, "sum")
+    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=k, generator=g)
+    assert s.shape == (k,) + shape
+    onehot = probs.unsqueeze(0) - s * k ** 0.5  # weights are one with reduction="sum"
+    assert torch.allclose(onehot.sum(2), torch.ones((), dtype=DTYPE), atol=1e-12)
+    assert torch.allclose(onehot, onehot.round(), atol=1e-12) and (onehot.round() >= 0).all()
+
+
+def test_segmentation_mc_factor_is_unbiased():
+    """``E[S S^T]`` is the block-diagonal Hessian (cross-position terms vanish in expectation):
+    the mean over 20,000 draws lies within 5 standard errors (estimated from 40 batches of 500) of
+    torch.func's blocks, entry by entry; ignored positions have exactly zero columns."""
+    g = torch.Generator().manual_seed(8)
+    shape = (2, 3, 2, 2)
+    f = torch.randn(shape, dtype=DTYPE, generator=g)
+    y = torch.tensor([[[0, 1], [2, -100]], [[1, 1], [0, 2]]])
+    probs, dist, weight = ce_rules(f, y, "mean")
+    _, blocks, _ = autodiff(lambda z: F.cross_entropy(z, y), f)
+    estimates = torch.stack([factor_blocks(L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=500,
+                                                                generator=g), None, 2)
+                             for _ in range(40)])
+    mean, se = estimates.mean(0), estimates.std(0) / 40 ** 0.5
+    random = se > 0
+    assert ((mean - blocks).abs()[random] < 5 * se[random]).all()
+    assert (mean[~random] == blocks[~random]).all()
+    assert (blocks[random] == 0).any()  # cross-position entries are tested too
+
+
+def seg_net(c=3):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, c, 1)).to(DTYPE)
+
+
+@pytest.mark.parametrize("loss_fn, ignore", [
+    (nn.CrossEntropyLoss(), -100),
+    (nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1), -100),
+    (nn.CrossEntropyLoss(ignore_index=1, label_smoothing=0.2), 1),
+    (lambda f, y: F.cross_entropy(f, y, ignore_index=-100), -100),
+], ids=["mean", "sum_smoothing", "ignore_index_smoothing", "functional"])
+def test_segmentation_end_to_end(loss_fn, ignore):
+    model = seg_net()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE, generator=g)
+    y = torch.randint(0, 3, (2, 3, 3), generator=g)
+    y[0, 1, 2] = y[1, 2, 0] = ignore
+    engine = fxcurv.compile(model, loss_fn, quantities=("diag_ggn", "diag_hessian"))
+    out = engine(x, y)
+    assert "cross_entropy" in str(engine.graph) and "general_loss" not in str(engine.graph)
+    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
+    assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
+    assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
+    if ignore == 1:  # A 1x1 convolution's weight sees one position's block per entry: HesScale is exact there.
+        check_hesscale_exact_at_last_layer(model, loss_fn, x, y, "hesscale", ("2.weight", "2.bias"))
+
+
+def test_segmentation_end_to_end_probability_targets():
+    model = seg_net()
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE)
+    y = torch.softmax(torch.randn(2, 3, 3, 3, dtype=DTYPE), 1) * 1.5
+    check_against_references(model, nn.CrossEntropyLoss(label_smoothing=0.1), x, y)
+
+
+def test_segmentation_end_to_end_mc_is_unbiased():
+    """``diag_ggn_mc`` on ``[N, C, H, W]`` outputs converges to ``diag_ggn`` (mean of 20 calls of
+    200 draws within 5 standard errors per entry)."""
+    model = seg_net()
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE)
+    y = torch.randint(0, 3, (2, 3, 3))
+    exact = reference.diag_ggn(model, nn.CrossEntropyLoss(), x, y)
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn_mc",), mc_samples=200, seed=0)
+    runs = [engine(x, y)["diag_ggn_mc"] for _ in range(20)]
+    for k, e in exact.items():
+        stack = torch.stack([r[k] for r in runs])
+        se = stack.std(0) / 20 ** 0.5
+        assert ((stack.mean(0) - e).abs() < 5 * se + 1e-15).all(), k
+
+
+# ---- 4. empty batches ---------------------------------------------------------------------------
+
+def _rule_outputs(loss: str, shape):
+    """grad, (S, sign), diag and the Monte Carlo factor of a closed-form loss at ``f`` of ``shape``."""
+    f = torch.randn(shape, dtype=DTYPE)
+    g = torch.Generator().manual_seed(0)
+    if loss == "mse":
+        y = torch.randn(shape, dtype=DTYPE)
+        return (f, L.mse_grad(f, y, reduction="mean"), L.mse_sqrt_hessian(f, reduction="mean"),
+                L.mse_hessian_diag(f, reduction="mean"),
+                L.mse_sqrt_hessian_mc(f, reduction="mean", mc_samples=2, generator=g))
+    y = torch.zeros((shape[0],) + tuple(shape[2:]), dtype=torch.long) if loss == "ce_index" else \
+        torch.softmax(torch.randn(shape, dtype=DTYPE), 1)
+    probs, dist, weight = ce_rules(f, y, "mean", -100, 0.1)
+    return (f, L.ce_grad(probs, dist, weight), L.ce_sqrt_hessian(probs, dist, weight),
+            L.ce_hessian_diag(probs, dist, weight),
+            L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=2, generator=g))
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce_index", "ce_probs"])
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 2, 3)], ids=["2d", "4d"])
+def test_rules_on_an_empty_batch(loss, shape):
+    f, grad, (s, _), diag, mc = _rule_outputs(loss, shape)
+    assert grad.shape == f.shape and diag.shape == f.shape and mc.shape == (2,) + f.shape
+    columns = L.ce.sqrt_columns(shape) if loss.startswith("ce") else f.shape[1:].numel()
+    assert s.shape == (columns,) + f.shape
+
+
+@pytest.mark.parametrize("loss_fn, y", [
+    (nn.MSELoss(), torch.zeros(0, C, dtype=DTYPE)),
+    (nn.MSELoss(reduction="sum"), torch.zeros(0, C, dtype=DTYPE)),
+    (nn.CrossEntropyLoss(), torch.zeros(0, dtype=torch.long)),
+    (nn.CrossEntropyLoss(label_smoothing=0.1), torch.zeros(0, C, dtype=DTYPE)),
+    (lambda f, y: ((f - y) ** 4).mean(), torch.zeros(0, C, dtype=DTYPE)),
+], ids=["mse", "mse_sum", "ce", "ce_probs", "general"])
+def test_an_empty_batch_behaves_like_torch(loss_fn, y):
+    """The loss is torch's (NaN for a mean over nothing, 0 for a sum); every derivative is zero."""
+    model = mlp()
+    x = torch.zeros(0, 3, dtype=DTYPE)
+    quantities = ("diag_ggn", "diag_hessian", "hesscale")
+    if isinstance(loss_fn, nn.Module):
+        quantities += ("diag_ggn_mc",)
+    out = fxcurv.compile(model, loss_fn, quantities=quantities, seed=0)(x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(out.loss, loss_fn(model(x), y), equal_nan=True)
+    for q in out:
+        for name, p in model.named_parameters():
+            assert torch.equal(out[q][name], torch.zeros_like(p)), (q, name)
+
+
+# ---- 5. NaN with Monte Carlo factors ------------------------------------------------------------
+
+def test_mc_factor_propagates_nan_per_position():
+    probs = torch.softmax(torch.randn(4, C, 3, dtype=DTYPE), 1)
+    probs[1, :, 2] = float("nan")
+    probs[3, 0, 0] = float("inf")
+    y = torch.zeros(4, 3, dtype=torch.long)
+    dist = L.ce_target_dist(probs, y, ignore_index=-100, label_smoothing=0.0)
+    weight = L.ce_sample_weight(probs, y, reduction="sum", ignore_index=-100)
+    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=3, generator=torch.Generator().manual_seed(0))
+    bad = torch.zeros(4, 3, dtype=torch.bool)
+    bad[1, 2] = bad[3, 0] = True
+    assert torch.isnan(s.movedim(2, -1)[:, bad]).all()
+    assert torch.isfinite(s.movedim(2, -1)[:, ~bad]).all()
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_nan_propagates_through_diag_ggn_mc_like_diag_ggn(where, loss):
+    model = mlp()
+    x = torch.randn(N, 3, dtype=DTYPE)
+    if where == "input":
+        x[2, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            model[2].weight[1, 3] = float("nan")
+    loss_fn, y = (nn.CrossEntropyLoss(), torch.arange(N) % C) if loss == "ce" else \
+        (nn.MSELoss(), torch.randn(N, C, dtype=DTYPE))
+    out = fxcurv.compile(model, loss_fn, quantities=("diag_ggn", "diag_ggn_mc"), seed=0)(x, y)
+    assert torch.isnan(out.loss)
+    for name in out.grad:
+        assert torch.equal(torch.isnan(out["diag_ggn_mc"][name]), torch.isnan(out["diag_ggn"][name])), name
+    assert any(torch.isnan(v).any() for v in out["diag_ggn_mc"].values())
+
+
+# ---- 7. a single class --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets", ["index", "probs"])
+@pytest.mark.parametrize("shape", [(N, 1), (3, 1, 2, 3)], ids=["2d", "4d"])
+def test_one_class_rules(shape, targets):
+    """``C = 1``: the loss is constant; zero gradient, no factor columns, zero diagonal."""
+    f = torch.randn(shape, dtype=DTYPE)
+    y = torch.zeros((shape[0],) + shape[2:], dtype=torch.long) if targets == "index" else \
+        torch.rand(shape, dtype=DTYPE)
+    probs, dist, weight = ce_rules(f, y, "mean", -100, 0.1)
+    exp_grad, exp_blocks, _ = autodiff(lambda z: F.cross_entropy(z, y, label_smoothing=0.1), f)
+    assert exp_blocks.abs().max() == 0 and exp_grad.abs().max() == 0
+    assert torch.equal(L.ce_grad(probs, dist, weight), torch.zeros(shape, dtype=DTYPE))
+    assert torch.equal(L.ce_hessian_diag(probs, dist, weight), torch.zeros(shape, dtype=DTYPE))
+    s, sign = L.ce_sqrt_hessian(probs, dist, weight)
+    assert sign is None and s.shape == (0,) + shape and L.ce.sqrt_columns(shape) == 0
+    mc = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mc, torch.zeros((2,) + shape, dtype=DTYPE))
+
+
+def test_one_class_end_to_end():
+    model = mlp(d_out=1)
+    x = torch.randn(N, 3, dtype=DTYPE)
+    out = check_against_references(model, nn.CrossEntropyLoss(), x, torch.zeros(N, dtype=torch.long),
+                                   quantities=("diag_ggn", "diag_hessian", "hesscale"))
+    for q in out:
+        assert all(torch.equal(v, torch.zeros_like(v)) for v in out[q].values()), q
