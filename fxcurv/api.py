@@ -16,7 +16,7 @@ from .errors import InputError, MemoryBudgetError, UnsupportedOpError
 from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
 from .node_info import GENERATOR, INPUT, TARGET, info
-from .passes.canonicalize import unsupported_nodes
+from .passes.canonicalize import target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import Quantity, resolve
@@ -77,6 +77,8 @@ class Program:
     param_of: dict[str, str]  # placeholder -> parameter name
     placeholders: tuple[str, ...]
     statics: dict[tuple[str, str], Any]  # (quantity, parameter) -> static data for the quantity's wrap
+    # check_target(y): the loss's target check (shape, dtype, values), run before every call.
+    check_target: Optional[Callable[[Any], None]] = None
 
     @classmethod
     def from_build(cls, build: Build) -> Program:
@@ -88,7 +90,8 @@ class Program:
         placeholders = tuple(n.name for n in build.graph.nodes if n.op == "placeholder")
         param_of = {n.name: str(info(n).param) for n in build.graph.nodes
                     if n.op == "placeholder" and info(n).param is not None}
-        return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders, build.statics)
+        return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders, build.statics,
+                   check_target=target_check(build.canonical))
 
     def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],
             generator: Optional[torch.Generator]) -> dict[str, Any]:
@@ -244,6 +247,8 @@ class Engine:
 
     def __call__(self, x: torch.Tensor, y: Any, *, generator: Optional[torch.Generator] = None) -> Result:
         prog = self.program(x, y)
+        if prog.check_target is not None:  # target values change per call: check every call
+            prog.check_target(y)
         version = self._current
         assert version is not None
         if generator is None:

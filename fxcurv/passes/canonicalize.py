@@ -13,9 +13,10 @@ error naming the node, its source and what is supported; so is a trainable param
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -303,7 +304,22 @@ def _check_target(traced: Traced, gm: fx.GraphModule, y: Any) -> None:
     match = _match_loss(traced, gm)
     f_val = traced.model_output.meta.get("val")
     if match is not None and isinstance(f_val, torch.Tensor) and match[1].check is not None:
-        match[1].check(f_val, y, **match[2].attrs)
+        match[1].check(f_val.shape, f_val.dtype, y, **match[2].attrs)
+
+
+def target_check(canon: CanonicalGraph) -> Optional[Callable[[Any], None]]:
+    """``check(y)``, raising InputError for targets the program's loss cannot take, or ``None``.
+
+    A closed-form loss checks the target's shape and dtype against the model output's (fixed per
+    input signature) and its values (class indices in range), which change at every call: the
+    engine runs this before each call of the program, so that a bad target is an InputError on
+    every call, not only on the one that built the program.
+    """
+    op = registry.OPS.get(info(canon.loss).op or "")
+    if op is None or op.check is None:
+        return None
+    f = info(canon.model_output)
+    return functools.partial(op.check, f.shape, f.dtype, **canon.loss.kwargs)
 
 
 def _canonical_loss(traced: Traced, gm: fx.GraphModule, b: _Builder, f: fx.Node, y_node: fx.Node,
@@ -313,7 +329,7 @@ def _canonical_loss(traced: Traced, gm: fx.GraphModule, b: _Builder, f: fx.Node,
     if match is not None:
         node, op, found = match
         if op.check is not None:
-            op.check(f_val, y_val, **found.attrs)
+            op.check(f_val.shape, f_val.dtype, y_val, **found.attrs)
         new = b.graph.call_function(op.forward, (f, y_node), dict(found.attrs))
         set_info(new, op=op.name, source=_source(node, gm), shape=(), dtype=f_val.dtype)
         return new

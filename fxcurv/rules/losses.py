@@ -38,8 +38,9 @@ from .registry import Match, define_op
 # position. Every rule below works per position: ``probs``/``target_dist`` are ``[N, C, *d]``, the
 # weight ``sample_weight`` is ``[N, *d]`` (one per position; ``[N]`` for 2-D outputs).
 
-# Integer target dtypes: class indices.
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Class-index targets are int64, as torch documents: its CPU kernel also takes uint8, but not its
+# shape propagation (fake tensors), which every program build runs.
+_INDEX_DTYPES = (torch.int64,)
 
 
 def cross_entropy(f, y, reduction="mean", ignore_index=-100, label_smoothing=0.0):
@@ -47,15 +48,16 @@ def cross_entropy(f, y, reduction="mean", ignore_index=-100, label_smoothing=0.0
                            label_smoothing=label_smoothing)
 
 
-def _check_cross_entropy(f, y, reduction, ignore_index, label_smoothing):
-    """Raise InputError unless ``y`` is a target cross-entropy takes for the model output ``f``:
-    class indices ``[N, d1, ...]`` or class probabilities shaped like ``f``."""
-    shape, dtype = f.shape, f.dtype
+def _check_cross_entropy(shape, dtype, y, reduction, ignore_index, label_smoothing):
+    """Raise InputError unless ``y`` is a target cross-entropy takes for a model output of ``shape``
+    and ``dtype``: class indices ``[N, d1, ...]`` in ``[0, C)`` or ``ignore_index``, or class
+    probabilities shaped like the output. Runs at every call (cost: one min/max over ``y``)."""
     if len(shape) < 2:
         raise InputError(
             f"cross_entropy: the model output has shape {tuple(shape)}; cross_entropy takes logits "
             "[N, C] or [N, C, d1, ...] (class axis 1)"
         )
+    c = shape[1]
     index_shape = (shape[0],) + tuple(shape[2:])
     if y.dtype in _INDEX_DTYPES:
         if tuple(y.shape) != index_shape:
@@ -65,6 +67,7 @@ def _check_cross_entropy(f, y, reduction, ignore_index, label_smoothing):
                 f"target y: cross_entropy with class-index targets expects shape {spelled}, got "
                 f"{tuple(y.shape)}"
             )
+        _check_class_indices(y, c, ignore_index)
     elif y.is_floating_point():
         if tuple(y.shape) != tuple(shape):
             raise InputError(
@@ -78,6 +81,26 @@ def _check_cross_entropy(f, y, reduction, ignore_index, label_smoothing):
             f"target y: cross_entropy takes int64 class indices {list(index_shape)} or float class "
             f"probabilities {list(shape)}; got dtype {y.dtype}"
         )
+
+
+def _check_class_indices(y: torch.Tensor, c: int, ignore_index: int) -> None:
+    """Every class index in ``[0, c)`` or equal to ``ignore_index``; else InputError naming one.
+
+    The common case costs one ``aminmax`` (and one device sync); the position of an offender is
+    looked up only when there is one."""
+    if y.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())
+    if 0 <= lo and hi < c:
+        return
+    bad = ((y < 0) | (y >= c)) & (y != ignore_index)
+    if not bad.any():
+        return
+    where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    raise InputError(
+        f"target y: class index {int(y[where])} at {where} is out of range for {c} classes; "
+        f"cross_entropy takes class indices in [0, {c}) or ignore_index={ignore_index}"
+    )
 
 
 def _positions(shape) -> int:
@@ -255,14 +278,15 @@ def mse_loss(f, y, reduction="mean"):
     return F.mse_loss(f, y, reduction=reduction)
 
 
-def _check_mse(f, y, reduction):
-    if y.shape != f.shape:
+def _check_mse(shape, dtype, y, reduction):
+    """Raise InputError unless ``y`` has the model output's ``shape`` and ``dtype``."""
+    if tuple(y.shape) != tuple(shape):
         raise InputError(
-            f"target y: mse_loss expects the model output's shape {tuple(f.shape)}, got "
+            f"target y: mse_loss expects the model output's shape {tuple(shape)}, got "
             f"{tuple(y.shape)} (broadcasting targets silently changes the loss)"
         )
-    if y.dtype != f.dtype:
-        raise InputError(f"target y: dtype {y.dtype} differs from the model output's {f.dtype}")
+    if y.dtype != dtype:
+        raise InputError(f"target y: dtype {y.dtype} differs from the model output's {dtype}")
 
 
 mse = define_op("mse_loss", "losses", mse_loss, inputs=("f", "y"), is_loss=True, check=_check_mse)

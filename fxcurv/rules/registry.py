@@ -220,7 +220,8 @@ class OpDef:
     is_loss: bool = False
     # A loss whose per-sample Hessian w.r.t. f is positive semi-definite has unsigned factors.
     psd_hessian: bool = True
-    # check(f, y, **attrs) raises InputError for targets the loss cannot take.
+    # check(shape, dtype, y, **attrs) raises InputError for targets the loss cannot take, given the
+    # model output's shape and dtype; cheap enough to run at every call (it checks y's values).
     check: Optional[Callable[..., None]] = None
     # The number of columns of the loss's square-root factor for a model output of this shape
     # (default: one per output entry of a sample).

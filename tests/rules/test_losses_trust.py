@@ -17,7 +17,7 @@ from torch import nn
 
 import fxcurv
 import reference
-from fxcurv.errors import LossError
+from fxcurv.errors import InputError, LossError
 from fxcurv.rules import losses as L
 from helpers import assert_close, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
@@ -473,6 +473,44 @@ def test_nan_propagates_through_diag_ggn_mc_like_diag_ggn(where, loss):
     for name in out.grad:
         assert torch.equal(torch.isnan(out["diag_ggn_mc"][name]), torch.isnan(out["diag_ggn"][name])), name
     assert any(torch.isnan(v).any() for v in out["diag_ggn_mc"].values())
+
+
+# ---- 6. target values checked at every call -----------------------------------------------------
+
+@pytest.mark.parametrize("bad", [C, 7, -1, -100], ids=["C", "7", "-1", "other ignore index"])
+def test_out_of_range_class_on_a_later_call(bad):
+    engine = fxcurv.compile(mlp(), nn.CrossEntropyLoss(ignore_index=-5), quantities=("diag_ggn",))
+    x = torch.randn(N, 3, dtype=DTYPE)
+    y = torch.tensor([0, 1, 2, 3, -5])
+    engine(x, y)
+    y_bad = y.clone()
+    y_bad[2] = bad
+    for _ in range(2):  # the first call with this target, then again
+        with pytest.raises(InputError) as exc:
+            engine(x, y_bad)
+        msg = str(exc.value)
+        assert "target y" in msg and f"class index {bad} at (2,)" in msg and f"[0, {C})" in msg
+        assert "ignore_index=-5" in msg
+    engine(x, y)  # the engine still works
+
+
+def test_out_of_range_class_in_segmentation_targets():
+    model = seg_net()
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE)
+    y = torch.randint(0, 3, (2, 3, 3))
+    y[1, 2, 0] = -100
+    engine(x, y)
+    y[0, 1, 1] = 3
+    with pytest.raises(InputError, match=r"class index 3 at \(0, 1, 1\)"):
+        engine(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_index_targets_must_be_int64(dtype):
+    y = torch.tensor([0, 1, 2, 3, 0], dtype=dtype)
+    with pytest.raises(InputError, match="int64"):
+        fxcurv.compile(mlp(), nn.CrossEntropyLoss(), quantities=("diag_ggn",))(torch.randn(N, 3, dtype=DTYPE), y)
 
 
 # ---- 7. a single class --------------------------------------------------------------------------
