@@ -3,19 +3,21 @@ model output ``f``.
 
 Closed forms:
 
-* ``cross_entropy`` (softmax cross-entropy, HBP Sec. C.2; HesScale App. A.1): per sample
-  ``H = w (sum_c t_c) (diag p - p p^T)`` with ``p = softmax(f)``, target distribution ``t`` and sample
-  weight ``w`` (``1/N`` for ``reduction="mean"``). Its factor ``S = diag(sqrt p) - p sqrt(p)^T``
-  (``S S^T = H`` because ``sum p = 1``) has ``C`` columns; Monte Carlo columns are ``p - onehot(c)``
-  with ``c ~ Cat(p)`` (``E[.(.)^T] = H``).
+* ``cross_entropy`` (softmax cross-entropy, HBP Sec. C.2; HesScale App. A.1) on logits ``[N, C]``
+  or ``[N, C, d1, ...]`` (one softmax per position): per position ``H = w (sum_c t_c)
+  (diag p - p p^T)`` with ``p = softmax(f)``, target distribution ``t`` and weight ``w`` (``1/N``
+  for ``reduction="mean"`` on ``[N, C]``); a sample's Hessian is block diagonal over its positions.
+  Its factor has ``C - 1`` columns per position; Monte Carlo columns are ``p - onehot(c)`` with
+  ``c ~ Cat(p)`` drawn per position (``E[.(.)^T] = H``).
 * ``mse_loss`` (HBP Sec. C.1): ``H = 2 w I`` with ``w = 1/numel`` for ``"mean"``; Monte Carlo columns
   are ``sqrt(2 w) z`` with ``z ~ N(0, I)``.
 
 Any other loss torch.fx can trace takes the **general path** (``general_loss``): the per-sample
 Hessian blocks ``d2L/df_n^2`` come from torch.func (one Hessian-vector product per output
-coordinate, vectorized, valid because a sample-separable loss has a block-diagonal Hessian -- checked
-when the program is built) and are factorized by eigendecomposition, ``H_n = U diag(lam) U^T``, into
-``S = U sqrt|lam|`` with ``sign = sign(lam)`` where the loss is not convex (EA-CG eq. 14).
+coordinate, vectorized, valid because a sample-separable loss has a block-diagonal Hessian --
+checked at every call with one more product, :func:`_check_separable`) and are factorized by
+eigendecomposition, ``H_n = U diag(lam) U^T``, into ``S = U sqrt|lam|`` with ``sign = sign(lam)``
+where the loss is not convex (EA-CG eq. 14).
 """
 
 from __future__ import annotations
