@@ -49,6 +49,12 @@ def factor_blocks(s, sign, n):
     return torch.einsum("kn,kni,knj->nij", sign.to(s.dtype), s, s)
 
 
+def draws_for(t: torch.Tensor, seed: int) -> torch.Generator:
+    """A generator for a Monte Carlo rule called on ``t``: on ``t``'s device, like the one the engine
+    passes (the tests also run on CUDA tensors, ``pytest --device cuda``)."""
+    return torch.Generator(device=t.device).manual_seed(seed)
+
+
 def mlp(d_out=C, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, d_out)).to(DTYPE)
@@ -314,7 +320,7 @@ def test_segmentation_mc_columns_draw_one_class_per_position():
     f = torch.randn(shape, dtype=DTYPE, generator=g)
     y, _ = _seg_targets("index", shape, g)
     probs, dist, weight = ce_rules(f, y, "sum")
-    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=k, generator=g)
+    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=k, generator=draws_for(probs, 0))
     assert s.shape == (k,) + shape
     onehot = probs.unsqueeze(0) - s * k ** 0.5  # weights are one with reduction="sum"
     assert torch.allclose(onehot.sum(2), torch.ones((), dtype=DTYPE), atol=1e-12)
@@ -331,8 +337,9 @@ def test_segmentation_mc_factor_is_unbiased():
     y = torch.tensor([[[0, 1], [2, -100]], [[1, 1], [0, 2]]])
     probs, dist, weight = ce_rules(f, y, "mean")
     _, blocks, _ = autodiff(lambda z: F.cross_entropy(z, y), f)
+    draws = draws_for(probs, 0)
     estimates = torch.stack([factor_blocks(L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=500,
-                                                                generator=g), None, 2)
+                                                                generator=draws), None, 2)
                              for _ in range(40)])
     mean, se = estimates.mean(0), estimates.std(0) / 40 ** 0.5
     random = se > 0
@@ -395,7 +402,7 @@ def test_segmentation_end_to_end_mc_is_unbiased():
 def _rule_outputs(loss: str, shape):
     """grad, (S, sign), diag and the Monte Carlo factor of a closed-form loss at ``f`` of ``shape``."""
     f = torch.randn(shape, dtype=DTYPE)
-    g = torch.Generator().manual_seed(0)
+    g = draws_for(f, 0)
     if loss == "mse":
         y = torch.randn(shape, dtype=DTYPE)
         return (f, L.mse_grad(f, y, reduction="mean"), L.mse_sqrt_hessian(f, reduction="mean"),
@@ -449,7 +456,7 @@ def test_mc_factor_propagates_nan_per_position():
     y = torch.zeros(4, 3, dtype=torch.long)
     dist = L.ce_target_dist(probs, y, ignore_index=-100, label_smoothing=0.0)
     weight = L.ce_sample_weight(probs, y, reduction="sum", ignore_index=-100)
-    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=3, generator=torch.Generator().manual_seed(0))
+    s = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=3, generator=draws_for(probs, 0))
     bad = torch.zeros(4, 3, dtype=torch.bool)
     bad[1, 2] = bad[3, 0] = True
     assert torch.isnan(s.movedim(2, -1)[:, bad]).all()
@@ -529,7 +536,7 @@ def test_one_class_rules(shape, targets):
     assert torch.equal(L.ce_hessian_diag(probs, dist, weight), torch.zeros(shape, dtype=DTYPE))
     s, sign = L.ce_sqrt_hessian(probs, dist, weight)
     assert sign is None and s.shape == (0,) + shape and L.ce.sqrt_columns(shape) == 0
-    mc = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=2, generator=torch.Generator().manual_seed(0))
+    mc = L.ce_sqrt_hessian_mc(probs, dist, weight, mc_samples=2, generator=draws_for(probs, 0))
     assert torch.equal(mc, torch.zeros((2,) + shape, dtype=DTYPE))
 
 
