@@ -400,7 +400,7 @@ def hessian_vector_products(loss_fn, f, y, tangents: torch.Tensor, hvp: str) -> 
     if hvp == "forward":
         return torch.func.vmap(lambda v: torch.func.jvp(grad_f, (f,), (v,))[1])(tangents)
     if hvp == "reverse":
-        _, pullback = torch.func.vjp(grad_f, f)
+        pullback = torch.func.vjp(grad_f, f)[1]
         return torch.func.vmap(lambda v: pullback(v)[0])(tangents)
     raise ValueError(f"hvp={hvp!r}: choose from {', '.join(HVP_MODES)}")
 
@@ -576,7 +576,7 @@ def _takes_selectors(node: torch.fx.Node) -> bool:
 
 
 def _name(node: torch.fx.Node) -> str:
-    return getattr(node.target, "__name__", node.target)
+    return str(getattr(node.target, "__name__", node.target))
 
 
 def _not_differentiable(node: torch.fx.Node, why: str) -> LossError:
