@@ -550,7 +550,7 @@ def parse_args(argv=None):
                    help="leave out the Kronecker methods (fxcurv kfac/kflr/kfra, BackPACK KFAC/KFLR/KFRA)")
     p.add_argument("--name", default=None,
                    help="results/<name>.json (default: 'quick' with --quick, else 'full'; a '--methods kron' "
-                        "run: 'kron-quick' / 'kron')")
+                        "run or one naming only kfac/kflr/kfra: 'kron-quick' / 'kron')")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README results section(s)")
     p.add_argument("--main-readme", action="store_true",
                    help="also write the compact Kronecker table into ../README.md (between its kron markers)")
@@ -580,9 +580,12 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     args.method_budget_s = args.method_budget_s if args.method_budget_s is not None else (20.0 if args.quick else 90.0)
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (1 if args.quick else 5)
-    args.kron_only = [s.strip() for s in args.methods.split(",") if s.strip()] == [KRON_ALIAS]
+    # a run of Kronecker methods only (--methods kron, or naming only Kronecker quantities) keeps the
+    # full run's JSON, plot and README section
+    keys = {s.strip() for s in args.methods.split(",") if s.strip()}
+    args.kron_only = bool(keys) and keys <= {KRON_ALIAS, *KRONECKER_QUANTITIES}
     if args.kron_only and args.no_kron:
-        p.error("--methods kron and --no-kron exclude each other")
+        p.error("--no-kron leaves out every method a Kronecker-only --methods selects")
     if args.name is None:
         args.name = ("kron-" if args.kron_only else "") + ("quick" if args.quick else "full")
         args.name = "kron" if args.name == "kron-full" else args.name
