@@ -23,6 +23,18 @@ import fxcurv
 FXCURV_QUANTITIES = ("grad", "diag_ggn", "diag_ggn_mc", "diag_hessian", "hesscale", "hesscale_gn")
 COMBINED = ("grad", "diag_ggn", "hesscale")
 COMBINED_Q = "+".join(COMBINED)
+# The Kronecker-factored quantities benchmarked against BackPACK's KFAC, KFLR, KFRA. Their results are
+# fxcurv.operators.Kronecker objects; for the checks they are flattened to one tensor per factor,
+# keyed "<param>:G" and "<param>:A" (a bias has only G), in BackPACK's order and scaling.
+KRONECKER_QUANTITIES = ("kfac", "kflr", "kfra")
+KRON_FACTOR_NAMES = ("G", "A")
+# the seed of the Monte Carlo draws of the checked call (fxcurv's generator, BackPACK's global RNG)
+CHECK_SEED = 0
+
+
+def kron_factors(name: str, factors) -> dict[str, torch.Tensor]:
+    """``{"<name>:G": G, "<name>:A": A}`` (``A`` only for a weight) of one parameter's factors."""
+    return {f"{name}:{k}": f.detach().clone() for k, f in zip(KRON_FACTOR_NAMES, factors)}
 
 
 class Method:
@@ -109,10 +121,17 @@ class Fxcurv(Method):
 
     def check_call(self):
         # the generator lives where the samples are drawn (a CPU generator cannot draw on CUDA)
-        return self.engine(self.x, self.y, generator=torch.Generator(device=self.x.device).manual_seed(0))
+        return self.engine(self.x, self.y,
+                           generator=torch.Generator(device=self.x.device).manual_seed(CHECK_SEED))
 
     def values(self, result):
-        return {q: dict(result[q]) for q in result}
+        out = {}
+        for q in result:
+            per = dict(result[q])
+            if q in KRONECKER_QUANTITIES:  # Kronecker objects -> one tensor per factor
+                per = {k: v for n, op in per.items() for k, v in kron_factors(n, op.factors).items()}
+            out[q] = per
+        return out
 
 
 class FxcurvSeparate(Method):
@@ -148,13 +167,17 @@ class FxcurvSeparate(Method):
 
 BACKPACK_EXT = {"diag_ggn": ("DiagGGNExact", "diag_ggn_exact"), "diag_ggn_mc": ("DiagGGNMC", "diag_ggn_mc"),
                 "diag_hessian": ("DiagHessian", "diag_h")}
+# BackPACK's Kronecker extensions: (extension, attribute holding the list of factors per parameter)
+BACKPACK_KRON = {"kfac": ("KFAC", "kfac"), "kflr": ("KFLR", "kflr"), "kfra": ("KFRA", "kfra")}
+BACKPACK_ALL = {**BACKPACK_EXT, **BACKPACK_KRON}
+BACKPACK_MC = ("DiagGGNMC", "KFAC")  # extensions taking mc_samples
 
 
 class Backpack(Method):
     family = "backpack"
 
     def __init__(self, model, x, y, quantity: str, skip: Optional[str] = None, bp_model=None):
-        ext, attr = BACKPACK_EXT[quantity]
+        ext, attr = BACKPACK_ALL[quantity]
         super().__init__(f"backpack/{quantity}", f"BackPACK {ext}", quantity, skip)
         self.base, self.x, self.y, self.ext_name, self.attr = model, x, y, ext, attr
         self.bp_model = bp_model  # a shared extended copy (a dict holder), set up once
@@ -169,7 +192,7 @@ class Backpack(Method):
         self.model = self.bp_model["model"]
         self.loss_fn = self.bp_model["loss"]
         cls = getattr(extensions, self.ext_name)
-        self.extension = cls(mc_samples=1) if self.ext_name == "DiagGGNMC" else cls()
+        self.extension = cls(mc_samples=1) if self.ext_name in BACKPACK_MC else cls()
 
     def call(self):
         from backpack import backpack
@@ -179,19 +202,33 @@ class Backpack(Method):
             loss.backward()
         return loss.detach()
 
+    def check_call(self):
+        if self.quantity != "kfac":
+            return self.call()
+        # KFAC samples classes with torch.multinomial on the global RNG (Categorical.sample), fxcurv's
+        # kfac with torch.multinomial on its generator, both from the same probabilities and one
+        # sample per row: seeded alike, they draw the same classes (checked: the factors then agree
+        # to float32 precision), so KFAC's G is compared in full. The global RNG is restored.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CHECK_SEED)
+            return self.call()
+
     def reset(self):
         super().reset()
         model = self.bp_model.get("model")
         for p in model.parameters() if model is not None else ():
             p.grad = None
-            for a in ("diag_ggn_exact", "diag_ggn_mc", "diag_h"):
+            for a in ("diag_ggn_exact", "diag_ggn_mc", "diag_h", "kfac", "kflr", "kfra"):
                 if hasattr(p, a):
                     delattr(p, a)
 
     def values(self, result):
         named = list(self.model.named_parameters())
-        return {"grad": {n: p.grad.detach().clone() for n, p in named},
-                self.quantity: {n: getattr(p, self.attr).detach().clone() for n, p in named}}
+        if self.quantity in BACKPACK_KRON:  # a list of factors per parameter
+            q = {k: v for n, p in named for k, v in kron_factors(n, getattr(p, self.attr)).items()}
+        else:
+            q = {n: getattr(p, self.attr).detach().clone() for n, p in named}
+        return {"grad": {n: p.grad.detach().clone() for n, p in named}, self.quantity: q}
 
 
 class Asdl(Method):

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--nets mnist_mlp,fcnn128,fcnn500,c3d3] [--repeats 15]
                              [--backends eager,fused,inductor] [--quick]
+    python benchmarks/run.py --methods kron          # only the Kronecker factors against BackPACK
 
 See benchmarks/README.md for what is measured and how. Writes benchmarks/results/<name>.json,
 benchmarks/results/ratios.png (if matplotlib is installed) and the results section of
@@ -38,8 +39,8 @@ from fxcurv.networks import NETWORKS  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
 from methods import (  # noqa: E402
-    BACKPACK_EXT, COMBINED, FXCURV_QUANTITIES, Asdl, Autograd, Backpack, FloorRef, Fxcurv,
-    FxcurvSeparate, TorchFunc,
+    BACKPACK_EXT, BACKPACK_KRON, COMBINED, FXCURV_QUANTITIES, KRONECKER_QUANTITIES, Asdl, Autograd, Backpack,
+    FloorRef, Fxcurv, FxcurvSeparate, TorchFunc, kron_factors,
 )
 
 # benchmark config name -> (fxcurv.networks name, batch size)
@@ -50,6 +51,12 @@ NET_CONFIGS = {
     "c3d3": ("c3d3", 128),
 }
 BACKENDS = ("eager", "fused", "inductor")
+# The Kronecker quantities run on these backends only (when requested with --backends): inductor would
+# add a multi-second compile per program and shape for a comparison with BackPACK that fused settles.
+KRON_BACKENDS = ("eager", "fused")
+# --methods shorthand: "kron" selects every Kronecker method (fxcurv's kfac/kflr/kfra, BackPACK's
+# KFAC/KFLR/KFRA) and the plain forward+backward, nothing else
+KRON_ALIAS = "kron"
 CHECK_TOL = 1e-4  # relative (Frobenius) difference per parameter, float32
 NOISE_FACTOR = 10.0  # ... or this times the float32 reference's own difference from float64, if larger
 
@@ -192,9 +199,42 @@ def build_methods(cfg: str, model, net, x, y, args, engines: dict) -> list:
             skip=f"infeasible: torch.func gives the Hessian diagonal only through one Hessian-vector product "
                  f"per parameter ({n_params} HVPs) or the full per-layer Hessian; no structured diagonal"))
     methods.append(FloorRef(model, x, y))
+    if not args.no_kron:
+        methods += kron_methods(model, x, y, args, engines, has_conv)
     if args.methods:
         keep = [s.strip() for s in args.methods.split(",") if s.strip()]
-        methods = [m for m in methods if m.family == "autograd" or any(k in m.id for k in keep)]
+        kron = KRON_ALIAS in keep
+        methods = [m for m in methods if m.family == "autograd" or any(k in m.id for k in keep)
+                   or (kron and m.quantity in KRONECKER_QUANTITIES)]
+    return methods
+
+
+def kron_methods(model, x, y, args, engines: dict, has_conv: bool) -> list:
+    """fxcurv's kfac (1 sample), kflr, kfra with the eager and fused backends, and BackPACK's KFAC
+    (mc_samples=1), KFLR, KFRA on an extended copy of its own. On a convolutional net kfra is skipped:
+    KFRA's batch-averaged matrix at a conv output is dense over all its units."""
+    loss_fn = nn.CrossEntropyLoss()
+    kfra_skip = bp_kfra_skip = None
+    if has_conv and not args.no_skip:
+        V = _largest_activation(model, x)
+        kfra_skip = (
+            "infeasible: KFRA backpropagates a dense batch-averaged [V, V] matrix to every layer output "
+            f"(V = {V} units per sample at the first conv's output: {V * V * 4 / 2**30:.1f} GiB in float32), "
+            "which fxcurv refuses above 1 GiB. Run with --no-skip to see the refusal.")
+        bp_kfra_skip = (
+            f"infeasible: BackPACK's KFRA forms the same dense [V, V] matrix (V = {V}) at the conv outputs, "
+            f"{V * V * 4 / 2**30:.1f} GiB and more in its intermediates. Run with --no-skip to try anyway.")
+    methods = []
+    for b in args.backends:
+        if b not in KRON_BACKENDS:
+            continue
+        for q in KRONECKER_QUANTITIES:
+            methods.append(Fxcurv(engines, model, loss_fn, x, y, (q,), b,
+                                  skip=kfra_skip if q == "kfra" else None))
+    if not args.no_backpack:
+        holder: dict = {}  # its own extended copy: BackPACK's diagonal methods may be filtered out
+        for q in BACKPACK_KRON:
+            methods.append(Backpack(model, x, y, q, skip=bp_kfra_skip if q == "kfra" else None, bp_model=holder))
     return methods
 
 
@@ -252,6 +292,20 @@ def float32_noise(model, x, y, values: dict, ref_backend: str | None, res: dict,
             del out
         except Exception:  # noqa: BLE001
             pass
+    # Kronecker factors: fxcurv eager on the float64 copy, per factor; kfac (other random draws in
+    # float64) uses kflr's, whose A is the same and whose G has the same conditioning
+    for q in ("kflr", "kfra"):
+        r32 = ref(q)
+        if r32 is None or res.get(f"fxcurv/{ref_backend}/{q}", {}).get("first_call_s", 0) > max_s:
+            continue
+        try:
+            out = fxcurv.compile(m64, nn.CrossEntropyLoss(), quantities=(q,), backend="eager")(x64, y)
+            noise[q] = rel_all(r32, {k: v for n, op in out[q].items() for k, v in kron_factors(n, op.factors).items()})
+            del out
+        except Exception:  # noqa: BLE001
+            pass
+    if "kflr" in noise:
+        noise.setdefault("kfac", noise["kflr"])
     if "diag_ggn" in noise:
         noise.setdefault("diag_ggn_mc", noise["diag_ggn"])
     fallback = {k: max(noise.get("grad", {}).get(k, 0.0), noise.get("diag_ggn", {}).get(k, 0.0))
@@ -272,7 +326,7 @@ def run_checks(methods, values: dict, ref_backend: str | None, noise: dict | Non
     if "autograd/fwd+bwd" in values:
         refs["grad"] = ("autograd/fwd+bwd", values["autograd/fwd+bwd"]["grad"])
     if ref_backend is not None:
-        for q in FXCURV_QUANTITIES:
+        for q in FXCURV_QUANTITIES + KRONECKER_QUANTITIES:
             mid = f"fxcurv/{ref_backend}/{q}"
             if mid in values and q in values[mid]:
                 refs.setdefault(q, (mid, values[mid][q]))
@@ -292,14 +346,35 @@ def run_checks(methods, values: dict, ref_backend: str | None, noise: dict | Non
             missing = sorted(set(ref) - set(vals))
             for name, r in ref.items():
                 if name in vals:
-                    per[name] = _rel(vals[name], r)
+                    per[name] = _rel(vals[name], r) if vals[name].shape == r.shape else float("inf")
                     tol[name] = max(CHECK_TOL, NOISE_FACTOR * noise.get(q, {}).get(name, 0.0))
             worst = max(per.values(), default=float("nan"))
             failing = sorted(k for k in per if not per[k] <= tol[k])
-            checks[f"{m.id}:{q}"] = {"method": m.id, "quantity": q, "vs": ref_id, "max_rel_diff": worst,
-                                     "per_param": per, "tolerance": tol, "failing": failing,
-                                     "missing": missing, "ok": bool(not failing and not missing)}
+            c = {"method": m.id, "quantity": q, "vs": ref_id, "max_rel_diff": worst,
+                 "per_param": per, "tolerance": tol, "failing": failing,
+                 "missing": missing, "ok": bool(not failing and not missing)}
+            if q in KRONECKER_QUANTITIES:
+                c.update(kron_structure(vals, ref))
+                c["ok"] = c["ok"] and c["structure_ok"]
+                if q == "kfac":
+                    c["note"] = ("same draws: fxcurv's generator and BackPACK's global RNG seeded alike "
+                                 "(torch.multinomial on the same probabilities), so G is compared as well as A")
+            checks[f"{m.id}:{q}"] = c
     return checks
+
+
+def kron_structure(vals: dict, ref: dict) -> dict:
+    """Structure of Kronecker factors (``{"<param>:G" / ":A": tensor}``) beside their values: the same
+    factor names and shapes as the reference's, every factor square and symmetric (relative
+    ``|F - F^T|`` within ``CHECK_TOL``). For kfac this alone is what a comparison of independent draws
+    could check."""
+    shapes = {k: list(v.shape) for k, v in vals.items()}
+    asym = {k: _rel(v, v.T) if v.dim() == 2 and v.shape[0] == v.shape[1] else float("inf")
+            for k, v in vals.items()}
+    same = set(vals) == set(ref) and all(vals[k].shape == ref[k].shape for k in ref)
+    worst = max(asym.values(), default=0.0)
+    return {"factor_shapes": shapes, "shapes_match_reference": same, "max_asymmetry": worst,
+            "structure_ok": bool(same and worst <= CHECK_TOL)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,9 +544,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--methods", default="",
                    help="only methods whose id contains one of these comma-separated strings "
-                        "(autograd always runs), e.g. 'fxcurv/fused,backpack'")
-    p.add_argument("--name", default=None, help="results/<name>.json (default: 'quick' with --quick, else 'full')")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README results section")
+                        "(autograd always runs), e.g. 'fxcurv/fused,backpack'; 'kron' selects the Kronecker "
+                        "comparison (fxcurv kfac/kflr/kfra eager and fused, BackPACK KFAC/KFLR/KFRA)")
+    p.add_argument("--no-kron", action="store_true",
+                   help="leave out the Kronecker methods (fxcurv kfac/kflr/kfra, BackPACK KFAC/KFLR/KFRA)")
+    p.add_argument("--name", default=None,
+                   help="results/<name>.json (default: 'quick' with --quick, else 'full'; a '--methods kron' "
+                        "run or one naming only kfac/kflr/kfra: 'kron-quick' / 'kron')")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README results section(s)")
+    p.add_argument("--main-readme", action="store_true",
+                   help="also write the compact Kronecker table into ../README.md (between its kron markers)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-backpack", action="store_true")
     p.add_argument("--no-asdl", action="store_true")
@@ -498,7 +580,15 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     args.method_budget_s = args.method_budget_s if args.method_budget_s is not None else (20.0 if args.quick else 90.0)
     args.min_repeats = args.min_repeats if args.min_repeats is not None else (1 if args.quick else 5)
-    args.name = args.name or ("quick" if args.quick else "full")
+    # a run of Kronecker methods only (--methods kron, or naming only Kronecker quantities) keeps the
+    # full run's JSON, plot and README section
+    keys = {s.strip() for s in args.methods.split(",") if s.strip()}
+    args.kron_only = bool(keys) and keys <= {KRON_ALIAS, *KRONECKER_QUANTITIES}
+    if args.kron_only and args.no_kron:
+        p.error("--no-kron leaves out every method a Kronecker-only --methods selects")
+    if args.name is None:
+        args.name = ("kron-" if args.kron_only else "") + ("quick" if args.quick else "full")
+        args.name = "kron" if args.name == "kron-full" else args.name
     if args.mem_limit_gb is None:
         args.mem_limit_gb = round(0.85 * _meminfo("MemTotal") / 2**30, 1)
     return args
@@ -566,13 +656,23 @@ def main(argv=None) -> int:
     json_path.write_text(json.dumps(report.clean(results), indent=1, default=report.json_default))
     print(f"\nresults: {json_path.relative_to(HERE.parent)}")
     if not args.no_plot:
-        png = report.plot(results, out_dir / "ratios.png")
+        # a Kronecker-only run keeps the full run's plot
+        png = report.plot(results, out_dir / ("ratios-kron.png" if args.kron_only else "ratios.png"))
         print(f"plot: {png}" if png else "plot: skipped (matplotlib not installed)")
     if not args.no_readme:
-        report.update_readme(results, HERE / "README.md", json_path.relative_to(HERE))
-        print("README: benchmarks/README.md (results section regenerated)")
+        for what in report.update_readme(results, HERE / "README.md", json_path.relative_to(HERE)):
+            print(f"README: benchmarks/README.md ({what} regenerated)")
+    if args.main_readme:
+        if report.update_main_readme(results, HERE.parent / "README.md", json_path.relative_to(HERE.parent)):
+            print("README: README.md (Kronecker table regenerated)")
+        else:
+            print("README: README.md not changed (no Kronecker results, or no kron markers in it)")
     print()
     print(report.summary(results))
+    kron = report.kron_compact_markdown(results)
+    if kron:
+        print("Kronecker factors, fxcurv against BackPACK (for the README's Performance section):\n")
+        print(kron)
     return 0
 
 
