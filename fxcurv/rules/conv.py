@@ -291,7 +291,9 @@ def _check_ungrouped(groups: int) -> None:
 
 
 def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
-    s = S.flatten(-2).sum(-1)  # [K, N, C_out]: the positions summed before the outer product
+    # [K, N, C_out]: the positions summed before the outer product (a reduction over both spatial
+    # dims reads a strided message in place; flattening it first would copy it).
+    s = S.sum((-2, -1))
     w = s if sign is None else s * sign.unsqueeze(-1).to(s.dtype)
     return torch.einsum("kno,knp->op", w, s)
 
