@@ -45,7 +45,7 @@ class Result(Mapping):
     def grad(self) -> dict[str, torch.Tensor]:
         return self._values["grad"]
 
-    def __getitem__(self, quantity: str) -> dict[str, Any]:
+    def __getitem__(self, quantity: str) -> Any:
         try:
             return self._values[quantity]
         except KeyError:
@@ -255,9 +255,15 @@ class Engine:
             generator = self._generator(x.device)
         params = {name: p.detach() for name, p in version.traced.params.items()}
         out = prog.run(x, y, params, generator)
-        values = {q.name: {name: q.wrap(v, version.traced.params[name], prog.statics.get((q.name, name)))
-                           for name, v in out[q.name].items()}
-                  for q in prog.quantities}
+        params = version.traced.params
+        values: dict[str, Any] = {}
+        for q in prog.quantities:
+            if q.per_parameter:
+                values[q.name] = {name: q.wrap(v, params[name], prog.statics.get((q.name, name)))
+                                  for name, v in out[q.name].items()}
+            else:
+                values[q.name] = q.wrap_network(out[q.name], {name: params[name] for name in out[q.name]},
+                                                {name: prog.statics.get((q.name, name)) for name in out[q.name]})
         return Result(out["loss"], values)
 
     # ---- copying -------------------------------------------------------------------------------

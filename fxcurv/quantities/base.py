@@ -30,6 +30,9 @@ class Quantity:
     # The result per parameter is a tensor shaped like the parameter (the default); other quantities
     # say what they return in their description and implement wrap().
     shaped_like_parameter: ClassVar[bool] = True
+    # A whole-network quantity (per_parameter = False) still collects and finalizes per parameter,
+    # but the user gets one object: wrap_network() combines the parameters' results.
+    per_parameter: ClassVar[bool] = True
 
     def start(self) -> Any:
         """The empty per-parameter state (default: a list of contributions)."""
@@ -45,6 +48,12 @@ class Quantity:
         """What the user gets for one parameter from the program's result (default: as it is);
         ``static`` is what :meth:`finalize` returned besides the graph nodes (see ``Finalized``)."""
         return value
+
+    def wrap_network(self, values: dict[str, Any], params: dict[str, torch.Tensor], statics: dict[str, Any]) -> Any:
+        """What the user gets for a whole-network quantity: one object from every trainable
+        parameter's result (``values`` and ``statics`` keyed by parameter name, in
+        ``named_parameters()`` order)."""
+        raise NotImplementedError(f"{self.name} is per parameter (per_parameter = True)")
 
     def __repr__(self) -> str:
         return f"<quantity {self.name}: {self.description}>"
