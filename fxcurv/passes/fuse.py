@@ -22,6 +22,7 @@ shows what each contains. The pass reads the value shapes that ``record_shapes``
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -65,54 +66,114 @@ def dataflow(graph: fx.Graph) -> nx.DiGraph:
 
 
 def pointwise_regions(graph: fx.Graph) -> list[dict]:
-    """Maximal fusible pointwise regions: ``{"nodes", "shape", "outputs", "inputs"}`` each.
+    """Maximal fusible pointwise regions: ``{"nodes", "shape", "outputs", "inputs", "prologue"}`` each.
 
     A region's iteration space is its largest output shape. A member of another shape must be read
     only inside the region (it is then recomputed inline), and every tensor a member reads from
     outside must broadcast against the iteration space by trailing alignment. Members that break a
     rule leave the region and are clustered anew, so a component mixing a bundle ``[K, N, D]`` with
     HesScale's ``[N, D]`` diagonals yields one region per iteration space.
+
+    Replacing a region by one node must leave the program acyclic *together with every region
+    accepted before it*: two regions can each be acyclic alone and still feed each other (a bundle
+    region reads ``phi'(x)`` from a HesScale region that reads ``g`` from the bundle region). So
+    regions are accepted one at a time, in program order, and each is checked against the dataflow
+    graph in which the regions accepted so far -- with the matmul prologue each will absorb -- are
+    already contracted.
+
+    Deterministic: components, members, ties between shapes of equal size and the node dropped to
+    break a cycle are all taken in program order, never in the iteration order of a set of nodes
+    (whose hashes are object ids).
     """
+    order = {n: i for i, n in enumerate(graph.nodes)}
     dfg = dataflow(graph)
+    contracted = dfg.copy()  # accepted regions contracted to one node each
+
+    def in_order(nodes) -> list:
+        return sorted(nodes, key=order.__getitem__)
+
+    def components(nodes) -> list[list]:
+        return [in_order(c) for c in nx.weakly_connected_components(dfg.subgraph(nodes))]
+
     candidates = [n for n in graph.nodes if is_pointwise(n)]
-    pending = [set(c) for c in nx.weakly_connected_components(dfg.subgraph(candidates))]
+    # A heap keyed by each part's first position: parts are taken in program order.
+    pending = [(order[c[0]], c) for c in components(candidates)]
+    heapq.heapify(pending)
     regions = []
     while pending:
-        members = pending.pop()
-        shape = tuple(max((_shape(n) or () for n in members), key=math.prod))
+        _, members_list = heapq.heappop(pending)
+        members = set(members_list)
+        # The largest shape; among equally large ones the one of highest rank (``[N, D]`` broadcasts
+        # against ``[1, N, D]``, not the reverse), then the first in program order.
+        shape = tuple(max((_shape(n) or () for n in members_list), key=lambda s: (math.prod(s), len(s))))
         drop = set()
-        for n in members:
+        for n in members_list:
             if _shape(n) != shape and not all(u in members for u in n.users):
                 drop.add(n)
             elif any(a not in members and not is_suffix(tuple(_shape(a) or (None,)), shape)
                      for a in _tensor_inputs(n)):
                 drop.add(n)
-        if not drop and not _acyclic_after_contraction(members, dfg):
-            drop = {max(members, key=lambda n: len(nx.ancestors(dfg, n)))}
+        region = None
+        if not drop:
+            region = _region(members_list, shape)
+            merged = members | ({region["prologue"]} if region["prologue"] is not None else set())
+            if not _acyclic_after_contraction(merged, contracted):
+                # Drop the member with the most ancestors (the first in program order among equals).
+                drop = {max(members_list, key=lambda n: len(nx.ancestors(dfg, n)))}
         if drop:
-            for part in (members - drop, drop):
-                pending.extend(set(c) for c in nx.weakly_connected_components(dfg.subgraph(part)))
+            if drop == members:
+                if len(members_list) == 1:
+                    continue  # fusible with nothing, not even alone
+                parts = [[n] for n in members_list]  # progress: every part is smaller
+            else:
+                parts = components(members - drop) + components(drop)
+            for c in parts:
+                heapq.heappush(pending, (order[c[0]], c))
             continue
-        outputs = [n for n in members if any(u not in members for u in n.users)]
-        inputs = []
-        for n in members:
-            for a in _tensor_inputs(n):
-                if a not in members and a not in inputs:
-                    inputs.append(a)
-        regions.append({"nodes": members, "shape": shape, "outputs": outputs, "inputs": inputs})
-    order = {n: i for i, n in enumerate(graph.nodes)}
+        _contract(contracted, in_order(merged), len(regions))
+        regions.append(region)
     return sorted(regions, key=lambda r: min(order[n] for n in r["nodes"]))
+
+
+def _region(members: list, shape: tuple) -> dict:
+    """The region of ``members`` (in program order): outputs, outside inputs, matmul prologue."""
+    inside = set(members)
+    outputs = [n for n in members if any(u not in inside for u in n.users)]
+    inputs = []
+    for n in members:
+        for a in _tensor_inputs(n):
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    region = {"nodes": inside, "shape": shape, "outputs": outputs, "inputs": inputs}
+    region["prologue"] = matmul_prologue(region)
+    return region
 
 
 def _acyclic_after_contraction(members: set, dfg: nx.DiGraph) -> bool:
     """Replacing ``members`` by one node is valid iff no path leaves the region and comes back."""
-    outside_desc = set()
-    for n in members:
-        for u in dfg.successors(n):
-            if u not in members:
-                outside_desc.add(u)
-                outside_desc |= nx.descendants(dfg, u)
-    return not any(m in outside_desc for m in members)
+    seen = set()
+    stack = [u for n in members for u in dfg.successors(n) if u not in members]
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        for v in dfg.successors(u):
+            if v in members:
+                return False
+            stack.append(v)
+    return True
+
+
+def _contract(dfg: nx.DiGraph, members: list, index: int) -> None:
+    """Replace ``members`` by one node ``("region", index)`` in ``dfg``, keeping outside edges."""
+    node, inside = ("region", index), set(members)
+    preds = dict.fromkeys(p for n in members for p in dfg.predecessors(n) if p not in inside)
+    succs = dict.fromkeys(s for n in members for s in dfg.successors(n) if s not in inside)
+    dfg.remove_nodes_from(members)
+    dfg.add_node(node)
+    dfg.add_edges_from((p, node) for p in preds)
+    dfg.add_edges_from((node, s) for s in succs)
 
 
 def matmul_prologue(region: dict) -> Optional[fx.Node]:
@@ -225,7 +286,7 @@ def fuse_pointwise(graph: fx.Graph) -> int:
     """Replace pointwise regions (with their matmul prologue, if any) by generated kernels."""
     count = 0
     for region in pointwise_regions(graph):
-        prologue = matmul_prologue(region)
+        prologue = region["prologue"]
         if len(region["nodes"]) < 2 and prologue is None:
             continue  # one elementwise op gains nothing from a kernel of its own
         order = _position(graph)
@@ -382,8 +443,6 @@ def _pick_rows(graph: fx.Graph, source: fx.Node, j: int, width: int, old: fx.Nod
 def stable_toposort(graph: fx.Graph) -> fx.Graph:
     """Reorder nodes topologically, keeping the current order wherever dependencies allow (a fused
     node replaces members spread over the program; its users may have stood between them)."""
-    import heapq
-
     order = _position(graph)
     indegree = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
     ready = [(order[n], n.name, n) for n in graph.nodes if indegree[n] == 0]
