@@ -18,8 +18,8 @@ from architectures import SharedTwice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fxcurv.__file__)))
 
-# Residual MLP blocks with several activations and a residual CNN with padding, pooling and a
-# convolution used twice; every diagonal quantity at once. Prints both programs.
+# Residual MLP blocks with several activations (every diagonal quantity at once, and HesScale alone)
+# and a residual CNN with padding, pooling and a convolution used twice. Prints the programs.
 _SCRIPT = r"""
 import torch
 from torch import nn
@@ -56,8 +56,10 @@ mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Residual(5, nn.Tanh()), Residual
                     Residual(5, nn.GELU()), nn.Linear(5, 3))
 cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sigmoid(), nn.ZeroPad2d((1, 0, 0, 1)), nn.MaxPool2d(2, stride=1),
                     ConvResidual(3), ConvTwice(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
-for model, x in ((mlp, torch.randn(3, 4)), (cnn, torch.randn(2, 2, 6, 6))):
-    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=quantities)
+# hesscale alone: the bundle [1, N, D] and the diagonals [N, D] tie in size.
+for model, x, qs in ((mlp, torch.randn(3, 4), quantities), (mlp, torch.randn(3, 4), ("hesscale",)),
+                     (cnn, torch.randn(2, 2, 6, 6), quantities)):
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=qs)
     y = torch.tensor([0, 2, 1])[: x.shape[0]]
     engine(x, y)
     engine(x, y)  # the fused program
