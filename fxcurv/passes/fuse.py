@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,31 +90,30 @@ def pointwise_regions(graph: fx.Graph) -> list[dict]:
     dfg = dataflow(graph)
     contracted = dfg.copy()  # accepted regions contracted to one node each
 
-    def in_order(nodes) -> list:
+    def in_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
         return sorted(nodes, key=order.__getitem__)
 
-    def components(nodes) -> list[list]:
+    def components(nodes: Iterable[fx.Node]) -> list[list[fx.Node]]:
         return [in_order(c) for c in nx.weakly_connected_components(dfg.subgraph(nodes))]
 
     candidates = [n for n in graph.nodes if is_pointwise(n)]
     # A heap keyed by each part's first position: parts are taken in program order.
     pending = [(order[c[0]], c) for c in components(candidates)]
     heapq.heapify(pending)
-    regions = []
+    regions: list[dict] = []
     while pending:
         _, members_list = heapq.heappop(pending)
         members = set(members_list)
         # The largest shape; among equally large ones the one of highest rank (``[N, D]`` broadcasts
         # against ``[1, N, D]``, not the reverse), then the first in program order.
-        shape = tuple(max((_shape(n) or () for n in members_list), key=lambda s: (math.prod(s), len(s))))
-        drop = set()
+        shape: tuple[int, ...] = max((_shape(n) or () for n in members_list), key=lambda s: (math.prod(s), len(s)))
+        drop: set[fx.Node] = set()
         for n in members_list:
             if _shape(n) != shape and not all(u in members for u in n.users):
                 drop.add(n)
             elif any(a not in members and not is_suffix(tuple(_shape(a) or (None,)), shape)
                      for a in _tensor_inputs(n)):
                 drop.add(n)
-        region = None
         if not drop:
             region = _region(members_list, shape)
             merged = members | ({region["prologue"]} if region["prologue"] is not None else set())
@@ -135,23 +135,23 @@ def pointwise_regions(graph: fx.Graph) -> list[dict]:
     return sorted(regions, key=lambda r: min(order[n] for n in r["nodes"]))
 
 
-def _region(members: list, shape: tuple) -> dict:
+def _region(members: list[fx.Node], shape: tuple[int, ...]) -> dict[str, Any]:
     """The region of ``members`` (in program order): outputs, outside inputs, matmul prologue."""
     inside = set(members)
     outputs = [n for n in members if any(u not in inside for u in n.users)]
-    inputs = []
+    inputs: list[fx.Node] = []
     for n in members:
         for a in _tensor_inputs(n):
             if a not in inside and a not in inputs:
                 inputs.append(a)
-    region = {"nodes": inside, "shape": shape, "outputs": outputs, "inputs": inputs}
+    region: dict[str, Any] = {"nodes": inside, "shape": shape, "outputs": outputs, "inputs": inputs}
     region["prologue"] = matmul_prologue(region)
     return region
 
 
-def _acyclic_after_contraction(members: set, dfg: nx.DiGraph) -> bool:
+def _acyclic_after_contraction(members: set[fx.Node], dfg: nx.DiGraph) -> bool:
     """Replacing ``members`` by one node is valid iff no path leaves the region and comes back."""
-    seen = set()
+    seen: set[Any] = set()
     stack = [u for n in members for u in dfg.successors(n) if u not in members]
     while stack:
         u = stack.pop()
@@ -165,7 +165,7 @@ def _acyclic_after_contraction(members: set, dfg: nx.DiGraph) -> bool:
     return True
 
 
-def _contract(dfg: nx.DiGraph, members: list, index: int) -> None:
+def _contract(dfg: nx.DiGraph, members: list[fx.Node], index: int) -> None:
     """Replace ``members`` by one node ``("region", index)`` in ``dfg``, keeping outside edges."""
     node, inside = ("region", index), set(members)
     preds = dict.fromkeys(p for n in members for p in dfg.predecessors(n) if p not in inside)
