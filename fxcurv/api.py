@@ -255,7 +255,6 @@ class Engine:
             generator = self._generator(x.device)
         params = {name: p.detach() for name, p in version.traced.params.items()}
         out = prog.run(x, y, params, generator)
-        params = version.traced.params
         values: dict[str, Any] = {}
         for q in prog.quantities:
             if q.per_parameter:

@@ -95,8 +95,8 @@ class Propagator:
              diagonals: Optional[dict[DiagonalStream, fx.Node]] = None, columns: Optional[Columns] = None,
              dense: Optional[dict[DenseStream, fx.Node]] = None) -> None:
         box = self.inboxes.setdefault(target, Inbox())
-        for stream, m in (dense or {}).items():
-            box.dense.setdefault(stream, []).append(m)
+        for dense_stream, m in (dense or {}).items():
+            box.dense.setdefault(dense_stream, []).append(m)
         if bundle is not None:
             box.bundles.append(bundle)
         for stream, d in (diagonals or {}).items():
@@ -194,18 +194,20 @@ class Propagator:
         residual = registry.RESIDUAL.get((op.name, name))
         r = None
         for stream, m in msgs.dense.items():
-            kw = dict(kind=Kind.SQRT, message="M", stream=stream.label, at=target)
+            label = stream.label
             if rule is not None:
-                passed = emit.rule(rule, (m,), node, **kw)
+                passed = emit.rule(rule, (m,), node, kind=Kind.SQRT, message="M", stream=label, at=target)
             else:
                 jac_t = emit.find_rule(RuleKind.JAC_T, node, name)
                 ctx = registry.bind(jac_t, lambda n: emit.resolve(node, n), 1)
-                passed = emit.node(DenseFromJacT(op.name, name), (m, emit.env[node]), ctx, of=node, **kw)
+                passed = emit.node(DenseFromJacT(op.name, name), (m, emit.env[node]), ctx, of=node, kind=Kind.SQRT,
+                                   message="M", stream=label, at=target)
             if residual is not None and stream.residual is not Residual.NONE:
                 if r is None:
                     r = emit.rule(residual, (msgs.g,), node, kind=Kind.RESIDUAL, message="r", shape=info(target).shape,
                                   at=target)
-                passed = emit.node(_WITH_RESIDUAL[stream.residual], (passed, r), of=node, **kw)
+                passed = emit.node(_WITH_RESIDUAL[stream.residual], (passed, r), of=node, kind=Kind.SQRT, message="M",
+                                   stream=label, at=target)
             out[stream] = passed
         return out
 

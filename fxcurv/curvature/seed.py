@@ -76,13 +76,13 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
             check_dense_size(f)
             m = emit.node(factors.dense_from_columns, (s, sign), kind=Kind.SQRT, of=loss, message="M",
                           stream="dense", at=f)
-            for stream in sorted(needs.dense, key=lambda st: st.label):
-                inbox.dense[stream] = [m]
+            for dense in sorted(needs.dense, key=lambda st: st.label):
+                inbox.dense[dense] = [m]
     elif needs.dense:  # no curvature at all: the matrices are zeros
         m = emit.node(factors.dense_zeros, (emit.env[f],), kind=Kind.SQRT, of=loss, message="M", stream="dense",
                       at=f)
-        for stream in sorted(needs.dense, key=lambda st: st.label):
-            inbox.dense[stream] = [m]
+        for dense in sorted(needs.dense, key=lambda st: st.label):
+            inbox.dense[dense] = [m]
     if FactorSource.MC in needs.factors:
         sampler = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
         if sampler is None:

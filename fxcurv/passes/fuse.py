@@ -111,8 +111,7 @@ def pointwise_regions(graph: fx.Graph) -> list[dict]:
         for n in members_list:
             if _shape(n) != shape and not all(u in members for u in n.users):
                 drop.add(n)
-            elif any(a not in members and not is_suffix(tuple(_shape(a) or (None,)), shape)
-                     for a in _tensor_inputs(n)):
+            elif any(a not in members and not _broadcasts(a, shape) for a in _tensor_inputs(n)):
                 drop.add(n)
         if not drop:
             region = _region(members_list, shape)
@@ -227,6 +226,12 @@ class FusedMatmul(LabeledTarget):
         return out if self.n_outputs > 1 else (out,)
 
 
+def _broadcasts(a: fx.Node, shape: tuple[int, ...]) -> bool:
+    """Does ``a`` (of known shape) broadcast against ``shape`` by trailing alignment?"""
+    own = _shape(a)
+    return own is not None and is_suffix(own, shape)
+
+
 def _fresh(node: Any) -> bool:
     """Does ``node`` hold a buffer nothing else aliases? Rules declared ``fresh`` allocate their
     result; a fused node's outputs are its own; a ``view`` (a crop) is fresh where what it views was
@@ -234,7 +239,8 @@ def _fresh(node: Any) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     if node.target is item:
-        return info(node.args[0]).kind is Kind.FUSED
+        source = node.args[0]
+        return isinstance(source, fx.Node) and info(source).kind is Kind.FUSED
     fusion = target_info(node.target).fusion
     if fusion.view:
         src = node.args[0]
@@ -290,8 +296,8 @@ def fuse_pointwise(graph: fx.Graph) -> int:
         if len(region["nodes"]) < 2 and prologue is None:
             continue  # one elementwise op gains nothing from a kernel of its own
         order = _position(graph)
-        members = sorted(region["nodes"], key=order.get)
-        outputs = sorted(region["outputs"], key=order.get)
+        members = sorted(region["nodes"], key=order.__getitem__)
+        outputs = sorted(region["outputs"], key=order.__getitem__)
         try:
             program, externals = kernels.program_from_nodes(
                 members, outputs, leading=(prologue,) if prologue is not None else ())
@@ -354,6 +360,7 @@ class FusedReductions(LabeledTarget):
 def weight_diagonals(c: torch.Tensor, x: torch.Tensor, x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Stage two: ``c^T (x o x)`` for all stacked lefts at once (HBP eq. S.8c, HesScale eq. 5)."""
     _, gram_c = kernels.dual_gram(None, x, b=c, x_sq=x_sq)
+    assert gram_c is not None
     return gram_c
 
 
@@ -380,7 +387,8 @@ def fuse_param_reductions(graph: fx.Graph) -> int:
         x = next((n.kwargs["x"] for n in nodes if "x" in n.kwargs), None)
         if not isinstance(x, fx.Node) or len(info(x).shape or ()) != 2:
             continue
-        if all(_reduction(n).right == "x" for n in nodes if _reduction(n) is not None):
+        reductions = {n: r for n in nodes if (r := _reduction(n)) is not None}
+        if all(r.right == "x" for r in reductions.values()):
             continue  # gradients alone: nothing to share
         lefts: list[tuple[bool, tuple[Any, ...]]] = []
         place: dict[fx.Node, int] = {}
@@ -391,11 +399,11 @@ def fuse_param_reductions(graph: fx.Graph) -> int:
             if left not in lefts:
                 lefts.append(left)
             place[n] = lefts.index(left)
-        to_x = tuple(sorted({place[n] for n in nodes if _reduction(n).right == "x"}))
-        to_x_sq = tuple(sorted({place[n] for n in nodes if _reduction(n).right == "x_sq"}))
+        to_x = tuple(sorted({place[n] for n in nodes if reductions[n].right == "x"}))
+        to_x_sq = tuple(sorted({place[n] for n in nodes if reductions[n].right == "x_sq"}))
         x_sq = next((n.kwargs.get("x_sq") for n in nodes if n.kwargs.get("x_sq") is not None), None)
         order = _position(graph)
-        nodes = sorted(nodes, key=order.get)
+        nodes = sorted(nodes, key=order.__getitem__)
         target_fn = FusedReductions(tuple(sq for sq, _ in lefts), to_x, to_x_sq)
         args = [x] + [vals if sq else vals[0] for sq, vals in lefts]
         with graph.inserting_after(nodes[-1]):
@@ -417,7 +425,11 @@ def fuse_param_reductions(graph: fx.Graph) -> int:
             red = _reduction(n)
             assert red is not None
             j = place[n]
-            width = info(n.args[0]).shape[-1]
+            message = n.args[0]
+            assert isinstance(message, fx.Node)
+            message_shape = info(message).shape
+            assert message_shape is not None
+            width = message_shape[-1]
             if red.right == "x":
                 _pick_rows(graph, picks["gram_x"], to_x.index(j), width, n)
             elif red.right == "x_sq":
