@@ -22,7 +22,8 @@ Independent of fxcurv's rule tables: nothing here is imported from ``fxcurv``. T
 
 The backward pass starts at the model output from the **exact** diagonal of the loss Hessian
 (HesScale Sec. 3 / App. A.1: ``p - p^2`` for softmax cross-entropy, ``2`` for squared error, each
-times the reduction's per-sample scale) and the exact output gradient (``torch.func.grad``).
+times the reduction's per-sample scale; for any other loss the diagonal of its full torch.func
+Hessian) and the exact output gradient (``torch.func.grad``).
 
 Everything is float64 and per sample; only for small networks.
 """
@@ -64,6 +65,24 @@ def loss_hessian_diag_autodiff(loss_fn: Callable, f: torch.Tensor, y: torch.Tens
     h = torch.func.hessian(lambda z: loss_fn(z, y))(f)
     d = f.numel()
     return torch.diagonal(h.reshape(d, d)).reshape(f.shape)
+
+
+def _closed_form_applies(loss_fn: Callable, f: torch.Tensor, y: torch.Tensor) -> bool:
+    if isinstance(loss_fn, nn.MSELoss):
+        return True
+    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None
+            and loss_fn.label_smoothing == 0.0 and f.dim() == 2 and not y.is_floating_point()
+            and bool((y != loss_fn.ignore_index).all()))
+
+
+def output_hessian_diag(loss_fn: Callable, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The exact diagonal of ``d2L/df2`` the backward pass starts from: the closed form of
+    :func:`loss_hessian_diag` where it applies, else the diagonal of torch.func's full loss Hessian
+    (class weights, label smoothing, probability targets, ignored targets, any traced loss). Both
+    are exact; the HesScale recursion after the loss is the same."""
+    if _closed_form_applies(loss_fn, f, y):
+        return loss_hessian_diag(loss_fn, f, y)
+    return loss_hessian_diag_autodiff(loss_fn, f, y)
 
 
 # ---- elementwise activations: phi' and phi'' by autodiff of the scalar function ---------------
@@ -120,7 +139,7 @@ def hesscale(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: torch.
             h = layer(h)
         f = h
     g = torch.func.grad(lambda z: loss_fn(z, y))(f)  # exact dL/df, [N, *f]
-    d = loss_hessian_diag(loss_fn, f, y)  # exact diag d2L/df2, [N, *f]
+    d = output_hessian_diag(loss_fn, f, y)  # exact diag d2L/df2, [N, *f]
     n = x.shape[0]
     out: dict[str, torch.Tensor] = {}
     for (name, layer), xin in reversed(list(zip(layers, inputs))):
@@ -153,5 +172,5 @@ def hesscale_gn(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: tor
     return hesscale(model, loss_fn, x, y, gn=True)
 
 
-__all__ = ["hesscale", "hesscale_gn", "loss_hessian_diag", "loss_hessian_diag_autodiff",
+__all__ = ["hesscale", "hesscale_gn", "loss_hessian_diag", "loss_hessian_diag_autodiff", "output_hessian_diag",
            "activation_derivatives", "input_jacobian", "param_jacobians", "ELEMENTWISE"]
