@@ -38,7 +38,10 @@ from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import checks  # noqa: E402
+import fxcurv.passes.pipeline  # noqa: E402
 from strategies import Case, cases  # noqa: E402
+
+fxcurv.passes.pipeline.CHECK = True  # lint every program after every pass, as the test suite does
 
 
 @dataclass

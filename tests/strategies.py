@@ -32,8 +32,8 @@ What the strategies cover
   bare ``nn.Parameter`` never read), and registration order different from use order (the head is
   sometimes registered first).
 * **Shapes**: widths 1-5, 1x1 and non-square images up to 5x5 with 1-3 channels, N in {1, 2, 3},
-  2-4 classes, and on request (``classes=[1]``) the degenerate one-class cross-entropy whose loss is
-  constant; outputs of width 1 and image-shaped outputs for the losses that take them.
+  1-4 classes (one class: the degenerate constant loss), outputs of width 1 and image-shaped outputs
+  for the losses that take them.
 * **Losses**: ``nn.CrossEntropyLoss`` mean/sum, with label smoothing, with class-probability
   targets, with ``ignore_index`` (at least one target kept), with class weights (fxcurv's general
   path), ``F.cross_entropy`` in a lambda; ``nn.MSELoss`` mean/sum and ``F.mse_loss`` in a lambda;
@@ -585,14 +585,13 @@ def cases(draw, max_stages: int = 4, style: Optional[str] = None, quantities: Op
     """A whole problem. ``style``: ``"chain"`` (modules only, each used once: HesScale's reference
     applies), ``"graph"`` (everything), or drawn. ``quantities``: fixed, or a drawn subset.
     ``losses``: restrict the loss keys (default: all). ``classes``: the numbers of classes a
-    cross-entropy loss may get (default 2-4; ``[1]``, the constant loss, is drawn on its own by
-    the test of that degenerate case)."""
+    cross-entropy loss may get (default 1-4, one class being the constant loss)."""
     style = style or draw(st.sampled_from(["chain", "graph"]))
     chain_only = style == "chain"
     loss = draw(st.sampled_from(sorted(losses or LOSSES)))
     _, target, needs_logits, _ = LOSSES[loss]
     if classes is None:
-        classes = [2, 3, 4]
+        classes = [1, 2, 2, 3, 3, 4]
     if target == "classes_ignore0":
         classes = [c for c in classes if c >= 2] or [2]  # class 0 is ignored: keep one more
     classes = draw(st.sampled_from(list(classes)))

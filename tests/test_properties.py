@@ -89,9 +89,7 @@ def test_diag_ggn_mc_reproducible_and_unbiased(case, backend):
     checks.check_mc(model, loss_fn, x, y, backend)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: results come back in reverse named_parameters() order "
-                                       "(unused parameters last)")
-@budget(12, shrink=False)
+@budget(12)
 @given(case=cases())
 def test_results_follow_named_parameters_order(case):
     model, loss_fn, x, y = case.make()
@@ -99,52 +97,16 @@ def test_results_follow_named_parameters_order(case):
         checks.check_order(model, loss_fn, x, y, case.quantities, backend)
 
 
-CE_LOSSES = [k for k, v in LOSSES.items() if v[2]]
-
-
-@pytest.mark.xfail(strict=True, reason="issue 7: one-class cross-entropy crashes where a factor with zero "
-                                       "columns is reshaped (a weight used twice, a linear map of a 3-d input)")
-@budget(6, shrink=False)
-@given(case=cases(losses=CE_LOSSES, classes=[1]))
-def test_single_class_cross_entropy(case):
-    """The degenerate one-class cross-entropy (a constant loss: zero gradient and curvature), drawn on
-    its own so that it gets examples of its own and its failures name it."""
-    model, loss_fn, x, y = case.make()
-    refs = checks.references(model, loss_fn, x, y, case.quantities)
-    for backend in ("eager", "fused"):
-        checks.check_exact(model, loss_fn, x, y, case.quantities, backend, refs)
-    checks.check_backends_agree(model, loss_fn, x, y, case.quantities)
-
-
-STALE = "issue 7: the engine answers for the model as it was compiled (stale program, no guard) after "
-
-
-@pytest.mark.parametrize("kind", ["inplace", "freeze"])
+@pytest.mark.parametrize("kind", checks.MUTATIONS)
 @budget(3)
 @given(case=cases(max_stages=3, quantities=("diag_ggn",)), pick=st.integers(0, 7),
        backend=st.sampled_from(["eager", "fused"]))
 def test_engine_follows_the_model_or_says_why(kind, case, pick, backend):
-    """After an in-place update of a parameter or freezing one, the engine answers for the model as
-    it is now or raises an fxcurv error."""
-    model, loss_fn, x, y = case.make()
-    assume(checks.check_follows_model(model, loss_fn, x, y, kind, pick, backend) is not None)
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param("replace", marks=pytest.mark.xfail(
-        strict=True, reason=STALE + "a parameter is replaced by a new nn.Parameter")),
-    pytest.param("hyperparameter", marks=pytest.mark.xfail(
-        strict=True, reason=STALE + "an activation/pooling/padding hyperparameter changes")),
-    pytest.param("loss_hyperparameter", marks=pytest.mark.xfail(
-        strict=True, reason=STALE + "the loss's reduction changes")),
-    pytest.param("train", marks=pytest.mark.xfail(
-        strict=True, reason=STALE + "model.train() with active dropout (answers as in eval mode)")),
-])
-@budget(3, shrink=False)
-@given(case=cases(max_stages=3, quantities=("diag_ggn",)), pick=st.integers(0, 7),
-       backend=st.sampled_from(["eager", "fused"]))
-def test_engine_follows_other_changes_or_says_why(kind, case, pick, backend):
-    """The same property for the changes the engine does not notice yet (issue 7)."""
+    """After a change between calls -- a parameter updated in place, replaced by a new
+    ``nn.Parameter`` or frozen; an activation, pooling or padding hyperparameter; the loss's
+    reduction; ``model.train()`` with active dropout -- the engine answers for the model as it is
+    now (loss, grad and diag_ggn equal torch.func's) or raises an fxcurv error. Problems the change
+    does not apply to (no such module) are not counted."""
     model, loss_fn, x, y = case.make()
     assume(checks.check_follows_model(model, loss_fn, x, y, kind, pick, backend) is not None)
 
