@@ -24,22 +24,22 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 sys.path[:0] = [ROOT, TESTS]  # this checkout's fxcurv, not an installed one
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import checks  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import checks  # noqa: E402
-import fxcurv.passes.pipeline  # noqa: E402
 from strategies import Case, cases  # noqa: E402
+
+import fxcurv.passes.pipeline  # noqa: E402
 
 fxcurv.passes.pipeline.CHECK = True  # lint every program after every pass, as the test suite does
 
@@ -133,7 +133,7 @@ class _Found(Exception):
 
 
 class Fuzzer:
-    def __init__(self, deadline: float, max_examples: Optional[int], inductor_every: int, verbose: bool):
+    def __init__(self, deadline: float, max_examples: int | None, inductor_every: int, verbose: bool):
         self.deadline = deadline
         self.max_examples = max_examples
         self.inductor_every = inductor_every
@@ -150,7 +150,7 @@ class Fuzzer:
     def chunk(self, seed: int, size: int) -> None:
         """One hypothesis run of up to ``size`` problems; stops at the first new failure, shrinks it
         and records the minimal problem."""
-        target: list[Optional[str]] = [None]
+        target: list[str | None] = [None]
         state: dict = {}
 
         @settings(max_examples=size, deadline=None, database=None, derandomize=False, print_blob=False,
@@ -230,8 +230,9 @@ def main(argv=None) -> int:
     start = time.time()
     seed = args.seed if args.seed is not None else int(start)
     fuzz = Fuzzer(start + 60 * minutes, args.examples, args.inductor, args.verbose)
-    print(f"fxcurv fuzz: seed {seed}, {'%g minutes' % minutes if minutes < 1e9 else ''}"
-          f"{', %d examples' % args.examples if args.examples else ''}, fxcurv from {ROOT}", flush=True)
+    limits = ([f"{minutes:g} minutes"] if minutes < 1e9 else []) + (
+        [f"{args.examples} examples"] if args.examples else [])
+    print(f"fxcurv fuzz: seed {seed}, {' or '.join(limits)}, fxcurv from {ROOT}", flush=True)
     i = 0
     while not fuzz.done():
         fuzz.chunk(seed + i, args.chunk)

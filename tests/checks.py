@@ -11,14 +11,13 @@ which is the separate property that the backends give the same numbers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
+import hesscale_reference as hs_ref
+import reference
 import torch
 from torch import nn
 
 import fxcurv
-import hesscale_reference as hs_ref
-import reference
 
 RTOL = 1e-6  # against the float64 references
 AGREE_RTOL = 1e-10  # between backends running the same float64 program
@@ -104,7 +103,7 @@ def check_structure(out, model, quantities, backend: str) -> None:
                 raise PropertyFailure(f"not finite [{backend}]", f"{q} {name}")
 
 
-def check_exact(model, loss_fn, x, y, quantities, backend: str, refs: Optional[dict] = None):
+def check_exact(model, loss_fn, x, y, quantities, backend: str, refs: dict | None = None):
     """grad, diag_ggn, diag_hessian (those requested) equal torch.func's float64 references; the
     result has the right keys, shapes and dtypes; the loss is ``loss_fn(model(x), y)``; the call
     changes no input or parameter; a second call (cached program) returns the same numbers; a call
@@ -190,7 +189,7 @@ def check_backends_agree(model, loss_fn, x, y, quantities, backends=("eager", "f
             compare(f"{q}: {other} != {first}", b[q], a[q], AGREE_RTOL)
 
 
-def check_mc(model, loss_fn, x, y, backend: str, exact: Optional[dict] = None) -> None:
+def check_mc(model, loss_fn, x, y, backend: str, exact: dict | None = None) -> None:
     """diag_ggn_mc: finite, nonnegative (a sum of squared columns; these losses are convex in the
     output), shaped like the parameters; reproducible (two engines with one seed, one generator
     state twice); and unbiased: the mean of ``MC_CALLS`` independent estimates of ``MC_SAMPLES``
@@ -247,7 +246,7 @@ _HYPER = (
 )
 
 
-def mutate(model, loss_fn, kind: str, pick: int) -> Optional[str]:
+def mutate(model, loss_fn, kind: str, pick: int) -> str | None:
     """Change the model (or loss) after it was compiled and called; returns what changed, or
     ``None`` when this kind of change does not apply to this model. ``pick`` chooses the target."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -289,7 +288,7 @@ def mutate(model, loss_fn, kind: str, pick: int) -> Optional[str]:
     raise ValueError(kind)
 
 
-def check_follows_model(model, loss_fn, x, y, kind: str, pick: int, backend: str) -> Optional[str]:
+def check_follows_model(model, loss_fn, x, y, kind: str, pick: int, backend: str) -> str | None:
     """After a change to the model or loss, the same engine either answers for the model as it is
     now (loss and grad equal the reference at the new state; with ``model.train()`` and active
     dropout no deterministic answer exists) or raises an fxcurv error saying why it cannot. A stale

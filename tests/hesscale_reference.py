@@ -30,7 +30,7 @@ Everything is float64 and per sample; only for small networks.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -60,8 +60,8 @@ What they leave out
 from __future__ import annotations
 
 import linecache
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,7 @@ class _Builder:
         self.init: list[str] = []
         self.forward: list[str] = []
         self.params: list[str] = []  # dotted names, in registration order
-        self.chain: Optional[list[str]] = []
+        self.chain: list[str] | None = []
         self.tags: set[str] = set()
         self._count = 0
 
@@ -238,7 +238,7 @@ class _Builder:
         return f"F.conv2d({h}, self.{w}, {'self.' + b if b else 'None'}, {tail})", ""
 
 
-def _out_shape(fn: Callable, shape: tuple) -> Optional[tuple]:
+def _out_shape(fn: Callable, shape: tuple) -> tuple | None:
     """The per-sample output shape of ``fn`` on a zero input of per-sample ``shape``, or ``None``
     when torch rejects the configuration (a kernel larger than the padded input, ...)."""
     try:
@@ -515,7 +515,7 @@ class Case:
     loss: str
     batch: int
     quantities: tuple[str, ...]
-    chain: Optional[list[str]]
+    chain: list[str] | None
     unused: list[str]
     frozen: list[str]
     tags: set = field(default_factory=set)
@@ -547,7 +547,7 @@ from torch import nn
 """
 
 
-def render(b: _Builder, head_first: Optional[tuple], spare: Optional[str], spare_first: bool,
+def render(b: _Builder, head_first: tuple | None, spare: str | None, spare_first: bool,
            frozen: list[str], loss: str, batch: int, in_shape: tuple, out_shape: tuple, classes: int,
            seed: int) -> str:
     """The source of ``Net`` and ``make()``."""
@@ -580,8 +580,8 @@ def render(b: _Builder, head_first: Optional[tuple], spare: Optional[str], spare
 
 
 @st.composite
-def cases(draw, max_stages: int = 4, style: Optional[str] = None, quantities: Optional[tuple] = None,
-          losses: Optional[list] = None, classes: Optional[list] = None) -> Case:
+def cases(draw, max_stages: int = 4, style: str | None = None, quantities: tuple | None = None,
+          losses: list | None = None, classes: list | None = None) -> Case:
     """A whole problem. ``style``: ``"chain"`` (modules only, each used once: HesScale's reference
     applies), ``"graph"`` (everything), or drawn. ``quantities``: fixed, or a drawn subset.
     ``losses``: restrict the loss keys (default: all). ``classes``: the numbers of classes a

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import os
 
+import checks
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-
-import checks
-import fxcurv
 from strategies import LOSSES, cases
+
+import fxcurv
 
 _EXAMPLES = os.environ.get("FXCURV_PROPERTY_EXAMPLES")
 
@@ -134,7 +134,7 @@ def test_strategies_reach_the_whole_vocabulary():
     def collect(case):
         seen.update(case.tags)
         seen.add("loss:" + case.loss)
-        seen.add("N=%d" % case.batch)
+        seen.add(f"N={case.batch}")
         seen.update("src:" + tok for tok in ("nn.Conv2d", "F.conv2d", "MaxPool2d", "max_pool2d",
                                              "AvgPool2d", "avg_pool2d", "ZeroPad2d", "ConstantPad2d",
                                              "F.pad", "nn.Flatten", ".view(", ".reshape(", "Dropout",
