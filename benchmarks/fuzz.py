@@ -5,8 +5,9 @@ the properties of tests/checks.py).
     python benchmarks/fuzz.py --examples 200 --seed 7 # or a fixed number of examples
 
 Every drawn problem (model, loss, input, target, requested quantities) is checked for every property
-that applies: grad/diag_ggn/diag_hessian against torch.func (eager and fused), result order, eager
-vs fused agreement, HesScale against its brute-force reference (chains of modules), diag_ggn_mc
+that applies: grad/diag_ggn/diag_hessian against torch.func (eager and fused, with keys, order,
+shapes, caching), eager vs fused agreement, HesScale against its brute-force reference (chains of
+modules) and against the exact diagonal at a last linear layer (any graph), diag_ggn_mc
 (reproducible, unbiased), and that the engine follows a change of the model or says why it cannot;
 ``--inductor K`` adds the inductor backend on every K-th problem (it compiles for seconds).
 
@@ -67,7 +68,7 @@ class Failure:
                 + self.message.splitlines()[0][:300] + "\n"
                 + f"import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\n\n"
                 + self.case.source
-                + "\n\nif __name__ == '__main__':\n    import checks\n"
+                + "\n\nif __name__ == '__main__':\n    import checks\n    import fxcurv\n"
                 + "    model, loss_fn, x, y = make()\n    " + self.check.code + "\n")
 
 
@@ -105,10 +106,15 @@ def problem_checks(case: Case, mutation: tuple, inductor: bool) -> list[Check]:
     for backend in ("eager", "fused"):
         out.append(Check(f"exact[{backend}]", lambda b=backend: call(checks.check_exact, q, b, refs())(),
                          f"checks.check_exact(model, loss_fn, x, y, {q!r}, {backend!r})"))
-    out.append(Check("order", call(checks.check_order, q, "fused"),
-                     f"checks.check_order(model, loss_fn, x, y, {q!r}, 'fused')"))
     out.append(Check("agree", call(checks.check_backends_agree, q),
                      f"checks.check_backends_agree(model, loss_fn, x, y, {q!r})"))
+    if case.head and ("hesscale" in q or "hesscale_gn" in q):
+        def last_layer(model, loss_fn, x, y):
+            out = fxcurv.compile(model, loss_fn, quantities=q, backend="fused", seed=0)(x, y)
+            checks.check_hesscale_last_layer(out, model, loss_fn, x, y, case.head, "fused")
+        out.append(Check("hesscale_last_layer", call(last_layer), (
+            f"out = fxcurv.compile(model, loss_fn, quantities={q!r}, backend='fused', seed=0)(x, y)\n"
+            f"    checks.check_hesscale_last_layer(out, model, loss_fn, x, y, {case.head!r}, 'fused')")))
     if case.chain is not None:
         hq = tuple(sorted(set(q) | {"hesscale", "hesscale_gn"}))
         for backend in ("eager", "fused"):

@@ -105,7 +105,8 @@ def check_structure(out, model, quantities, backend: str) -> None:
 
 def check_exact(model, loss_fn, x, y, quantities, backend: str, refs: dict | None = None):
     """grad, diag_ggn, diag_hessian (those requested) equal torch.func's float64 references; the
-    result has the right keys, shapes and dtypes; the loss is ``loss_fn(model(x), y)``; the call
+    result has the right keys, shapes and dtypes, in ``named_parameters()`` order; the loss is
+    ``loss_fn(model(x), y)``; the call
     changes no input or parameter; a second call (cached program) returns the same numbers; a call
     with another batch size in between does not disturb the cached program. Returns the result."""
     refs = refs if refs is not None else references(model, loss_fn, x, y, quantities)
@@ -117,6 +118,7 @@ def check_exact(model, loss_fn, x, y, quantities, backend: str, refs: dict | Non
         loss = loss_fn(model(x), y)
     if not rel_error(out.loss.reshape(()), loss.reshape(())) < 1e-12:
         raise PropertyFailure(f"loss [{backend}]", f"{out.loss.item()!r} != {loss.item()!r}")
+    check_order(out, model, backend)
     compare(f"grad != reference [{backend}]", out.grad, refs["grad"], RTOL)
     for q in EXACT:
         if q in quantities:
@@ -137,9 +139,8 @@ def check_exact(model, loss_fn, x, y, quantities, backend: str, refs: dict | Non
     return out
 
 
-def check_order(model, loss_fn, x, y, quantities, backend: str) -> None:
+def check_order(out, model, backend: str) -> None:
     """Every result dict iterates in ``model.named_parameters()`` order (trainable ones)."""
-    out = fxcurv.compile(model, loss_fn, quantities=quantities, backend=backend, seed=0)(x, y)
     names = trainable_names(model)
     for q in out:
         if list(out[q]) != names:
@@ -171,9 +172,10 @@ def check_hesscale(model, loss_fn, x, y, chain: list[str], quantities, backend: 
         compare(f"{q} != brute-force HesScale [{backend}]", out[q], expected, RTOL)
 
 
-def check_backends_agree(model, loss_fn, x, y, quantities, backends=("eager", "fused")) -> None:
+def check_backends_agree(model, loss_fn, x, y, quantities, backends=("eager", "fused")) -> dict:
     """Every backend gives the same loss and the same numbers of every requested quantity, the
-    Monte Carlo one included when both draw from equally seeded generators (rel. error < 1e-10)."""
+    Monte Carlo one included when both draw from equally seeded generators (rel. error < 1e-10).
+    Returns the results by backend."""
     results = {}
     for backend in backends:
         engine = fxcurv.compile(model, loss_fn, quantities=quantities, backend=backend, seed=0)
@@ -187,6 +189,22 @@ def check_backends_agree(model, loss_fn, x, y, quantities, backends=("eager", "f
             if q not in b:
                 raise PropertyFailure(f"{q}: missing in {other}")
             compare(f"{q}: {other} != {first}", b[q], a[q], AGREE_RTOL)
+    return results
+
+
+def check_hesscale_last_layer(out, model, loss_fn, x, y, head: list[str], backend: str) -> None:
+    """HesScale Sec. 3: the last linear layer starts from the exact diagonal of the loss Hessian
+    and each of its weights reaches one output only, so hesscale and hesscale_gn (those in ``out``)
+    equal the exact Hessian diagonal (torch.func) on that layer's parameters -- whatever the graph
+    before it. ``head``: the layer's parameter names (those frozen are skipped)."""
+    wanted = [q for q in ("hesscale", "hesscale_gn") if q in out]
+    head = [name for name in head if name in out.grad]
+    if not wanted or not head:
+        return
+    exact = reference.diag_hessian(model, loss_fn, x, y)
+    for q in wanted:
+        compare(f"{q} != exact Hessian diagonal at the last layer [{backend}]",
+                {k: out[q][k] for k in head}, {k: exact[k] for k in head}, RTOL)
 
 
 def check_mc(model, loss_fn, x, y, backend: str, exact: dict | None = None) -> None:
@@ -246,45 +264,45 @@ _HYPER = (
 )
 
 
-def mutate(model, loss_fn, kind: str, pick: int) -> str | None:
-    """Change the model (or loss) after it was compiled and called; returns what changed, or
-    ``None`` when this kind of change does not apply to this model. ``pick`` chooses the target."""
+def plan_mutation(model, loss_fn, kind: str, pick: int):
+    """A change of the model (or loss) to make after it was compiled and called: ``(what, apply)``,
+    or ``None`` when this kind of change does not apply to this model. ``pick`` chooses the target."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if kind == "inplace":
         name, p = named[pick % len(named)]
-        with torch.no_grad():
-            p.mul_(-0.5).add_(0.25)
-        return f"{name}.mul_(-0.5).add_(0.25)"
+
+        def inplace():
+            with torch.no_grad():
+                p.mul_(-0.5).add_(0.25)
+        return f"{name}.mul_(-0.5).add_(0.25)", inplace
     if kind == "replace":
         name, p = named[pick % len(named)]
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        setattr(module, attr, nn.Parameter(p.detach() * -0.5 + 0.25))
-        return f"{name} = nn.Parameter(... * -0.5 + 0.25)"
+        return (f"{name} = nn.Parameter(... * -0.5 + 0.25)",
+                lambda: setattr(module, attr, nn.Parameter(p.detach() * -0.5 + 0.25)))
     if kind == "freeze":
         if len(named) < 2:
             return None
         name, p = named[pick % len(named)]
-        p.requires_grad_(False)
-        return f"{name}.requires_grad_(False)"
+        return f"{name}.requires_grad_(False)", lambda: p.requires_grad_(False)
     if kind == "hyperparameter":
         targets = [(n, m, attr, fn) for n, m in model.named_modules() for t, attr, fn in _HYPER
                    if type(m) is t]
         if not targets:
             return None
         name, m, attr, fn = targets[pick % len(targets)]
-        setattr(m, attr, fn(getattr(m, attr)))
-        return f"{name}.{attr} = {getattr(m, attr)!r}"
+        new = fn(getattr(m, attr))
+        return f"{name}.{attr} = {new!r}", lambda: setattr(m, attr, new)
     if kind == "loss_hyperparameter":
         if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
-            loss_fn.reduction = "sum" if loss_fn.reduction == "mean" else "mean"
-            return f"loss_fn.reduction = {loss_fn.reduction!r}"
+            new = "sum" if loss_fn.reduction == "mean" else "mean"
+            return f"loss_fn.reduction = {new!r}", lambda: setattr(loss_fn, "reduction", new)
         return None
     if kind == "train":
         if not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
             return None
-        model.train()
-        return "model.train()"
+        return "model.train()", model.train
     raise ValueError(kind)
 
 
@@ -293,11 +311,13 @@ def check_follows_model(model, loss_fn, x, y, kind: str, pick: int, backend: str
     now (loss and grad equal the reference at the new state; with ``model.train()`` and active
     dropout no deterministic answer exists) or raises an fxcurv error saying why it cannot. A stale
     answer fails. Returns the change made, ``None`` if it did not apply."""
+    plan = plan_mutation(model, loss_fn, kind, pick)
+    if plan is None:
+        return None
+    what, apply = plan
     engine = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",), backend=backend)
     engine(x, y)
-    what = mutate(model, loss_fn, kind, pick)
-    if what is None:
-        return None
+    apply()
     try:
         out = engine(x, y)
     except fxcurv.FxcurvError:

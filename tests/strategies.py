@@ -27,7 +27,8 @@ What the strategies cover
   branches that are summed (``act(A h) + B h``, ``act(A h) + B2 act(B1 h)``, a convolution beside a
   shape-preserving max/avg pooling); a weight used two or three times (a tied linear or conv layer,
   possibly as the residual branch, possibly re-used through ``F.linear``/``F.conv2d`` with the
-  module's own ``.weight``).
+  module's own ``.weight``), and an earlier linear or conv layer applied again later with other
+  layers in between.
 * **Parameters**: frozen (``requires_grad_(False)``) subsets, unused parameters (a spare module or a
   bare ``nn.Parameter`` never read), and registration order different from use order (the head is
   sometimes registered first).
@@ -52,8 +53,8 @@ What they leave out
   ``nan``), non-finite values.
 * Big shapes (the float64 torch.func references are cubic in the parameter count): at most a few
   hundred parameters per model; float32 and CUDA tensors.
-* Tying across *different* layers of the chain (a weight re-used by a later, unrelated block); only
-  a block's own weight is re-used within that block.
+* Tying through parameters shared between *different* modules (``b.weight = a.weight``), and a
+  module registered under two names.
 * Weights shared between the model and the loss, and losses reading parameters.
 """
 
@@ -140,6 +141,8 @@ class _Builder:
         self.params: list[str] = []  # dotted names, in registration order
         self.chain: list[str] | None = []
         self.tags: set[str] = set()
+        self.linears: list[tuple[str, int, int]] = []  # module-form linear maps: name, d_in, d_out
+        self.convs: list[tuple] = []  # module-form convolutions: name, c_in, c_out, groups, kernel, ...
         self._count = 0
 
     # names and registration
@@ -204,6 +207,7 @@ class _Builder:
         if self.form() == "module":
             name = self.module("lin", f"nn.Linear({d_in}, {d_out}, bias={bias})",
                                ("weight", "bias") if bias else ("weight",))
+            self.linears.append((name, d_in, d_out))
             return f"self.{name}({h})", f"self.{name}.weight"
         self.tags.add("F.linear")
         w = self.parameter("w", f"torch.randn({d_out}, {d_in}) / {d_in} ** 0.5")
@@ -229,6 +233,7 @@ class _Builder:
         ctor, tail = self.conv_ctor(c_in, c_out, groups, kernel, stride, padding, dilation, bias)
         if self.form() == "module":
             name = self.module("conv", ctor, ("weight", "bias") if bias else ("weight",))
+            self.convs.append((name, c_in, c_out, groups, kernel, stride, padding, dilation))
             return f"self.{name}({h})", f"self.{name}"
         self.tags.add("F.conv2d")
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
@@ -258,7 +263,7 @@ def _vector_stage(b: _Builder) -> None:
     (d,) = b.shape
     kinds = ["linear", "linear_act", "act", "identity"]
     if not b.chain_only:
-        kinds += ["residual", "branch", "tied", "reshape", "to_image"]
+        kinds += ["residual", "branch", "tied", "reshape", "to_image", "reuse", "reuse"]
     kind = draw(st.sampled_from(kinds))
     b.tags.add(kind)
     if kind in ("linear", "linear_act"):
@@ -334,6 +339,21 @@ def _vector_stage(b: _Builder) -> None:
         b.emit(draw(st.sampled_from(["h = h.flatten(1)", "h = torch.flatten(h, 1)",
                                      "h = h.reshape(h.shape[0], -1)", "h = h.view(h.size(0), -1)"])))
         b.shape = (a * last,)
+    elif kind == "reuse":  # an earlier linear layer applied again, with other layers in between
+        if not b.linears:  # none yet: a layer now, another one in between, then the first again
+            bias = draw(st.booleans())
+            first = b.module("lin", f"nn.Linear({d}, {d}, bias={bias})", ("weight", "bias") if bias else ("weight",))
+            b.linears.append((first, d, d))
+            b.emit(f"h = {b.activation_expr(f'self.{first}(h)')}")
+            b.emit(f"h = {b.linear_expr('h', d, d)[0]}")
+        fits = [lin for lin in b.linears if lin[1] == d]
+        name, d_in, out = draw(st.sampled_from(fits or b.linears))
+        b.not_a_chain("tied:across")
+        if d_in != d:  # a new linear map into the re-used layer's input width
+            b.emit(f"h = {b.linear_expr('h', d, d_in)[0]}")
+        t = f"self.{name}(h)"
+        b.emit(f"h = {b.activation_expr(t) if draw(st.booleans()) else t}")
+        b.shape = (out,)
     elif kind == "to_image":
         b.not_a_chain("to_image")
         c = draw(st.sampled_from([c for c in (1, 2, 3, d) if d % c == 0]))
@@ -364,7 +384,7 @@ def _image_stage(b: _Builder) -> None:
     c, hgt, wid = b.shape
     kinds = ["conv", "conv_act", "act", "maxpool", "avgpool", "pad", "identity"]
     if not b.chain_only:
-        kinds += ["residual", "branch", "tied", "pad"]  # padding twice: its functional form is rarer
+        kinds += ["residual", "branch", "tied", "pad", "reuse"]  # padding twice: F.pad is rarer
     kind = draw(st.sampled_from(kinds))
     b.tags.add(kind if kind in ("residual", "branch", "tied") else "image:" + kind)
     if kind in ("conv", "conv_act"):
@@ -470,6 +490,25 @@ def _image_stage(b: _Builder) -> None:
                 _emit_sum(b, "h", t)
             else:
                 b.emit(f"h = {t}")
+    elif kind == "reuse":  # an earlier convolution applied again, with other layers in between
+        fits = []
+        for conv in b.convs:
+            name, c_in, c_out, groups, kernel, stride, padding, dilation = conv
+            if c_in != c:
+                continue
+            kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+            shape = _out_shape(lambda t, conv=conv, kh=kh, kw=kw: F.conv2d(
+                t, torch.zeros(conv[2], conv[1] // conv[3], kh, kw), None, conv[5], conv[6], conv[7], conv[3]),
+                b.shape)
+            if shape is not None and max(shape[1:]) <= MAX_SIDE:
+                fits.append((name, shape))
+        if not fits:
+            return
+        name, shape = draw(st.sampled_from(fits))
+        b.not_a_chain("tied:across")
+        t = f"self.{name}(h)"
+        b.emit(f"h = {b.activation_expr(t) if draw(st.booleans()) else t}")
+        b.shape = shape
     elif kind == "branch":
         b.not_a_chain("branch")
         other = draw(st.sampled_from(["conv1x1", "maxpool", "avgpool"]))
@@ -509,6 +548,8 @@ class Case:
     ``chain``: the module attributes applied in order when the model is a plain chain of modules,
     each used once (HesScale's brute-force reference applies); ``None`` otherwise. ``unused``: the
     parameter names the forward never reads; ``frozen``: those with ``requires_grad=False``.
+    ``head``: the parameters of a last linear layer whose output is the model's output and whose
+    weight is used once (HesScale is exact there), empty if the model ends otherwise.
     """
 
     source: str
@@ -519,6 +560,7 @@ class Case:
     unused: list[str]
     frozen: list[str]
     tags: set = field(default_factory=set)
+    head: list[str] = field(default_factory=list)
 
     @property
     def has_mc(self) -> bool:
@@ -612,14 +654,16 @@ def cases(draw, max_stages: int = 4, style: str | None = None, quantities: tuple
             _vector_stage(b)
     # The head: logits [N, C] for cross-entropy; anything for the others.
     head = needs_logits or not b.params or draw(st.booleans())
-    head_first = None
+    head_first, head_params = None, []
     if head:
         if len(b.shape) == 3:
             _flatten(b)
         (d,) = b.shape
         before = len(b.init)
         out = classes if needs_logits else draw(st.integers(1, 4))
+        n_params = len(b.params)
         expr, _ = b.linear_expr("h", d, out)
+        head_params = b.params[n_params:]
         if expr.startswith("self.lin"):
             b.apply_module(expr[len("self."):-len("(h)")])
         else:
@@ -631,6 +675,7 @@ def cases(draw, max_stages: int = 4, style: str | None = None, quantities: tuple
             b.tags.add("head_first")
         if draw(st.integers(0, 4)) == 0:  # an activation on the output (logits through softplus, ...)
             b.activation()
+            head_params = []
     # Unused parameters (a spare module or a bare parameter, registered first or last).
     spare, unused, spare_first = None, [], False
     if draw(st.integers(0, 5)) == 0:
@@ -656,4 +701,4 @@ def cases(draw, max_stages: int = 4, style: str | None = None, quantities: tuple
                     seed)
     chain = b.chain if chain_only else None
     return Case(source=source, loss=loss, batch=batch, quantities=quantities,
-                chain=chain, unused=unused, frozen=frozen, tags=b.tags)
+                chain=chain, unused=unused, frozen=frozen, tags=b.tags, head=head_params)
