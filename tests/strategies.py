@@ -50,7 +50,8 @@ What they leave out
   training-mode dropout, and the error paths (tests/test_errors.py covers those).
 * Inputs where fxcurv's answer is legitimately undefined: exact ties of ReLU/max-pool at a kink
   beyond those the zero padding produces, ``ignore_index`` with every target ignored (torch gives
-  ``nan``), non-finite values.
+  ``nan``), non-finite values (a dilated max-pooling window that covers only padding outputs -inf:
+  such configurations are not drawn).
 * Big shapes (the float64 torch.func references are cubic in the parameter count): at most a few
   hundred parameters per model; float32 and CUDA tensors.
 * Tying through parameters shared between *different* modules (``b.weight = a.weight``), and a
@@ -245,14 +246,15 @@ class _Builder:
 
 def _out_shape(fn: Callable, shape: tuple) -> tuple | None:
     """The per-sample output shape of ``fn`` on a zero input of per-sample ``shape``, or ``None``
-    when torch rejects the configuration (a kernel larger than the padded input, ...)."""
+    when torch rejects the configuration (a kernel larger than the padded input, ...) or the output
+    is not finite (a dilated max-pooling window over padding only gives -inf)."""
     try:
         with torch.no_grad():
             out = fn(torch.zeros((1,) + shape))
     except (RuntimeError, ValueError):
         return None
-    if out.numel() == 0:
-        return None
+    if out.numel() == 0 or not torch.isfinite(out).all():
+        return None  # no output, or a max-pooling window that covers only padding (-inf)
     return tuple(out.shape[1:])
 
 

@@ -25,8 +25,10 @@ Budget: ``derandomize=True`` (the same problems on every run) with small example
 this file around a minute on two CPU cores. ``FXCURV_PROPERTY_EXAMPLES=N`` runs N problems per
 property instead (the inductor property scales with N / 25); benchmarks/fuzz.py is the long run.
 
-Known bugs (issue 7) are pinned by explicit regression tests at the end of this file, marked
-``xfail(strict=True)`` so that a fix turns them into failures until the mark is removed.
+Failures these properties find get an explicit regression test at the end of this file (marked
+``xfail(strict=True, reason="issue 7: ...")`` while the bug stands, so that a fix flips it). The
+ones found so far (result order, one-class cross-entropy crashes, a stale engine after model
+changes) are fixed on main; the issue 7 note lists their standalone repros.
 """
 
 from __future__ import annotations
@@ -173,3 +175,48 @@ def test_checks_can_fail():
     checks.check_hesscale_last_layer(out, model, loss_fn, x, y, ["2.weight", "2.bias"], "eager")
     with pytest.raises(checks.PropertyFailure, match="last layer"):
         checks.check_hesscale_last_layer(out, model, loss_fn, x, y, ["0.weight"], "eager")
+
+
+# ---- regressions found by these properties (issue 7) --------------------------------------------
+# Found on aba2253 and minimized by hypothesis; fixed since. Pinned here where tests/test_trust.py has
+# no equivalent (the tied *linear* one-class case, the result order and the stale engine after a
+# replaced parameter, a changed slope or reduction, or model.train() are there).
+
+def _one_class_zeros(model, x):
+    loss_fn = torch.nn.CrossEntropyLoss()
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    for backend in ("eager", "fused"):
+        out = checks.check_exact(model, loss_fn, x, y, ("diag_ggn", "diag_hessian"), backend)
+        assert all(v.abs().max() == 0 for q in ("diag_ggn", "diag_hessian") for v in out[q].values())
+
+
+def test_regression_one_class_cross_entropy_with_a_convolution_used_twice():
+    """Crashed reshaping the 0-column cross-entropy factor with -1 in the conv per-sample rule."""
+
+    class TiedConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.out = torch.nn.Linear(9, 1)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    _one_class_zeros(TiedConv().double(), torch.randn(2, 1, 3, 3, dtype=torch.float64))
+
+
+def test_regression_one_class_cross_entropy_with_a_linear_map_of_a_3d_input():
+    """Crashed reshaping the 0-column factor with -1 in the linear weight rule of a [N, a, b] input."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1, bias=False)
+            self.head = torch.nn.Linear(1, 1, bias=False)
+
+        def forward(self, x):
+            return self.head(self.lin(x.view(x.size(0), 1, 2)).flatten(1))
+
+    torch.manual_seed(0)
+    _one_class_zeros(Net().double(), torch.randn(1, 2, dtype=torch.float64))
