@@ -22,8 +22,9 @@ properties of tests/checks.py:
 * the inductor backend on one problem (it compiles for 15-30 s on two cores).
 
 Budget: ``derandomize=True`` (the same problems on every run) with small example counts that keep
-this file around a minute on two CPU cores. ``FXCURV_PROPERTY_EXAMPLES=N`` runs N problems per
-property instead (the inductor property scales with N / 25); benchmarks/fuzz.py is the long run.
+this file around a minute on two CPU cores. ``FXCURV_PROPERTY_EXAMPLES=N`` runs N problems in the
+main properties instead (12 by default) and scales the others alike (each gets N * its default / 12,
+at least one: the inductor property N / 12); benchmarks/fuzz.py is the long, random run.
 
 Failures these properties find get an explicit regression test at the end of this file (marked
 ``xfail(strict=True, reason="issue 7: ...")`` while the bug stands, so that a fix flips it). The
@@ -48,8 +49,8 @@ _EXAMPLES = os.environ.get("FXCURV_PROPERTY_EXAMPLES")
 
 
 def budget(ci: int, shrink: bool = True):
-    """``ci`` examples by default, ``FXCURV_PROPERTY_EXAMPLES`` (scaled for the slow properties)
-    when set. Properties expected to fail (xfail) do not shrink: the first counterexample is proof."""
+    """``ci`` examples by default; ``FXCURV_PROPERTY_EXAMPLES * ci / 12`` when that is set. A
+    property marked xfail should pass ``shrink=False``: its first counterexample is proof enough."""
     n = ci if not _EXAMPLES else max(1, int(_EXAMPLES) * ci // 12)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
     return settings(max_examples=n, deadline=None, derandomize=True, database=None, phases=phases,
