@@ -13,8 +13,10 @@ modules) and against the exact diagonal at a last linear layer (any graph), diag
 
 A failure whose kind (property, quantity, backend, exception type and normalized message) was not
 seen before is shrunk by hypothesis to a minimal problem; later problems failing the same way are
-counted, not shrunk again. The run reports how many problems it checked, every distinct failure with
-a reproducer printed as Python code (also written to ``--out``), and exits 1 if it found any.
+counted, not shrunk again; a failure that does not repeat when hypothesis replays it is reported as
+nondeterministic, with the smallest problem seen failing. The run reports how many problems it
+checked, every distinct failure with a reproducer printed as Python code (also written to ``--out``),
+and exits 1 if it found any.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis.errors import Flaky  # noqa: E402
 from strategies import Case, cases  # noqa: E402
 
 import fxcurv.passes.pipeline  # noqa: E402
@@ -62,9 +65,11 @@ class Failure:
     count: int = 1
     shrink_calls: int = 0
     first_example: int = 0
+    nondeterministic: bool = False
 
     def reproducer(self) -> str:
-        return (f"# fxcurv fuzz reproducer\n# failure: {self.signature}\n# message: "
+        note = "# NONDETERMINISTIC: fails in some runs only; run it a few times\n" if self.nondeterministic else ""
+        return (f"# fxcurv fuzz reproducer\n# failure: {self.signature}\n{note}# message: "
                 + self.message.splitlines()[0][:300] + "\n"
                 + f"import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\n\n"
                 + self.case.source
@@ -206,13 +211,24 @@ class Fuzzer:
             explore()
         except _Found:
             # hypothesis replays the minimal failing problem last: state["found"] holds it
-            found = state["found"]
-            found.first_example = state["first"]
-            found.shrink_calls = self.shrink_calls - state["shrink_start"]
-            self.failures[found.signature] = found
-            print(f"\n[{self.examples} problems] NEW FAILURE {found.signature}\n{found.message[:500]}\n"
-                  f"minimal reproducer ({found.shrink_calls} shrinking calls):\n{found.reproducer()}",
-                  flush=True)
+            self._record(state, nondeterministic=False)
+        except Flaky:
+            # the failure did not repeat when hypothesis replayed it: a nondeterministic bug. The
+            # smallest problem seen failing is kept (it fails in some runs, not all).
+            if "found" not in state:
+                raise
+            self._record(state, nondeterministic=True)
+
+    def _record(self, state: dict, nondeterministic: bool) -> None:
+        found = state["found"]
+        found.first_example = state["first"]
+        found.shrink_calls = self.shrink_calls - state["shrink_start"]
+        found.nondeterministic = nondeterministic
+        self.failures[found.signature] = found
+        print(f"\n[{self.examples} problems] NEW FAILURE {found.signature}"
+              f"{' (NONDETERMINISTIC: did not repeat on replay)' if nondeterministic else ''}\n"
+              f"{found.message[:500]}\nminimal reproducer ({found.shrink_calls} shrinking calls):\n"
+              f"{found.reproducer()}", flush=True)
 
     @staticmethod
     def _failure(case, check, err, sig) -> Failure:
@@ -254,7 +270,8 @@ def main(argv=None) -> int:
         path = os.path.join(args.out, f"failure_{n:02d}.py")
         with open(path, "w") as fh:
             fh.write(f.reproducer())
-        print(f"\n--- failure {n}: {sig}\n    seen in {f.count} problem(s), first at problem "
+        print(f"\n--- failure {n}: {sig}{' (nondeterministic)' if f.nondeterministic else ''}\n"
+              f"    seen in {f.count} problem(s), first at problem "
               f"{f.first_example}; reproducer {path}\n    {f.message.splitlines()[0][:300] if f.message else ''}")
         print(f.reproducer())
     return 1 if fuzz.failures else 0
