@@ -29,8 +29,8 @@ at least one: the inductor property N / 12); benchmarks/fuzz.py is the long, ran
 Failures these properties find get an explicit regression test at the end of this file (marked
 ``xfail(strict=True, reason="issue 7: ...")`` while the bug stands, so that a fix flips it). The
 ones found so far (result order, one-class cross-entropy crashes, a stale engine after model
-changes) are fixed on main; one is open (fused hesscale: "the program has a cycle", nondeterministic).
-The issue 7 note lists their standalone repros.
+changes, a nondeterministic "the program has a cycle" in fused hesscale) are fixed on main; the
+issue 7 note lists their standalone repros.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_checks_can_fail():
 
 
 # ---- regressions found by these properties (issue 7) --------------------------------------------
-# Found on aba2253 and minimized by hypothesis; fixed since. Pinned here where tests/test_trust.py has
+# Found on aba2253 (the cycle also on 6cb0fb2) and minimized; fixed since. Pinned here where tests/test_trust.py has
 # no equivalent (the tied *linear* one-class case, the result order and the stale engine after a
 # replaced parameter, a changed slope or reduction, or model.train() are there).
 
@@ -224,15 +224,11 @@ def test_regression_one_class_cross_entropy_with_a_linear_map_of_a_3d_input():
     _one_class_zeros(Net().double(), torch.randn(1, 2, dtype=torch.float64))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 7: fused hesscale of a residual block after an activation "
-                          "sometimes fails with 'the program has a cycle' (fusion depends on "
-                          "set order over fx nodes)")
 def test_regression_fused_hesscale_residual_block_after_an_activation():
     """``h = tanh(A x); h = h + tanh(B h); f = C h`` with hesscale alone: 75-85% of fused compiles
-    raised ``AssertionError: the program has a cycle`` (fuzz-found on a branching graph, minimized by
-    hand). Ten compiles all succeeding (and equal to eager) has probability ~1e-6 while the bug
-    stands."""
+    raised ``AssertionError: the program has a cycle`` before 190cec8 (fusion regions depended on set
+    order over fx nodes; fuzz-found on a branching graph, minimized by hand). Ten compiles all
+    succeeding and equal to eager had probability ~1e-6 while the bug stood."""
 
     class Net(torch.nn.Module):
         def __init__(self):
