@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedOpError
-from ..factors import signed_square_sum
+from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from .registry import Match, define_op, example
 
 
@@ -279,6 +279,56 @@ def conv2d_diag_sqrt_bias(S, sign):
     """HBP Sec. D.4 (bias): ``diag((1_P (x) I)^T H_B (1_P (x) I))`` from the columns, summed over
     positions before squaring."""
     return signed_square_sum(conv2d_per_sample_bias(S), sign, S.dim() - 4)
+
+
+# ---- per-sample reductions (BackPACK's first-order and per-sample quantities) -------------------
+
+@op.batch_l2("weight")
+def conv2d_batch_l2_weight(g, x_cols, weight, groups):
+    """``|J_W,n^T g_n|^2`` per sample (HBP Sec. D.4: ``J_W,n^T g_n = g_n [[X_n]]^T``, per group) without
+    the ``[N, *W]`` per-sample gradients: by the Gram matrices over output positions,
+    ``sum_{p,q} (g_p . g_q)([[x]]_p . [[x]]_q)``, or block by block from the products, whichever is cheaper
+    (:func:`fxcurv.factors.product_square_norms`)."""
+    n = g.shape[0]
+    i, p = x_cols.shape[2], x_cols.shape[3]
+    a = g.reshape(n * groups, weight.shape[0] // groups, p)
+    norms = product_square_norms(a, x_cols.reshape(n * groups, i, p), _BLOCK_ELEMENTS)
+    return norms.reshape(n, groups).sum(1)
+
+
+@op.batch_l2("bias")
+def conv2d_batch_l2_bias(g):
+    """``|J_b,n^T g_n|^2 = |sum_p g_np|^2`` per sample (HBP Sec. D.4, bias)."""
+    per_sample = conv2d_per_sample_bias(g)
+    return (per_sample * per_sample).sum(-1)
+
+
+@op.batch_diag_sqrt("weight")
+def conv2d_batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
+    """``sum_k sign_kn (J_W,n^T S_kn)^2`` per sample, ``[N, *W]``: :func:`conv2d_diag_sqrt_weight` before its
+    sum over samples, with the per-sample products (summed over positions, then squared) formed block by
+    block so that ``[K, N, *W]`` never exists."""
+    k, n = S.shape[0], S.shape[1]
+    g, o, i = groups, weight.shape[0] // groups, x_cols.shape[2]
+    p = x_cols.shape[3]
+    s_view = S.unflatten(2, (g, o)).permute(1, 2, 4, 5, 0, 3)  # [N, G, H, W, K, O], a view
+    w = None if sign is None else sign.T.reshape(n, 1, 1, k, 1).to(S.dtype)
+    out = S.new_empty(n, g, o, i)
+    block = max(1, _BLOCK_ELEMENTS // max(1, g * k * o * max(i, p)))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        prod = torch.matmul(x_cols[start:stop], s_view[start:stop].reshape(stop - start, g, p, k * o))
+        prod = prod.square_().reshape(stop - start, g, i, k, o)  # [b, G, I, K, O]
+        if w is not None:
+            prod.mul_(w[start:stop])
+        out[start:stop] = prod.sum(3).transpose(2, 3)
+    return out.reshape((n,) + tuple(weight.shape))
+
+
+@op.batch_diag_sqrt("bias")
+def conv2d_batch_diag_sqrt_bias(S, sign):
+    """``sum_k sign_kn (J_b,n^T S_kn)^2`` per sample (HBP Sec. D.4, bias): positions summed, then squared."""
+    return signed_column_squares(conv2d_per_sample_bias(S), sign)
 
 
 # ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------
