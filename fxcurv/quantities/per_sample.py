@@ -47,7 +47,7 @@ def empty_columns(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p.new_zeros((0, x.shape[0]) + tuple(p.shape))
 
 
-@target("as_column", view=True)
+@target("as_column", view=True, column=True)
 def as_column(g: torch.Tensor) -> torch.Tensor:
     """``g [N, ...]`` as one factor column ``[1, N, ...]`` (a view): ``sum_n (J_n^T g_n)^2`` is the
     ``diag_sqrt`` of that column."""

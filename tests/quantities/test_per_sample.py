@@ -236,6 +236,33 @@ def test_norms_and_squares_never_form_per_sample_gradients(net, backend):
     labels = _labels(engine)
     assert not [lab for lab in labels if "per_sample" in lab], labels
     assert any("batch_l2" in lab for lab in labels)
+    # fused: a convolution's gradient, squares and norms come from one pass over its per-sample products
+    assert ("fused.sample_reductions" in labels) == (net == "cnn" and backend == "fused")
+
+
+@pytest.mark.parametrize("case", ["grouped_strided", "one_position"])
+def test_conv_sample_reductions_equal_the_rules(case, monkeypatch):
+    """The fused node's function gives what the rules it replaces give (each tested against its generic
+    derivation in tests/rules/test_generic.py), block by block down to one sample per block."""
+    from fxcurv.rules import conv as conv_rules
+
+    monkeypatch.setattr(conv_rules, "_SAMPLE_BLOCK_ELEMENTS", 1)
+    torch.manual_seed(8)
+    conv = (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2) if case == "grouped_strided"
+            else nn.Conv2d(2, 3, (4, 3))).to(DT)
+    x = torch.randn(3, conv.in_channels, 5, 3 if case == "one_position" else 4, dtype=DT)
+    ctx = dict(weight=conv.weight.detach(), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+               groups=conv.groups)
+    g = torch.randn_like(conv(x))
+    cols = conv_rules.conv2d_x_cols(x, **ctx)
+    want = {"sum": conv_rules.conv2d_grad_weight(g, x, **ctx),
+            "squares": conv_rules.conv2d_diag_sqrt_weight(g[None], None, cols, ctx["weight"], conv.groups),
+            "norms": conv_rules.conv2d_batch_l2_weight(g, cols, ctx["weight"], conv.groups)}
+    # ("norms", "sum") with one output position takes the Gram route and the convolution's backward
+    for reduces in (("sum", "squares", "norms"), ("norms", "sum"), ("squares", "sum")):
+        got = conv_rules.conv2d_sample_reductions(g, reduces, x, **ctx)
+        for r, value in zip(reduces, got):
+            assert value.shape == want[r].shape and rel_error(value, want[r]) < 1e-12, (reduces, r)
 
 
 def test_per_sample_results_sum_to_the_batch_quantities():
