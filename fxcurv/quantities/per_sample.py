@@ -75,8 +75,9 @@ def square_sum(per_sample: torch.Tensor) -> torch.Tensor:
 @target("variance_from")
 def variance_from(grad: torch.Tensor, sum_grad_squared: torch.Tensor, n: int) -> torch.Tensor:
     """``(1/N) sum_n g_n^2 - ((1/N) sum_n g_n)^2``: the variance over the batch of the per-sample
-    gradients ``g_n`` (BackPACK's Variance, the reduction's scale inside ``g_n``)."""
-    return sum_grad_squared / n - (grad / n) ** 2
+    gradients ``g_n`` (BackPACK's Variance, the reduction's scale inside ``g_n``); one fresh buffer."""
+    out = grad * grad
+    return out.mul_(-1.0 / (n * n)).add_(sum_grad_squared, alpha=1.0 / n)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
