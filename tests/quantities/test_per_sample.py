@@ -66,7 +66,7 @@ def data(shape: tuple[int, ...], loss: str, n: int, classes: int = 3):
 
 def run(model, loss_fn, x, y, quantities=EVERY, **kw):
     engine = fxcurv.compile(model, loss_fn, quantities=quantities, mc_samples=MC_SAMPLES, **kw)
-    return engine(x, y, generator=torch.Generator().manual_seed(SEED))
+    return engine(x, y, generator=torch.Generator(device=x.device).manual_seed(SEED))
 
 
 def sample_blocks(v: torch.Tensor) -> torch.Tensor:
