@@ -183,7 +183,7 @@ class SqrtFactor(Quantity):
         state.parts.append(per_sample_vjp(use, cols.value, "sqrt_", self.origin.label))
 
     def finalize(self, end: ParamEnd, state: _SqrtState) -> fx.Node:
-        seed = _seed_columns(end, self.origin)
+        seed = _seed_columns(end, self.origin) if not state.parts or state.sign is not None else None
         if not state.parts:
             if seed is None:  # no columns at all (a loss without curvature): an empty factor, V V^T = 0
                 return end.node(empty_columns, (end.emit.env[end.param], batch_input(end)), message=self.name,
