@@ -16,8 +16,8 @@ from torch import nn
 from .errors import InputError, MemoryBudgetError, UnsupportedOpError
 from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
-from .operators import Kronecker
 from .node_info import GENERATOR, INPUT, TARGET, info
+from .operators import Kronecker
 from .passes.canonicalize import target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
