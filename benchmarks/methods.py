@@ -28,6 +28,9 @@ COMBINED_Q = "+".join(COMBINED)
 # keyed "<param>:G" and "<param>:A" (a bias has only G), in BackPACK's order and scaling.
 KRONECKER_QUANTITIES = ("kfac", "kflr", "kfra")
 KRON_FACTOR_NAMES = ("G", "A")
+# The per-sample (first-order) quantities benchmarked against BackPACK's BatchGrad, BatchL2Grad and
+# SumGradSquared: tensors per parameter ([N, *param], [N], shaped like the parameter), compared as they are.
+FIRST_ORDER_QUANTITIES = ("batch_grad", "batch_l2_grad", "sum_grad_squared")
 # the seed of the Monte Carlo draws of the checked call (fxcurv's generator, BackPACK's global RNG)
 CHECK_SEED = 0
 
@@ -169,7 +172,10 @@ BACKPACK_EXT = {"diag_ggn": ("DiagGGNExact", "diag_ggn_exact"), "diag_ggn_mc": (
                 "diag_hessian": ("DiagHessian", "diag_h")}
 # BackPACK's Kronecker extensions: (extension, attribute holding the list of factors per parameter)
 BACKPACK_KRON = {"kfac": ("KFAC", "kfac"), "kflr": ("KFLR", "kflr"), "kfra": ("KFRA", "kfra")}
-BACKPACK_ALL = {**BACKPACK_EXT, **BACKPACK_KRON}
+# BackPACK's first-order extensions: (extension, attribute holding the per-parameter tensor)
+BACKPACK_FIRST_ORDER = {"batch_grad": ("BatchGrad", "grad_batch"), "batch_l2_grad": ("BatchL2Grad", "batch_l2"),
+                        "sum_grad_squared": ("SumGradSquared", "sum_grad_squared")}
+BACKPACK_ALL = {**BACKPACK_EXT, **BACKPACK_KRON, **BACKPACK_FIRST_ORDER}
 BACKPACK_MC = ("DiagGGNMC", "KFAC")  # extensions taking mc_samples
 
 
@@ -218,7 +224,8 @@ class Backpack(Method):
         model = self.bp_model.get("model")
         for p in model.parameters() if model is not None else ():
             p.grad = None
-            for a in ("diag_ggn_exact", "diag_ggn_mc", "diag_h", "kfac", "kflr", "kfra"):
+            for a in ("diag_ggn_exact", "diag_ggn_mc", "diag_h", "kfac", "kflr", "kfra", "grad_batch", "batch_l2",
+                      "sum_grad_squared"):
                 if hasattr(p, a):
                     delattr(p, a)
 

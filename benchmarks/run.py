@@ -3,6 +3,7 @@
     python benchmarks/run.py [--nets mnist_mlp,fcnn128,fcnn500,c3d3] [--repeats 15]
                              [--backends eager,fused,inductor] [--quick]
     python benchmarks/run.py --methods kron          # only the Kronecker factors against BackPACK
+    python benchmarks/run.py --methods first_order   # only batch_grad/batch_l2_grad/sum_grad_squared vs BackPACK
 
 See benchmarks/README.md for what is measured and how. Writes benchmarks/results/<name>.json,
 benchmarks/results/ratios.png (if matplotlib is installed) and the results section of
@@ -39,8 +40,8 @@ from fxcurv.networks import NETWORKS  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
 from methods import (  # noqa: E402
-    BACKPACK_EXT, BACKPACK_KRON, COMBINED, FXCURV_QUANTITIES, KRONECKER_QUANTITIES, Asdl, Autograd, Backpack,
-    FloorRef, Fxcurv, FxcurvSeparate, TorchFunc, kron_factors,
+    BACKPACK_EXT, BACKPACK_FIRST_ORDER, BACKPACK_KRON, COMBINED, FIRST_ORDER_QUANTITIES, FXCURV_QUANTITIES,
+    KRONECKER_QUANTITIES, Asdl, Autograd, Backpack, FloorRef, Fxcurv, FxcurvSeparate, TorchFunc, kron_factors,
 )
 
 # benchmark config name -> (fxcurv.networks name, batch size)
@@ -57,6 +58,10 @@ KRON_BACKENDS = ("eager", "fused")
 # --methods shorthand: "kron" selects every Kronecker method (fxcurv's kfac/kflr/kfra, BackPACK's
 # KFAC/KFLR/KFRA) and the plain forward+backward, nothing else
 KRON_ALIAS = "kron"
+# "first_order" selects the per-sample comparison (fxcurv's batch_grad, batch_l2_grad, sum_grad_squared on the
+# eager and fused backends, BackPACK's BatchGrad, BatchL2Grad, SumGradSquared) and the plain forward+backward
+FIRST_ORDER_ALIAS = "first_order"
+FIRST_ORDER_BACKENDS = ("eager", "fused")
 CHECK_TOL = 1e-4  # relative (Frobenius) difference per parameter, float32
 NOISE_FACTOR = 10.0  # ... or this times the float32 reference's own difference from float64, if larger
 
@@ -201,11 +206,26 @@ def build_methods(cfg: str, model, net, x, y, args, engines: dict) -> list:
     methods.append(FloorRef(model, x, y))
     if not args.no_kron:
         methods += kron_methods(model, x, y, args, engines, has_conv)
+    if not args.no_first_order:
+        methods += first_order_methods(model, x, y, args, engines)
     if args.methods:
         keep = [s.strip() for s in args.methods.split(",") if s.strip()]
-        kron = KRON_ALIAS in keep
+        kron, first = KRON_ALIAS in keep, FIRST_ORDER_ALIAS in keep
         methods = [m for m in methods if m.family == "autograd" or any(k in m.id for k in keep)
-                   or (kron and m.quantity in KRONECKER_QUANTITIES)]
+                   or (kron and m.quantity in KRONECKER_QUANTITIES)
+                   or (first and m.quantity in FIRST_ORDER_QUANTITIES)]
+    return methods
+
+
+def first_order_methods(model, x, y, args, engines: dict) -> list:
+    """fxcurv's batch_grad, batch_l2_grad and sum_grad_squared with the eager and fused backends, and
+    BackPACK's BatchGrad, BatchL2Grad and SumGradSquared on an extended copy of its own."""
+    loss_fn = nn.CrossEntropyLoss()
+    methods = [Fxcurv(engines, model, loss_fn, x, y, (q,), b) for b in args.backends if b in FIRST_ORDER_BACKENDS
+               for q in FIRST_ORDER_QUANTITIES]
+    if not args.no_backpack:
+        holder: dict = {}
+        methods += [Backpack(model, x, y, q, bp_model=holder) for q in BACKPACK_FIRST_ORDER]
     return methods
 
 
@@ -306,6 +326,9 @@ def float32_noise(model, x, y, values: dict, ref_backend: str | None, res: dict,
             pass
     if "kflr" in noise:
         noise.setdefault("kfac", noise["kflr"])
+    # per-sample gradients: the gradient's (a sum of them, with more cancellation than each)
+    for q in FIRST_ORDER_QUANTITIES:
+        noise.setdefault(q, noise.get("grad", {}))
     if "diag_ggn" in noise:
         noise.setdefault("diag_ggn_mc", noise["diag_ggn"])
     fallback = {k: max(noise.get("grad", {}).get(k, 0.0), noise.get("diag_ggn", {}).get(k, 0.0))
@@ -326,7 +349,7 @@ def run_checks(methods, values: dict, ref_backend: str | None, noise: dict | Non
     if "autograd/fwd+bwd" in values:
         refs["grad"] = ("autograd/fwd+bwd", values["autograd/fwd+bwd"]["grad"])
     if ref_backend is not None:
-        for q in FXCURV_QUANTITIES + KRONECKER_QUANTITIES:
+        for q in FXCURV_QUANTITIES + KRONECKER_QUANTITIES + FIRST_ORDER_QUANTITIES:
             mid = f"fxcurv/{ref_backend}/{q}"
             if mid in values and q in values[mid]:
                 refs.setdefault(q, (mid, values[mid][q]))
@@ -545,12 +568,18 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="",
                    help="only methods whose id contains one of these comma-separated strings "
                         "(autograd always runs), e.g. 'fxcurv/fused,backpack'; 'kron' selects the Kronecker "
-                        "comparison (fxcurv kfac/kflr/kfra eager and fused, BackPACK KFAC/KFLR/KFRA)")
+                        "comparison (fxcurv kfac/kflr/kfra eager and fused, BackPACK KFAC/KFLR/KFRA); "
+                        "'first_order' the per-sample one (fxcurv batch_grad/batch_l2_grad/sum_grad_squared "
+                        "eager and fused, BackPACK BatchGrad/BatchL2Grad/SumGradSquared)")
     p.add_argument("--no-kron", action="store_true",
                    help="leave out the Kronecker methods (fxcurv kfac/kflr/kfra, BackPACK KFAC/KFLR/KFRA)")
+    p.add_argument("--no-first-order", action="store_true",
+                   help="leave out the per-sample methods (fxcurv batch_grad/batch_l2_grad/sum_grad_squared, "
+                        "BackPACK BatchGrad/BatchL2Grad/SumGradSquared)")
     p.add_argument("--name", default=None,
                    help="results/<name>.json (default: 'quick' with --quick, else 'full'; a '--methods kron' "
-                        "run or one naming only kfac/kflr/kfra: 'kron-quick' / 'kron')")
+                        "run or one naming only kfac/kflr/kfra: 'kron-quick' / 'kron'; a '--methods first_order' "
+                        "run: 'first-order-quick' / 'first-order')")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README results section(s)")
     p.add_argument("--main-readme", action="store_true",
                    help="also write the compact Kronecker table into ../README.md (between its kron markers)")
@@ -586,9 +615,13 @@ def parse_args(argv=None):
     args.kron_only = bool(keys) and keys <= {KRON_ALIAS, *KRONECKER_QUANTITIES}
     if args.kron_only and args.no_kron:
         p.error("--no-kron leaves out every method a Kronecker-only --methods selects")
+    args.first_order_only = bool(keys) and keys <= {FIRST_ORDER_ALIAS, *FIRST_ORDER_QUANTITIES}
+    if args.first_order_only and args.no_first_order:
+        p.error("--no-first-order leaves out every method a per-sample-only --methods selects")
     if args.name is None:
-        args.name = ("kron-" if args.kron_only else "") + ("quick" if args.quick else "full")
-        args.name = "kron" if args.name == "kron-full" else args.name
+        prefix = "kron-" if args.kron_only else "first-order-" if args.first_order_only else ""
+        args.name = prefix + ("quick" if args.quick else "full")
+        args.name = args.name[:-len("-full")] if prefix and args.name.endswith("-full") else args.name
     if args.mem_limit_gb is None:
         args.mem_limit_gb = round(0.85 * _meminfo("MemTotal") / 2**30, 1)
     return args
@@ -657,7 +690,8 @@ def main(argv=None) -> int:
     print(f"\nresults: {json_path.relative_to(HERE.parent)}")
     if not args.no_plot:
         # a Kronecker-only run keeps the full run's plot
-        png = report.plot(results, out_dir / ("ratios-kron.png" if args.kron_only else "ratios.png"))
+        png = report.plot(results, out_dir / ("ratios-kron.png" if args.kron_only else
+                                              "ratios-first-order.png" if args.first_order_only else "ratios.png"))
         print(f"plot: {png}" if png else "plot: skipped (matplotlib not installed)")
     if not args.no_readme:
         for what in report.update_readme(results, HERE / "README.md", json_path.relative_to(HERE)):
@@ -673,6 +707,10 @@ def main(argv=None) -> int:
     if kron:
         print("Kronecker factors, fxcurv against BackPACK (for the README's Performance section):\n")
         print(kron)
+    first = report.first_order_compact_markdown(results)
+    if first:
+        print("Per-sample quantities, fxcurv against BackPACK:\n")
+        print(first)
     return 0
 
 

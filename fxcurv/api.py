@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from .errors import InputError, MemoryBudgetError, UnsupportedOpError
 from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
 from .node_info import GENERATOR, INPUT, TARGET, info
+from .operators import Kronecker
 from .passes.canonicalize import target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
@@ -35,6 +37,12 @@ class Result(Mapping):
 
     ``result.loss`` (scalar), ``result.grad["1.weight"]``, ``result["diag_ggn"]["1.weight"]``; iterating
     gives the quantity names (``"grad"`` first).
+
+    Saving: ``torch.save(result, path)`` and, where fxcurv is imported, ``torch.load(path,
+    weights_only=True)`` give it back (tensors, and Kronecker blocks with their factors);
+    ``result.to_dict()`` is the same content as plain tensors and tuples, which any process loads with
+    ``weights_only=True``. Matrix-free blocks (``block_ggn``, ``block_hessian``) hold products over the
+    program's tensors and are refused by both: save their ``to_dense()`` or ``diag()``.
     """
 
     def __init__(self, loss: torch.Tensor, values: dict[str, dict[str, Any]]):
@@ -59,6 +67,42 @@ class Result(Mapping):
 
     def __repr__(self) -> str:
         return f"Result(loss={self.loss.item():.6g}, quantities={list(self._values)})"
+
+    # ---- saving ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"loss": tensor, quantity: {param name: value}}`` with plain values only: tensors, and for a
+        Kronecker block the tuple of its factors (``(G, A)`` or ``(G,)``, BackPACK's order; rebuild with
+        ``fxcurv.Kronecker(factors, shape)``). Loads with ``torch.load(..., weights_only=True)`` anywhere."""
+        return {"loss": self.loss, **{q: _plain(v, q, factors_only=True) for q, v in self._values.items()}}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # torch.save(result): rebuilt by Result(loss, values); weights_only loading allows Result and
+        # Kronecker (torch.serialization.add_safe_globals below) and nothing else of fxcurv.
+        return (Result, (self.loss, {q: _plain(v, q, factors_only=False) for q, v in self._values.items()}))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Result:
+        # copies need not be saveable (a matrix-free block copies as before): not through __reduce__
+        return Result(copy.deepcopy(self.loss, memo), copy.deepcopy(self._values, memo))
+
+
+def _plain(value: Any, where: str, *, factors_only: bool) -> Any:
+    """``value`` with every part saveable for ``torch.load(weights_only=True)``, or a TypeError naming it."""
+    if isinstance(value, (torch.Tensor, int, float, bool, str)) or value is None:
+        return value
+    if isinstance(value, Kronecker):
+        return value.factors if factors_only else value
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{where}[{k!r}]", factors_only=factors_only) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v, f"{where}[{i}]", factors_only=factors_only) for i, v in enumerate(value))
+    raise TypeError(
+        f"result[{where}] is a {type(value).__name__}, which cannot be saved: a matrix-free operator computes "
+        "its products from the program's tensors. Save what you need of it as tensors (to_dense() for small "
+        "layers, diag()), or request a quantity with an explicit result (diag_ggn, kflr, sqrt_ggn, ...)")
+
+
+# Results load with torch.load(..., weights_only=True): the two fxcurv types a saved result contains.
+torch.serialization.add_safe_globals([Result, Kronecker])
 
 
 @dataclass

@@ -157,3 +157,46 @@ def with_abs_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def with_clipped_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """EA-CG's positive-curvature Hessian with gamma = 0 (eq. 8b): the residual's positive part."""
     return m + torch.diag(_residual_sum(r).clamp(min=0))
+
+
+# ---- per-sample reductions (BackPACK's first-order quantities) ----------------------------------
+
+# Entries of one block of per-sample intermediates in :func:`product_square_norms`: bounds its memory
+# like the exact conv diagonal's blocks (``fxcurv.rules.conv._BLOCK_ELEMENTS``).
+PRODUCT_BLOCK_ELEMENTS = 1 << 22
+
+
+def signed_column_squares(S: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum_k sign[k, n] * S[k, n, ...]**2`` over the column axis only: ``[K, N, ...] -> [N, ...]``."""
+    sq = S * S
+    if sign is not None:
+        sq = sq * sign.reshape(sign.shape + (1,) * (sq.dim() - sign.dim())).to(sq.dtype)
+    return sq.sum(0)
+
+
+def product_square_norms(a: torch.Tensor, b: torch.Tensor,
+                         block_elements: int = PRODUCT_BLOCK_ELEMENTS) -> torch.Tensor:
+    """``|a_r b_r^T|_F^2`` for every ``r``: ``a [R, O, P]``, ``b [R, I, P]`` -> ``[R]``, without ``[R, O, I]``.
+
+    A per-sample parameter gradient that sums over ``P`` positions is such a product (``g [O, P]`` times
+    the unfolded input ``[I, P]`` for a convolution). Its squared norm is, by the Gram matrices over the
+    positions, ``sum_{p,q} (a^T a)_{pq} (b^T b)_{pq}`` (Goodfellow's per-example norm trick, ``P^2 (O + I)``
+    operations per ``r``), or the product itself squared (``O I P``): the cheaper of the two runs, over
+    blocks of ``r`` holding at most ``block_elements`` intermediate entries.
+    """
+    r, o, p = a.shape
+    i = b.shape[1]
+    gram = p * p * (o + i) < o * i * p
+    per_r = 2 * p * p if gram else o * i
+    block = max(1, block_elements // max(1, per_r))
+    out = a.new_empty(r)
+    for start in range(0, r, block):
+        stop = min(r, start + block)
+        if gram:
+            ga = a[start:stop].transpose(1, 2) @ a[start:stop]  # [b, P, P]
+            gb = b[start:stop].transpose(1, 2) @ b[start:stop]
+            out[start:stop] = ga.mul_(gb).sum((1, 2))
+        else:
+            prod = a[start:stop] @ b[start:stop].transpose(1, 2)  # [b, O, I]
+            out[start:stop] = prod.square_().sum((1, 2))
+    return out

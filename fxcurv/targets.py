@@ -32,6 +32,19 @@ class Reduction:
 
 
 @dataclass(frozen=True)
+class SampleReduction:
+    """A parameter rule that reduces its op's per-sample parameter products ``J_n^T v_n`` of one message
+    ``v [N, ...]``: ``"sum"`` over the samples (the gradient), ``"squares"`` (``sum_n (J_n^T v_n)^2``: a
+    ``diag_sqrt`` of the one unsigned column ``[v]``) or ``"norms"`` (``|J_n^T v_n|^2`` per sample). Rules
+    of one op node declaring reductions of the same message share one fused node,
+    ``fused(v, reduces, **context)``, which forms each block of products once and returns the
+    reductions ``reduces`` asks for, in its order."""
+
+    reduce: str
+    fused: Callable[..., tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
 class Fusion:
     """What the fusion pass may do with a node.
 
@@ -41,7 +54,9 @@ class Fusion:
     product may square as it loads its operand instead; ``fresh`` -- returns a newly allocated tensor
     (implied by ``pointwise`` and ``matmul``) that a fused kernel reading it last may overwrite;
     ``view`` -- returns a view of its message (a crop), fresh if the message was; ``reduction`` -- see
-    :class:`Reduction`; ``impure`` -- draws random numbers: never merged with an equal-looking node.
+    :class:`Reduction`; ``impure`` -- draws random numbers: never merged with an equal-looking node;
+    ``sample_reduction`` -- see :class:`SampleReduction`; ``column`` -- returns its message as one factor
+    column ``[1, N, ...]`` (a view), which a ``"squares"`` sample reduction reads through.
     """
 
     pointwise: bool = False
@@ -51,6 +66,8 @@ class Fusion:
     view: bool = False
     reduction: Optional[Reduction] = None
     impure: bool = False
+    sample_reduction: Optional[SampleReduction] = None
+    column: bool = False
 
     @property
     def allocates(self) -> bool:

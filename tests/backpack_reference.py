@@ -105,17 +105,26 @@ def run_backpack(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch
                  mc_samples: int = 1, seed: int = 0, curv_type: str = "hessian",
                  use_converter: bool = False) -> Factors:
     """BackPACK's factors of ``quantity`` for every trainable parameter, keyed by
-    ``model.named_parameters()`` names, each a tuple in BackPACK's order, float64.
+    ``model.named_parameters()`` names, each a tuple in BackPACK's order, float64 (see
+    :func:`run_extension`)."""
+    ext = make_extension(quantity, mc_samples=mc_samples, curv_type=curv_type)
+    out = run_extension(model, loss_fn, x, y, ext, seed=seed, use_converter=use_converter)
+    return {name: tuple(t.detach().to(torch.float64).clone() for t in value) for name, value in out.items()}
+
+
+def run_extension(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, ext, *, seed: int = 0,
+                  use_converter: bool = False) -> dict:
+    """What BackPACK's extension ``ext`` stores on every trainable parameter (``p.<ext.savefield>``), keyed by
+    ``model.named_parameters()`` names, as BackPACK returns it (a tensor or a list of factors).
 
     ``model`` and ``loss_fn`` are deep-copied (BackPACK's ``extend`` installs hooks) and run in
     float64 with float64 as the default dtype: BackPACK 1.7.1 builds MSELoss's summed Hessian
     (KFRA/HBP) with ``torch.eye`` in the default dtype, which fails on a float64 net otherwise.
-    KFAC's targets are drawn right after ``torch.manual_seed(seed)`` inside ``fork_rng`` (the global
-    generator is left as it was); :func:`mc_columns` draws the same ones.
+    Monte Carlo targets (KFAC, DiagGGNMC, SqrtGGNMC, ...) are drawn right after ``torch.manual_seed(seed)``
+    inside ``fork_rng`` (the global generator is left as it was); :func:`mc_columns` draws the same ones.
     """
     from backpack import backpack, extend
 
-    ext = make_extension(quantity, mc_samples=mc_samples, curv_type=curv_type)
     net = copy.deepcopy(model).to(torch.float64)
     lossf = copy.deepcopy(loss_fn).to(torch.float64)  # buffers (CrossEntropyLoss.weight) too
     x64 = x.to(torch.float64)
@@ -130,10 +139,10 @@ def run_backpack(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch
         torch.manual_seed(seed)
         with backpack(ext):
             loss.backward()
-    out: Factors = {}
+    out: dict = {}
     for name, p in net.named_parameters():
         if p.requires_grad:
-            out[name] = tuple(t.detach().to(torch.float64).clone() for t in getattr(p, ext.savefield))
+            out[name] = getattr(p, ext.savefield)
     # the converter (residual nets) builds a GraphModule: same parameter names, maybe another order
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     if set(names) != set(out):
@@ -470,6 +479,6 @@ def kron_block(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return block
 
 
-__all__ = ["available", "version", "run_backpack", "make_extension", "kflr_factors", "kfac_factors",
+__all__ = ["available", "version", "run_backpack", "run_extension", "make_extension", "kflr_factors", "kfac_factors",
            "kfra_factors", "hbp_factors", "mc_columns", "loss_hessian_blocks", "reduction_scale",
            "input_factor", "kron_block", "SKIP_REASON", "QUANTITIES", "CURV_TYPES"]

@@ -23,6 +23,10 @@ parameter itself). Then
 * ``diag_sqrt[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2``, the diagonal of
   ``sum_n J_n^T (sum_k sign S S^T) J_n``: HBP eq. S.8b-c (the square taken after ``J_n^T``);
 * ``diag_diag[theta](d)`` = ``sum_n diag(J_n^T diag(d_n) J_n)``: HesScale eq. 5 and 9;
+* ``batch_l2[theta](g)`` = ``|J_n^T g_n|^2`` per sample, ``[N]``: the squared norm of each sample's
+  gradient (BackPACK's BatchL2Grad);
+* ``batch_diag_sqrt[theta](S, sign)`` = ``sum_k sign_{k,n} (J_n^T s_{k,n})^2`` per sample,
+  ``[N, *theta]``: ``diag_sqrt`` before its sum over samples (BackPACK's BatchDiagGGN);
 * ``dense[u](M)``      = ``(1/N) sum_n J_n^T M J_n``: the batch-averaged matrix of KFRA / HBP (Botev
   eq. 29, HBP Sec. 3.2), with ``M`` over one sample's output entries;
 * ``kron_out[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_b^T s_{k,n})(J_b^T s_{k,n})^T``, the bias
@@ -176,6 +180,20 @@ def diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: torch.Tensor | None
     jts = per_sample(c, key, s)  # [K, N, *theta]
     w = torch.ones(s.shape[:2], dtype=s.dtype) if sign is None else sign
     return torch.einsum("kn,knp->p", w, (jts * jts).flatten(2)).reshape(c.inputs[key].shape)
+
+
+def batch_l2(c: OpContext, key: str, g: torch.Tensor) -> torch.Tensor:
+    """``|J_n^T g_n|^2`` per sample from the per-sample VJPs, ``[N]``."""
+    _lead(g, c.out)
+    jtg = per_sample(c, key, g)  # [N, *theta]
+    return (jtg * jtg).flatten(1).sum(1)
+
+
+def batch_diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """``sum_k sign_{k,n} (J_n^T s_{k,n})^2`` per sample from the per-sample VJPs, ``[N, *theta]``."""
+    jts = per_sample(c, key, s)  # [K, N, *theta]
+    w = torch.ones(s.shape[:2], dtype=s.dtype) if sign is None else sign
+    return torch.einsum("kn,knp->np", w, (jts * jts).flatten(2)).reshape((c.n,) + tuple(c.inputs[key].shape))
 
 
 def diag_diag(c: OpContext, key: str, d: torch.Tensor) -> torch.Tensor:

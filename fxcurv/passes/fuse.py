@@ -14,6 +14,9 @@ Three kinds of region, found with networkx on the program's dataflow graph:
    ``[N, I]`` input, such as a linear layer's gradient ``g^T x``, GGN diagonal ``(sum_k S_k^2)^T x^2``
    and HesScale's ``d^T x^2`` (and its bias's sums), read the same ``x``: one fused node squares the
    factor columns once and runs the products together.
+4. **Per-sample reductions** -- rules that declare a :class:`~fxcurv.targets.SampleReduction` of their
+   op's per-sample parameter products of one message, such as a convolution's gradient, its
+   ``sum_n (J_n^T g_n)^2`` and its ``|J_n^T g_n|^2``: one fused node forms the products once.
 
 What may be fused is what the rules declare (:class:`~fxcurv.targets.Fusion`), never a name. Fused
 nodes record the labels of the rules they replaced (``NodeInfo.contains``), so ``print(engine.graph)``
@@ -23,6 +26,7 @@ shows what each contains. The pass reads the value shapes that ``record_shapes``
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ from .. import kernels
 from ..curvature.emit import item
 from ..node_info import Kind, copy_info, info, set_info
 from ..kernels.runtime import is_suffix
-from ..targets import LabeledTarget, Left, Reduction, TargetInfo, target, target_info
+from ..targets import LabeledTarget, Left, Reduction, SampleReduction, TargetInfo, target, target_info
 
 
 # ---- analysis ---------------------------------------------------------------------------------------
@@ -452,6 +456,76 @@ def _pick_rows(graph: fx.Graph, source: fx.Node, j: int, width: int, old: fx.Nod
     return pick
 
 
+@dataclass(frozen=True)
+class FusedSampleReductions(LabeledTarget):
+    """The reductions ``reduces`` of an op's per-sample parameter products of one message, from one pass
+    over the products (the op's ``SampleReduction.fused``)."""
+
+    fn: Any
+    reduces: tuple[str, ...]
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo("fused.sample_reductions")
+
+    def __call__(self, v: torch.Tensor, **context: Any) -> tuple[Any, ...]:
+        return self.fn(v, self.reduces, **context)
+
+
+def _sample_reduction(node: fx.Node) -> Optional[SampleReduction]:
+    if node.op != "call_function":
+        return None
+    return target_info(node.target).fusion.sample_reduction
+
+
+def _reduced_message(node: fx.Node, red: SampleReduction) -> Optional[fx.Node]:
+    """The message ``v`` whose per-sample products ``node`` reduces; ``None`` where it does not reduce one
+    message's (a ``diag_sqrt`` of several or signed columns)."""
+    v = node.args[0] if node.args else None
+    if not isinstance(v, fx.Node):
+        return None
+    if red.reduce != "squares":
+        return v
+    column = v.op == "call_function" and target_info(v.target).fusion.column
+    unsigned = len(node.args) > 1 and node.args[1] is None
+    return v.args[0] if column and unsigned and isinstance(v.args[0], fx.Node) else None
+
+
+def fuse_sample_reductions(graph: fx.Graph) -> int:
+    """One fused node per op node and message for rules reducing the same per-sample products in
+    different ways (a lone reduction keeps its rule: its own route is at least as fast)."""
+    groups: dict[tuple[str, fx.Node, Any], list[fx.Node]] = {}
+    for node in graph.nodes:
+        red = _sample_reduction(node)
+        v = None if red is None else _reduced_message(node, red)
+        if red is not None and v is not None:
+            groups.setdefault((info(node).of, v, red.fused), []).append(node)
+    count = 0
+    for (_, v, fn), nodes in groups.items():
+        reduces = tuple(dict.fromkeys(r.reduce for r in map(_sample_reduction, nodes) if r is not None))
+        if len(reduces) < 2:
+            continue
+        context: dict[str, Any] = {}
+        for n in nodes:
+            context.update(n.kwargs)
+        params = list(inspect.signature(fn).parameters)[2:]
+        if any(p not in context for p in params):
+            continue
+        order = _position(graph)
+        nodes = sorted(nodes, key=lambda n: order[n])
+        with graph.inserting_after(nodes[-1]):
+            fused = graph.call_function(FusedSampleReductions(fn, reduces), (v,), {p: context[p] for p in params})
+        set_info(fused, kind=Kind.FUSED, contains=tuple(_label_of(n) for n in nodes), of=info(nodes[0]).of,
+                 message="per-sample reductions")
+        for n in nodes:
+            red = _sample_reduction(n)
+            assert red is not None
+            _pick(graph, fused, reduces.index(red.reduce), n)
+            graph.erase_node(n)
+        count += 1
+    return count
+
+
 def stable_toposort(graph: fx.Graph) -> fx.Graph:
     """Reorder nodes topologically, keeping the current order wherever dependencies allow (a fused
     node replaces members spread over the program; its users may have stood between them)."""
@@ -477,8 +551,10 @@ def stable_toposort(graph: fx.Graph) -> fx.Graph:
 
 
 def fuse(graph: fx.Graph) -> fx.Graph:
-    """Fuse parameter reductions, then pointwise regions and their matmul prologues."""
+    """Fuse parameter reductions, per-sample reductions, then pointwise regions and their matmul
+    prologues."""
     fuse_param_reductions(graph)
+    fuse_sample_reductions(graph)
     fuse_pointwise(graph)
     stable_toposort(graph)
     graph.lint()

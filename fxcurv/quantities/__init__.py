@@ -7,6 +7,12 @@
 | ``diag_ggn_mc`` | Monte Carlo GGN diagonal | HBP Sec. C |
 | ``diag_hessian`` | exact Hessian diagonal | HBP eq. S.6, S.9 |
 | ``hesscale``, ``hesscale_gn`` | HesScale(GN) diagonal backpropagation | HesScale eq. 4-5, 8-9 |
+| ``batch_grad``, ``batch_l2_grad`` | per-sample gradients, their squared norms | BackPACK's BatchGrad, BatchL2Grad |
+| ``sum_grad_squared``, ``variance`` | their second moment, their variance | BackPACK's SumGradSquared, Variance |
+| ``batch_diag_ggn(_mc)`` | per-sample GGN diagonals | BackPACK's BatchDiagGGNExact / MC |
+| ``sqrt_ggn(_mc)`` | per-sample square-root factors of the GGN | BackPACK's SqrtGGNExact / MC |
+
+and the Kronecker and block quantities, one file each (``fxcurv.QUANTITIES`` has them all).
 
 Adding a quantity is adding one file here that defines a :class:`~fxcurv.quantities.base.Quantity`
 and passes it to :func:`~fxcurv.quantities.base.register`, and its tests. Users name quantities by

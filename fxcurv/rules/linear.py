@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..factors import signed_square_sum
+from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from .registry import Left, Match, Reduction, define_op
 
 
@@ -123,6 +123,41 @@ def linear_per_sample_weight(v, x):
 def linear_per_sample_bias(v, x):
     lead = v.dim() - x.dim()
     return _flat(v, lead).sum(-2)
+
+
+# ---- per-sample reductions (BackPACK's first-order and per-sample quantities) -------------------
+
+@op.batch_l2("weight")
+def linear_batch_l2_weight(g, x):
+    """``|J_W,n^T g_n|^2 = |sum_m g_nm x_nm^T|_F^2`` per sample. For ``[N, in]`` inputs the per-sample
+    gradient has rank one, ``|g_n|^2 |x_n|^2`` (Goodfellow's trick, no ``[N, out, in]``); over positions
+    ``mid`` the Gram form ``sum_{m,m'} (g_m . g_m')(x_m . x_m')`` or the product, whichever is cheaper."""
+    if x.dim() == 2:
+        return (g * g).sum(-1) * (x * x).sum(-1)
+    return product_square_norms(_flat(g, 0).transpose(1, 2), _flat(x, 0).transpose(1, 2))
+
+
+@op.batch_l2("bias")
+def linear_batch_l2_bias(g, x):
+    """``|J_b,n^T g_n|^2 = |sum_m g_nm|^2`` per sample (HBP eq. S.8b's ``J_b = I``)."""
+    per_sample = g if x.dim() == 2 else linear_per_sample_bias(g, x)
+    return (per_sample * per_sample).sum(-1)
+
+
+@op.batch_diag_sqrt("weight")
+def linear_batch_diag_sqrt_weight(S, sign, x, x_sq):
+    """``sum_k sign_k (J_W,n^T S_kn)^2`` per sample: for ``[N, in]`` inputs the outer product
+    ``(sum_k sign_k S_kn^2) (x_n^2)^T`` (HBP eq. S.8c per sample, no per-sample Jacobian); over ``mid``
+    the per-sample products are summed before squaring."""
+    if x.dim() == 2:
+        return signed_column_squares(S, sign).unsqueeze(-1) * x_sq.unsqueeze(-2)
+    return signed_column_squares(linear_per_sample_weight(S, x), sign)
+
+
+@op.batch_diag_sqrt("bias")
+def linear_batch_diag_sqrt_bias(S, sign, x):
+    """``sum_k sign_k (J_b,n^T S_kn)^2`` per sample (HBP eq. S.8b), ``mid`` summed before squaring."""
+    return signed_column_squares(S if x.dim() == 2 else linear_per_sample_bias(S, x), sign)
 
 
 # ---- the batch-averaged and Kronecker-factored family -------------------------------------------

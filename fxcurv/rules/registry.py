@@ -11,8 +11,10 @@ file in this package defines its ops with :func:`define_op` and registers, in ta
   and ``residual`` (the op's own second-order term ``f''(x) * g`` of HBP eq. S.9);
 * **parameter rules** -- what the op contributes to a parameter input: ``grad``, ``diag_sqrt``
   (``sum_{k,n} sign (J^T S)^2``, the GGN/Hessian diagonal from square-root factors), ``diag_diag``
-  (HesScale eq. 5 and 9) and ``per_sample`` (the per-sample transposed Jacobian ``[*lead, N, *param]``,
-  needed where a parameter is used more than once).
+  (HesScale eq. 5 and 9), ``per_sample`` (the per-sample transposed Jacobian ``[*lead, N, *param]``,
+  needed where a parameter is used more than once), and the per-sample reductions ``batch_l2``
+  (``|J_n^T g_n|^2``, ``[N]``) and ``batch_diag_sqrt`` (``sum_k sign (J_n^T S_kn)^2``, ``[N, *param]``)
+  that need no ``[N, *param]`` per-sample Jacobian product where the op has a shortcut.
 
 A rule is a small pure function on tensors, held with its metadata in a :class:`Rule`. Its first
 positional arguments are the messages (plus ``sign`` for ``diag_sqrt``); every other argument is
@@ -54,6 +56,8 @@ class RuleKind(Enum):
     DIAG_SQRT = "diag_sqrt"
     DIAG_DIAG = "diag_diag"
     PER_SAMPLE = "per_sample"
+    BATCH_L2 = "batch_l2"
+    BATCH_DIAG_SQRT = "batch_diag_sqrt"
     DENSE = "dense"
     KRON_OUT = "kron_out"
     KRON_DENSE = "kron_dense"
@@ -98,6 +102,9 @@ GRAD = TABLES[RuleKind.GRAD]
 DIAG_SQRT = TABLES[RuleKind.DIAG_SQRT]
 DIAG_DIAG = TABLES[RuleKind.DIAG_DIAG]
 PER_SAMPLE = TABLES[RuleKind.PER_SAMPLE]
+# Per-sample reductions (BackPACK's first-order and per-sample quantities).
+BATCH_L2 = TABLES[RuleKind.BATCH_L2]
+BATCH_DIAG_SQRT = TABLES[RuleKind.BATCH_DIAG_SQRT]
 # The batch-averaged family (KFRA, HBP blocks) and Kronecker factors.
 DENSE = TABLES[RuleKind.DENSE]
 KRON_OUT = TABLES[RuleKind.KRON_OUT]
@@ -301,6 +308,16 @@ class OpDef:
 
     def per_sample(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
         return self.rule(RuleKind.PER_SAMPLE, param, **fusion)
+
+    def batch_l2(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``|J_n^T g_n|^2`` per sample, ``[N]``, from the gradient ``g [N, *out]`` at the op's output: the
+        squared norm of each sample's share of the gradient (BackPACK's BatchL2Grad)."""
+        return self.rule(RuleKind.BATCH_L2, param, **fusion)
+
+    def batch_diag_sqrt(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``sum_k sign_kn (J_n^T S_kn)^2`` per sample, ``[N, *param]``: ``diag_sqrt`` before the sum over
+        samples (the per-sample curvature diagonal, BackPACK's BatchDiagGGN)."""
+        return self.rule(RuleKind.BATCH_DIAG_SQRT, param, **fusion)
 
     def dense(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:
         """``E_n[J_n^T M J_n]``: a batch-averaged matrix ``M [D_out, D_out]`` passed to ``input``

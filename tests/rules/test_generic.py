@@ -46,12 +46,14 @@ JAC_T, DIAG, RESIDUAL, GRAD = RuleKind.JAC_T, RuleKind.DIAG, RuleKind.RESIDUAL, 
 DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_DIAG, RuleKind.PER_SAMPLE,
                                              RuleKind.DERIVED)
 DENSE, KRON_OUT, KRON_DENSE, KRON_IN = RuleKind.DENSE, RuleKind.KRON_OUT, RuleKind.KRON_DENSE, RuleKind.KRON_IN
+BATCH_L2, BATCH_DIAG_SQRT = RuleKind.BATCH_L2, RuleKind.BATCH_DIAG_SQRT
 
 # ---- the rules each op must have ------------------------------------------------------------------
 
 _PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT: ("weight", "bias"),
                DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias"), KRON_OUT: ("weight", "bias"),
-               KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",)}
+               KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",), BATCH_L2: ("weight", "bias"),
+               BATCH_DIAG_SQRT: ("weight", "bias")}
 _SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED: ("d1", "d2")}
 _PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
@@ -199,6 +201,8 @@ CASES: list[Case] = [
          without=("bias",)),
     Case("linear_mid_fn", "linear", lambda: function_call(F.linear, randn(3, 2, 4), param(3, 4), param(3))),
     Case("linear_mid2", "linear", lambda: module_call(nn.Linear(4, 2).to(DT), randn(2, 2, 3, 4))),
+    # one position: batch_l2 takes the Gram route (the products' route on the cases above)
+    Case("linear_mid1_fn", "linear", lambda: function_call(F.linear, randn(3, 1, 4), param(3, 4), param(3))),
     # conv2d
     Case("conv", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 3).to(DT), randn(3, 2, 5, 4))),
     # (6 + 2 - 3) / 2 leaves a remainder: the transposed convolution needs an output padding.
@@ -218,7 +222,9 @@ CASES: list[Case] = [
     # The exact weight diagonal reduces blocks of samples; a tiny bound makes every sample a block.
     Case("conv_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
                                                        randn(3, 4, 4, 3)),
-         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT,)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT, BATCH_L2, BATCH_DIAG_SQRT)),
+    Case("conv_out1x1_blocked", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(BATCH_L2,)),
     # activations (module, function and method forms; their attributes)
     Case("relu", "relu", lambda: module_call(nn.ReLU(), randn(3, 2, 3))),
     Case("relu_method", "relu", lambda: method_call("relu", randn(3, 5))),
@@ -366,6 +372,21 @@ def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
         assert_matches(got, ref.diag_sqrt(c, key, s, signs), f"diag_sqrt[{key}] {what}")
 
 
+def check_batch_l2(case: Case, c: OpContext, key: str) -> None:
+    g = rand_like(tuple(c.out.shape), messages(case.id, f"batch_l2[{key}]"))
+    assert_matches(_rule(BATCH_L2, case.op, key, g, c=c), ref.batch_l2(c, key, g), f"batch_l2[{key}]")
+
+
+def check_batch_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
+    gen = messages(case.id, f"batch_diag_sqrt[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
+    sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
+    sign[0, 0], sign[1, 0] = 1.0, -1.0  # both signs occur
+    for signs, what in ((None, "unsigned"), (sign, "signed")):
+        got = _rule(BATCH_DIAG_SQRT, case.op, key, s, signs, c=c)
+        assert_matches(got, ref.batch_diag_sqrt(c, key, s, signs), f"batch_diag_sqrt[{key}] {what}")
+
+
 def check_diag_diag(case: Case, c: OpContext, key: str) -> None:
     d = rand_like(tuple(c.out.shape), messages(case.id, f"diag_diag[{key}]"))
     assert_matches(_rule(DIAG_DIAG, case.op, key, d, c=c), ref.diag_diag(c, key, d), f"diag_diag[{key}]")
@@ -409,6 +430,7 @@ CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     JAC_T: check_jac_t, DIAG: check_diag, RESIDUAL: check_residual, GRAD: check_grad,
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
     DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
+    BATCH_L2: check_batch_l2, BATCH_DIAG_SQRT: check_batch_diag_sqrt,
 }
 
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)

@@ -1,0 +1,27 @@
+"""``batch_grad``: the per-sample gradients ``J_n^T g_n``, ``[N, *param]`` (BackPACK's BatchGrad): each
+sample's share of the gradient, the loss's reduction included (with a mean they carry its ``1/N``), so
+that they sum to the gradient; summed over the uses of a parameter used more than once (HBP eq. S.8)."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..curvature.accumulate import ParamEnd, ParamUse
+from .base import Quantity, register
+from .per_sample import per_sample_vjp, summed, zeros
+
+
+class BatchGrad(Quantity):
+    name = "batch_grad"
+    description = "per-sample gradients [N, *param] (they sum to the gradient)"
+    reference = "BackPACK BatchGrad; HBP eq. S.8 per sample"
+    shaped_like_parameter = False
+
+    def collect(self, use: ParamUse, state: list[fx.Node]) -> None:
+        state.append(per_sample_vjp(use, use.g, self.name))
+
+    def finalize(self, end: ParamEnd, state: list[fx.Node]) -> fx.Node:
+        return summed(end, state, self.name) if state else zeros(end, self.name)
+
+
+BATCH_GRAD = register(BatchGrad())
