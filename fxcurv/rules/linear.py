@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..factors import signed_square_sum
+from ..gram import blocked_gram, row_gram
 from .registry import Left, Match, Reduction, define_op
 
 
@@ -123,6 +124,33 @@ def linear_per_sample_weight(v, x):
 def linear_per_sample_bias(v, x):
     lead = v.dim() - x.dim()
     return _flat(v, lead).sum(-2)
+
+
+# ---- ViViT's Gram matrix --------------------------------------------------------------------------
+
+@op.gram("weight")
+def linear_gram_weight(S, x):
+    """ViViT C.1 (eq. S.24 and the lines after it): for ``[N, I]`` inputs the weight's share of the Gram
+    matrix is ``(S S^T) o (x x^T)``, the columns' Gram times the inputs' Gram expanded over the ``K``
+    columns, without forming a per-sample factor. With positions ``[N, *mid, I]`` a sample's factor sums
+    over ``mid`` (``sum_m S_m x_m^T``), formed a block of samples at a time."""
+    k, n = S.shape[0], S.shape[1]
+    if x.dim() == 2:
+        gram = row_gram(S.reshape(k * n, S.shape[-1]))
+        gram.view(k, n, k, n).mul_(row_gram(x)[None, :, None, :])
+        return gram
+
+    def rows(start, stop):
+        return linear_per_sample_weight(S[:, start:stop], x[start:stop]).reshape(k * (stop - start), -1)
+
+    return blocked_gram(rows, k, n, k * S.shape[-1] * x.shape[-1])
+
+
+@op.gram("bias")
+def linear_gram_bias(S, x):
+    """ViViT eq. S.23 for the bias (``J_b = I``, summed over positions ``mid``): ``S S^T``."""
+    k, n = S.shape[0], S.shape[1]
+    return row_gram(_positions_summed(S, x).reshape(k * n, -1))
 
 
 # ---- the batch-averaged and Kronecker-factored family -------------------------------------------

@@ -12,7 +12,8 @@ file in this package defines its ops with :func:`define_op` and registers, in ta
 * **parameter rules** -- what the op contributes to a parameter input: ``grad``, ``diag_sqrt``
   (``sum_{k,n} sign (J^T S)^2``, the GGN/Hessian diagonal from square-root factors), ``diag_diag``
   (HesScale eq. 5 and 9) and ``per_sample`` (the per-sample transposed Jacobian ``[*lead, N, *param]``,
-  needed where a parameter is used more than once).
+  needed where a parameter is used more than once) and ``gram`` (the Gram matrix of the per-sample
+  factors ``J_n^T S_kn`` over the parameter, ViViT eq. S.23 / C.1).
 
 A rule is a small pure function on tensors, held with its metadata in a :class:`Rule`. Its first
 positional arguments are the messages (plus ``sign`` for ``diag_sqrt``); every other argument is
@@ -58,6 +59,7 @@ class RuleKind(Enum):
     KRON_OUT = "kron_out"
     KRON_DENSE = "kron_dense"
     KRON_IN = "kron_in"
+    GRAM = "gram"
     DERIVED = "derived"
     LOSS_GRAD = "loss_grad"
     LOSS_SQRT_HESSIAN = "loss_sqrt_hessian"
@@ -103,6 +105,8 @@ DENSE = TABLES[RuleKind.DENSE]
 KRON_OUT = TABLES[RuleKind.KRON_OUT]
 KRON_DENSE = TABLES[RuleKind.KRON_DENSE]
 KRON_IN = TABLES[RuleKind.KRON_IN]
+# The Gram matrix of a parameter's per-sample factors (ViViT).
+GRAM = TABLES[RuleKind.GRAM]
 # Forward-side quantities shared by several rules of one op node.
 DERIVED = TABLES[RuleKind.DERIVED]
 # Loss rules, keyed by (loss op, "f"): the first and second derivatives w.r.t. the model output f.
@@ -320,6 +324,13 @@ class OpDef:
     def kron_in(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
         """The input-side Kronecker factor of ``param``, from the op's input (``x^T x / N``)."""
         return self.rule(RuleKind.KRON_IN, param, **fusion)
+
+    def gram(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """The Gram matrix ``[K N, K N]`` of ``param``'s per-sample factors ``a_kn = J_n^T S_kn`` (rows
+        and columns ``k``-major, like ``S.flatten(0, 1)``), ViViT eq. S.23: the parameter's share of the
+        GGN's Gram matrix ``V^T V``. The rule reads samples only through the op's data inputs, so that
+        the caller may pass the columns and data inputs of a subset of the batch."""
+        return self.rule(RuleKind.GRAM, param, **fusion)
 
     # ---- loss rules: (**ctx) with f, y and derived values by name ------------------------------
     def loss_grad(self) -> Callable[[Fn], Fn]:

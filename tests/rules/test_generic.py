@@ -33,6 +33,7 @@ from generic_rules import OpContext
 from helpers import call_rule, rel_error
 from torch import nn
 
+from fxcurv import gram as gram_products
 from fxcurv.errors import UnsupportedOpError
 from fxcurv.rules import conv as conv_rules
 from fxcurv.rules import registry
@@ -46,12 +47,13 @@ JAC_T, DIAG, RESIDUAL, GRAD = RuleKind.JAC_T, RuleKind.DIAG, RuleKind.RESIDUAL, 
 DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_DIAG, RuleKind.PER_SAMPLE,
                                              RuleKind.DERIVED)
 DENSE, KRON_OUT, KRON_DENSE, KRON_IN = RuleKind.DENSE, RuleKind.KRON_OUT, RuleKind.KRON_DENSE, RuleKind.KRON_IN
+GRAM = RuleKind.GRAM
 
 # ---- the rules each op must have ------------------------------------------------------------------
 
 _PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT: ("weight", "bias"),
                DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias"), KRON_OUT: ("weight", "bias"),
-               KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",)}
+               KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",), GRAM: ("weight", "bias")}
 _SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED: ("d1", "d2")}
 _PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
@@ -192,6 +194,8 @@ def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     return x
 
 
+_GRAM_BLOCKS = ((gram_products, "GRAM_BLOCK_ELEMENTS", 1), (gram_products, "_MIN_BLOCK_ROWS", 2))
+
 CASES: list[Case] = [
     # linear: [N, in] takes the Kronecker shortcut of diag_sqrt, [N, *mid, in] the per-sample route.
     Case("linear", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 4))),
@@ -219,6 +223,14 @@ CASES: list[Case] = [
     Case("conv_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
                                                        randn(3, 4, 4, 3)),
          patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT,)),
+    # Gram matrices a block of samples (and block rows of two rows) at a time.
+    Case("conv_gram_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                            randn(3, 4, 4, 3)),
+         patches=_GRAM_BLOCKS, only=(GRAM,)),
+    Case("linear_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 4)),
+         patches=_GRAM_BLOCKS, only=(GRAM,)),
+    Case("linear_mid_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 2, 4)),
+         patches=_GRAM_BLOCKS, only=(GRAM,)),
     # activations (module, function and method forms; their attributes)
     Case("relu", "relu", lambda: module_call(nn.ReLU(), randn(3, 2, 3))),
     Case("relu_method", "relu", lambda: method_call("relu", randn(3, 5))),
@@ -356,6 +368,19 @@ def check_per_sample(case: Case, c: OpContext, key: str) -> None:
     assert_matches(_rule(PER_SAMPLE, case.op, key, v, c=c), ref.per_sample(c, key, v), f"per_sample[{key}]")
 
 
+def check_gram(case: Case, c: OpContext, key: str) -> None:
+    s = rand_like((K,) + tuple(c.out.shape), messages(case.id, f"gram[{key}]"))
+    want = ref.gram(c, key, s)
+    assert_matches(_rule(GRAM, case.op, key, s, c=c), want, f"gram[{key}]")
+    # The rule reads samples only through the op's data inputs: the columns and inputs of a subset of
+    # the batch give the Gram matrix of that subset (how ggn_eigen subsamples).
+    keep = [n for n in range(c.n) if n != 1]
+    rows = torch.tensor([k * c.n + n for k in range(K) for n in keep])
+    sub = {**c.bindings(), "x": c.inputs["x"][keep]}
+    got = call_rule(registry.GRAM, case.op, key, s[:, keep], **sub)
+    assert_matches(got, want[rows][:, rows], f"gram[{key}] of a subset of samples")
+
+
 def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
     gen = messages(case.id, f"diag_sqrt[{key}]")
     s = rand_like((K,) + tuple(c.out.shape), gen)
@@ -408,7 +433,7 @@ def check_kron_in(case: Case, c: OpContext, key: str) -> None:
 CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     JAC_T: check_jac_t, DIAG: check_diag, RESIDUAL: check_residual, GRAD: check_grad,
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
-    DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
+    DENSE: check_dense, KRON_OUT: check_kron_out, GRAM: check_gram, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
 }
 
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
