@@ -11,7 +11,7 @@ These helpers are pure functions of their inputs; the rules in :mod:`fxcurv.rule
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

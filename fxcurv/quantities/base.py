@@ -38,6 +38,12 @@ class Quantity:
         """The empty per-parameter state (default: a list of contributions)."""
         return []
 
+    def start_network(self) -> Any:
+        """State shared by every parameter of one program (default: none), handed to
+        :meth:`finalize` as ``end.network[self.name]``: a whole-network quantity accumulates across
+        parameters in it (``ggn_eigen`` sums the parameters' Gram matrices in the program)."""
+        return None
+
     def collect(self, use: ParamUse, state: Any) -> None:
         raise NotImplementedError
 

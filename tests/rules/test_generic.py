@@ -433,7 +433,8 @@ def check_kron_in(case: Case, c: OpContext, key: str) -> None:
 CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     JAC_T: check_jac_t, DIAG: check_diag, RESIDUAL: check_residual, GRAD: check_grad,
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
-    DENSE: check_dense, KRON_OUT: check_kron_out, GRAM: check_gram, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
+    DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
+    GRAM: check_gram,
 }
 
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
