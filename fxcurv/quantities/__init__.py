@@ -7,6 +7,7 @@
 | ``diag_ggn_mc`` | Monte Carlo GGN diagonal | HBP Sec. C |
 | ``diag_hessian`` | exact Hessian diagonal | HBP eq. S.6, S.9 |
 | ``hesscale``, ``hesscale_gn`` | HesScale(GN) diagonal backpropagation | HesScale eq. 4-5, 8-9 |
+| ``ggn_eigen``, ``ggn_eigen_mc`` | GGN eigenpairs from the Gram matrix (:class:`GGNEigen`) | ViViT A.1-A.2, C.1-C.2 |
 
 Adding a quantity is adding one file here that defines a :class:`~fxcurv.quantities.base.Quantity`
 and passes it to :func:`~fxcurv.quantities.base.register`, and its tests. Users name quantities by
@@ -27,6 +28,8 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
 
 GRAD = QUANTITIES["grad"]
 
+from .ggn_eigen import GGNEigen  # noqa: E402  (the class, for options: GGNEigen(top_k=5, groups="layer"))
+
 
 def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) -> tuple[Quantity, ...]:
     """The requested quantities as objects, ``grad`` first, each once, in the order given."""
@@ -45,4 +48,4 @@ def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) ->
     return tuple(out)
 
 
-__all__ = ["QUANTITIES", "Quantity", "register", "resolve"]
+__all__ = ["QUANTITIES", "Quantity", "register", "resolve", "GGNEigen"]

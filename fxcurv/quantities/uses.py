@@ -87,7 +87,7 @@ class OpUse:
 
     def vjp(self, cotangents: torch.Tensor) -> torch.Tensor:
         """``sum_n J_{u,n}^T m_n`` for each of the ``M`` cotangents ``[M, N, *out]``: ``[M, *param]``."""
-        _, pull = torch.func.vjp(self.forward(), self.param)
+        pull = torch.func.vjp(self.forward(), self.param)[1]
         return torch.func.vmap(lambda c: pull(c)[0])(cotangents)
 
 

@@ -1,0 +1,444 @@
+"""``ggn_eigen``: the GGN's nonzero eigenpairs through its Gram matrix (ViViT A.1-A.2, B.3, C.1-C.2).
+
+The GGN of the trainable parameters is ``G = V D V^T``, ``V [P, K N]`` with columns
+``a_kn = sum_u J_{u,n}^T S^u_kn`` (``u`` over the uses of each parameter, ``S^u`` the loss's factor
+columns at the output of use ``u``, ``K = C - 1`` for cross-entropy) and ``D`` the columns' signs. The
+program never forms ``V``: at every parameter use it emits the op's ``gram`` rule, that parameter's
+share ``A A^T`` of the Gram matrix (ViViT eq. S.23; ``(S S^T) o (x x^T)`` for a linear layer, C.1), and
+sums the shares of a block's parameters in place into one ``[K N, K N]`` matrix. A parameter used more
+than once contributes the Gram matrix of its summed per-sample factors (the ops' ``per_sample`` rules,
+summed over uses): the cross terms between its uses are in, so the Gram matrix is exact on weight-tied
+graphs; on residual graphs the columns of one origin are summed over paths where they meet.
+
+ViViT's four approximations (B.1): the factor columns are the exact ones (``FactorSource.LOSS``) or
+``mc_samples`` Monte Carlo columns per sample (``mc=True``, ``FactorSource.MC``, the count set by
+``fxcurv.compile(..., mc_samples=)``); and all samples enter ``V`` or a subset of ``N_s`` of them
+(``subsample=``). A subset's columns are scaled by ``sqrt(N / N_s)``: the block is then
+``(N / N_s) sum_{n in subset} G_n``, an unbiased estimate of the mini-batch GGN on the same scale (ViViT's
+own implementation scales its Gram matrix by the same ``N / N_s``). The gradients (first directional
+derivatives, Newton steps) always use the whole batch, as in ViViT B.1.
+
+What the user gets is :class:`fxcurv.operators.GramEigen` (or one per group,
+:class:`fxcurv.operators.BlockDiagonalEigen`, with ``groups=``): the Gram matrix, its eigenvalues and,
+lazily, the eigenvectors, directional derivatives and damped Newton steps, for which the program keeps
+each use's op inputs, factor columns and gradient (``vectors=False`` keeps nothing: the Gram matrix and
+eigenvalues only, at the Gram path's memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
+from ..curvature.messages import FactorSource, Needs, Origin
+from ..errors import InputError, UnsupportedOpError
+from ..gram import row_gram
+from ..node_info import Kind, info
+from ..operators.gram_eigen import BlockDiagonalEigen, GramEigen
+from ..rules.registry import Rule, RuleKind
+from ..targets import target
+from .base import Quantity, register
+from .uses import OpUse, UseSpec, keep, vjp_sum
+
+# The block name of the whole network (groups=None).
+NETWORK = "network"
+
+Groups = None | str | Mapping[str, Sequence[str]] | Sequence[Sequence[str]]
+Subsample = None | float | Sequence[int]
+
+
+# ---- graph-node targets ---------------------------------------------------------------------------
+
+@target("ggn_eigen.samples", view=True)
+def sample_prefix(t: torch.Tensor, stop: int, dim: int) -> torch.Tensor:
+    """The first ``stop`` samples of ``t`` along its batch dimension ``dim`` (a view)."""
+    return t.narrow(dim, 0, stop)
+
+
+@target("ggn_eigen.samples[index]", fresh=True)
+def sample_index(t: torch.Tensor, index: list[int], dim: int) -> torch.Tensor:
+    """The samples ``index`` of ``t`` along its batch dimension ``dim``."""
+    return t.index_select(dim, torch.tensor(index, device=t.device))
+
+
+@target("ggn_eigen.scale", fresh=True)
+def scale_columns(s: torch.Tensor, scale: float) -> torch.Tensor:
+    """Subsampled columns times ``sqrt(N / N_s)``: the subset's GGN on the mini-batch's scale."""
+    return s * scale
+
+
+@target("ggn_eigen.factor_gram")
+def factor_gram(a: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix ``[K N, K N]`` of per-sample factors ``a [K, N, *param]`` (a parameter used more
+    than once: its factors summed over uses, then multiplied, so that the uses' cross terms are in)."""
+    return row_gram(a.reshape(a.shape[0] * a.shape[1], -1))
+
+
+@target("ggn_eigen.gram_copy", fresh=True, impure=True)
+def gram_copy(gram: torch.Tensor) -> torch.Tensor:
+    """A block's accumulator, started from its first parameter's share (a copy: that share may be a
+    product other quantities read)."""
+    return gram.clone()
+
+
+@target("ggn_eigen.gram_add_", view=True, impure=True)
+def gram_add_(total: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``total += gram`` in place (returns ``total``): the block's Gram matrix is one buffer however many
+    parameters it sums."""
+    return total.add_(gram)
+
+
+# ---- what the program keeps ---------------------------------------------------------------------
+
+@dataclass
+class _Summary:
+    """Build-time facts shared by all parameters' static data (complete once the program is built)."""
+
+    batch: int = 0
+    index: None | slice | list[int] = None
+    scale: float = 1.0
+    last: dict[str, str] = field(default_factory=dict)  # group -> the parameter holding its final Gram matrix
+
+
+@dataclass
+class _Network:
+    """The program-wide state while it is built: each group's running Gram matrix."""
+
+    summary: _Summary = field(default_factory=_Summary)
+    total: dict[str, fx.Node] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    """One parameter's contributions and what it keeps for the lazy products."""
+
+    grams: list[fx.Node] = field(default_factory=list)  # a use of a parameter used once: its Gram share
+    per_sample: list[fx.Node] = field(default_factory=list)  # the uses of a parameter used more than once
+    uses: list[tuple[UseSpec, tuple[Any, ...]]] = field(default_factory=list)
+    columns: list[fx.Node] = field(default_factory=list)  # S at each use's output (whole batch, unscaled)
+    grads: list[fx.Node] = field(default_factory=list)  # g at each use's output
+    sign: fx.Node | None = None
+    batch: int = 0
+
+
+@dataclass(frozen=True)
+class _Static:
+    group: str | None
+    uses: tuple[UseSpec, ...]
+    summary: _Summary
+
+
+# ---- the quantity -------------------------------------------------------------------------------
+
+class GGNEigen(Quantity):
+    """The GGN's nonzero eigenpairs from its Gram matrix (ViViT).
+
+    ``top_k``: keep the ``top_k`` largest eigenvalues of each block. ``groups``: ``None`` (the whole
+    network, one block), ``"layer"`` (the parameters of one module: ``"1.weight"`` and ``"1.bias"``),
+    ``"parameter"`` (one block each), or explicit groups ``{name: [parameter names]}`` (or a list of
+    lists; parameters in no group are left out): block-diagonal eigenpairs (ViViT C.2). ``mc``: Monte
+    Carlo factor columns (``mc_samples`` of ``fxcurv.compile``) instead of the exact ones.
+    ``subsample``: the samples whose columns enter ``V``: a fraction (the first ``ceil(f N)`` samples) or
+    indices; their columns are scaled by ``sqrt(N / N_s)`` (see the module docstring). ``vectors``: keep
+    what eigenvectors, directional derivatives and Newton steps need (default); ``False`` gives the Gram
+    matrix and eigenvalues only. ``min_value``: also drop eigenvalues of magnitude at or below it.
+    """
+
+    per_parameter = False
+    shaped_like_parameter = False
+    reference = "ViViT A.1-A.2, B.3, C.1-C.2"
+
+    def __init__(self, *, top_k: int | None = None, groups: Groups = None, mc: bool = False,
+                 subsample: Subsample = None, vectors: bool = True, min_value: float = 0.0,
+                 name: str | None = None):
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ValueError(f"GGNEigen: top_k must be a positive integer or None, got {top_k!r}")
+        if isinstance(groups, str) and groups not in ("layer", "parameter"):
+            raise ValueError(f"GGNEigen: groups must be None, 'layer', 'parameter' or explicit groups, got {groups!r}")
+        if isinstance(subsample, float) and not 0 < subsample <= 1:
+            raise ValueError(f"GGNEigen: a subsample fraction must be in (0, 1], got {subsample!r}")
+        if not min_value >= 0:
+            raise ValueError(f"GGNEigen: min_value must be >= 0, got {min_value!r}")
+        self.top_k, self.mc, self.subsample, self.vectors, self.min_value = top_k, mc, subsample, vectors, min_value
+        self.groups = groups
+        self._member = _membership(groups)
+        self.source = FactorSource.MC if mc else FactorSource.LOSS
+        self.needs = Needs(factors=frozenset({self.source}))
+        self.name = name or ("ggn_eigen_mc" if mc else "ggn_eigen")
+        self.description = (f"GGN eigenpairs from the Gram matrix ({self.setting}"
+                            f"{', per ' + str(groups) if isinstance(groups, str) else ''}"
+                            f"{', groups' if groups is not None and not isinstance(groups, str) else ''})")
+
+    @property
+    def setting(self) -> str:
+        """ViViT's name of the approximation (B.1): ``exact`` or ``MC``, ``full`` or ``frac``."""
+        return f"{'MC' if self.mc else 'exact'}, {'full' if self.subsample is None else 'frac'}"
+
+    def _group_of(self, name: str) -> str | None:
+        if self.groups is None:
+            return NETWORK
+        if self.groups == "parameter":
+            return name
+        if self.groups == "layer":
+            return name.rsplit(".", 1)[0] if "." in name else name
+        return self._member.get(name)
+
+    # ---- building the program ------------------------------------------------------------------
+    def start(self) -> _State:
+        return _State()
+
+    def start_network(self) -> _Network:
+        return _Network()
+
+    def collect(self, use: ParamUse, state: _State) -> None:
+        if self._group_of(use.name) is None:
+            return
+        origin = Origin(self.source)
+        cols = use.columns.get(origin)
+        if cols is None:
+            return  # no curvature reaches this use (a loss without factor columns)
+        s, sign = use.dense(cols)
+        if sign is not None and state.sign is None:
+            state.sign = sign
+        batch = state.batch = _batch_of(use)
+        index, n_sub = self._samples(batch)
+        kind = RuleKind.PER_SAMPLE if use.shared else RuleKind.GRAM
+        rule = use.emit.find_rule(kind, use.node, use.input)
+        context: dict[str, Any] = {}
+        if index is not None:
+            _check_subsampling_reads(rule, use)
+            s = self._node(use, scale_columns, (self._select(use, s, index, 1), math.sqrt(batch / n_sub)), "S[frac]")
+            op = use.emit.op_of(use.node)
+            for name, value in use.emit.inputs_of(use.node).items():
+                if name not in op.params and isinstance(value, fx.Node):
+                    context[name] = self._select(use, use.emit.env[value], index, 0)
+        node = use.emit.rule(rule, (s,), use.node, context, kind=Kind.PARAM, stream=origin.label, at=use.param,
+                             message="gram" if kind is RuleKind.GRAM else "J^T S")
+        (state.per_sample if use.shared else state.grams).append(node)
+        if self.vectors:
+            state.uses.append(keep(use))
+            state.columns.append(use.dense(cols)[0])
+            state.grads.append(use.g)
+
+    def _samples(self, batch: int) -> tuple[None | slice | list[int], int]:
+        """The subsample as a slice (a prefix) or indices, and its size, for a batch of ``batch``."""
+        spec = self.subsample
+        if spec is None:
+            return None, batch
+        if isinstance(spec, float):
+            n_sub = max(1, math.ceil(spec * batch))
+            return (None if n_sub == batch else slice(0, n_sub)), n_sub
+        index = [int(i) for i in spec]
+        bad = [i for i in index if not 0 <= i < batch]
+        if bad or len(set(index)) != len(index) or not index:
+            raise InputError(f"{self.name}: subsample indices must be distinct samples of the batch of {batch}; got "
+                             f"{index if len(index) < 20 else str(index[:20])[:-1] + ', ...]'}")
+        return index, len(index)
+
+    def _select(self, use: ParamUse, value: fx.Node, index: slice | list[int], dim: int) -> fx.Node:
+        if isinstance(index, slice):
+            return self._node(use, sample_prefix, (value, index.stop, dim), "samples")
+        return self._node(use, sample_index, (value, index, dim), "samples")
+
+    @staticmethod
+    def _node(use: ParamUse, fn: Any, args: tuple[Any, ...], message: str) -> fx.Node:
+        return use.emit.node(fn, args, kind=Kind.PARAM, of=use.node, message=message, at=use.param)
+
+    def finalize(self, end: ParamEnd, state: _State) -> Any:
+        group = self._group_of(end.name)
+        network: _Network = end.network[self.name]
+        static = _Static(group, tuple(u for u, _ in state.uses), network.summary)
+        kept = (tuple(v for _, v in state.uses), tuple(state.columns), tuple(state.grads), state.sign)
+        if group is None or not (state.grams or state.per_sample):
+            return Finalized((None, kept), static)
+        if state.per_sample:
+            summed = end.sum(state.per_sample, message="J^T S", shaped=False)
+            gram = end.node(factor_gram, (summed,), message="gram", shaped=False)
+        else:
+            (gram,) = state.grams
+        parts = network.parts.get(group, 0)
+        if parts == 0:
+            total = gram
+        elif parts == 1:
+            total = end.node(gram_add_, (end.node(gram_copy, (network.total[group],), message="gram",
+                                                  shaped=False), gram), message="gram", shaped=False)
+        else:
+            total = end.node(gram_add_, (network.total[group], gram), message="gram", shaped=False)
+        network.total[group], network.parts[group] = total, parts + 1
+        network.summary.last[group] = end.name
+        if not network.summary.batch:
+            index, n_sub = self._samples(state.batch)
+            network.summary.batch, network.summary.index = state.batch, index
+            network.summary.scale = math.sqrt(state.batch / n_sub)
+        return Finalized((total, kept), static)
+
+    # ---- what the user gets ----------------------------------------------------------------------
+    def wrap_network(self, values: dict[str, Any], params: dict[str, torch.Tensor],
+                     statics: dict[str, Any]) -> GramEigen | BlockDiagonalEigen:
+        if isinstance(self.groups, (Mapping, list, tuple)):
+            unknown = sorted(set(self._member) - set(params))
+            if unknown:
+                raise ValueError(f"{self.name}: groups name parameters the model has not (or are frozen): {unknown}; "
+                                 f"trainable parameters: {list(params)}")
+        summary = next((s.summary for s in statics.values() if s is not None), _Summary())
+        members: dict[str, list[str]] = {}
+        for name in params:
+            group = self._group_of(name)
+            if group is not None:
+                members.setdefault(group, []).append(name)
+        blocks = {g: self._block(names, values, params, statics, summary) for g, names in members.items()}
+        if self.groups is None:
+            if not blocks:  # no trainable parameters
+                any_param = next(iter(params.values()), torch.empty(0))
+                return GramEigen(any_param.new_zeros(0, 0), columns=0, setting=self.setting)
+            return blocks[NETWORK]
+        return BlockDiagonalEigen(blocks, setting=self.setting)
+
+    def _block(self, names: list[str], values: dict[str, Any], params: dict[str, torch.Tensor],
+               statics: dict[str, Any], summary: _Summary) -> GramEigen:
+        group = statics[names[0]].group
+        holder = summary.last.get(group)
+        like = params[names[0]]
+        if holder is None:  # the loss's columns reach none of the group's parameters
+            return GramEigen(like.new_zeros(0, 0), columns=0, names=names, setting=self.setting)
+        gram = values[holder][0]
+        sign = next((values[n][1][3] for n in names if values[n][1][3] is not None), None)
+        n_sub = _subset_size(summary)
+        columns = gram.shape[0] // n_sub
+        if sign is not None:
+            sign = _subset(sign, summary.index, 1).reshape(-1)
+        factor = None
+        if self.vectors:
+            factor = _Factor({n: (statics[n].uses, values[n][1]) for n in names}, params, summary, columns)
+        return GramEigen(gram, columns=columns, sign=sign, factor=factor, top_k=self.top_k,
+                         min_value=self.min_value, names=names, setting=self.setting)
+
+
+def _membership(groups: Groups) -> dict[str, str]:
+    """Parameter name -> group for explicit groups (each parameter in one group at most)."""
+    if groups is None or isinstance(groups, str):
+        return {}
+    items = groups.items() if isinstance(groups, Mapping) else ((str(i), g) for i, g in enumerate(groups))
+    member: dict[str, str] = {}
+    for group, names in items:
+        if isinstance(names, str):
+            raise TypeError(f"GGNEigen: group {group!r} must list parameter names, got the string {names!r}")
+        for n in names:
+            if n in member:
+                raise ValueError(f"GGNEigen: parameter {n!r} is in two groups ({member[n]!r} and {group!r})")
+            member[n] = str(group)
+    return member
+
+
+def _batch_of(use: ParamUse) -> int:
+    shape = info(use.node).shape
+    assert shape is not None, "shapes are recorded before curvature insertion"
+    return shape[0]
+
+
+def _check_subsampling_reads(rule: Rule, use: ParamUse) -> None:
+    """A subset of samples reaches a rule through its data inputs only: refuse a rule that reads the
+    op's output, saved or derived values (they would still hold the whole batch)."""
+    op = use.emit.op_of(use.node)
+    allowed = set(op.inputs) | set(use.node.kwargs)
+    other = [n for n in rule.context_names(1) if n not in allowed]
+    if other:
+        raise UnsupportedOpError(
+            f"{use.where()}: its {rule.label} rule reads {other}, which would hold the whole batch; subsample= "
+            "needs rules that read samples only through the op's inputs")
+
+
+def _subset_size(summary: _Summary) -> int:
+    index = summary.index
+    if index is None:
+        return summary.batch
+    return index.stop if isinstance(index, slice) else len(index)
+
+
+def _subset(t: torch.Tensor, index: None | slice | list[int], dim: int) -> torch.Tensor:
+    if index is None:
+        return t
+    if isinstance(index, slice):
+        return t.narrow(dim, 0, index.stop)
+    return t.index_select(dim, torch.tensor(index, device=t.device))
+
+
+class _Factor:
+    """Products with ``V`` for one block, from each use's kept op inputs, columns and gradient
+    (:class:`fxcurv.operators.gram_eigen.ParameterFactor`)."""
+
+    def __init__(self, kept: dict[str, tuple[tuple[UseSpec, ...], Any]], params: dict[str, torch.Tensor],
+                 summary: _Summary, columns: int):
+        self.names = tuple(kept)
+        self.samples = summary.batch
+        self.numel = sum(params[n].numel() for n in self.names)
+        self._params = params
+        self._columns = columns
+        self._uses: dict[str, list[tuple[OpUse, OpUse, torch.Tensor, torch.Tensor]]] = {}
+        for name, (specs, (inputs, cols, grads, _)) in kept.items():
+            entries = []
+            for spec, values, s, g in zip(specs, inputs, cols, grads):
+                full = OpUse(spec, values)
+                entries.append((full, full.samples(summary.index),
+                                _subset(s, summary.index, 1) * summary.scale, g))
+            self._uses[name] = entries
+        self._gradient: dict[str, torch.Tensor] | None = None
+
+    def apply(self, coeffs: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        q = coeffs.shape[1]
+        out = {}
+        for name in names or self.names:
+            uses = self._uses[name]
+            if not uses:
+                out[name] = self._params[name].new_zeros((q,) + tuple(self._params[name].shape))
+                continue
+            cots = []
+            for _, _, s, _ in uses:
+                c = coeffs.reshape(s.shape[0], s.shape[1], q)
+                cots.append(torch.einsum("knj,knq->qnj", s.flatten(2), c).reshape((q,) + tuple(s.shape[1:])))
+            out[name] = vjp_sum([sub for _, sub, _, _ in uses], cots)
+        return out
+
+    def project(self, vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for name, v in vectors.items():
+            for _, sub, s, _ in self._uses[name]:
+                t = sub.jvp(v)  # [q, N_s, *out]
+                part = torch.einsum("knj,qnj->knq", s.flatten(2), t.flatten(2))
+                total = part if total is None else total + part
+        if total is None:
+            q = next(iter(vectors.values())).shape[0]
+            raise ValueError(f"project: no use of {list(vectors)} keeps columns ({q} vectors)")
+        return total.reshape(-1, total.shape[-1])
+
+    def sample_gradient_dots(self, vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for name, v in vectors.items():
+            for full, _, _, g in self._uses[name]:
+                part = torch.einsum("nj,qnj->nq", g.flatten(1), full.jvp(v).flatten(2))
+                total = part if total is None else total + part
+        assert total is not None, "a block with a Gram matrix has a use"
+        return total
+
+    def gradient(self) -> dict[str, torch.Tensor]:
+        if self._gradient is None:
+            out = {}
+            for name in self.names:
+                uses = self._uses[name]
+                if not uses:
+                    out[name] = torch.zeros_like(self._params[name])
+                    continue
+                out[name] = vjp_sum([full for full, _, _, _ in uses], [g.unsqueeze(0) for _, _, _, g in uses])[0]
+            self._gradient = out
+        return self._gradient
+
+
+GGN_EIGEN = register(GGNEigen())
+GGN_EIGEN_MC = register(GGNEigen(mc=True))
