@@ -38,11 +38,12 @@ import torch.fx as fx
 from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
 from ..errors import InputError, UnsupportedOpError
-from ..gram import row_gram
+from ..gram import gram_into
 from ..node_info import Kind, info
 from ..operators.gram_eigen import BlockDiagonalEigen, GramEigen
+from ..rules import registry
 from ..rules.registry import Rule, RuleKind
-from ..targets import target
+from ..targets import Fusion, LabeledTarget, TargetInfo, target
 from .base import Quantity, register
 from .uses import OpUse, UseSpec, keep, vjp_sum
 
@@ -73,25 +74,46 @@ def scale_columns(s: torch.Tensor, scale: float) -> torch.Tensor:
     return s * scale
 
 
-@target("ggn_eigen.factor_gram")
-def factor_gram(a: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix ``[K N, K N]`` of per-sample factors ``a [K, N, *param]`` (a parameter used more
-    than once: its factors summed over uses, then multiplied, so that the uses' cross terms are in)."""
-    return row_gram(a.reshape(a.shape[0] * a.shape[1], -1))
+@dataclass(frozen=True)
+class GramInto(LabeledTarget):
+    """Op ``op``'s ``gram`` rule as a node that adds into a block's running Gram matrix: ``(total, S,
+    **ctx) -> total`` in place (a view of ``total``), or ``(S, **ctx)`` -> a fresh matrix for the block's
+    first share (``first``). Never merged with an equal-looking node: a total is written in place."""
+
+    op: str
+    key: str
+    first: bool
+
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        label = f"{self.op}.gram[{self.key}]" + ("" if self.first else " (+=)")
+        return TargetInfo(label, Fusion(fresh=self.first, view=not self.first, impure=True))
+
+    def __call__(self, *args: Any, **ctx: Any) -> torch.Tensor:
+        fn = registry.GRAM[(self.op, self.key)].fn
+        if self.first:
+            (s,) = args
+            return fn(s, **ctx)
+        total, s = args
+        return fn(s, total=total, **ctx)
 
 
-@target("ggn_eigen.gram_copy", fresh=True, impure=True)
-def gram_copy(gram: torch.Tensor) -> torch.Tensor:
-    """A block's accumulator, started from its first parameter's share (a copy: that share may be a
-    product other quantities read)."""
-    return gram.clone()
+@dataclass(frozen=True)
+class FactorGramInto(LabeledTarget):
+    """The Gram matrix of per-sample factors ``a [K, N, *param]`` (a parameter used more than once: its
+    factors summed over uses, so that the uses' cross terms are in), added into ``total`` in place or
+    fresh for the block's first share (``first``)."""
 
+    first: bool
 
-@target("ggn_eigen.gram_add_", view=True, impure=True)
-def gram_add_(total: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``total += gram`` in place (returns ``total``): the block's Gram matrix is one buffer however many
-    parameters it sums."""
-    return total.add_(gram)
+    @property
+    def info(self) -> TargetInfo:  # type: ignore[override]
+        return TargetInfo("ggn_eigen.factor_gram" + ("" if self.first else " (+=)"),
+                          Fusion(fresh=self.first, view=not self.first, impure=True))
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        total, a = (None, args[0]) if self.first else args
+        return gram_into(a.reshape(a.shape[0] * a.shape[1], -1), total, a.shape[0])
 
 
 # ---- what the program keeps ---------------------------------------------------------------------
@@ -112,14 +134,15 @@ class _Network:
 
     summary: _Summary = field(default_factory=_Summary)
     total: dict[str, fx.Node] = field(default_factory=dict)
-    parts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class _State:
     """One parameter's contributions and what it keeps for the lazy products."""
 
-    grams: list[fx.Node] = field(default_factory=list)  # a use of a parameter used once: its Gram share
+    # A parameter used once: its op's gram rule, (op, key, S, bound arguments), emitted when the block's
+    # running total is known (none where an earlier parameter of the op includes this one's share).
+    grams: list[tuple[str, str, fx.Node, dict[str, Any]]] = field(default_factory=list)
     per_sample: list[fx.Node] = field(default_factory=list)  # the uses of a parameter used more than once
     uses: list[tuple[UseSpec, tuple[Any, ...]]] = field(default_factory=list)
     columns: list[fx.Node] = field(default_factory=list)  # S at each use's output (whole batch, unscaled)
@@ -211,21 +234,49 @@ class GGNEigen(Quantity):
         index, n_sub = self._samples(batch)
         kind = RuleKind.PER_SAMPLE if use.shared else RuleKind.GRAM
         rule = use.emit.find_rule(kind, use.node, use.input)
+        include = None if use.shared else self._included(use, rule)
         context: dict[str, Any] = {}
-        if index is not None:
+        if index is not None and (use.shared or include):
             _check_subsampling_reads(rule, use)
             s = self._node(use, scale_columns, (self._select(use, s, index, 1), math.sqrt(batch / n_sub)), "S[frac]")
             op = use.emit.op_of(use.node)
             for name, value in use.emit.inputs_of(use.node).items():
                 if name not in op.params and isinstance(value, fx.Node):
                     context[name] = self._select(use, use.emit.env[value], index, 0)
-        node = use.emit.rule(rule, (s,), use.node, context, kind=Kind.PARAM, stream=origin.label, at=use.param,
-                             message="gram" if kind is RuleKind.GRAM else "J^T S")
-        (state.per_sample if use.shared else state.grams).append(node)
+        if use.shared:
+            state.per_sample.append(use.emit.rule(rule, (s,), use.node, context, kind=Kind.PARAM, message="J^T S",
+                                                  stream=origin.label, at=use.param))
+        elif include:
+            context["include"] = include
+
+            def resolve(name: str) -> Any:
+                return context[name] if name in context else use.emit.resolve(use.node, name)
+
+            state.grams.append((rule.op, use.input, s, registry.bind(rule, resolve, 1)))
         if self.vectors:
             state.uses.append(keep(use))
             state.columns.append(use.dense(cols)[0])
             state.grads.append(use.g)
+
+    def _included(self, use: ParamUse, rule: Rule) -> tuple[str, ...]:
+        """The parameters of the use's op whose Gram shares one rule call adds at this use: those with the
+        same ``gram`` rule that are trainable, used once and in this use's block, if this use is the first
+        of them (in the op's input order); none where an earlier one includes this use's share."""
+        op = use.emit.op_of(use.node)
+        inputs = use.emit.inputs_of(use.node)
+        group = self._group_of(use.name)
+
+        def joins(name: str) -> bool:
+            value = inputs.get(name)
+            if not isinstance(value, fx.Node) or value.op != "placeholder" or not info(value).requires_grad:
+                return False
+            if sum(1 for u in value.users for a in u.args if a is value) != 1:
+                return False
+            return (self._group_of(info(value).param or value.name) == group
+                    and registry.GRAM.get((op.name, name)) is rule)
+
+        joint = tuple(n for n in op.inputs if n in op.params and joins(n))
+        return joint if joint and joint[0] == use.input else ()
 
     def _samples(self, batch: int) -> tuple[None | slice | list[int], int]:
         """The subsample as a slice (a prefix) or indices, and its size, for a batch of ``batch``."""
@@ -258,20 +309,16 @@ class GGNEigen(Quantity):
         kept = (tuple(v for _, v in state.uses), tuple(state.columns), tuple(state.grads), state.sign)
         if group is None or not (state.grams or state.per_sample):
             return Finalized((None, kept), static)
+        total = network.total.get(group)
         if state.per_sample:
             summed = end.sum(state.per_sample, message="J^T S", shaped=False)
-            gram = end.node(factor_gram, (summed,), message="gram", shaped=False)
-        else:
-            (gram,) = state.grams
-        parts = network.parts.get(group, 0)
-        if parts == 0:
-            total = gram
-        elif parts == 1:
-            total = end.node(gram_add_, (end.node(gram_copy, (network.total[group],), message="gram",
-                                                  shaped=False), gram), message="gram", shaped=False)
-        else:
-            total = end.node(gram_add_, (network.total[group], gram), message="gram", shaped=False)
-        network.total[group], network.parts[group] = total, parts + 1
+            args = (summed,) if total is None else (total, summed)
+            total = end.node(FactorGramInto(total is None), args, message="gram", shaped=False)
+        for op, key, s, kwargs in state.grams:
+            args = (s,) if total is None else (total, s)
+            total = end.node(GramInto(op, key, total is None), args, message="gram", shaped=False, kwargs=kwargs)
+        assert total is not None
+        network.total[group] = total
         network.summary.last[group] = end.name
         if not network.summary.batch:
             index, n_sub = self._samples(state.batch)
@@ -347,11 +394,11 @@ def _check_subsampling_reads(rule: Rule, use: ParamUse) -> None:
     """A subset of samples reaches a rule through its data inputs only: refuse a rule that reads the
     op's output, saved or derived values (they would still hold the whole batch)."""
     op = use.emit.op_of(use.node)
-    allowed = set(op.inputs) | set(use.node.kwargs)
-    other = [n for n in rule.context_names(1) if n not in allowed]
-    if other:
+    whole = [n for n in rule.context_names(1)
+             if n == "out" or n in op.saved or (op.name, n) in registry.DERIVED]
+    if whole:
         raise UnsupportedOpError(
-            f"{use.where()}: its {rule.label} rule reads {other}, which would hold the whole batch; subsample= "
+            f"{use.where()}: its {rule.label} rule reads {whole}, which would hold the whole batch; subsample= "
             "needs rules that read samples only through the op's inputs")
 
 

@@ -26,7 +26,7 @@ from torch.nn.modules.utils import _pair
 
 from ..errors import UnsupportedOpError
 from ..factors import signed_square_sum
-from ..gram import blocked_gram, row_gram
+from ..gram import blocked_gram_into, gram_into
 from .registry import Match, define_op, example
 
 
@@ -284,26 +284,24 @@ def conv2d_diag_sqrt_bias(S, sign):
 
 # ---- ViViT's Gram matrix --------------------------------------------------------------------------
 
-@op.gram("weight")
-def conv2d_gram_weight(S, x, weight, stride, padding, dilation, groups):
-    """ViViT eq. S.22-S.23 for a convolution: the Gram matrix of the per-sample factors
-    ``J_W^T S_kn = S_kn [[X_n]]^T`` (HBP Sec. D.4), summed over output positions before the products.
-    The factors (``K N x |W|``, far larger than the columns) are formed a block of samples at a time
-    from the unfolded input of that block (:func:`fxcurv.gram.blocked_gram`)."""
-    k = S.shape[0]
-
-    def rows(start, stop):
-        cols = _unfold(x[start:stop], weight.shape, stride, padding, dilation, groups)
-        return _per_sample_from_cols(S[:, start:stop], cols, weight.shape, groups).reshape(k * (stop - start), -1)
-
-    return blocked_gram(rows, k, S.shape[1], k * weight.numel())
-
-
-@op.gram("bias")
-def conv2d_gram_bias(S):
-    """ViViT eq. S.23 for the bias: ``J_b^T S = sum_p S_p`` per column and sample, then their Gram."""
+@op.gram("weight", "bias")
+def conv2d_gram(S, x, weight, stride, padding, dilation, groups, include=("weight", "bias"), total=None):
+    """ViViT eq. S.22-S.23 for a convolution: the Gram matrix of the per-sample weight factors
+    ``J_W^T S_kn = S_kn [[X_n]]^T`` (HBP Sec. D.4, summed over output positions before the products),
+    formed a block of samples at a time from the unfolded input of that block
+    (:func:`fxcurv.gram.blocked_gram_into`: the factors are far larger than the columns), and of the
+    bias's ``J_b^T S_kn = sum_p S_kn[:, p]``. ``include``: the parameters whose shares are summed;
+    ``total``: a running Gram matrix to add them into (in place)."""
     k, n = S.shape[0], S.shape[1]
-    return row_gram(conv2d_per_sample_bias(S).reshape(k * n, -1))
+    if "weight" in include:
+        def rows(start, stop):
+            cols = _unfold(x[start:stop], weight.shape, stride, padding, dilation, groups)
+            return _per_sample_from_cols(S[:, start:stop], cols, weight.shape, groups).reshape(k * (stop - start), -1)
+
+        total = blocked_gram_into(rows, total, k, n, k * weight.numel())
+    if "bias" in include:
+        total = gram_into(conv2d_per_sample_bias(S).reshape(k * n, -1), total, k)
+    return total
 
 
 # ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..factors import signed_square_sum
-from ..gram import blocked_gram, row_gram
+from ..gram import blocked_gram_into, gram_into
 from .registry import Left, Match, Reduction, define_op
 
 
@@ -128,29 +128,31 @@ def linear_per_sample_bias(v, x):
 
 # ---- ViViT's Gram matrix --------------------------------------------------------------------------
 
-@op.gram("weight")
-def linear_gram_weight(S, x):
-    """ViViT C.1 (eq. S.24 and the lines after it): for ``[N, I]`` inputs the weight's share of the Gram
-    matrix is ``(S S^T) o (x x^T)``, the columns' Gram times the inputs' Gram expanded over the ``K``
-    columns, without forming a per-sample factor. With positions ``[N, *mid, I]`` a sample's factor sums
-    over ``mid`` (``sum_m S_m x_m^T``), formed a block of samples at a time."""
+@op.gram("weight", "bias")
+def linear_gram(S, x, include=("weight", "bias"), total=None):
+    """ViViT C.1 (eq. S.24 and the lines after it): the weight's share of the Gram matrix is
+    ``(S S^T) o (x x^T)``, the columns' Gram times the inputs' Gram (expanded over the ``K`` columns),
+    without forming a per-sample factor; the bias's (``J_b = I``) is ``S S^T``. Weight and bias together
+    are ``(S S^T) o (x x^T + 1)``: one product of the columns for both. With positions ``[N, *mid, I]`` a
+    sample's weight factor sums over ``mid`` (``sum_m S_m x_m^T``) and is formed a block of samples at a
+    time, the bias's sums the columns over ``mid``. ``include``: the parameters whose shares are summed;
+    ``total``: a running Gram matrix to add them into (in place)."""
     k, n = S.shape[0], S.shape[1]
     if x.dim() == 2:
-        gram = row_gram(S.reshape(k * n, S.shape[-1]))
-        gram.view(k, n, k, n).mul_(row_gram(x)[None, :, None, :])
-        return gram
+        weight = None
+        if "weight" in include:
+            weight = x @ x.T
+            if "bias" in include:
+                weight += 1
+        return gram_into(S.reshape(k * n, S.shape[-1]), total, k, weight)
+    if "weight" in include:
+        def rows(start, stop):
+            return linear_per_sample_weight(S[:, start:stop], x[start:stop]).reshape(k * (stop - start), -1)
 
-    def rows(start, stop):
-        return linear_per_sample_weight(S[:, start:stop], x[start:stop]).reshape(k * (stop - start), -1)
-
-    return blocked_gram(rows, k, n, k * S.shape[-1] * x.shape[-1])
-
-
-@op.gram("bias")
-def linear_gram_bias(S, x):
-    """ViViT eq. S.23 for the bias (``J_b = I``, summed over positions ``mid``): ``S S^T``."""
-    k, n = S.shape[0], S.shape[1]
-    return row_gram(_positions_summed(S, x).reshape(k * n, -1))
+        total = blocked_gram_into(rows, total, k, n, k * S.shape[-1] * x.shape[-1])
+    if "bias" in include:
+        total = gram_into(_positions_summed(S, x).reshape(k * n, -1), total, k)
+    return total
 
 
 # ---- the batch-averaged and Kronecker-factored family -------------------------------------------

@@ -325,12 +325,15 @@ class OpDef:
         """The input-side Kronecker factor of ``param``, from the op's input (``x^T x / N``)."""
         return self.rule(RuleKind.KRON_IN, param, **fusion)
 
-    def gram(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
-        """The Gram matrix ``[K N, K N]`` of ``param``'s per-sample factors ``a_kn = J_n^T S_kn`` (rows
-        and columns ``k``-major, like ``S.flatten(0, 1)``), ViViT eq. S.23: the parameter's share of the
-        GGN's Gram matrix ``V^T V``. The rule reads samples only through the op's data inputs, so that
-        the caller may pass the columns and data inputs of a subset of the batch."""
-        return self.rule(RuleKind.GRAM, param, **fusion)
+    def gram(self, param: str, *also: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``fn(S, ..., include=(param, *also), total=None)``: the Gram matrix ``[K N, K N]`` of the
+        per-sample factors ``a_kn = J_n^T S_kn`` of the parameters ``include`` (rows and columns
+        ``k``-major, like ``S.flatten(0, 1)``), summed over them -- their share of the GGN's Gram matrix
+        ``V^T V`` (ViViT eq. S.23) -- added in place into ``total`` where given. One function serves the
+        op's parameters so that their shares can share products (a linear layer's ``S S^T``). The rule
+        reads samples only through the op's data inputs, so that the caller may pass the columns and
+        data inputs of a subset of the batch."""
+        return self.rule(RuleKind.GRAM, param, None, *also, **fusion)
 
     # ---- loss rules: (**ctx) with f, y and derived values by name ------------------------------
     def loss_grad(self) -> Callable[[Fn], Fn]:

@@ -129,12 +129,11 @@ def small_cnn() -> nn.Module:
 
 
 def test_cnn_with_top_k_and_blocked_products(monkeypatch):
-    """Convolution factors a sample at a time and symmetric products in blocks of two rows give the
+    """Convolution factors formed a sample at a time (block pairs recomputed and mirrored) give the
     same eigenpairs; ``top_k`` keeps the largest."""
     from fxcurv import gram
 
     monkeypatch.setattr(gram, "GRAM_BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(gram, "_MIN_BLOCK_ROWS", 2)
     model, loss_fn = small_cnn(), nn.CrossEntropyLoss()
     x, y = torch.randn(4, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1, 2])
     _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(top_k=5))

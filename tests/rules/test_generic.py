@@ -194,7 +194,7 @@ def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     return x
 
 
-_GRAM_BLOCKS = ((gram_products, "GRAM_BLOCK_ELEMENTS", 1), (gram_products, "_MIN_BLOCK_ROWS", 2))
+_GRAM_BLOCKS = ((gram_products, "GRAM_BLOCK_ELEMENTS", 1),)
 
 CASES: list[Case] = [
     # linear: [N, in] takes the Kronecker shortcut of diag_sqrt, [N, *mid, in] the per-sample route.
@@ -223,11 +223,9 @@ CASES: list[Case] = [
     Case("conv_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
                                                        randn(3, 4, 4, 3)),
          patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT,)),
-    # Gram matrices a block of samples (and block rows of two rows) at a time.
+    # Gram matrices of per-sample factors a sample at a time.
     Case("conv_gram_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
                                                             randn(3, 4, 4, 3)),
-         patches=_GRAM_BLOCKS, only=(GRAM,)),
-    Case("linear_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 4)),
          patches=_GRAM_BLOCKS, only=(GRAM,)),
     Case("linear_mid_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 2, 4)),
          patches=_GRAM_BLOCKS, only=(GRAM,)),
@@ -327,9 +325,9 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 # ---- the checks, one per rule kind ------------------------------------------------------------------
 
-def _rule(kind: RuleKind, op: str, key: str, *msgs: Any, c: OpContext) -> torch.Tensor:
+def _rule(kind: RuleKind, op: str, key: str, *msgs: Any, c: OpContext, **extra: Any) -> torch.Tensor:
     assert (op, key) in registry.TABLES[kind], f"lost registration: {op} has no {kind.value} rule for {key}"
-    return call_rule(registry.TABLES[kind], op, key, *msgs, **c.bindings())
+    return call_rule(registry.TABLES[kind], op, key, *msgs, **c.bindings(), **extra)
 
 
 def check_jac_t(case: Case, c: OpContext, key: str) -> None:
@@ -369,14 +367,27 @@ def check_per_sample(case: Case, c: OpContext, key: str) -> None:
 
 
 def check_gram(case: Case, c: OpContext, key: str) -> None:
-    s = rand_like((K,) + tuple(c.out.shape), messages(case.id, f"gram[{key}]"))
+    gen = messages(case.id, f"gram[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
     want = ref.gram(c, key, s)
-    assert_matches(_rule(GRAM, case.op, key, s, c=c), want, f"gram[{key}]")
+    assert_matches(_rule(GRAM, case.op, key, s, c=c, include=(key,)), want, f"gram[{key}]")
+    # Added in place into a running total.
+    total = rand_like(want.shape, gen)
+    total = total + total.T
+    expected = total + want
+    got = _rule(GRAM, case.op, key, s, c=c, include=(key,), total=total)
+    assert got is total, f"gram[{key}] with a total must add into it in place"
+    assert_matches(got, expected, f"gram[{key}] into a total")
+    # With every parameter of the op: the sum of their shares (one product of the columns).
+    params = tuple(p for p in registry.OPS[case.op].params if c.inputs.get(p) is not None)
+    if len(params) > 1:
+        both = sum(ref.gram(c, p, s) for p in params)
+        assert_matches(_rule(GRAM, case.op, key, s, c=c, include=params), both, f"gram[{','.join(params)}]")
     # The rule reads samples only through the op's data inputs: the columns and inputs of a subset of
     # the batch give the Gram matrix of that subset (how ggn_eigen subsamples).
     keep = [n for n in range(c.n) if n != 1]
     rows = torch.tensor([k * c.n + n for k in range(K) for n in keep])
-    sub = {**c.bindings(), "x": c.inputs["x"][keep]}
+    sub = {**c.bindings(), "x": c.inputs["x"][keep], "include": (key,)}
     got = call_rule(registry.GRAM, case.op, key, s[:, keep], **sub)
     assert_matches(got, want[rows][:, rows], f"gram[{key}] of a subset of samples")
 
