@@ -62,6 +62,17 @@ class ParameterFactor(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What ``GGNEigen(memory_budget=...)`` chose: the budget (bytes), the chosen approximation's
+    estimated memory (a ``GramMemory``: ``.peak``, ``.setting``, its parts) and every candidate tried
+    with its estimated peak, in the order tried."""
+
+    budget: float
+    memory: object
+    tried: tuple[tuple[str, int], ...]
+
+
 class NoVectorsError(RuntimeError):
     """Eigenvectors, directional derivatives or Newton steps were asked of a result computed with
     ``vectors=False`` (only the Gram matrix and its eigenvalues)."""
@@ -95,7 +106,8 @@ class GramEigen:
 
     def __init__(self, gram: torch.Tensor, *, columns: int, sign: torch.Tensor | None = None,
                  factor: ParameterFactor | None = None, top_k: int | None = None,
-                 min_value: float = 0.0, names: Sequence[str] = (), setting: str = ""):
+                 min_value: float = 0.0, names: Sequence[str] = (), setting: str = "",
+                 choice: BudgetChoice | None = None):
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"GramEigen: the Gram matrix must be square, got {tuple(gram.shape)}")
         self.gram = gram
@@ -107,7 +119,8 @@ class GramEigen:
         self.min_value = float(min_value)
         self.names = tuple(names) if factor is None else factor.names
         self.setting = setting
-        self._decomposed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.choice = choice  # where memory_budget= chose the approximation
+        self._decomposed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._vectors: dict[str, torch.Tensor] = {}
 
     # ---- the spectrum --------------------------------------------------------------------------------
@@ -119,39 +132,46 @@ class GramEigen:
         eps = torch.finfo(values.dtype).eps
         return max(self.min_value, float(values.abs().max()) * self.gram.shape[0] * eps)
 
-    def _decompose(self, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(values [k], coeffs [M, k], projections [M, k])`` with ``e_k = V coeffs[:, k]`` and
-        ``projections = V^T V coeffs`` (``a_m . e_k``); coefficients only where ``vectors``."""
+    def _decompose(self, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(values [k], coeffs [M, k])`` with ``e_k = V coeffs[:, k]``; coefficients only where
+        ``vectors``. Besides the Gram matrix this holds, at its peak, LAPACK's copy and workspace
+        (``3 M^2``) and afterwards the coefficients (see :mod:`fxcurv.quantities.gram_memory`)."""
         if self._decomposed is not None and (self._decomposed[1] is not None or not vectors):
             return self._decomposed
         gram = self.gram
         if self.sign is None and not vectors:
             lam = torch.linalg.eigvalsh(gram)
             values = lam[lam > self._tolerance(lam)].flip(0)
-            if self.top_k is not None:
-                values = values[: self.top_k]
-            self._decomposed = (values, None, None)
+            self._decomposed = (values[: self.top_k] if self.top_k is not None else values, None)
             return self._decomposed
         lam, u = torch.linalg.eigh(gram)
-        keep = lam > self._tolerance(lam)
-        lam, u = lam[keep], u[:, keep]
         if self.sign is None:
-            values, u = _descending(lam, u)
-            root = values.sqrt()
-            coeffs, projections = u / root, u * root
+            # Ascending: the nonzero eigenvalues are a suffix; the kept ones (top_k) a view of it.
+            start = int((lam <= self._tolerance(lam)).sum())
+            if self.top_k is not None:
+                start = max(start, lam.shape[0] - self.top_k)
+            values = lam[start:].flip(0)
+            coeffs = u[:, start:].flip(1).div_(values.sqrt())
         else:
             # G = V D V^T = U_V L^1/2 (Q^T D Q) L^1/2 U_V^T with V = U_V L^1/2 Q^T: its nonzero eigenpairs are
             # those of T = L^1/2 Q^T D Q L^1/2 = W Theta W^T, e = V Q L^-1/2 W.
+            keep = lam > self._tolerance(lam)
+            lam, u = lam[keep], u[:, keep]
             root = lam.sqrt()
             t = (u * root).T @ (self.sign.to(gram.dtype)[:, None] * (u * root))
             theta, w = torch.linalg.eigh((t + t.T) / 2)
             keep = theta.abs() > self._tolerance(theta)
             values, w = _descending(theta[keep], w[:, keep])
-            coeffs, projections = (u / root) @ w, (u * root) @ w
-        if self.top_k is not None:
-            values, coeffs, projections = values[: self.top_k], coeffs[:, : self.top_k], projections[:, : self.top_k]
-        self._decomposed = (values, coeffs, projections)
+            if self.top_k is not None:
+                values, w = values[: self.top_k], w[:, : self.top_k]
+            coeffs = (u / root) @ w
+        self._decomposed = (values, coeffs)
         return self._decomposed
+
+    def _projections(self) -> torch.Tensor:
+        """``a_m . e_k = (V^T V c_k)_m``, ``[M, k]``: ``u_k sqrt(lambda_k) = c_k lambda_k`` without signs."""
+        values, coeffs = self._coefficients()
+        return coeffs * values if self.sign is None else self.gram @ coeffs
 
     @property
     def values(self) -> torch.Tensor:
@@ -165,10 +185,10 @@ class GramEigen:
                                  "fxcurv.quantities.GGNEigen(vectors=True) (the default)")
         return self.factor
 
-    def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        values, coeffs, projections = self._decompose(vectors=True)
-        assert coeffs is not None and projections is not None
-        return values, coeffs, projections
+    def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        values, coeffs = self._decompose(vectors=True)
+        assert coeffs is not None
+        return values, coeffs
 
     @property
     def coefficients(self) -> torch.Tensor:
@@ -194,9 +214,9 @@ class GramEigen:
         (``a_kn . e = (V^T V c)_kn``); the first ones map the eigenvectors to parameter space (in chunks of
         directions) and take per-sample JVPs of each use with the kept gradients."""
         factor = self._factor("directional derivatives")
-        values, coeffs, projections = self._coefficients()
+        values, coeffs = self._coefficients()
         k_cols, n_s = self.columns, self.curvature_samples
-        sq = projections.reshape(k_cols, n_s, -1) ** 2
+        sq = self._projections().reshape(k_cols, n_s, -1) ** 2
         if self.sign is not None:
             sq = sq * self.sign.to(sq.dtype).reshape(k_cols, n_s, 1)
         second = n_s * sq.sum(0)
@@ -227,7 +247,7 @@ class GramEigen:
         """
         factor = self._factor("Newton steps")
         if restrict:
-            values, coeffs, _ = self._coefficients()
+            values, coeffs = self._coefficients()
             d = torch.as_tensor(damping, dtype=values.dtype, device=values.device)
             if d.dim() not in (0, 1) or (d.dim() == 1 and d.shape[0] != values.shape[0]):
                 raise ValueError(f"newton_step: damping must be a number or one per direction ({values.shape[0]}), "
@@ -310,9 +330,10 @@ class BlockDiagonalEigen:
     ``values`` are the blocks' eigenvalues by group, as for one block; :meth:`newton_step` joins the
     blocks' steps."""
 
-    def __init__(self, blocks: dict[str, GramEigen], setting: str = ""):
+    def __init__(self, blocks: dict[str, GramEigen], setting: str = "", choice: BudgetChoice | None = None):
         self.blocks = blocks
         self.setting = setting
+        self.choice = choice
 
     def __getitem__(self, group: str) -> GramEigen:
         try:

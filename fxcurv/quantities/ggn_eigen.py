@@ -28,7 +28,7 @@ eigenvalues only, at the Gram path's memory).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,14 +37,16 @@ import torch.fx as fx
 
 from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
-from ..errors import InputError, UnsupportedOpError
+from ..errors import InputError, MemoryBudgetError, UnsupportedOpError
 from ..gram import gram_into
 from ..node_info import Kind, info
-from ..operators.gram_eigen import BlockDiagonalEigen, GramEigen
+from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen
+from ..passes.memory import MemoryEstimate
 from ..rules import registry
 from ..rules.registry import Rule, RuleKind
 from ..targets import Fusion, LabeledTarget, TargetInfo, target
 from .base import Quantity, register
+from .gram_memory import GramMemory, decomposition_bytes
 from .uses import OpUse, UseSpec, keep, vjp_sum
 
 # The block name of the whole network (groups=None).
@@ -180,7 +182,7 @@ class GGNEigen(Quantity):
 
     def __init__(self, *, top_k: int | None = None, groups: Groups = None, mc: bool = False,
                  subsample: Subsample = None, vectors: bool = True, min_value: float = 0.0,
-                 name: str | None = None):
+                 memory_budget: float | None = None, name: str | None = None):
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise ValueError(f"GGNEigen: top_k must be a positive integer or None, got {top_k!r}")
         if isinstance(groups, str) and groups not in ("layer", "parameter"):
@@ -189,7 +191,15 @@ class GGNEigen(Quantity):
             raise ValueError(f"GGNEigen: a subsample fraction must be in (0, 1], got {subsample!r}")
         if not min_value >= 0:
             raise ValueError(f"GGNEigen: min_value must be >= 0, got {min_value!r}")
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(f"GGNEigen: memory_budget must be a positive number of bytes or None, "
+                             f"got {memory_budget!r}")
+        if memory_budget is not None and subsample is not None:
+            raise ValueError("GGNEigen: memory_budget= chooses the subsample itself; pass one of memory_budget= and "
+                             "subsample=")
         self.top_k, self.mc, self.subsample, self.vectors, self.min_value = top_k, mc, subsample, vectors, min_value
+        self.memory_budget = memory_budget
+        self.choice: BudgetChoice | None = None  # set on the copy specialize() configures for a budget
         self.groups = groups
         self._member = _membership(groups)
         self.source = FactorSource.MC if mc else FactorSource.LOSS
@@ -201,8 +211,79 @@ class GGNEigen(Quantity):
 
     @property
     def setting(self) -> str:
-        """ViViT's name of the approximation (B.1): ``exact`` or ``MC``, ``full`` or ``frac``."""
-        return f"{'MC' if self.mc else 'exact'}, {'full' if self.subsample is None else 'frac'}"
+        """ViViT's name of the approximation (B.1): ``exact`` or ``MC``, ``full`` or ``frac`` (with the
+        fraction or the number of samples)."""
+        if self.subsample is None:
+            frac = "full"
+        elif isinstance(self.subsample, float):
+            frac = f"frac {self.subsample:g}"
+        else:
+            frac = f"frac ({len(self.subsample)} samples)"
+        return f"{'MC' if self.mc else 'exact'}, {frac}"
+
+    def _options(self) -> dict[str, Any]:
+        return dict(top_k=self.top_k, groups=self.groups, mc=self.mc, subsample=self.subsample, vectors=self.vectors,
+                    min_value=self.min_value, name=self.name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._options(), self.memory_budget))
+
+    # ---- memory -------------------------------------------------------------------------------------
+    def memory(self, engine: Any, x: torch.Tensor, y: Any) -> GramMemory:
+        """The estimated peak memory of ``engine(x, y)`` for this quantity (the engine compiled with it)
+        and the eigendecomposition of its blocks, without running anything (:class:`GramMemory`): the
+        program's estimate from shapes and liveness plus, in closed form, the Gram rules' temporaries and
+        the eigendecomposition. Where ``memory_budget`` chose an approximation, it is that choice's."""
+        prog = engine.program(x, y)
+        chosen = next((q for q in prog.quantities if q.name == self.name), None)
+        if not isinstance(chosen, GGNEigen):
+            raise ValueError(f"{self.name} is not one of this engine's quantities "
+                             f"({[q.name for q in prog.quantities]})")
+        return chosen._memory_of(prog.memory, prog.gm.graph)
+
+    def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph) -> GramMemory:
+        grams = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, _GRAM_TARGETS)]
+        sizes = [info(n).shape[0] for n in grams if info(n).shape]  # type: ignore[index]
+        dtype = next((info(n).dtype for n in grams if info(n).dtype is not None), torch.float32)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting)
+
+    def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
+        """With ``memory_budget``: the most accurate of ViViT's approximations (B.1) whose estimated peak
+        (:meth:`memory`) fits, tried in this order -- the exact factor on the whole batch, on 1/2, 1/4, 1/8
+        of it, then Monte Carlo columns (``mc_samples``) on the whole batch and on halved fractions down
+        to one sample -- recorded on the copy returned (``choice``) and on its results. A candidate whose
+        Gram matrix and eigendecomposition alone exceed the budget is ruled out without building it."""
+        if self.memory_budget is None:
+            return self
+        batch = x.shape[0]
+        tried: list[tuple[str, int]] = []
+        columns: dict[bool, int] = {}
+        for mc, fraction in _candidates(self.mc, batch):
+            n_sub = max(1, math.ceil(fraction * batch))
+            candidate = GGNEigen(**{**self._options(), "mc": mc, "subsample": None if fraction == 1 else fraction})
+            k = columns.get(mc)
+            if k is not None:
+                floor = decomposition_bytes(k * n_sub, _itemsize(x), self.vectors) + _itemsize(x) * (k * n_sub) ** 2
+                if floor > self.memory_budget:
+                    tried.append((candidate.setting, floor))
+                    continue
+            build = trial(candidate)
+            memory = candidate._memory_of(build.memory, build.graph)
+            sizes = [shape[0] for n in build.graph.nodes if n.op == "call_function"
+                     and isinstance(n.target, _GRAM_TARGETS) and (shape := info(n).shape)]
+            if sizes:
+                columns[mc] = sizes[0] // n_sub
+            tried.append((candidate.setting, memory.peak))
+            if memory.peak <= self.memory_budget:
+                candidate.choice = BudgetChoice(self.memory_budget, memory, tuple(tried))
+                return candidate
+        mib = 2**20
+        raise MemoryBudgetError(
+            f"{self.name}: no approximation fits memory_budget={self.memory_budget / mib:.1f} MiB for a batch of "
+            f"{batch}; "
+            "estimated peaks: " + "; ".join(f"{s} {b / mib:.1f} MiB" for s, b in tried)
+            + ". Use a smaller batch or raise the budget")
 
     def _group_of(self, name: str) -> str | None:
         if self.groups is None:
@@ -344,9 +425,9 @@ class GGNEigen(Quantity):
         if self.groups is None:
             if not blocks:  # no trainable parameters
                 any_param = next(iter(params.values()), torch.empty(0))
-                return GramEigen(any_param.new_zeros(0, 0), columns=0, setting=self.setting)
+                return GramEigen(any_param.new_zeros(0, 0), columns=0, setting=self.setting, choice=self.choice)
             return blocks[NETWORK]
-        return BlockDiagonalEigen(blocks, setting=self.setting)
+        return BlockDiagonalEigen(blocks, setting=self.setting, choice=self.choice)
 
     def _block(self, names: list[str], values: dict[str, Any], params: dict[str, torch.Tensor],
                statics: dict[str, Any], summary: _Summary) -> GramEigen:
@@ -354,7 +435,7 @@ class GGNEigen(Quantity):
         holder = summary.last.get(group)
         like = params[names[0]]
         if holder is None:  # the loss's columns reach none of the group's parameters
-            return GramEigen(like.new_zeros(0, 0), columns=0, names=names, setting=self.setting)
+            return GramEigen(like.new_zeros(0, 0), columns=0, names=names, setting=self.setting, choice=self.choice)
         gram = values[holder][0]
         sign = next((values[n][1][3] for n in names if values[n][1][3] is not None), None)
         n_sub = _subset_size(summary)
@@ -364,7 +445,7 @@ class GGNEigen(Quantity):
         factor = None
         if self.vectors:
             factor = _Factor({n: (statics[n].uses, values[n][1]) for n in names}, params, summary, columns)
-        return GramEigen(gram, columns=columns, sign=sign, factor=factor, top_k=self.top_k,
+        return GramEigen(gram, columns=columns, sign=sign, factor=factor, top_k=self.top_k, choice=self.choice,
                          min_value=self.min_value, names=names, setting=self.setting)
 
 
@@ -486,6 +567,33 @@ class _Factor:
             self._gradient = out
         return self._gradient
 
+
+# The subsample fractions memory_budget tries, after the whole batch: ViViT's 1/8 (B.1, after Zhang et
+# al.) and the halvings before it; Monte Carlo columns then continue halving down to one sample.
+_EXACT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+
+
+def _candidates(mc_only: bool, batch: int) -> list[tuple[bool, float]]:
+    """(Monte Carlo?, fraction of the batch) in the order memory_budget tries them."""
+    out = [] if mc_only else [(False, f) for f in _EXACT_FRACTIONS]
+    fraction = 1.0
+    while True:
+        out.append((True, fraction))
+        if math.ceil(fraction * batch) <= 1:
+            return out
+        fraction /= 2
+
+
+def _itemsize(x: torch.Tensor) -> int:
+    dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _rebuild(options: dict[str, Any], memory_budget: float | None) -> GGNEigen:
+    return GGNEigen(**options, memory_budget=memory_budget)
+
+
+_GRAM_TARGETS = (GramInto, FactorGramInto)
 
 GGN_EIGEN = register(GGNEigen())
 GGN_EIGEN_MC = register(GGNEigen(mc=True))

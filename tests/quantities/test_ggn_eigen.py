@@ -433,3 +433,71 @@ def test_call_errors_name_the_cause():
         e.newton_step(0.0, restrict=False)
     with pytest.raises(ValueError, match="per direction"):
         e.newton_step(torch.ones(2, dtype=DT))
+
+
+# ---- memory: the estimate and memory_budget= ------------------------------------------------------
+
+def memory_problem(n: int = 128):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(30, 60), nn.Tanh(), nn.Linear(60, 10))
+    return model, nn.CrossEntropyLoss(), torch.randn(n, 30), torch.randint(0, 10, (n,))
+
+
+@pytest.mark.parametrize("vectors", [False, True])
+def test_memory_estimate_matches_the_measured_peak(vectors):
+    """The estimate before running (program + Gram temporaries, or outputs + eigendecomposition) against
+    the CPU allocator's peak during a call and its eigendecomposition (the profiler, as the benchmarks
+    measure it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from measure import peak_memory
+
+    model, loss_fn, x, y = memory_problem(256)
+    q = GGNEigen(vectors=vectors)
+    engine = fxcurv.compile(model, loss_fn, quantities=(q,))
+    estimate = q.memory(engine, x, y)
+    m = 9 * 256
+    assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    engine(x, y)  # built and warm
+
+    def call():
+        e = engine(x, y)["ggn_eigen"]
+        return e.values
+
+    measured, _, _ = peak_memory(call)
+    assert abs(estimate.peak - measured) < 0.15 * measured, f"estimated {estimate.peak}, measured {measured:.0f}"
+
+
+def test_memory_budget_picks_the_most_accurate_approximation_that_fits():
+    model, loss_fn, x, y = memory_problem()
+    full = GGNEigen(vectors=False)
+    half = GGNEigen(vectors=False, subsample=0.5)
+    need_full = full.memory(fxcurv.compile(model, loss_fn, quantities=(full,)), x, y).peak
+    need_half = half.memory(fxcurv.compile(model, loss_fn, quantities=(half,)), x, y).peak
+    assert need_half < need_full
+    budget = (need_half + need_full) / 2
+    chosen = GGNEigen(vectors=False, memory_budget=budget)
+    e = fxcurv.compile(model, loss_fn, quantities=(chosen,))(x, y)["ggn_eigen"]
+    assert e.setting == "exact, frac 0.5" and e.choice is not None
+    assert [s for s, _ in e.choice.tried] == ["exact, full", "exact, frac 0.5"]
+    assert e.choice.memory.peak <= budget
+    reference_values = fxcurv.compile(model, loss_fn, quantities=(half,))(x, y)["ggn_eigen"].values
+    assert torch.equal(e.values, reference_values)
+    # A budget below every exact fraction: Monte Carlo columns.
+    small = GGNEigen(vectors=False, memory_budget=need_half / 20)
+    e = fxcurv.compile(model, loss_fn, quantities=(small,), mc_samples=1, seed=0)(x, y)["ggn_eigen"]
+    assert e.setting.startswith("MC") and e.choice.memory.peak <= need_half / 20
+    with pytest.raises(fxcurv.MemoryBudgetError, match="no approximation fits"):
+        fxcurv.compile(model, loss_fn, quantities=(GGNEigen(memory_budget=1000),))(x, y)
+
+
+def test_custom_instances_survive_pickling():
+    import pickle
+
+    model, loss_fn, x, y = mlp_problem()
+    q = GGNEigen(top_k=2, groups="layer", name="layers")
+    engine = pickle.loads(pickle.dumps(fxcurv.compile(model, loss_fn, quantities=(q,))))
+    out = engine(x, y)["layers"]
+    assert isinstance(out, BlockDiagonalEigen) and all(b.values.shape[0] <= 2 for _, b in out.items())
