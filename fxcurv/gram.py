@@ -80,7 +80,9 @@ def blocked_gram_into(factors: Callable[[int, int], torch.Tensor], total: torch.
         for j in range(i, n, per_block):
             j_stop = min(n, j + per_block)
             b_j = j_stop - j
-            block = (a_i @ (a_i if j == i else factors(j, j_stop)).T).reshape(k, b_i, k, b_j)
+            # The diagonal block is symmetric itself: its upper block rows only (gram_into).
+            product = gram_into(a_i, None, k) if j == i else a_i @ factors(j, j_stop).T
+            block = product.reshape(k, b_i, k, b_j)
             if total is None:
                 out[:, i:i_stop, :, j:j_stop] = block
                 if j != i:

@@ -227,6 +227,13 @@ CASES: list[Case] = [
     Case("conv_gram_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
                                                             randn(3, 4, 4, 3)),
          patches=_GRAM_BLOCKS, only=(GRAM,)),
+    Case("conv_gram_positions", "conv2d", lambda: module_call(
+        nn.Conv2d(4, 4, 3, padding=1, stride=2, groups=2).to(DT), randn(3, 4, 5, 4)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"),), only=(GRAM,)),
+    Case("conv_gram_positions_blocked", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 2).to(DT), randn(3, 2, 4, 3)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"), *_GRAM_BLOCKS), only=(GRAM,)),
+    Case("conv_gram_factors", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3)),
+         patches=((conv_rules, "GRAM_ROUTE", "factors"),), only=(GRAM,)),
     Case("linear_mid_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 2, 4)),
          patches=_GRAM_BLOCKS, only=(GRAM,)),
     # activations (module, function and method forms; their attributes)
