@@ -21,7 +21,7 @@ from .operators import Kronecker
 from .passes.canonicalize import target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
-from .quantities import Quantity, resolve
+from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
 from .trace import Traced, trace
 
@@ -254,7 +254,8 @@ class Engine:
 
     def _build(self, version: _Version, x: torch.Tensor, y: Any) -> Program:
         params = {name: p.detach() for name, p in version.traced.params.items()}
-        build = run_pipeline(Build(version.traced, x, y, params, self.quantities, self.mc_samples, self.backend))
+        quantities = self._specialized(version, x, y, params)
+        build = run_pipeline(Build(version.traced, x, y, params, quantities, self.mc_samples, self.backend))
         prog = Program.from_build(build)
         budget = self.memory_budget if self.memory_budget is not None else available_memory(x.device)
         if budget is not None and prog.memory.peak_bytes > budget:
@@ -265,6 +266,20 @@ class Engine:
                 f"{' (the memory available now)' if self.memory_budget is None else ''}. Use a smaller batch, "
                 "fewer quantities, Monte Carlo instead of exact factors (diag_ggn_mc), or raise memory_budget=")
         return prog
+
+    def _specialized(self, version: _Version, x: torch.Tensor, y: Any,
+                     params: dict[str, torch.Tensor]) -> tuple[Quantity, ...]:
+        """The quantities configured for inputs like ``(x, y)`` (:meth:`Quantity.specialize`): each may
+        try candidates by building (not running) the program with a candidate in its place."""
+        chosen = list(self.quantities)
+        for i, q in enumerate(chosen):
+            def trial(candidate: Quantity, i: int = i) -> Build:
+                trying = tuple(chosen[:i]) + (candidate,) + tuple(chosen[i + 1:])
+                return run_pipeline(Build(version.traced, x, y, params, trying, self.mc_samples, self.backend),
+                                    check=False)
+
+            chosen[i] = q.specialize(trial, x, y)
+        return tuple(chosen)
 
     def memory_estimate(self, x: torch.Tensor, y: Any) -> MemoryEstimate:
         """The estimated peak memory of the program for inputs like ``(x, y)`` (see
@@ -312,7 +327,9 @@ class Engine:
     # ---- copying -------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         """An engine pickles (and deep-copies) as its model, loss and options; programs are rebuilt."""
-        return {"model": self.model, "loss_fn": self.loss_fn, "quantities": self.quantity_names,
+        # Registered quantities by name; others (configured instances, GGNEigen(top_k=5)) as themselves.
+        quantities = tuple(q.name if QUANTITIES.get(q.name) is q else q for q in self.quantities)
+        return {"model": self.model, "loss_fn": self.loss_fn, "quantities": quantities,
                 "mc_samples": self.mc_samples, "seed": self.seed, "backend": self.backend,
                 "memory_budget": self.memory_budget}
 

@@ -20,6 +20,8 @@ parameter itself). Then
   off-diagonal entries must vanish;
 * ``grad[theta](g)``    = ``sum_n J_n^T g_n``, the VJP of the batched forward: HesScale eq. 2, 7;
 * ``per_sample[theta](V)`` = ``J_n^T v_{k,n}`` for each column and sample, ``[*lead, N, *theta]``;
+* ``gram[theta](S)``    = ``[a_kn . a_k'n']`` with ``a_kn = J_n^T s_{k,n}``, ``[K N, K N]`` (``k``-major): the
+  parameter's share of ViViT's Gram matrix ``V^T V`` (ViViT eq. S.22-S.23), from the per-sample VJPs;
 * ``diag_sqrt[theta](S, sign)`` = ``sum_{k,n} sign_{k,n} (J_n^T s_{k,n})^2``, the diagonal of
   ``sum_n J_n^T (sum_k sign S S^T) J_n``: HBP eq. S.8b-c (the square taken after ``J_n^T``);
 * ``diag_diag[theta](d)`` = ``sum_n diag(J_n^T diag(d_n) J_n)``: HesScale eq. 5 and 9;
@@ -173,6 +175,13 @@ def per_sample(c: OpContext, key: str, v: torch.Tensor) -> torch.Tensor:
         _, pullback = vjp(f, u)
         out.append(vmap(pullback)(flat[:, n])[0])
     return torch.stack(out, dim=1).reshape(lead + (c.n,) + tuple(c.inputs[key].shape))
+
+
+def gram(c: OpContext, key: str, s: torch.Tensor) -> torch.Tensor:
+    """ViViT eq. S.23: the Gram matrix of the per-sample VJPs ``J_n^T s_{k,n}``, rows ``k``-major."""
+    a = per_sample(c, key, s)  # [K, N, *theta]
+    flat = a.reshape(a.shape[0] * a.shape[1], -1)
+    return flat @ flat.T
 
 
 def diag_sqrt(c: OpContext, key: str, s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:

@@ -106,6 +106,8 @@ class ParamEnd:
     emit: Emitter
     param: fx.Node
     mixed: dict[Origin, MixedTerm]
+    # Each quantity's state shared by all parameters of the program (Quantity.start_network), by name.
+    network: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -168,6 +170,7 @@ class Accumulator:
         self.mixed = mixed
         self.uses = {p: sum(1 for u in p.users for a in u.args if a is p) for p in params}
         self.slots = {p: _Slot(self.uses[p], {q.name: q.start() for q in quantities}) for p in params}
+        self.network = {q.name: q.start_network() for q in quantities}
         self.results: dict[fx.Node, dict[str, Any]] = {}
         self.statics: dict[tuple[str, str], Any] = {}  # (quantity, parameter name) -> static data
 
@@ -181,7 +184,7 @@ class Accumulator:
             self._finalize(param)
 
     def _finalize(self, param: fx.Node) -> None:
-        end = ParamEnd(self.emit, param, self.mixed)
+        end = ParamEnd(self.emit, param, self.mixed, self.network)
         slot = self.slots[param]
         results = {}
         for q in self.quantities:

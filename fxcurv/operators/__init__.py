@@ -8,6 +8,8 @@
 | :class:`FactoredApproxInverse` | Botev's factored approximation of it (``Kronecker.inverse_factored``) |
 | :class:`BlockOperator` | an exact block known through products (``block_ggn``, ``block_hessian``) |
 | :class:`DampedOperator` | ``scale * K + damping * I`` of any of them (EA-CG eq. 9-10) |
+| :class:`GramEigen` | GGN eigenpairs of the whole network from its Gram matrix (``ggn_eigen``, ViViT) |
+| :class:`BlockDiagonalEigen` | the same per parameter group (``ggn_eigen`` with ``groups=``) |
 """
 
 from .base import (
@@ -20,10 +22,11 @@ from .base import (
     SingularOperatorError,
 )
 from .block import BlockOperator
+from .gram_eigen import BlockDiagonalEigen, Directional, GramEigen, NoVectorsError
 from .kronecker import FactoredApproxInverse, Kronecker, KroneckerInverse
 
 __all__ = [
     "CurvatureOperator", "DampedOperator", "Kronecker", "KroneckerInverse", "FactoredApproxInverse",
     "BlockOperator", "DenseSizeError", "SingularOperatorError", "DENSE_MAX_BYTES", "DENSE_CHUNK_COLUMNS",
-    "DIAG_MAX_COLUMNS",
+    "DIAG_MAX_COLUMNS", "GramEigen", "BlockDiagonalEigen", "Directional", "NoVectorsError",
 ]

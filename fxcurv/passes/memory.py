@@ -23,13 +23,15 @@ from ..targets import target_info
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of the program's values at its peak (``peak_bytes``, reached at node ``at``), and of its
-    inputs (``input_bytes``: batch, targets and parameters, alive throughout)."""
+    """Bytes of the program's values at its peak (``peak_bytes``, reached at node ``at``), of its
+    inputs (``input_bytes``: batch, targets and parameters, alive throughout) and of what it returns
+    (``output_bytes``: the values alive at its end)."""
 
     peak_bytes: int
     at: str
     at_description: str
     input_bytes: int
+    output_bytes: int = 0
 
     def __str__(self) -> str:
         return (f"{self.peak_bytes / 2**20:.1f} MiB of values at node '{self.at}' ({self.at_description}), "
@@ -81,6 +83,8 @@ def estimate_memory(graph: fx.Graph) -> MemoryEstimate:
     for b, nbytes in size.items():
         end = last.get(b, order[b])
         freed_at[end] = freed_at.get(end, 0) + nbytes
+    # What the program returns: the values whose last use is its output node.
+    outputs = freed_at.get(order[nodes[-1]], 0) if nodes and nodes[-1].op == "output" else 0
     live, peak = 0, 0
     peak_at: Optional[fx.Node] = None
     for n in nodes:
@@ -89,7 +93,7 @@ def estimate_memory(graph: fx.Graph) -> MemoryEstimate:
             peak, peak_at = live, n
         live -= freed_at.get(order[n], 0)
     if peak_at is None:
-        return MemoryEstimate(0, "", "", inputs)
+        return MemoryEstimate(0, "", "", inputs, outputs)
     record = info(peak_at)
     what = record.message or record.op or peak_at.op
-    return MemoryEstimate(peak, peak_at.name, f"{record.kind.value} {what}".strip(), inputs)
+    return MemoryEstimate(peak, peak_at.name, f"{record.kind.value} {what}".strip(), inputs, outputs)

@@ -11,6 +11,7 @@
 | ``sum_grad_squared``, ``variance`` | their second moment, their variance | BackPACK's SumGradSquared, Variance |
 | ``batch_diag_ggn(_mc)`` | per-sample GGN diagonals | BackPACK's BatchDiagGGNExact / MC |
 | ``sqrt_ggn(_mc)`` | per-sample square-root factors of the GGN | BackPACK's SqrtGGNExact / MC |
+| ``ggn_eigen``, ``ggn_eigen_mc`` | GGN eigenpairs from the Gram matrix (:class:`GGNEigen`) | ViViT A.1-A.2, C.1-C.2 |
 
 and the Kronecker and block quantities, one file each (``fxcurv.QUANTITIES`` has them all).
 
@@ -33,6 +34,8 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
 
 GRAD = QUANTITIES["grad"]
 
+from .ggn_eigen import GGNEigen  # noqa: E402  (the class, for options: GGNEigen(top_k=5, groups="layer"))
+
 
 def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) -> tuple[Quantity, ...]:
     """The requested quantities as objects, ``grad`` first, each once, in the order given."""
@@ -51,4 +54,4 @@ def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) ->
     return tuple(out)
 
 
-__all__ = ["QUANTITIES", "Quantity", "register", "resolve"]
+__all__ = ["QUANTITIES", "Quantity", "register", "resolve", "GGNEigen"]

@@ -10,6 +10,7 @@ per parameter; :meth:`Quantity.wrap` turns it into what the user gets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -37,6 +38,20 @@ class Quantity:
     def start(self) -> Any:
         """The empty per-parameter state (default: a list of contributions)."""
         return []
+
+    def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
+        """The quantity to compile for inputs like ``(x, y)`` (default: itself). A quantity whose
+        settings depend on the inputs (``GGNEigen(memory_budget=...)`` picks an approximation that fits)
+        returns a configured copy with the same name; ``trial(candidate)`` builds the program with
+        ``candidate`` in its place, without running it, and returns the ``fxcurv.passes.pipeline.Build``
+        (its graph and memory estimate)."""
+        return self
+
+    def start_network(self) -> Any:
+        """State shared by every parameter of one program (default: none), handed to
+        :meth:`finalize` as ``end.network[self.name]``: a whole-network quantity accumulates across
+        parameters in it (``ggn_eigen`` sums the parameters' Gram matrices in the program)."""
+        return None
 
     def collect(self, use: ParamUse, state: Any) -> None:
         raise NotImplementedError

@@ -26,15 +26,8 @@ import torch.fx as fx
 from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
 from ..operators import BlockOperator
-from ..rules import registry
 from .base import Quantity
-
-
-@dataclass(frozen=True)
-class _UseSpec:
-    op: str
-    param_input: str
-    attrs: tuple[tuple[str, Any], ...]
+from .uses import OpUse, UseSpec, keep, vjp_sum
 
 
 @dataclass(frozen=True)
@@ -46,13 +39,13 @@ class _OriginSpec:
 
 @dataclass(frozen=True)
 class _Spec:
-    uses: tuple[_UseSpec, ...]
+    uses: tuple[UseSpec, ...]
     origins: tuple[_OriginSpec, ...]
 
 
 @dataclass
 class _State:
-    uses: list[tuple[_UseSpec, tuple[Any, ...]]] = field(default_factory=list)
+    uses: list[tuple[UseSpec, tuple[Any, ...]]] = field(default_factory=list)
     # origin -> use index -> (S, sign) at that use's output
     columns: dict[Origin, dict[int, tuple[fx.Node, Optional[fx.Node]]]] = field(default_factory=dict)
 
@@ -71,12 +64,8 @@ class ExactBlock(Quantity):
         return _State()
 
     def collect(self, use: ParamUse, state: _State) -> None:
-        op = use.emit.op_of(use.node)
-        inputs = use.emit.inputs_of(use.node)
-        values = tuple(use.emit.env[v] if isinstance(v, fx.Node) else v for v in inputs.values())
-        attrs = tuple(sorted(use.node.kwargs.items()))
         index = len(state.uses)
-        state.uses.append((_UseSpec(op.name, use.input, attrs), values))
+        state.uses.append(keep(use))
         for origin, cols in use.columns.items():
             if origin.source not in self.sources or (origin.weight and origin.weight != use.name):
                 continue
@@ -102,38 +91,17 @@ class ExactBlock(Quantity):
         return BlockOperator(matvec, param.shape, param.dtype, param.device, label=self.name)
 
 
-def _forward_of(use: _UseSpec, inputs: tuple[Any, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The op's output as a function of the parameter (its other inputs held)."""
-    op = registry.OPS[use.op]
-    position = op.inputs.index(use.param_input)
-    attrs = dict(use.attrs)
-
-    def forward(p: torch.Tensor) -> torch.Tensor:
-        args = list(inputs)
-        args[position] = p
-        return op.forward(*args, **attrs)
-
-    return forward
-
-
 def _block_matvec(spec: _Spec, uses: tuple[tuple[Any, ...], ...], columns: tuple[Any, ...],
                   shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
-    forwards = [_forward_of(u, inputs) for u, inputs in zip(spec.uses, uses)]
-    params = [inputs[registry.OPS[u.op].inputs.index(u.param_input)] for u, inputs in zip(spec.uses, uses)]
+    ops = [OpUse(u, inputs) for u, inputs in zip(spec.uses, uses)]
 
     def jvp(u: int, vs: torch.Tensor) -> torch.Tensor:
         """``J_u V`` for use ``u``, ``[M, N, *out_u]``."""
-        return torch.func.vmap(lambda v: torch.func.jvp(forwards[u], (params[u],), (v,))[1])(vs)
+        return ops[u].jvp(vs)
 
     def vjps(reached: tuple[int, ...], cotangents: list[torch.Tensor]) -> torch.Tensor:
         """``sum_u J_u^T m_u`` over the uses ``reached`` (summed over samples), ``[M, *param]``."""
-        total = None
-        for u, m in zip(reached, cotangents):
-            _, pull = torch.func.vjp(forwards[u], params[u])
-            part = torch.func.vmap(lambda c, pull=pull: pull(c)[0])(m)
-            total = part if total is None else total + part
-        assert total is not None
-        return total
+        return vjp_sum([ops[u] for u in reached], cotangents)
 
     def matvec(V: torch.Tensor) -> torch.Tensor:
         m_cols = V.shape[1]

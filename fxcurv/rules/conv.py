@@ -19,13 +19,17 @@ Jacobian entries suffice (HesScale eq. 8 and 9).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .. import gram as gram_products
 from ..errors import UnsupportedOpError
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
+from ..gram import blocked_gram_into, gram_into
 from ..targets import SampleReduction
 from .registry import Match, define_op, example
 
@@ -379,6 +383,83 @@ def conv2d_batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
 def conv2d_batch_diag_sqrt_bias(S, sign):
     """``sum_k sign_kn (J_b,n^T S_kn)^2`` per sample (HBP Sec. D.4, bias): positions summed, then squared."""
     return signed_column_squares(conv2d_per_sample_bias(S), sign)
+# ---- ViViT's Gram matrix --------------------------------------------------------------------------
+
+# Which route conv2d_gram takes for the weight: None picks the cheaper by its flop count; "factors" or
+# "positions" force one (the tests check both on small convolutions).
+GRAM_ROUTE = None
+# The positions route's products contract over the P output positions (36 for the c3d3's third
+# convolution): thin GEMMs and one transposing copy per block pair, measured at about half the flop
+# rate of the factors' products on this CPU; it is taken where its flop count is below half theirs.
+_POSITIONS_EFFICIENCY = 0.5
+
+
+def _gram_flops(k: int, positions: int, i: int, o: int, groups: int) -> tuple[int, int]:
+    """Multiply-adds per pair of samples of the two weight routes (see conv2d_gram): the per-sample
+    factors' product ``K^2 G O I``, and the positions' ``G (I P^2 + K O P^2 + K^2 O P)``."""
+    return k * k * groups * o * i, groups * (i * positions**2 + k * o * positions**2 + k * k * o * positions)
+
+
+def _position_gram_into(S, cols, groups, total, k, n):
+    """The weight's share without per-sample factors: ``a_kn . a_k'n' = sum_{p,q} (X_n^T X_n')[p, q]
+    (S_kn^T S_k'n')[p, q]`` per group, ``X_n = [[X_n]]`` (``I x P``), ``S_kn`` (``O x P``): for a pair of
+    sample blocks, the inputs' position Gram ``T`` (contracting ``I``), then ``T`` against the second
+    block's columns (contracting ``q``), then against the first block's (contracting ``o, p``). Cheaper
+    than the factors' product where the output has few positions (the c3d3's third convolution: 36
+    positions, 3x fewer multiply-adds). Block pairs ``(i, j >= i)``, mirrored."""
+    positions = cols.shape[-1]
+    s = S.reshape(k, n, groups, -1, positions)  # [K, N, G, O, P]
+    o = s.shape[3]
+    per_block = max(1, math.isqrt(max(1, gram_products.GRAM_BLOCK_ELEMENTS // (groups * positions * k * o))))
+    out = total.view(k, n, k, n) if total is not None else S.new_zeros(k, n, k, n)
+    for i in range(0, n, per_block):
+        i_stop = min(n, i + per_block)
+        b_i = i_stop - i
+        # [a, K, G O P]: the first block's columns, rows per sample a
+        first = s[:, i:i_stop].permute(1, 0, 2, 3, 4).reshape(b_i, k, -1)
+        for j in range(i, n, per_block):
+            j_stop = min(n, j + per_block)
+            b_j = j_stop - j
+            # T[g, b, (a, p), q] = X_a^T X_b per group, then U = T S_b: [g, b, (a, p), (m, o)]
+            t = torch.einsum("agip,bgiq->gbapq", cols[i:i_stop], cols[j:j_stop]).reshape(groups * b_j, b_i * positions,
+                                                                                      positions)
+            second = s[:, j:j_stop].permute(2, 1, 4, 0, 3).reshape(groups * b_j, positions, k * o)
+            u = torch.bmm(t, second).reshape(groups, b_j, b_i, positions, k, o)
+            u = u.permute(2, 0, 5, 3, 4, 1).reshape(b_i, groups * o * positions, k * b_j)  # [a, (g, o, p), (m, b)]
+            block = torch.bmm(first, u).reshape(b_i, k, k, b_j).permute(1, 0, 2, 3)  # [k, a, m, b]
+            out[:, i:i_stop, :, j:j_stop] += block
+            if j != i:
+                out[:, j:j_stop, :, i:i_stop] += block.permute(2, 3, 0, 1)
+    return total if total is not None else out.reshape(k * n, k * n)
+
+
+@op.gram("weight", "bias")
+def conv2d_gram(S, x, weight, stride, padding, dilation, groups, include=("weight", "bias"), total=None):
+    """ViViT eq. S.22-S.23 for a convolution: the Gram matrix of the per-sample weight factors
+    ``J_W^T S_kn = S_kn [[X_n]]^T`` (HBP Sec. D.4, summed over output positions before the products) and
+    of the bias's ``J_b^T S_kn = sum_p S_kn[:, p]``. The weight's share takes the cheaper of two routes
+    by multiply-adds: the per-sample factors (``K N x |W|``, far larger than the columns) formed a block
+    of samples at a time from that block's unfolded input (:func:`fxcurv.gram.blocked_gram_into`), or the
+    position Grams of inputs and columns (:func:`_position_gram_into`). ``include``: the parameters whose
+    shares are summed; ``total``: a running Gram matrix to add them into (in place)."""
+    k, n = S.shape[0], S.shape[1]
+    if "weight" in include:
+        positions = S.shape[-1] * S.shape[-2]
+        factors, by_positions = _gram_flops(k, positions, weight[0].numel(), weight.shape[0] // groups, groups)
+        route = GRAM_ROUTE or ("positions" if by_positions < _POSITIONS_EFFICIENCY * factors else "factors")
+        if route == "positions":
+            cols = _unfold(x, weight.shape, stride, padding, dilation, groups)
+            total = _position_gram_into(S, cols, groups, total, k, n)
+        else:
+            def rows(start, stop):
+                cols = _unfold(x[start:stop], weight.shape, stride, padding, dilation, groups)
+                return _per_sample_from_cols(S[:, start:stop], cols, weight.shape, groups).reshape(
+                    k * (stop - start), -1)
+
+            total = blocked_gram_into(rows, total, k, n, k * weight.numel())
+    if "bias" in include:
+        total = gram_into(conv2d_per_sample_bias(S).reshape(k * n, -1), total, k)
+    return total
 
 
 # ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------

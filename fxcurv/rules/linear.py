@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
+from ..gram import blocked_gram_into, gram_into
 from .registry import Left, Match, Reduction, define_op
 
 
@@ -158,6 +159,33 @@ def linear_batch_diag_sqrt_weight(S, sign, x, x_sq):
 def linear_batch_diag_sqrt_bias(S, sign, x):
     """``sum_k sign_k (J_b,n^T S_kn)^2`` per sample (HBP eq. S.8b), ``mid`` summed before squaring."""
     return signed_column_squares(S if x.dim() == 2 else linear_per_sample_bias(S, x), sign)
+# ---- ViViT's Gram matrix --------------------------------------------------------------------------
+
+@op.gram("weight", "bias")
+def linear_gram(S, x, include=("weight", "bias"), total=None):
+    """ViViT C.1 (eq. S.24 and the lines after it): the weight's share of the Gram matrix is
+    ``(S S^T) o (x x^T)``, the columns' Gram times the inputs' Gram (expanded over the ``K`` columns),
+    without forming a per-sample factor; the bias's (``J_b = I``) is ``S S^T``. Weight and bias together
+    are ``(S S^T) o (x x^T + 1)``: one product of the columns for both. With positions ``[N, *mid, I]`` a
+    sample's weight factor sums over ``mid`` (``sum_m S_m x_m^T``) and is formed a block of samples at a
+    time, the bias's sums the columns over ``mid``. ``include``: the parameters whose shares are summed;
+    ``total``: a running Gram matrix to add them into (in place)."""
+    k, n = S.shape[0], S.shape[1]
+    if x.dim() == 2:
+        weight = None
+        if "weight" in include:
+            weight = x @ x.T
+            if "bias" in include:
+                weight += 1
+        return gram_into(S.reshape(k * n, S.shape[-1]), total, k, weight)
+    if "weight" in include:
+        def rows(start, stop):
+            return linear_per_sample_weight(S[:, start:stop], x[start:stop]).reshape(k * (stop - start), -1)
+
+        total = blocked_gram_into(rows, total, k, n, k * S.shape[-1] * x.shape[-1])
+    if "bias" in include:
+        total = gram_into(_positions_summed(S, x).reshape(k * n, -1), total, k)
+    return total
 
 
 # ---- the batch-averaged and Kronecker-factored family -------------------------------------------

@@ -14,7 +14,8 @@ file in this package defines its ops with :func:`define_op` and registers, in ta
   (HesScale eq. 5 and 9), ``per_sample`` (the per-sample transposed Jacobian ``[*lead, N, *param]``,
   needed where a parameter is used more than once), and the per-sample reductions ``batch_l2``
   (``|J_n^T g_n|^2``, ``[N]``) and ``batch_diag_sqrt`` (``sum_k sign (J_n^T S_kn)^2``, ``[N, *param]``)
-  that need no ``[N, *param]`` per-sample Jacobian product where the op has a shortcut.
+  that need no ``[N, *param]`` per-sample Jacobian product where the op has a shortcut, and ``gram``
+  (the Gram matrix of the per-sample factors ``J_n^T S_kn`` over the parameter, ViViT eq. S.23 / C.1).
 
 A rule is a small pure function on tensors, held with its metadata in a :class:`Rule`. Its first
 positional arguments are the messages (plus ``sign`` for ``diag_sqrt``); every other argument is
@@ -62,6 +63,7 @@ class RuleKind(Enum):
     KRON_OUT = "kron_out"
     KRON_DENSE = "kron_dense"
     KRON_IN = "kron_in"
+    GRAM = "gram"
     DERIVED = "derived"
     LOSS_GRAD = "loss_grad"
     LOSS_SQRT_HESSIAN = "loss_sqrt_hessian"
@@ -110,6 +112,8 @@ DENSE = TABLES[RuleKind.DENSE]
 KRON_OUT = TABLES[RuleKind.KRON_OUT]
 KRON_DENSE = TABLES[RuleKind.KRON_DENSE]
 KRON_IN = TABLES[RuleKind.KRON_IN]
+# The Gram matrix of a parameter's per-sample factors (ViViT).
+GRAM = TABLES[RuleKind.GRAM]
 # Forward-side quantities shared by several rules of one op node.
 DERIVED = TABLES[RuleKind.DERIVED]
 # Loss rules, keyed by (loss op, "f"): the first and second derivatives w.r.t. the model output f.
@@ -337,6 +341,16 @@ class OpDef:
     def kron_in(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
         """The input-side Kronecker factor of ``param``, from the op's input (``x^T x / N``)."""
         return self.rule(RuleKind.KRON_IN, param, **fusion)
+
+    def gram(self, param: str, *also: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``fn(S, ..., include=(param, *also), total=None)``: the Gram matrix ``[K N, K N]`` of the
+        per-sample factors ``a_kn = J_n^T S_kn`` of the parameters ``include`` (rows and columns
+        ``k``-major, like ``S.flatten(0, 1)``), summed over them -- their share of the GGN's Gram matrix
+        ``V^T V`` (ViViT eq. S.23) -- added in place into ``total`` where given. One function serves the
+        op's parameters so that their shares can share products (a linear layer's ``S S^T``). The rule
+        reads samples only through the op's data inputs, so that the caller may pass the columns and
+        data inputs of a subset of the batch."""
+        return self.rule(RuleKind.GRAM, param, None, *also, **fusion)
 
     # ---- loss rules: (**ctx) with f, y and derived values by name ------------------------------
     def loss_grad(self) -> Callable[[Fn], Fn]:

@@ -33,6 +33,7 @@ from generic_rules import OpContext
 from helpers import call_rule, rel_error
 from torch import nn
 
+from fxcurv import gram as gram_products
 from fxcurv.errors import UnsupportedOpError
 from fxcurv.rules import conv as conv_rules
 from fxcurv.rules import registry
@@ -46,14 +47,14 @@ JAC_T, DIAG, RESIDUAL, GRAD = RuleKind.JAC_T, RuleKind.DIAG, RuleKind.RESIDUAL, 
 DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_DIAG, RuleKind.PER_SAMPLE,
                                              RuleKind.DERIVED)
 DENSE, KRON_OUT, KRON_DENSE, KRON_IN = RuleKind.DENSE, RuleKind.KRON_OUT, RuleKind.KRON_DENSE, RuleKind.KRON_IN
-BATCH_L2, BATCH_DIAG_SQRT = RuleKind.BATCH_L2, RuleKind.BATCH_DIAG_SQRT
+BATCH_L2, BATCH_DIAG_SQRT, GRAM = RuleKind.BATCH_L2, RuleKind.BATCH_DIAG_SQRT, RuleKind.GRAM
 
 # ---- the rules each op must have ------------------------------------------------------------------
 
 _PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT: ("weight", "bias"),
                DIAG_DIAG: ("weight", "bias"), PER_SAMPLE: ("weight", "bias"), KRON_OUT: ("weight", "bias"),
                KRON_DENSE: ("weight", "bias"), KRON_IN: ("weight",), BATCH_L2: ("weight", "bias"),
-               BATCH_DIAG_SQRT: ("weight", "bias")}
+               BATCH_DIAG_SQRT: ("weight", "bias"), GRAM: ("weight", "bias")}
 _SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED: ("d1", "d2")}
 _PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
@@ -194,6 +195,8 @@ def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     return x
 
 
+_GRAM_BLOCKS = ((gram_products, "GRAM_BLOCK_ELEMENTS", 1),)
+
 CASES: list[Case] = [
     # linear: [N, in] takes the Kronecker shortcut of diag_sqrt, [N, *mid, in] the per-sample route.
     Case("linear", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 4))),
@@ -225,6 +228,19 @@ CASES: list[Case] = [
          patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT, BATCH_L2, BATCH_DIAG_SQRT)),
     Case("conv_out1x1_blocked", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3)),
          patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(BATCH_L2,)),
+    # Gram matrices of per-sample factors a sample at a time.
+    Case("conv_gram_blocked", "conv2d", lambda: module_call(nn.Conv2d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                            randn(3, 4, 4, 3)),
+         patches=_GRAM_BLOCKS, only=(GRAM,)),
+    Case("conv_gram_positions", "conv2d", lambda: module_call(
+        nn.Conv2d(4, 4, 3, padding=1, stride=2, groups=2).to(DT), randn(3, 4, 5, 4)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"),), only=(GRAM,)),
+    Case("conv_gram_positions_blocked", "conv2d", lambda: module_call(nn.Conv2d(2, 3, 2).to(DT), randn(3, 2, 4, 3)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"), *_GRAM_BLOCKS), only=(GRAM,)),
+    Case("conv_gram_factors", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3)),
+         patches=((conv_rules, "GRAM_ROUTE", "factors"),), only=(GRAM,)),
+    Case("linear_mid_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 2, 4)),
+         patches=_GRAM_BLOCKS, only=(GRAM,)),
     # activations (module, function and method forms; their attributes)
     Case("relu", "relu", lambda: module_call(nn.ReLU(), randn(3, 2, 3))),
     Case("relu_method", "relu", lambda: method_call("relu", randn(3, 5))),
@@ -321,9 +337,9 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 # ---- the checks, one per rule kind ------------------------------------------------------------------
 
-def _rule(kind: RuleKind, op: str, key: str, *msgs: Any, c: OpContext) -> torch.Tensor:
+def _rule(kind: RuleKind, op: str, key: str, *msgs: Any, c: OpContext, **extra: Any) -> torch.Tensor:
     assert (op, key) in registry.TABLES[kind], f"lost registration: {op} has no {kind.value} rule for {key}"
-    return call_rule(registry.TABLES[kind], op, key, *msgs, **c.bindings())
+    return call_rule(registry.TABLES[kind], op, key, *msgs, **c.bindings(), **extra)
 
 
 def check_jac_t(case: Case, c: OpContext, key: str) -> None:
@@ -360,6 +376,32 @@ def check_grad(case: Case, c: OpContext, key: str) -> None:
 def check_per_sample(case: Case, c: OpContext, key: str) -> None:
     v = rand_like((K,) + tuple(c.out.shape), messages(case.id, f"per_sample[{key}]"))
     assert_matches(_rule(PER_SAMPLE, case.op, key, v, c=c), ref.per_sample(c, key, v), f"per_sample[{key}]")
+
+
+def check_gram(case: Case, c: OpContext, key: str) -> None:
+    gen = messages(case.id, f"gram[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
+    want = ref.gram(c, key, s)
+    assert_matches(_rule(GRAM, case.op, key, s, c=c, include=(key,)), want, f"gram[{key}]")
+    # Added in place into a running total.
+    total = rand_like(want.shape, gen)
+    total = total + total.T
+    expected = total + want
+    got = _rule(GRAM, case.op, key, s, c=c, include=(key,), total=total)
+    assert got is total, f"gram[{key}] with a total must add into it in place"
+    assert_matches(got, expected, f"gram[{key}] into a total")
+    # With every parameter of the op: the sum of their shares (one product of the columns).
+    params = tuple(p for p in registry.OPS[case.op].params if c.inputs.get(p) is not None)
+    if len(params) > 1:
+        both = sum(ref.gram(c, p, s) for p in params)
+        assert_matches(_rule(GRAM, case.op, key, s, c=c, include=params), both, f"gram[{','.join(params)}]")
+    # The rule reads samples only through the op's data inputs: the columns and inputs of a subset of
+    # the batch give the Gram matrix of that subset (how ggn_eigen subsamples).
+    keep = [n for n in range(c.n) if n != 1]
+    rows = torch.tensor([k * c.n + n for k in range(K) for n in keep])
+    sub = {**c.bindings(), "x": c.inputs["x"][keep], "include": (key,)}
+    got = call_rule(registry.GRAM, case.op, key, s[:, keep], **sub)
+    assert_matches(got, want[rows][:, rows], f"gram[{key}] of a subset of samples")
 
 
 def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
@@ -431,6 +473,7 @@ CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
     DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
     BATCH_L2: check_batch_l2, BATCH_DIAG_SQRT: check_batch_diag_sqrt,
+    GRAM: check_gram,
 }
 
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)

@@ -1,0 +1,503 @@
+"""ggn_eigen (ViViT): every number against an independent float64 reference from torch.func.
+
+* eigenvalues = the nonzero eigenvalues of the dense GGN ``J^T H J`` (MLPs, CNNs, residual and
+  weight-tied nets, N = 1, an indefinite loss Hessian), per block with ``groups=``;
+* ``G e = lambda e`` and ``e^T e' = delta`` for every returned vector;
+* directional derivatives = ``N`` times torch.func JVPs of each sample's loss ``L_n`` and its
+  output-Hessian quadratic form along ``J_n e`` (ViViT eq. 8);
+* Newton steps = the dense damped solve restricted to the eigenspace, and ``-(G + d I)^-1 g``;
+* Monte Carlo and subsampled variants = the GGN of their definitions (the sampler's own columns; the
+  subset's GGN times ``N / N_s``);
+* the bootstrap damping = ViViT B.3 computed by brute force.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import reference
+import torch
+import torch.nn.functional as F
+from architectures import random_cnn, random_mlp
+from helpers import call_rule, rel_error
+from torch import nn
+from torch.func import functional_call, jvp
+
+import fxcurv
+from fxcurv.operators import BlockDiagonalEigen, GramEigen, NoVectorsError
+from fxcurv.quantities import GGNEigen
+from fxcurv.rules import registry
+
+DT = torch.float64
+# Dense eigenvalues at or below this fraction of the largest are the GGN's zeros (float64 noise of
+# the dense reference is ~1e-15 relative).
+ZERO = 1e-12
+# Eigenvectors are checked where lambda_k is above this fraction of the largest: e_k = V u_k / sqrt(lambda_k)
+# inherits the Gram eigenvector's absolute error eps * lambda_max, i.e. a relative error of about
+# eps * lambda_max / lambda_k (ViViT's implementation warns about the same), 1e-10 at this ratio.
+WELL_CONDITIONED = 1e-6
+
+
+def nonzero_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
+    """The nonzero eigenvalues of a symmetric matrix, descending."""
+    values = torch.linalg.eigvalsh(matrix).flip(0)
+    return values[values.abs() > ZERO * values.abs().max()]
+
+
+def flat(vectors, names) -> torch.Tensor:
+    """``[k, P]`` from ``{name: [k, *shape]}`` in the order ``names``."""
+    return torch.cat([vectors[n].flatten(1) for n in names], dim=1)
+
+
+def reduction_scale(loss_fn, n: int) -> float:
+    """``L_n = scale * loss_fn(f(x_n), y_n)``: the sample's share of the batch loss."""
+    return 1.0 / n if getattr(loss_fn, "reduction", "mean") == "mean" else 1.0
+
+
+def check_eigenpairs(e: GramEigen, G: torch.Tensor, names, top_k=None) -> None:
+    want = nonzero_eigenvalues(G)
+    if top_k is not None:
+        want = want[:top_k]
+    assert e.values.shape == want.shape, f"{e.values.shape[0]} eigenvalues, expected {want.shape[0]}"
+    assert rel_error(e.values, want) < 1e-9
+    V = flat(e.vectors, names)  # [k, P]
+    good = e.values.abs() > WELL_CONDITIONED * e.values.abs().max()
+    V, lam = V[good], e.values[good]
+    assert rel_error(V @ G, lam[:, None] * V) < 1e-8, "G v != lambda v"
+    assert rel_error(V @ V.T, torch.eye(V.shape[0], dtype=DT)) < 1e-8, "eigenvectors are not orthonormal"
+
+
+def compile_eigen(model, loss_fn, x, y, quantity=None, **kw):
+    q = quantity if quantity is not None else "ggn_eigen"
+    out = fxcurv.compile(model, loss_fn, quantities=(q,), **kw)(x, y)
+    return out, out[q if isinstance(q, str) else q.name]
+
+
+# ---- eigenvalues and eigenvectors -----------------------------------------------------------------
+
+class TiedThreeTimes(nn.Module):
+    """One weight used three times, with a residual connection between the uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + torch.sigmoid(self.a(h))
+        return self.b(F.softplus(self.a(h)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tied_and_residual(batch):
+    torch.manual_seed(0)
+    model = TiedThreeTimes().to(DT)
+    x, y = torch.randn(batch, 3, dtype=DT), torch.tensor([0, 3, 1][:batch])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y)
+    assert e.gram.shape == (3 * batch, 3 * batch)  # K = C - 1 columns per sample
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), [n for n, _ in model.named_parameters()])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_mlps(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = random_mlp(rng, in_dim=4, out_dim=3, depth=3)
+    x, y = torch.randn(3, 4, dtype=DT), torch.randn(3, 3, dtype=DT)
+    loss_fn = nn.MSELoss(reduction="sum")
+    _, e = compile_eigen(model, loss_fn, x, y)
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_cnns(seed):
+    rng = random.Random(50 + seed)
+    torch.manual_seed(seed)
+    model = random_cnn(rng, in_shape=(2, 5, 4), out_dim=3, depth=2)
+    x, y = torch.randn(2, 2, 5, 4, dtype=DT), torch.tensor([0, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y)
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2, stride=2),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(2, 4)).to(DT)
+
+
+def test_cnn_with_top_k_and_blocked_products(monkeypatch):
+    """Convolution factors formed a sample at a time (block pairs recomputed and mirrored) give the
+    same eigenpairs; ``top_k`` keeps the largest."""
+    from fxcurv import gram
+
+    monkeypatch.setattr(gram, "GRAM_BLOCK_ELEMENTS", 1)
+    model, loss_fn = small_cnn(), nn.CrossEntropyLoss()
+    x, y = torch.randn(4, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1, 2])
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(top_k=5))
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)), top_k=5)
+
+
+def test_indefinite_loss_hessian():
+    """A loss whose Hessian w.r.t. the output is indefinite: signed columns, ``G = V D V^T`` with
+    negative eigenvalues, from ``Lambda^1/2 Q^T D Q Lambda^1/2``."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+
+    def loss_fn(f, y):
+        return (torch.sin(f) * y).sum()
+
+    x, y = torch.randn(3, 3, dtype=DT), torch.randn(3, 2, dtype=DT)
+    _, e = compile_eigen(model, loss_fn, x, y)
+    G = reference.ggn(model, loss_fn, x, y)
+    assert (e.values < 0).any() and (e.values > 0).any()
+    check_eigenpairs(e, G, list(reference.trainable(model)))
+
+
+def test_frozen_and_unreached_parameters():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(2, 3, dtype=DT), torch.tensor([1, 2])
+    _, e = compile_eigen(model, nn.CrossEntropyLoss(), x, y)
+    names = list(reference.trainable(model))
+    assert list(e.vectors) == names
+    check_eigenpairs(e, reference.ggn(model, nn.CrossEntropyLoss(), x, y), names)
+
+
+# ---- groups ---------------------------------------------------------------------------------------
+
+def dense_block(G: torch.Tensor, model: nn.Module, names) -> torch.Tensor:
+    offsets, start = {}, 0
+    for n, p in reference.trainable(model).items():
+        offsets[n] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    index = torch.cat([offsets[n] for n in names])
+    return G[index][:, index]
+
+
+@pytest.mark.parametrize("groups", ["layer", "parameter", {"first": ["0.weight"], "rest": ["2.weight", "2.bias"]}])
+def test_groups(groups):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 3)).to(DT)
+    x, y = torch.randn(3, 3, dtype=DT), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(groups=groups))
+    assert isinstance(e, BlockDiagonalEigen)
+    G = reference.ggn(model, loss_fn, x, y)
+    named = {"layer": {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]},
+             "parameter": {n: [n] for n in reference.trainable(model)}}
+    expected = named[groups] if isinstance(groups, str) else groups
+    assert set(e) == set(expected)
+    for g, names in expected.items():
+        check_eigenpairs(e[g], dense_block(G, model, names), names)
+    # The block-diagonal damped Newton step, block by block (ViViT C.2).
+    grad = reference.grad(model, loss_fn, x, y)
+    step = e.newton_step(0.3, restrict=False)
+    for names in expected.values():
+        block = dense_block(G, model, names)
+        g = torch.cat([grad[n].flatten() for n in names])
+        want = -torch.linalg.solve(block + 0.3 * torch.eye(block.shape[0], dtype=DT), g)
+        assert rel_error(torch.cat([step[n].flatten() for n in names]), want) < 1e-9
+    assert set(step) == {n for names in expected.values() for n in names}
+
+
+def test_two_instances_in_one_program():
+    """A full and a grouped instance share the Gram products in one program (common subexpressions) and
+    still accumulate into buffers of their own."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    x, y = torch.randn(3, 3, dtype=DT), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    grouped = GGNEigen(groups="layer", name="ggn_eigen_layers")
+    out = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen", grouped))(x, y)
+    G = reference.ggn(model, loss_fn, x, y)
+    names = list(reference.trainable(model))
+    check_eigenpairs(out["ggn_eigen"], G, names)
+    for _, block in out["ggn_eigen_layers"].items():
+        check_eigenpairs(block, dense_block(G, model, block.names), block.names)
+
+
+# ---- directional derivatives and Newton steps ---------------------------------------------------
+
+def per_sample_directional(model, loss_fn, x, y, vectors: torch.Tensor, samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N d/dt L_n(theta + t e)`` and ``N (J_n e)^T (d2 L_n / df2) (J_n e)`` by torch.func JVPs, for
+    every sample and row ``e`` of ``vectors [k, P]`` (ViViT eq. 8)."""
+    params = reference.trainable(model)
+    theta, layout = reference._flat(params)
+    n = x.shape[0]
+    scale = reduction_scale(loss_fn, n)
+
+    def output(vec, i):
+        return functional_call(model, reference._unflat(vec, layout), (x[i:i + 1],))
+
+    def loss_n(vec, i):
+        return scale * loss_fn(output(vec, i), y[i:i + 1])
+
+    first = torch.stack([torch.stack([jvp(lambda v, i=i: loss_n(v, i), (theta,), (e,))[1] for e in vectors])
+                         for i in range(n)])
+    second = []
+    for i in samples:
+        f = output(theta, i)
+        grad_f = torch.func.grad(lambda z, i=i: scale * loss_fn(z, y[i:i + 1]))
+        row = []
+        for e in vectors:
+            jv = jvp(lambda v, i=i: output(v, i), (theta,), (e,))[1]
+            hjv = jvp(grad_f, (f,), (jv,))[1]
+            row.append((jv * hjv).sum())
+        second.append(torch.stack(row))
+    return n * first, n * torch.stack(second)
+
+
+def mlp_problem(n=4, loss="ce"):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(n, 3, dtype=DT)
+    if loss == "ce":
+        return model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1, 1, 0, 2][:n])
+    return model, nn.MSELoss(reduction=loss), x, torch.randn(n, 3, dtype=DT)
+
+
+@pytest.mark.parametrize("loss", ["ce", "sum"])
+def test_directional_derivatives(loss):
+    model, loss_fn, x, y = mlp_problem(loss=loss)
+    _, e = compile_eigen(model, loss_fn, x, y)
+    names = list(reference.trainable(model))
+    d = e.directional()
+    first, second = per_sample_directional(model, loss_fn, x, y, flat(e.vectors, names), range(x.shape[0]))
+    assert rel_error(d.first, first) < 1e-9
+    assert rel_error(d.second, second) < 1e-9
+    # Their means are the mini-batch values.
+    grad = reference.grad(model, loss_fn, x, y)
+    g = torch.cat([grad[n].flatten() for n in names])
+    assert rel_error(d.first.mean(0), flat(e.vectors, names) @ g) < 1e-9
+    assert rel_error(d.second.mean(0), e.values) < 1e-9
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_newton_steps(top_k):
+    model, loss_fn, x, y = mlp_problem()
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(top_k=top_k))
+    names = list(reference.trainable(model))
+    G = reference.ggn(model, loss_fn, x, y)
+    grad = reference.grad(model, loss_fn, x, y)
+    g = torch.cat([grad[n].flatten() for n in names])
+    lam, U = torch.linalg.eigh(G)
+    order = torch.argsort(lam, descending=True)
+    lam, U = lam[order], U[:, order]
+    k = e.values.shape[0]
+    lam, U = lam[:k], U[:, :k]
+    for damping in (0.5, torch.linspace(0.1, 1.0, k, dtype=DT)):
+        # The dense damped solve restricted to the (top-k) eigenspace.
+        want = -U @ ((U.T @ g) / (lam + damping))
+        step = e.newton_step(damping)
+        assert rel_error(torch.cat([step[n].flatten() for n in names]), want) < 1e-8
+    full = e.newton_step(0.2, restrict=False)
+    want = -torch.linalg.solve(G + 0.2 * torch.eye(G.shape[0], dtype=DT), g)
+    assert rel_error(torch.cat([full[n].flatten() for n in names]), want) < 1e-9
+
+
+def test_bootstrap_damping_is_vivit_b3():
+    model, loss_fn, x, y = mlp_problem(n=5)
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(top_k=4))
+    grid = torch.logspace(-3, 1, 7, dtype=DT)
+    got = e.bootstrap_damping(grid=grid, resamples=20, generator=torch.Generator().manual_seed(3))
+    # Brute force: the same resamples, direction by direction, candidate by candidate.
+    d = e.directional()
+    idx = torch.randint(0, 5, (20, 5), generator=torch.Generator().manual_seed(3))
+    for k in range(4):
+        best, best_bound = None, -float("inf")
+        for delta in grid:
+            s = -d.first[:, k].mean() / (d.second[:, k].mean() + delta)
+            samples = [-s * d.first[i, k].mean() - 0.5 * s**2 * d.second[i, k].mean() for i in idx]
+            bound = torch.quantile(torch.stack(samples), 0.05)
+            if bound > best_bound:
+                best, best_bound = delta, bound
+        assert got[k] == best
+
+
+# ---- the approximations: Monte Carlo and subsampling -------------------------------------------
+
+def ggn_from_output_columns(model, x, S: torch.Tensor) -> torch.Tensor:
+    """``sum_{k,n} J_n^T s_kn s_kn^T J_n`` with columns ``S [K, N, C]`` at the model output."""
+    params = reference.trainable(model)
+    theta, layout = reference._flat(params)
+    jac = torch.func.jacrev(lambda v: functional_call(model, reference._unflat(v, layout), (x,)))(theta)  # [N, C, P]
+    a = torch.einsum("knc,ncp->knp", S, jac).reshape(-1, theta.numel())
+    return a.T @ a
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_monte_carlo_is_its_definition(reduction):
+    model, loss_fn, x, y = mlp_problem(loss=reduction)
+    engine = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen_mc",), mc_samples=2)
+    e = engine(x, y, generator=torch.Generator().manual_seed(11))["ggn_eigen_mc"]
+    with torch.no_grad():
+        f = model(x)
+    S = call_rule(registry.LOSS_SQRT_HESSIAN_MC, "mse_loss", "f", f=f, y=y, reduction=reduction, mc_samples=2,
+                  generator=torch.Generator().manual_seed(11))
+    assert e.gram.shape == (2 * x.shape[0],) * 2
+    check_eigenpairs(e, ggn_from_output_columns(model, x, S), list(reference.trainable(model)))
+
+
+def test_monte_carlo_cross_entropy_matches_its_diagonal():
+    """With cross-entropy: the MC eigenpairs' ``sum_k lambda_k e_k^2`` is the MC GGN diagonal of the same
+    draws (``diag_ggn_mc`` in the same program)."""
+    model, loss_fn, x, y = mlp_problem()
+    out = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen_mc", "diag_ggn_mc"), mc_samples=3, seed=2)(x, y)
+    e = out["ggn_eigen_mc"]
+    for name, diag in out["diag_ggn_mc"].items():
+        assert rel_error(torch.einsum("k,k...->...", e.values, e.vectors[name] ** 2), diag) < 1e-9
+
+
+@pytest.mark.parametrize("subsample", [0.5, [3, 0]])
+@pytest.mark.parametrize("reduction", ["ce", "sum"])
+def test_subsampling_is_its_definition(subsample, reduction):
+    """``(N / N_s) sum_{n in subset} G_n``; the directional curvatures on the subset, the gradients on the
+    whole batch; Newton steps with the subset's GGN and the whole batch's gradient."""
+    model, loss_fn, x, y = mlp_problem(loss=reduction)
+    n = x.shape[0]
+    index = [0, 1] if subsample == 0.5 else subsample
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=subsample))
+    scale = reduction_scale(loss_fn, len(index)) / reduction_scale(loss_fn, n)  # the subset's own reduction
+    G_sub = (n / len(index)) * reference.ggn(model, loss_fn, x[index], y[index]) / scale
+    names = list(reference.trainable(model))
+    assert e.gram.shape == ((2 if reduction == "ce" else 3) * len(index),) * 2
+    check_eigenpairs(e, G_sub, names)
+    d = e.directional()
+    first, second = per_sample_directional(model, loss_fn, x, y, flat(e.vectors, names), index)
+    assert rel_error(d.first, first) < 1e-9
+    assert rel_error(d.second, second) < 1e-9
+    grad = reference.grad(model, loss_fn, x, y)
+    g = torch.cat([grad[n].flatten() for n in names])
+    step = e.newton_step(0.1, restrict=False)
+    want = -torch.linalg.solve(G_sub + 0.1 * torch.eye(G_sub.shape[0], dtype=DT), g)
+    assert rel_error(torch.cat([step[n].flatten() for n in names]), want) < 1e-9
+
+
+def test_subsampled_cnn_and_tied_weights():
+    torch.manual_seed(8)
+    model, loss_fn = TiedThreeTimes().to(DT), nn.CrossEntropyLoss()
+    x, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 3, 1, 2])
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=[1, 2]))
+    G_sub = 2 * reference.ggn(model, loss_fn, x[[1, 2]], y[[1, 2]]) * (2 / 4)
+    check_eigenpairs(e, G_sub, list(reference.trainable(model)))
+    model, x, y = small_cnn(), torch.randn(4, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1, 2])
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=0.5))
+    G_sub = 2 * reference.ggn(model, loss_fn, x[:2], y[:2]) * (2 / 4)
+    check_eigenpairs(e, G_sub, list(reference.trainable(model)))
+
+
+# ---- options and errors ---------------------------------------------------------------------------
+
+def test_vectors_false_keeps_the_gram_path_only():
+    model, loss_fn, x, y = mlp_problem()
+    engine = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False),))
+    e = engine(x, y)["ggn_eigen"]
+    assert rel_error(e.values, nonzero_eigenvalues(reference.ggn(model, loss_fn, x, y))) < 1e-9
+    with pytest.raises(NoVectorsError, match="vectors=False"):
+        e.vectors["0.weight"]
+    with pytest.raises(NoVectorsError):
+        e.newton_step(1.0)
+    kept = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen",)).memory_estimate(x, y)
+    assert engine.memory_estimate(x, y).peak_bytes <= kept.peak_bytes
+
+
+def test_backends_agree():
+    model, x, y = small_cnn(), torch.randn(3, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    eager = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen",), backend="eager")(x, y)["ggn_eigen"]
+    fused = fxcurv.compile(model, loss_fn, quantities=("ggn_eigen",))(x, y)["ggn_eigen"]
+    assert rel_error(fused.gram, eager.gram) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"top_k": 0}, "top_k"), ({"groups": "module"}, "groups"), ({"subsample": 1.5}, "fraction"),
+    ({"groups": [["0.weight"], ["0.weight"]]}, "two groups"), ({"min_value": -1.0}, "min_value"),
+])
+def test_option_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GGNEigen(**kwargs)
+
+
+def test_call_errors_name_the_cause():
+    model, loss_fn, x, y = mlp_problem()
+    with pytest.raises(fxcurv.InputError, match="subsample indices"):
+        fxcurv.compile(model, loss_fn, quantities=(GGNEigen(subsample=[0, 9]),))(x, y)
+    with pytest.raises(ValueError, match="not"):
+        fxcurv.compile(model, loss_fn, quantities=(GGNEigen(groups={"a": ["0.weight", "nope"]}),))(x, y)
+    _, e = compile_eigen(model, loss_fn, x, y)
+    with pytest.raises(ValueError, match="positive"):
+        e.newton_step(0.0, restrict=False)
+    with pytest.raises(ValueError, match="per direction"):
+        e.newton_step(torch.ones(2, dtype=DT))
+
+
+# ---- memory: the estimate and memory_budget= ------------------------------------------------------
+
+def memory_problem(n: int = 128):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(30, 60), nn.Tanh(), nn.Linear(60, 10))
+    return model, nn.CrossEntropyLoss(), torch.randn(n, 30), torch.randint(0, 10, (n,))
+
+
+@pytest.mark.parametrize("vectors", [False, True])
+def test_memory_estimate_matches_the_measured_peak(vectors):
+    """The estimate before running (program + Gram temporaries, or outputs + eigendecomposition) against
+    the CPU allocator's peak during a call and its eigendecomposition (the profiler, as the benchmarks
+    measure it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from measure import peak_memory
+
+    model, loss_fn, x, y = memory_problem(256)
+    q = GGNEigen(vectors=vectors)
+    engine = fxcurv.compile(model, loss_fn, quantities=(q,))
+    estimate = q.memory(engine, x, y)
+    m = 9 * 256
+    assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    engine(x, y)  # built and warm
+
+    def call():
+        e = engine(x, y)["ggn_eigen"]
+        return e.values
+
+    measured, _, _ = peak_memory(call)
+    assert abs(estimate.peak - measured) < 0.15 * measured, f"estimated {estimate.peak}, measured {measured:.0f}"
+
+
+def test_memory_budget_picks_the_most_accurate_approximation_that_fits():
+    model, loss_fn, x, y = memory_problem()
+    full = GGNEigen(vectors=False)
+    half = GGNEigen(vectors=False, subsample=0.5)
+    need_full = full.memory(fxcurv.compile(model, loss_fn, quantities=(full,)), x, y).peak
+    need_half = half.memory(fxcurv.compile(model, loss_fn, quantities=(half,)), x, y).peak
+    assert need_half < need_full
+    budget = (need_half + need_full) / 2
+    chosen = GGNEigen(vectors=False, memory_budget=budget)
+    e = fxcurv.compile(model, loss_fn, quantities=(chosen,))(x, y)["ggn_eigen"]
+    assert e.setting == "exact, frac 0.5" and e.choice is not None
+    assert [s for s, _ in e.choice.tried] == ["exact, full", "exact, frac 0.5"]
+    assert e.choice.memory.peak <= budget
+    reference_values = fxcurv.compile(model, loss_fn, quantities=(half,))(x, y)["ggn_eigen"].values
+    assert torch.equal(e.values, reference_values)
+    # A budget below every exact fraction: Monte Carlo columns.
+    small = GGNEigen(vectors=False, memory_budget=need_half / 20)
+    e = fxcurv.compile(model, loss_fn, quantities=(small,), mc_samples=1, seed=0)(x, y)["ggn_eigen"]
+    assert e.setting.startswith("MC") and e.choice.memory.peak <= need_half / 20
+    with pytest.raises(fxcurv.MemoryBudgetError, match="no approximation fits"):
+        fxcurv.compile(model, loss_fn, quantities=(GGNEigen(memory_budget=1000),))(x, y)
+
+
+def test_custom_instances_survive_pickling():
+    import pickle
+
+    model, loss_fn, x, y = mlp_problem()
+    q = GGNEigen(top_k=2, groups="layer", name="layers")
+    engine = pickle.loads(pickle.dumps(fxcurv.compile(model, loss_fn, quantities=(q,))))
+    out = engine(x, y)["layers"]
+    assert isinstance(out, BlockDiagonalEigen) and all(b.values.shape[0] <= 2 for _, b in out.items())
