@@ -65,7 +65,7 @@ class Floor:
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         saved = []
         h = x
-        for name, m in self.layers:
+        for _name, m in self.layers:
             if isinstance(m, nn.Linear):
                 saved.append(h)
                 h = F.linear(h, m.weight, m.bias)

@@ -57,12 +57,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
+from measure import peak_memory  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxcurv  # noqa: E402
 from fxcurv.networks import NETWORKS  # noqa: E402
 from fxcurv.quantities import GGNEigen  # noqa: E402
-from measure import peak_memory  # noqa: E402
 
 SETTINGS = ("exact-full", "mc-full", "exact-frac", "mc-frac")
 # ViViT B.1: one Monte Carlo sample, and a fraction 1/8 of the batch (after Zhang et al.).

@@ -41,18 +41,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import measure  # noqa: E402
+import report  # noqa: E402
+import run as cpu_run  # noqa: E402  (the float64-calibrated checks of the CPU benchmark)
 import torch  # noqa: E402
+from gpu_report import BACKPACK_OF, QUANTITIES, criteria, criteria_markdown, fmt_mb, fmt_ms, results_markdown  # noqa: E402
+from methods import Autograd, Backpack, Fxcurv  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxcurv  # noqa: E402
 from fxcurv.kernels import LAUNCHES  # noqa: E402
 from fxcurv.networks import NETWORKS  # noqa: E402
-
-import measure  # noqa: E402
-import report  # noqa: E402
-from gpu_report import BACKPACK_OF, QUANTITIES, criteria, criteria_markdown, results_markdown, fmt_mb, fmt_ms  # noqa: E402
-import run as cpu_run  # noqa: E402  (the float64-calibrated checks of the CPU benchmark)
-from methods import Autograd, Backpack, Fxcurv  # noqa: E402
 
 # name -> (fxcurv.networks name, batch size): the papers' batch (128) and a large one per network
 CONFIGS = {

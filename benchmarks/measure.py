@@ -7,7 +7,8 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 

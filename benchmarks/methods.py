@@ -11,7 +11,7 @@ allocates its outputs afresh.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,9 @@ class Method:
     """Base class. ``family``: autograd, fxcurv, backpack, asdl, torch.func, floor."""
 
     family = ""
-    backend: Optional[str] = None
+    backend: str | None = None
 
-    def __init__(self, mid: str, label: str, quantity: str, skip: Optional[str] = None):
+    def __init__(self, mid: str, label: str, quantity: str, skip: str | None = None):
         self.id = mid
         self.label = label
         self.quantity = quantity
@@ -102,7 +102,7 @@ class Fxcurv(Method):
     family = "fxcurv"
 
     def __init__(self, engines: dict, model, loss_fn, x, y, quantities: tuple[str, ...], backend: str,
-                 skip: Optional[str] = None):
+                 skip: str | None = None):
         q = "+".join(quantities)
         super().__init__(f"fxcurv/{backend}/{q}", f"fxcurv[{backend}] {q}", q, skip)
         self.backend = backend
@@ -182,7 +182,7 @@ BACKPACK_MC = ("DiagGGNMC", "KFAC")  # extensions taking mc_samples
 class Backpack(Method):
     family = "backpack"
 
-    def __init__(self, model, x, y, quantity: str, skip: Optional[str] = None, bp_model=None):
+    def __init__(self, model, x, y, quantity: str, skip: str | None = None, bp_model=None):
         ext, attr = BACKPACK_ALL[quantity]
         super().__init__(f"backpack/{quantity}", f"BackPACK {ext}", quantity, skip)
         self.base, self.x, self.y, self.ext_name, self.attr = model, x, y, ext, attr
@@ -293,7 +293,7 @@ class Asdl(Method):
 class TorchFunc(Method):
     family = "torch.func"
 
-    def __init__(self, model, x, y, classes: int, quantity: str, budget_mb: float, skip: Optional[str] = None):
+    def __init__(self, model, x, y, classes: int, quantity: str, budget_mb: float, skip: str | None = None):
         super().__init__(f"torch.func/{quantity}", f"torch.func vmap(vjp) {quantity}", quantity, skip)
         self.model, self.x, self.y, self.classes, self.budget_mb = model, x, y, classes, budget_mb
 
@@ -313,7 +313,7 @@ class TorchFunc(Method):
 class FloorRef(Method):
     family = "floor"
 
-    def __init__(self, model, x, y, skip: Optional[str] = None):
+    def __init__(self, model, x, y, skip: str | None = None):
         super().__init__("floor/diag_ggn", "floor (hand-written) diag_ggn", "diag_ggn", skip)
         self.model, self.x, self.y = model, x, y
 

@@ -25,12 +25,11 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
+from run import NET_CONFIGS  # noqa: E402
 
 import fxcurv  # noqa: E402
 from fxcurv.api import GENERATOR, INPUT, TARGET  # noqa: E402
 from fxcurv.networks import NETWORKS  # noqa: E402
-
-from run import NET_CONFIGS  # noqa: E402
 
 
 class _Timed(fx.Interpreter):

@@ -31,18 +31,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import measure  # noqa: E402
+import report  # noqa: E402
 import torch  # noqa: E402
+from methods import (  # noqa: E402
+    BACKPACK_EXT,
+    BACKPACK_FIRST_ORDER,
+    BACKPACK_KRON,
+    COMBINED,
+    FIRST_ORDER_QUANTITIES,
+    FXCURV_QUANTITIES,
+    KRONECKER_QUANTITIES,
+    Asdl,
+    Autograd,
+    Backpack,
+    FloorRef,
+    Fxcurv,
+    FxcurvSeparate,
+    TorchFunc,
+    kron_factors,
+)
 from torch import nn  # noqa: E402
 
 import fxcurv  # noqa: E402
 from fxcurv.networks import NETWORKS  # noqa: E402
-
-import measure  # noqa: E402
-import report  # noqa: E402
-from methods import (  # noqa: E402
-    BACKPACK_EXT, BACKPACK_FIRST_ORDER, BACKPACK_KRON, COMBINED, FIRST_ORDER_QUANTITIES, FXCURV_QUANTITIES,
-    KRONECKER_QUANTITIES, Asdl, Autograd, Backpack, FloorRef, Fxcurv, FxcurvSeparate, TorchFunc, kron_factors,
-)
 
 # benchmark config name -> (fxcurv.networks name, batch size)
 NET_CONFIGS = {

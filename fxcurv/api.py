@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,7 @@ from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
 from .trace import Traced, trace
 
-QuantitySpec = Union[str, Quantity, Iterable[Union[str, Quantity]]]
+QuantitySpec = str | Quantity | Iterable[str | Quantity]
 # Traced versions of a model kept at once (a model switched between train() and eval() every step
 # reuses both); older ones are dropped with their programs.
 _VERSIONS_KEPT = 4
@@ -122,7 +122,7 @@ class Program:
     placeholders: tuple[str, ...]
     statics: dict[tuple[str, str], Any]  # (quantity, parameter) -> static data for the quantity's wrap
     # check_target(y): the loss's target check (shape, dtype, values), run before every call.
-    check_target: Optional[Callable[[Any], None]] = None
+    check_target: Callable[[Any], None] | None = None
 
     @classmethod
     def from_build(cls, build: Build) -> Program:
@@ -138,7 +138,7 @@ class Program:
                    check_target=target_check(build.canonical))
 
     def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],
-            generator: Optional[torch.Generator]) -> dict[str, Any]:
+            generator: torch.Generator | None) -> dict[str, Any]:
         fixed = {INPUT: x, TARGET: y, GENERATOR: generator}
         args = [fixed[n] if n in fixed else params[self.param_of[n]] for n in self.placeholders]
         with torch.no_grad():
@@ -154,7 +154,7 @@ class _Version:
     programs: dict[tuple[Any, ...], Program]
 
 
-def available_memory(device: torch.device) -> Optional[int]:
+def available_memory(device: torch.device) -> int | None:
     """Bytes this process could still allocate on ``device`` (``None`` where unknown)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -182,8 +182,8 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,
-                 mc_samples: int = 1, seed: Optional[int] = None, backend: str = "fused",
-                 memory_budget: Optional[float] = None):
+                 mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
+                 memory_budget: float | None = None):
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         if backend not in BACKENDS:
@@ -198,9 +198,9 @@ class Engine:
         self.backend = backend
         self.memory_budget = memory_budget
         self._versions: OrderedDict[tuple[Any, ...], _Version] = OrderedDict()
-        self._current: Optional[_Version] = None
+        self._current: _Version | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._last: Optional[Program] = None
+        self._last: Program | None = None
         self._version()  # trace now: errors at compile time
 
     # ---- the model as it is now ----------------------------------------------------------------
@@ -297,14 +297,14 @@ class Engine:
         finally:
             self.memory_budget = budget
 
-    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+    def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def __call__(self, x: torch.Tensor, y: Any, *, generator: Optional[torch.Generator] = None) -> Result:
+    def __call__(self, x: torch.Tensor, y: Any, *, generator: torch.Generator | None = None) -> Result:
         prog = self.program(x, y)
         if prog.check_target is not None:  # target values change per call: check every call
             prog.check_target(y)
@@ -383,8 +383,8 @@ def _check_call(x: Any, y: Any) -> None:
 
 
 def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,  # noqa: A001
-            mc_samples: int = 1, seed: Optional[int] = None, backend: str = "fused",
-            memory_budget: Optional[float] = None) -> Engine:
+            mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
+            memory_budget: float | None = None) -> Engine:
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
     ``quantities``: names (or :class:`fxcurv.quantities.Quantity` objects) from

@@ -12,15 +12,13 @@ These helpers are graph-node targets; each is a small pure function on tensors.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .targets import target
 
 
 @target()
-def signed_square_sum(per_sample: torch.Tensor, sign: Optional[torch.Tensor], lead: int) -> torch.Tensor:
+def signed_square_sum(per_sample: torch.Tensor, sign: torch.Tensor | None, lead: int) -> torch.Tensor:
     """``sum_{k,n} sign[k, n] * per_sample[k, n, ...]**2`` over the ``lead + 1`` leading dimensions.
 
     The diagonal of ``sum_k s_k v_k v_k^T`` is ``sum_k s_k v_k**2``.
@@ -120,7 +118,7 @@ def unfold_lead(t: torch.Tensor, d: int) -> torch.Tensor:
 # ---- batch-averaged matrices (KFRA, HBP blocks) -------------------------------------------------
 
 @target()
-def dense_from_columns(S: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+def dense_from_columns(S: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """``sum_{k,n} sign_kn vec(S_kn) vec(S_kn)^T``: ``[D, D]`` from columns ``S [K, N, *shape]`` -- the
     loss Hessian summed over the batch (BackPACK's loss-Hessian strategy "sum")."""
     flat = S.reshape(S.shape[0] * S.shape[1], -1)
@@ -166,7 +164,7 @@ def with_clipped_residual(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 PRODUCT_BLOCK_ELEMENTS = 1 << 22
 
 
-def signed_column_squares(S: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+def signed_column_squares(S: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """``sum_k sign[k, n] * S[k, n, ...]**2`` over the column axis only: ``[K, N, ...] -> [N, ...]``."""
     sq = S * S
     if sign is not None:

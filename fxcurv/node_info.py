@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -56,13 +56,13 @@ class NodeInfo:
 
     kind: Kind = Kind.FORWARD
     # Canonical graph: the op (``"linear"``), what the user wrote, the parameter a placeholder holds.
-    op: Optional[str] = None
+    op: str | None = None
     source: str = ""
-    param: Optional[str] = None
+    param: str | None = None
     requires_grad: bool = False
     # Value: shape and dtype (``None`` where the value is not a tensor or not known yet).
-    shape: Optional[tuple[int, ...]] = None
-    dtype: Optional[torch.dtype] = None
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
     # Inserted nodes: the forward node whose messages they compute, which message, which stream.
     of: str = ""
     message: str = ""

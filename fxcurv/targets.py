@@ -9,9 +9,10 @@ and the factor helpers below them can declare their functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 class Left(Enum):
@@ -28,7 +29,7 @@ class Reduction:
     declare reductions over the same input share one fused node reading ``x`` once."""
 
     left: Left
-    right: Optional[str]
+    right: str | None
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,13 @@ class Fusion:
     """
 
     pointwise: bool = False
-    matmul: Optional[str] = None
-    squares: Optional[str] = None
+    matmul: str | None = None
+    squares: str | None = None
     fresh: bool = False
     view: bool = False
-    reduction: Optional[Reduction] = None
+    reduction: Reduction | None = None
     impure: bool = False
-    sample_reduction: Optional[SampleReduction] = None
+    sample_reduction: SampleReduction | None = None
     column: bool = False
 
     @property
@@ -96,7 +97,7 @@ class LabeledTarget:
 TARGETS: dict[Callable[..., Any], TargetInfo] = {}
 
 
-def declare_target(fn: Callable[..., Any], label: Optional[str] = None, fusion: Optional[Fusion] = None,
+def declare_target(fn: Callable[..., Any], label: str | None = None, fusion: Fusion | None = None,
                    **tags: Any) -> Callable[..., Any]:
     """Declare a graph-node target: its listing label and fusion tags (refused twice)."""
     if fn in TARGETS:
@@ -105,7 +106,7 @@ def declare_target(fn: Callable[..., Any], label: Optional[str] = None, fusion: 
     return fn
 
 
-def target(label: Optional[str] = None, **tags: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def target(label: str | None = None, **tags: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator form of :func:`declare_target`."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -106,6 +106,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if config.stash.get(_MODE, None) is None:
         return
     on_cpu = sorted({f"{r.nodeid}: {value}" for reports in terminalreporter.stats.values() for r in reports
-                     if getattr(r, "when", None) == "call" for key, value in getattr(r, "user_properties", ()) if key == "ran_on"})
+                     if getattr(r, "when", None) == "call"
+                     for key, value in getattr(r, "user_properties", ()) if key == "ran_on"})
     terminalreporter.write_line(f"--device cuda: {len(on_cpu)} test(s) ran on CPU tensors"
                                 + "".join(f"\n  {line}" for line in on_cpu))

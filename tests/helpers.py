@@ -25,8 +25,9 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-6, what: str = "
 def check_against_references(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian"), **compile_kw):
     """Compile, call once, and compare grad / diag_ggn / diag_hessian with the torch.func references
     of :mod:`reference` (float64, relative error < 1e-6). Returns the result."""
-    import fxcurv
     import reference
+
+    import fxcurv
 
     out = fxcurv.compile(model, loss_fn, quantities=quantities, **compile_kw)(x, y)
     assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
@@ -58,9 +59,10 @@ def check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last: tup
     """``quantity`` (hesscale or hesscale_gn) runs, gives finite values shaped like every parameter,
     and equals the exact Hessian diagonal (torch.func) on the parameters ``last`` of the last layer,
     where the HesScale paper says it is exact."""
-    import fxcurv
     import reference
     import torch
+
+    import fxcurv
 
     out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)
     exact = reference.diag_hessian(model, loss_fn, x, y)

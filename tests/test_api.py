@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fxcurv
@@ -92,12 +93,8 @@ def test_result_mapping_and_errors():
 def test_inspecting_before_calling_says_what_to_do():
     model, _, _ = mnist_like()
     engine = fxcurv.compile(model, torch.nn.CrossEntropyLoss())
-    try:
-        engine.graph
-    except RuntimeError as err:
-        assert "call the engine" in str(err)
-    else:
-        raise AssertionError("expected a RuntimeError")
+    with pytest.raises(RuntimeError, match="call the engine"):
+        _ = engine.graph
 
 
 def test_only_requested_streams_are_in_the_program():

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import fxcurv
-from helpers import assert_close
 
 QUANTITIES = ("hesscale", "hesscale_gn", "diag_ggn", "diag_hessian")
 

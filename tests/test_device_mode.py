@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from device_mode import OnDevice, fxcurv_dir
 from torch import nn
 
 import fxcurv
-from device_mode import OnDevice, fxcurv_dir
 from fxcurv.kernels import LAUNCHES
 
 ITSELF = "tests the mode itself, with the CPU as its target device"

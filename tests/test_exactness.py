@@ -8,10 +8,10 @@ import random
 
 import pytest
 import torch
-
-import fxcurv
 from architectures import random_cnn, random_mlp
 from helpers import check_against_references
+
+import fxcurv
 
 LOSSES = {
     "ce_mean": lambda: torch.nn.CrossEntropyLoss(),

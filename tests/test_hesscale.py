@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import random
 
+import hesscale_reference as hs_ref
 import pytest
+import reference
 import torch
+from helpers import assert_close, rel_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, hessian
 
 import fxcurv
-import hesscale_reference as hs_ref
-import reference
 from fxcurv.rules import registry
-from helpers import assert_close, rel_error
 
 DTYPE = torch.float64
 

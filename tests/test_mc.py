@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
+from helpers import rel_error
 from torch import nn
 
 import fxcurv
-import reference
-from helpers import rel_error
 
 DTYPE = torch.float64
 

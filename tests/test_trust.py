@@ -11,14 +11,14 @@ import copy
 import pickle
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 import fxcurv
-import reference
 from fxcurv.errors import MemoryBudgetError, UnsupportedOpError
-from helpers import assert_close
 
 DT = torch.float64
 QUANTITIES = ("diag_ggn", "diag_hessian")

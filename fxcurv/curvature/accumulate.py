@@ -11,7 +11,7 @@ everything quantity-specific; this module only routes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -79,7 +79,7 @@ class ParamUse:
         return self.messages.diagonals
 
     @property
-    def shape(self) -> Optional[tuple[int, ...]]:
+    def shape(self) -> tuple[int, ...] | None:
         return info(self.param).shape
 
     def rule(self, kind: RuleKind, *messages: Any, message: str, stream: str = "", shaped: bool = True) -> fx.Node:
@@ -88,7 +88,7 @@ class ParamUse:
         return self.emit.rule(rule, messages, self.node, kind=Kind.PARAM, message=message, stream=stream,
                               shape=self.shape if shaped else None, at=self.param)
 
-    def dense(self, columns: Columns) -> tuple[fx.Node, Optional[fx.Node]]:
+    def dense(self, columns: Columns) -> tuple[fx.Node, fx.Node | None]:
         return self.emit.dense(columns, self.node)
 
     def has_rule(self, kind: RuleKind) -> bool:
@@ -114,11 +114,11 @@ class ParamEnd:
         return info(self.param).param or self.param.name
 
     @property
-    def shape(self) -> Optional[tuple[int, ...]]:
+    def shape(self) -> tuple[int, ...] | None:
         return info(self.param).shape
 
     def node(self, fn: Any, args: tuple[Any, ...], *, message: str, stream: str = "", shaped: bool = True,
-             kwargs: Optional[dict[str, Any]] = None) -> fx.Node:
+             kwargs: dict[str, Any] | None = None) -> fx.Node:
         return self.emit.node(fn, args, kwargs, kind=Kind.PARAM, of=self.param, message=message, stream=stream,
                               shape=self.shape if shaped else None, at=self.param)
 
@@ -130,7 +130,7 @@ class ParamEnd:
         """Zeros shaped like the parameter: a parameter the loss does not reach has zero derivatives."""
         return self.node(factors.zeros_like_param, (self.emit.env[self.param],), message=message)
 
-    def partner(self, origin: Origin) -> Optional[fx.Node]:
+    def partner(self, origin: Origin) -> fx.Node | None:
         """``B^T E``, the mixed-derivative columns that pair with ``origin``'s columns at this weight."""
         term = self.mixed.get(origin)
         if term is None:

@@ -9,7 +9,8 @@ attributes, output, saved and derived values, :func:`fxcurv.rules.registry.bind`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch.fx as fx
 
@@ -57,10 +58,10 @@ class Emitter:
         self._derived: dict[tuple[fx.Node, str], fx.Node] = {}
 
     # ---- nodes ---------------------------------------------------------------------------------
-    def node(self, fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None, *,
-             kind: Kind, of: Optional[fx.Node] = None, message: str = "", stream: str = "",
-             shape: Optional[tuple[int, ...]] = None, name: Optional[str] = None,
-             at: Optional[fx.Node] = None) -> fx.Node:
+    def node(self, fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+             kind: Kind, of: fx.Node | None = None, message: str = "", stream: str = "",
+             shape: tuple[int, ...] | None = None, name: str | None = None,
+             at: fx.Node | None = None) -> fx.Node:
         """A call of ``fn``; named after the message it computes and the node ``at`` which it is."""
         if name is None and at is not None:
             name = f"{_PREFIX.get((kind, message), message)}{_stream_tag(stream, kind)}_{at.name}"
@@ -112,7 +113,7 @@ class Emitter:
             return self._derived[key]
         raise Unresolved(name)
 
-    def rule(self, rule: Rule, messages: tuple[Any, ...], node: fx.Node, extra: Optional[dict[str, Any]] = None,
+    def rule(self, rule: Rule, messages: tuple[Any, ...], node: fx.Node, extra: dict[str, Any] | None = None,
              **kw: Any) -> fx.Node:
         """``rule(*messages, **context)`` with the context bound at op node ``node``; ``extra`` names
         values that are not the op's (the Monte Carlo sample count, the generator)."""
@@ -136,7 +137,7 @@ class Emitter:
         return found
 
     # ---- columns -------------------------------------------------------------------------------
-    def dense(self, columns: Columns, node: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
+    def dense(self, columns: Columns, node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
         """The columns ``(S, sign)``, a diagonal source ``diag(r)`` materialized where it must pass an op."""
         if not columns.diagonal:
             return columns.value, columns.sign

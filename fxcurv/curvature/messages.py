@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 import torch.fx as fx
 
@@ -112,7 +111,7 @@ class Columns:
 
     origin: Origin
     value: fx.Node
-    sign: Optional[fx.Node] = None
+    sign: fx.Node | None = None
     diagonal: bool = False
 
 
@@ -122,7 +121,7 @@ class BundleLayout:
     origin's columns, ``signs[origin]`` their sign node (``None`` where positive)."""
 
     rows: dict[Origin, tuple[int, int]] = field(default_factory=dict)
-    signs: dict[Origin, Optional[fx.Node]] = field(default_factory=dict)
+    signs: dict[Origin, fx.Node | None] = field(default_factory=dict)
 
     @property
     def width(self) -> int:

@@ -22,10 +22,9 @@ the backward graph) and passed on to every input that depends on a parameter:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 import torch.fx as fx
 
 from .. import factors
@@ -33,11 +32,20 @@ from ..errors import UnsupportedOpError
 from ..node_info import Kind, info
 from ..rules import registry
 from ..rules.registry import OpDef, RuleKind
-from .emit import Emitter
 from ..targets import LabeledTarget, TargetInfo
-from .messages import (BundleLayout, Columns, DenseStream, DiagonalStream, FactorSource, Inbox, Messages, Needs,
-                       Origin, Residual)
-
+from .emit import Emitter
+from .messages import (
+    BundleLayout,
+    Columns,
+    DenseStream,
+    DiagonalStream,
+    FactorSource,
+    Inbox,
+    Messages,
+    Needs,
+    Origin,
+    Residual,
+)
 
 # A batch-averaged matrix is [D, D] per node: beyond this many bytes it is the wrong tool (the c3d3's
 # first convolution output would need 11.6 GB); the Kronecker factors from columns (kflr, kfac) and
@@ -91,9 +99,9 @@ class Propagator:
         self.inboxes: dict[fx.Node, Inbox] = {}
         self.mixed: dict[Origin, MixedTerm] = {}
 
-    def post(self, target: fx.Node, *, bundle: Optional[fx.Node] = None,
-             diagonals: Optional[dict[DiagonalStream, fx.Node]] = None, columns: Optional[Columns] = None,
-             dense: Optional[dict[DenseStream, fx.Node]] = None) -> None:
+    def post(self, target: fx.Node, *, bundle: fx.Node | None = None,
+             diagonals: dict[DiagonalStream, fx.Node] | None = None, columns: Columns | None = None,
+             dense: dict[DenseStream, fx.Node] | None = None) -> None:
         box = self.inboxes.setdefault(target, Inbox())
         for dense_stream, m in (dense or {}).items():
             box.dense.setdefault(dense_stream, []).append(m)
@@ -107,7 +115,7 @@ class Propagator:
     def post_inbox(self, target: fx.Node, inbox: Inbox) -> None:
         self.inboxes[target] = inbox
 
-    def collect(self, node: fx.Node) -> Optional[Messages]:
+    def collect(self, node: fx.Node) -> Messages | None:
         """The summed messages at ``node``'s output (``None`` if nothing reached it)."""
         box = self.inboxes.pop(node, None)
         if box is None or not box.bundles:

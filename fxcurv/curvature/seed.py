@@ -9,8 +9,6 @@ bundle ``[g; S_loss; S_mc]``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.fx as fx
 
 from .. import factors
@@ -19,8 +17,8 @@ from ..node_info import Kind, info
 from ..rules import registry
 from ..rules.registry import OpDef, RuleKind
 from .emit import Emitter
-from .propagate import check_dense_size
 from .messages import LOSS, MC, BundleLayout, FactorSource, Inbox, Needs
+from .propagate import check_dense_size
 
 
 def loss_columns(op: OpDef, shape: tuple[int, ...]) -> int:
@@ -34,7 +32,7 @@ def loss_columns(op: OpDef, shape: tuple[int, ...]) -> int:
 
 
 def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
-         generator: Optional[fx.Node]) -> tuple[Inbox, BundleLayout]:
+         generator: fx.Node | None) -> tuple[Inbox, BundleLayout]:
     """The messages at the model output ``f`` (the loss's first argument), and the bundle's layout."""
     op = emit.op_of(loss)
     f = loss.args[0]

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Hashable
 from types import ModuleType
-from typing import Any, Union
+from typing import Any
 
 from .runtime import NotFusible, interpreting, triton_available
 
@@ -35,7 +35,7 @@ _LOCK = threading.RLock()
 # (source digest, interpreter or jit) -> module: Triton binds the mode when a kernel is defined.
 _MODULES: dict[tuple[str, str], ModuleType] = {}
 # cached_kernel's key -> the kernel, or the NotFusible its source generation raised.
-_KERNELS: dict[Hashable, Union[Any, NotFusible]] = {}
+_KERNELS: dict[Hashable, Any | NotFusible] = {}
 
 
 def cache_dir() -> str:

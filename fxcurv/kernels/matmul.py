@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,7 +36,7 @@ __all__ = ["MatmulResult", "MatmulSpec", "matmul_epilogue", "matmul_kernel", "ma
 _TL_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The product, or a tuple of the epilogue's outputs when it has several.
-MatmulResult = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+MatmulResult = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def matmul_params(spec: MatmulSpec) -> list[str]:
     return ps
 
 
-def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str:
+def matmul_source(epilogue: PointwiseProgram | None, spec: MatmulSpec) -> str:
     """The module source of a tiled ``tl.dot`` kernel (float32 accumulation) computing
     ``epilogue(A @ B, *extras)`` for ``A [M, K]`` and ``B [K, N]`` (any strides), ``B`` optionally
     squared elementwise as it is loaded. The epilogue code comes from
@@ -130,7 +130,7 @@ def matmul_source(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> str
     return module_source(f"def kernel({params}):", body, epilogue)
 
 
-def matmul_kernel(epilogue: Optional[PointwiseProgram], spec: MatmulSpec) -> Any:
+def matmul_kernel(epilogue: PointwiseProgram | None, spec: MatmulSpec) -> Any:
     """The compiled kernel of :func:`matmul_source`, cached per ``(epilogue.key(), spec)``."""
     key = ("mm", None if epilogue is None else epilogue.key(), spec, interpreting())
     return cached_kernel(key, lambda: matmul_source(epilogue, spec), "mm")
@@ -147,11 +147,11 @@ def _config(M: int, N: int, K: int) -> dict[str, int]:
                 num_stages=3)
 
 
-def _finish(outs: Sequence[torch.Tensor], epilogue: Optional[PointwiseProgram]) -> MatmulResult:
+def _finish(outs: Sequence[torch.Tensor], epilogue: PointwiseProgram | None) -> MatmulResult:
     return outs[0] if epilogue is None or epilogue.n_outputs == 1 else tuple(outs)
 
 
-def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
+def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: PointwiseProgram | None = None,
                  extras: Sequence[Any] = (), *, trans_b: bool = False, square_b: bool = False) -> MatmulResult:
     """The reference: ``a @ op(b)`` with torch, then the epilogue, which may overwrite the fresh
     product (one multiply becomes ``out.mul_(extra)``: no second buffer)."""
@@ -173,8 +173,8 @@ class _MatmulPlan(NamedTuple):
     sizes: tuple[int, int, int]
 
 
-def _launch_plan(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram], extras: Sequence[Any],
-                 trans_b: bool) -> Union[_MatmulPlan, str]:
+def _launch_plan(a: torch.Tensor, b: torch.Tensor, epilogue: PointwiseProgram | None, extras: Sequence[Any],
+                 trans_b: bool) -> _MatmulPlan | str:
     """The launch of ``epilogue(a @ op(b), *extras)`` (outputs allocated), or a string saying why
     the operands do not fit the kernel."""
     if a.dim() < 1 or b.dim() != 2:
@@ -244,9 +244,9 @@ def _launch_plan(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseP
     return _MatmulPlan(spec, args, outs, (M, N, K))
 
 
-def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Optional[PointwiseProgram] = None,
-                    extras: Sequence[Union[torch.Tensor, float]] = (), *, trans_b: bool = False,
-                    square_b: bool = False, force: Optional[str] = None) -> MatmulResult:
+def matmul_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: PointwiseProgram | None = None,
+                    extras: Sequence[torch.Tensor | float] = (), *, trans_b: bool = False,
+                    square_b: bool = False, force: str | None = None) -> MatmulResult:
     """``epilogue(a @ op(b), *extras)`` in one kernel: HBP B.4 / Botev eq. 29's
     ``(W^T [g; S]) * phi'(x)`` and HesScale eq. 4's ``((W o W)^T d) * phi'(x)^2 + ...``.
 

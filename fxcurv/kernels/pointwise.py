@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -49,7 +49,7 @@ _GPU_WARPS = 4
 _INT64_NUMEL = 2**31 - max(INTERPRETER_MAX_FLAT_BLOCK, FLAT_BLOCK)
 
 
-def pointwise_kernel(program: PointwiseProgram, spec: Optional[PointwiseSpec] = None) -> Any:
+def pointwise_kernel(program: PointwiseProgram, spec: PointwiseSpec | None = None) -> Any:
     """The compiled (``@triton.jit``) kernel of ``program`` under ``spec``, cached per
     ``(program.key(), spec)``: equal programs share one kernel."""
     resolved = PointwiseSpec.dense(program) if spec is None else spec
@@ -67,7 +67,7 @@ class _LaunchPlan(NamedTuple):
     numel: int
 
 
-def _input_problem(inputs: Sequence[Any]) -> Optional[str]:
+def _input_problem(inputs: Sequence[Any]) -> str | None:
     """Why ``inputs`` cannot be a kernel's arguments, or ``None``."""
     tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
     if not tensors:
@@ -86,7 +86,7 @@ def _input_problem(inputs: Sequence[Any]) -> Optional[str]:
     return None
 
 
-def _launch_plan(program: PointwiseProgram, inputs: Sequence[Any]) -> Union[_LaunchPlan, str]:
+def _launch_plan(program: PointwiseProgram, inputs: Sequence[Any]) -> _LaunchPlan | str:
     """The launch of ``program`` on ``inputs`` (outputs allocated), or a string saying why the inputs
     do not fit a kernel."""
     problem = _input_problem(inputs)
@@ -164,7 +164,7 @@ def _launch_plan(program: PointwiseProgram, inputs: Sequence[Any]) -> Union[_Lau
     return _LaunchPlan(spec, args + out_args + [numel] + extra + out_extra, outs, numel)
 
 
-def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: Optional[str] = None,
+def pointwise(program: PointwiseProgram, inputs: Sequence[Any], force: str | None = None,
               owned: frozenset[int] = frozenset()) -> tuple[Any, ...]:
     """Run ``program`` on ``inputs``: Triton on CUDA tensors, the torch graph otherwise.
 

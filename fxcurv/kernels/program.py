@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar, Union, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.fx as fx
@@ -35,7 +35,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 # Shape and dtype of each node's value for some inputs (``None``: not a tensor).
-NodeMeta = dict[fx.Node, Optional[tuple[tuple[int, ...], torch.dtype]]]
+NodeMeta = dict[fx.Node, tuple[tuple[int, ...], torch.dtype] | None]
 # What a cached derivation of a program depends on in its inputs: shapes and dtypes of tensors,
 # types of the rest.
 InputSignature = tuple[Any, ...]
@@ -66,7 +66,7 @@ class PointwiseProgram:
         self._inputs = tuple(n for n in g.nodes if n.op == "placeholder")
         self._outputs = _output_nodes(g)
         self._key = _canonical_key(g)
-        self._module: Optional[fx.GraphModule] = None
+        self._module: fx.GraphModule | None = None
         self._cache: dict[str, dict[Hashable, Any]] = {}
 
     # ---- description ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class PointwiseProgram:
     def __repr__(self) -> str:
         return f"PointwiseProgram({self.n_inputs} -> {self.n_outputs})\n{self.code}"
 
-    def __call__(self, *inputs: Any, force: Optional[str] = None) -> tuple[Any, ...]:
+    def __call__(self, *inputs: Any, force: str | None = None) -> tuple[Any, ...]:
         # imported here: the launcher builds on programs, not the other way round
         from .pointwise import pointwise
 
@@ -138,7 +138,7 @@ class PointwiseProgram:
             table[key] = make()
         return cast(_T, table[key])
 
-    def meta(self, inputs: Sequence[Any]) -> Optional[NodeMeta]:
+    def meta(self, inputs: Sequence[Any]) -> NodeMeta | None:
         """Shape and dtype of every node for inputs like ``inputs`` (run on the meta device), or
         ``None`` where torch rejects such inputs; cached per input signature."""
         return self.cached("meta", input_signature(inputs), lambda: _meta_run(self.module, inputs))
@@ -204,7 +204,7 @@ def _arg_key(a: Any, index: dict[fx.Node, int]) -> str:
     return f"{type(a).__name__}:{a!r}"
 
 
-def _meta_run(module: fx.GraphModule, inputs: Sequence[Any]) -> Optional[NodeMeta]:
+def _meta_run(module: fx.GraphModule, inputs: Sequence[Any]) -> NodeMeta | None:
     """Shape and dtype of every node for inputs like ``inputs``, by fake-tensor propagation (no
     arithmetic); ``None`` where torch rejects such inputs."""
     # On the meta device: callers describe an input by its shape alone (a meta tensor for a product
@@ -240,7 +240,7 @@ class StepResult:
     """The result of an earlier step of :func:`compose`; ``item`` picks one of a multi-output step."""
 
     step: int
-    item: Optional[int] = None
+    item: int | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class Step:
 _UNTRACEABLE = (fx.proxy.TraceError, TypeError, RuntimeError)
 
 # A node, or several for a multi-output call.
-Traced = Union[fx.Node, tuple[fx.Node, ...]]
+Traced = fx.Node | tuple[fx.Node, ...]
 
 
 class ProgramBuilder:
@@ -279,9 +279,9 @@ class ProgramBuilder:
     def __init__(self) -> None:
         self._graph = fx.Graph()
         self._tracer = fx.proxy.GraphAppendingTracer(self._graph)
-        self._first_op: Optional[fx.Node] = None
+        self._first_op: fx.Node | None = None
 
-    def input(self, name: Optional[str] = None) -> fx.Node:
+    def input(self, name: str | None = None) -> fx.Node:
         """A new program input (inputs are numbered in the order they are made)."""
         if name is None:
             name = f"in{sum(1 for n in self._graph.nodes if n.op == 'placeholder')}"
@@ -340,7 +340,7 @@ class ProgramBuilder:
             raise NotFusible("an inlined program output became a constant")
         return outs[0] if len(outs) == 1 else outs
 
-    def build(self, outputs: Union[fx.Node, Sequence[fx.Node]]) -> PointwiseProgram:
+    def build(self, outputs: fx.Node | Sequence[fx.Node]) -> PointwiseProgram:
         """The program returning ``outputs`` (a node or a sequence of nodes). Common subexpressions
         are merged and unused nodes dropped; the builder stays usable."""
         outs = (outputs,) if isinstance(outputs, fx.Node) else tuple(outputs)
@@ -412,7 +412,7 @@ def _resolve(ref: Any, inputs: Sequence[fx.Node], results: Sequence[Traced]) -> 
     return ref
 
 
-def _refs(x: Any) -> Iterator[Union[Input, StepResult]]:
+def _refs(x: Any) -> Iterator[Input | StepResult]:
     if isinstance(x, (Input, StepResult)):
         yield x
     elif isinstance(x, (tuple, list)):
@@ -423,7 +423,7 @@ def _refs(x: Any) -> Iterator[Union[Input, StepResult]]:
             yield from _refs(y)
 
 
-def _normalized(step: Union[Step, tuple[Any, ...]]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+def _normalized(step: Step | tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     if isinstance(step, Step):
         return step.fn, tuple(step.args), dict(step.kwargs)
     if len(step) == 2:
@@ -431,9 +431,9 @@ def _normalized(step: Union[Step, tuple[Any, ...]]) -> tuple[Any, tuple[Any, ...
     return step[0], tuple(step[1]), dict(step[2])
 
 
-def compose(steps: Sequence[Union[Step, tuple[Any, ...]]],
-            outputs: Optional[Sequence[Union[Input, StepResult]]] = None,
-            n_inputs: Optional[int] = None, input_names: Optional[Sequence[str]] = None) -> PointwiseProgram:
+def compose(steps: Sequence[Step | tuple[Any, ...]],
+            outputs: Sequence[Input | StepResult] | None = None,
+            n_inputs: int | None = None, input_names: Sequence[str] | None = None) -> PointwiseProgram:
     """One program from a chain of steps; each step's arguments are program inputs, results of
     earlier steps or constants.
 
@@ -474,7 +474,7 @@ def compose(steps: Sequence[Union[Step, tuple[Any, ...]]],
     return b.build(outs)
 
 
-def program_from_nodes(nodes: Sequence[fx.Node], outputs: Optional[Sequence[fx.Node]] = None,
+def program_from_nodes(nodes: Sequence[fx.Node], outputs: Sequence[fx.Node] | None = None,
                        leading: Sequence[fx.Node] = ()) -> tuple[PointwiseProgram, list[fx.Node]]:
     """The program computing ``nodes`` -- ``call_function`` nodes of another graph (rule calls such as
     ``_tanh_d1(out)``, ``elementwise_jac_t(v, d1=...)``) -- and the outside nodes it reads, in input
@@ -515,8 +515,8 @@ def program_from_nodes(nodes: Sequence[fx.Node], outputs: Optional[Sequence[fx.N
     return program, externals
 
 
-def trace_pointwise(fn: Callable[..., Any], n_tensor_args: Optional[int] = None,
-                    constants: Optional[dict[str, Any]] = None) -> PointwiseProgram:
+def trace_pointwise(fn: Callable[..., Any], n_tensor_args: int | None = None,
+                    constants: dict[str, Any] | None = None) -> PointwiseProgram:
     """The program of one function: its first ``n_tensor_args`` parameters are the inputs, the
     ``constants`` are bound by name (activation attributes: ``approximate="tanh"``,
     ``negative_slope=0.1``; Python branches on them are resolved while tracing).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Optional
 
 import torch
 
@@ -121,7 +120,7 @@ def _kernels() -> ModuleType:
 
 # ---- column_square_sum -----------------------------------------------------------------------------
 
-def _flat_factor(S: torch.Tensor, sign: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _flat_factor(S: torch.Tensor, sign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``S`` as ``[K, R, O]`` and ``sign`` as ``[K, R]``, the dims between ``K`` and ``O`` flattened."""
     if S.dim() < 2:
         raise ValueError(f"S must be [K, R, O] (or [K, ..., O]), got {tuple(S.shape)}")
@@ -136,7 +135,7 @@ def _flat_factor(S: torch.Tensor, sign: Optional[torch.Tensor]) -> tuple[torch.T
     return S3, sign.reshape(K, Rn)
 
 
-def column_square_sum_torch(S: torch.Tensor, sign: Optional[torch.Tensor] = None) -> torch.Tensor:
+def column_square_sum_torch(S: torch.Tensor, sign: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`column_square_sum`."""
     S3, sign2 = _flat_factor(S, sign)
     K = S3.shape[0]
@@ -160,8 +159,8 @@ def column_square_sum_torch(S: torch.Tensor, sign: Optional[torch.Tensor] = None
     return sq.sum(0)
 
 
-def column_square_sum(S: torch.Tensor, sign: Optional[torch.Tensor] = None,
-                      force: Optional[str] = None) -> torch.Tensor:
+def column_square_sum(S: torch.Tensor, sign: torch.Tensor | None = None,
+                      force: str | None = None) -> torch.Tensor:
     """``sum_k sign[k, r] * S[k, r, o]**2``: ``S [K, R, O] -> [R, O]`` (``sign [K, R]``, ``None`` = +1).
 
     The per-sample diagonal of ``sum_k sign_k S_k S_k^T`` at a layer output: with ``x o x`` it gives
@@ -210,14 +209,14 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
 
 
-def dual_gram_torch(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torch.Tensor] = None,
-                    S: Optional[torch.Tensor] = None, sign: Optional[torch.Tensor] = None,
-                    x_sq: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def dual_gram_torch(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor | None = None,
+                    S: torch.Tensor | None = None, sign: torch.Tensor | None = None,
+                    x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Reference of :func:`dual_gram`: two GEMMs on transposed views (no copies), ``x o x`` formed
     once (or taken from ``x_sq``)."""
     x2 = _rows(x, "x")
-    first: Optional[torch.Tensor] = None
-    second: Optional[torch.Tensor] = None
+    first: torch.Tensor | None = None
+    second: torch.Tensor | None = None
     if a is not None:
         first = torch.mm(_rows(a, "a").t(), x2)
     if b is None and S is not None:
@@ -228,10 +227,10 @@ def dual_gram_torch(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torc
     return first, second
 
 
-def dual_gram(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torch.Tensor] = None,
-              S: Optional[torch.Tensor] = None, sign: Optional[torch.Tensor] = None,
-              force: Optional[str] = None,
-              x_sq: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def dual_gram(a: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor | None = None,
+              S: torch.Tensor | None = None, sign: torch.Tensor | None = None,
+              force: str | None = None,
+              x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(a^T x, c^T (x o x))`` in one pass over the layer input ``x [R, I]``; both ``[O, I]``.
 
     ``a [R, O]``: the gradient w.r.t. the layer output (HesScale eq. 2's ``g^T x``), or ``None``.
@@ -261,9 +260,9 @@ def dual_gram(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torch.Tens
     x2 = _rows(x, "x")
     R, I = x2.shape
     a2 = None if a is None else _rows(a, "a")
-    c2: Optional[torch.Tensor] = None
-    S3: Optional[torch.Tensor] = None
-    sign2: Optional[torch.Tensor] = None
+    c2: torch.Tensor | None = None
+    S3: torch.Tensor | None = None
+    sign2: torch.Tensor | None = None
     if b is not None:
         c2, mode = _rows(b, "b"), 1
     elif S is not None:
@@ -300,7 +299,7 @@ def dual_gram(a: Optional[torch.Tensor], x: torch.Tensor, b: Optional[torch.Tens
         bo, bi, br = _GRAM_TILES
     K = S3.shape[0] if S3 is not None else 0
 
-    def st(t: Optional[torch.Tensor]) -> tuple[int, int]:
+    def st(t: torch.Tensor | None) -> tuple[int, int]:
         return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
     sa, sc, sx = st(a2), st(c2), st(x2)

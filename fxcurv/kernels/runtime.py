@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -42,7 +41,7 @@ INTERPRETER_MAX_FLAT_BLOCK = 1 << 16
 # The smallest flat block launched (blocks are powers of two: tl.arange needs one).
 _MIN_BLOCK = 16
 
-_triton_importable: Optional[bool] = None
+_triton_importable: bool | None = None
 
 
 def triton_available() -> bool:
@@ -63,7 +62,7 @@ def interpreting() -> bool:
     return os.environ.get(_INTERPRET_VARIABLE, "0") not in ("", "0")
 
 
-def use_triton(tensors: Sequence[torch.Tensor], force: Optional[str]) -> bool:
+def use_triton(tensors: Sequence[torch.Tensor], force: str | None) -> bool:
     """The dispatch rule shared by every kernel: Triton for CUDA tensors, torch otherwise.
 
     ``force="triton"`` runs the kernel whatever the device (CPU tensors need ``TRITON_INTERPRET=1``);
@@ -100,7 +99,7 @@ def flat_block(numel: int) -> int:
     return FLAT_BLOCK
 
 
-def dot_precision(dtype: torch.dtype) -> Optional[str]:
+def dot_precision(dtype: torch.dtype) -> str | None:
     """``tl.dot``'s input precision: follow torch's own TF32 switch, so kernel and reference agree."""
     if dtype != torch.float32:
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.fx as fx
@@ -189,7 +189,7 @@ class _RunnerWriter:
         elif self.is_tensor(node):
             self.pinned.update(a for a in node.all_input_nodes if self.is_tensor(a))
 
-    def inplace(self, node: fx.Node, i: int, var: str) -> Optional[str]:
+    def inplace(self, node: fx.Node, i: int, var: str) -> str | None:
         """``node`` as an in-place op on a dead fresh operand, or ``None``."""
         target, args, kwargs = node.target, node.args, node.kwargs
         if (node.op == "call_function" and is_hashable(target) and target in _INPLACE_BINARY and not kwargs

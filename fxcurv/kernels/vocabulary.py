@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -53,7 +53,7 @@ NOT_OPS: Mapping[Any, str] = {
     operator.invert: "~", torch.logical_not: "~", "logical_not": "~", "bitwise_not": "~",
 }
 # Tensors filled with one value, by that value (``None``: given as ``fill_value``).
-FILL_OPS: Mapping[Any, Optional[float]] = {torch.ones_like: 1.0, torch.zeros_like: 0.0, torch.full_like: None}
+FILL_OPS: Mapping[Any, float | None] = {torch.ones_like: 1.0, torch.zeros_like: 0.0, torch.full_like: None}
 # Methods that only change the dtype.
 CAST_METHODS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 # Elementwise maximum / minimum, as the comparison that keeps the first operand.
@@ -81,7 +81,7 @@ def is_hashable(x: object) -> bool:
     return True
 
 
-def op_kind(node: fx.Node) -> Optional[str]:
+def op_kind(node: fx.Node) -> str | None:
     """The kind of ``node``'s op -- ``"bin"``, ``"cmp"``, ``"bool"``, ``"unary"``, ``"not"``,
     ``"minmax"``, ``"clamp"``, ``"fill"``, ``"where"``, ``"pow"``, ``"cast"`` or ``"getattr"`` (the
     ``.dtype`` of a value) -- or ``None`` when it is not in the vocabulary."""

@@ -17,7 +17,7 @@ import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -228,7 +228,7 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _lookup(node: fx.Node, gm: fx.GraphModule) -> tuple[Optional[tuple[registry.OpDef, Any]], Optional[nn.Module]]:
+def _lookup(node: fx.Node, gm: fx.GraphModule) -> tuple[tuple[registry.OpDef, Any] | None, nn.Module | None]:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         return registry.MODULE_SOURCES.get(type(mod)), mod
@@ -278,7 +278,7 @@ def unsupported_nodes(traced: Traced) -> list[str]:
     return found
 
 
-def _match_loss(traced: Traced, gm: fx.GraphModule) -> Optional[tuple[fx.Node, registry.OpDef, registry.Match]]:
+def _match_loss(traced: Traced, gm: fx.GraphModule) -> tuple[fx.Node, registry.OpDef, registry.Match] | None:
     """``(node, op, match)`` if the loss is one call to a closed-form loss on ``(f, y)``, else ``None``."""
     loss_nodes = [n for n in traced.loss_nodes if n.op != "get_attr"]
     if len(loss_nodes) != 1:
@@ -308,7 +308,7 @@ def _check_target(traced: Traced, gm: fx.GraphModule, y: Any) -> None:
         match[1].check(f_val.shape, f_val.dtype, y, **match[2].attrs)
 
 
-def target_check(canon: CanonicalGraph) -> Optional[Callable[[Any], None]]:
+def target_check(canon: CanonicalGraph) -> Callable[[Any], None] | None:
     """``check(y)``, raising InputError for targets the program's loss cannot take, or ``None``.
 
     A closed-form loss checks the target's shape and dtype against the model output's (fixed per

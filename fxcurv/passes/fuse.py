@@ -30,7 +30,7 @@ import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import networkx as nx
 import torch
@@ -38,14 +38,13 @@ import torch.fx as fx
 
 from .. import kernels
 from ..curvature.emit import item
-from ..node_info import Kind, copy_info, info, set_info
 from ..kernels.runtime import is_suffix
+from ..node_info import Kind, copy_info, info, set_info
 from ..targets import LabeledTarget, Left, Reduction, SampleReduction, TargetInfo, target, target_info
-
 
 # ---- analysis ---------------------------------------------------------------------------------------
 
-def _shape(node: Any) -> Optional[tuple[int, ...]]:
+def _shape(node: Any) -> tuple[int, ...] | None:
     if isinstance(node, fx.Node):
         return info(node).shape
     return ()  # Python scalars broadcast everywhere
@@ -179,7 +178,7 @@ def _contract(dfg: nx.DiGraph, members: list[fx.Node], index: int) -> None:
     dfg.add_edges_from((node, s) for s in succs)
 
 
-def matmul_prologue(region: dict) -> Optional[fx.Node]:
+def matmul_prologue(region: dict) -> fx.Node | None:
     """An input of ``region`` that is a ``message @ weight`` rule read only by the region, with the
     region's shape: the product whose epilogue the region becomes."""
     for a in region["inputs"]:
@@ -361,7 +360,7 @@ class FusedReductions(LabeledTarget):
 
 
 @target("fused.weight_diagonals")
-def weight_diagonals(c: torch.Tensor, x: torch.Tensor, x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+def weight_diagonals(c: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Stage two: ``c^T (x o x)`` for all stacked lefts at once (HBP eq. S.8c, HesScale eq. 5)."""
     _, gram_c = kernels.dual_gram(None, x, b=c, x_sq=x_sq)
     assert gram_c is not None
@@ -374,7 +373,7 @@ def rows(value: torch.Tensor, j: int, width: int) -> torch.Tensor:
     return value.narrow(0, j * width, width)
 
 
-def _reduction(node: fx.Node) -> Optional[Reduction]:
+def _reduction(node: fx.Node) -> Reduction | None:
     if node.op != "call_function":
         return None
     return target_info(node.target).fusion.reduction
@@ -472,13 +471,13 @@ class FusedSampleReductions(LabeledTarget):
         return self.fn(v, self.reduces, **context)
 
 
-def _sample_reduction(node: fx.Node) -> Optional[SampleReduction]:
+def _sample_reduction(node: fx.Node) -> SampleReduction | None:
     if node.op != "call_function":
         return None
     return target_info(node.target).fusion.sample_reduction
 
 
-def _reduced_message(node: fx.Node, red: SampleReduction) -> Optional[fx.Node]:
+def _reduced_message(node: fx.Node, red: SampleReduction) -> fx.Node | None:
     """The message ``v`` whose per-sample products ``node`` reduces; ``None`` where it does not reduce one
     message's (a ``diag_sqrt`` of several or signed columns)."""
     v = node.args[0] if node.args else None

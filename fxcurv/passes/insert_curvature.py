@@ -10,7 +10,7 @@ requested quantities declare they need; nothing here knows a quantity by name.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.fx as fx
 
@@ -66,7 +66,7 @@ def copy_forward(emit: Emitter, canon: CanonicalGraph, needs_messages: set[fx.No
 
 
 def insert_curvature(canon: CanonicalGraph, quantities: tuple[Quantity, ...], mc_samples: int = 1,
-                     statics: Optional[dict[tuple[str, str], Any]] = None) -> fx.Graph:
+                     statics: dict[tuple[str, str], Any] | None = None) -> fx.Graph:
     """The curvature program for ``quantities`` (a ``torch.fx.Graph`` owned by ``canon.root``);
     ``statics`` receives the quantities' static data per (quantity, parameter name)."""
     needs = Needs()

@@ -12,7 +12,6 @@ values the program keeps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -48,7 +47,7 @@ def _bytes(node: fx.Node) -> int:
     return n * torch.empty((), dtype=record.dtype).element_size()
 
 
-def _viewed(node: fx.Node) -> Optional[fx.Node]:
+def _viewed(node: fx.Node) -> fx.Node | None:
     """The value ``node`` is a view of, if it is one."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
@@ -86,7 +85,7 @@ def estimate_memory(graph: fx.Graph) -> MemoryEstimate:
     # What the program returns: the values whose last use is its output node.
     outputs = freed_at.get(order[nodes[-1]], 0) if nodes and nodes[-1].op == "output" else 0
     live, peak = 0, 0
-    peak_at: Optional[fx.Node] = None
+    peak_at: fx.Node | None = None
     for n in nodes:
         live += size.get(n, 0)
         if live > peak:

@@ -20,8 +20,9 @@ invariants after every pass, as torch.fx's PassManager does with its lint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -54,9 +55,9 @@ class Build:
     quantities: tuple[Quantity, ...]
     mc_samples: int
     backend: str
-    canonical: Optional[CanonicalGraph] = None
-    graph: Optional[fx.Graph] = None
-    memory: Optional[MemoryEstimate] = None
+    canonical: CanonicalGraph | None = None
+    graph: fx.Graph | None = None
+    memory: MemoryEstimate | None = None
     statics: dict[tuple[str, str], Any] = field(default_factory=dict)  # what the quantities' wrap reads
     done: list[str] = field(default_factory=list)
 
@@ -110,7 +111,7 @@ PIPELINE: tuple[Pass, ...] = (
 )
 
 
-def run_pipeline(build: Build, check: Optional[bool] = None) -> Build:
+def run_pipeline(build: Build, check: bool | None = None) -> Build:
     check = CHECK if check is None else check
     for p in PIPELINE:
         if build.backend not in p.backends:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 from .base import QUANTITIES, Quantity, register
 
@@ -37,7 +37,7 @@ GRAD = QUANTITIES["grad"]
 from .ggn_eigen import GGNEigen  # noqa: E402  (the class, for options: GGNEigen(top_k=5, groups="layer"))
 
 
-def resolve(quantities: Union[str, Quantity, Iterable[Union[str, Quantity]]]) -> tuple[Quantity, ...]:
+def resolve(quantities: str | Quantity | Iterable[str | Quantity]) -> tuple[Quantity, ...]:
     """The requested quantities as objects, ``grad`` first, each once, in the order given."""
     if isinstance(quantities, (str, Quantity)):
         quantities = (quantities,)

@@ -17,8 +17,9 @@ JVPs and VJPs are torch.func's of the op's own forward: nothing here depends on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,7 +48,7 @@ class _Spec:
 class _State:
     uses: list[tuple[UseSpec, tuple[Any, ...]]] = field(default_factory=list)
     # origin -> use index -> (S, sign) at that use's output
-    columns: dict[Origin, dict[int, tuple[fx.Node, Optional[fx.Node]]]] = field(default_factory=dict)
+    columns: dict[Origin, dict[int, tuple[fx.Node, fx.Node | None]]] = field(default_factory=dict)
 
 
 class ExactBlock(Quantity):

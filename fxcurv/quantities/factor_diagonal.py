@@ -16,7 +16,6 @@ A parameter's block of ``sum_origins sum_k sign_k (J^T S_k)(J^T S_k)^T`` has the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch.fx as fx
 
@@ -30,7 +29,7 @@ from .base import Quantity, sum_or_zeros
 @dataclass
 class _State:
     parts: list[fx.Node] = field(default_factory=list)
-    per_sample: dict[Origin, list[tuple[fx.Node, Optional[fx.Node]]]] = field(default_factory=dict)
+    per_sample: dict[Origin, list[tuple[fx.Node, fx.Node | None]]] = field(default_factory=dict)
 
 
 class FactorDiagonal(Quantity):

@@ -18,7 +18,7 @@ All of them are exact for one sample (N = 1) on an MLP: ``kflr = kfra =`` the GG
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -33,7 +33,7 @@ from .base import Quantity
 
 @dataclass
 class _State:
-    factors: Optional[tuple[fx.Node, ...]] = None
+    factors: tuple[fx.Node, ...] | None = None
 
 
 class _KroneckerQuantity(Quantity):

@@ -17,7 +17,6 @@ A parameter the loss does not reach gets zeros in the quantity's shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -61,7 +60,7 @@ def square_norms(per_sample: torch.Tensor) -> torch.Tensor:
 
 
 @target("per_sample_squares")
-def per_sample_squares(per_sample: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+def per_sample_squares(per_sample: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """``sum_k sign_kn v_kn^2`` for ``v [K, N, *param]``: ``[N, *param]``."""
     return signed_column_squares(per_sample, sign)
 
@@ -87,7 +86,7 @@ def batch_input(end: ParamEnd) -> fx.Node:
     return next(n for n in end.emit.graph.nodes if n.op == "placeholder" and n.name == INPUT)
 
 
-def zeros(end: ParamEnd, message: str, *, like: Optional[fx.Node] = None, lead: int = 1,
+def zeros(end: ParamEnd, message: str, *, like: fx.Node | None = None, lead: int = 1,
           with_param: bool = True) -> fx.Node:
     """Zeros ``[N, *param]`` (``[*like.shape[:lead], *param]``; ``[N]`` without ``with_param``)."""
     like = batch_input(end) if like is None else like
@@ -110,7 +109,7 @@ def summed(end: ParamEnd, parts: list[fx.Node], message: str, stream: str = "") 
 @dataclass
 class _ColumnState:
     parts: list[fx.Node] = field(default_factory=list)  # per-use results of the op's rule
-    per_sample: dict[Origin, list[tuple[fx.Node, Optional[fx.Node]]]] = field(default_factory=dict)
+    per_sample: dict[Origin, list[tuple[fx.Node, fx.Node | None]]] = field(default_factory=dict)
 
 
 class BatchFactorDiagonal(Quantity):
@@ -154,7 +153,7 @@ class BatchFactorDiagonal(Quantity):
 @dataclass
 class _SqrtState:
     parts: list[fx.Node] = field(default_factory=list)
-    sign: Optional[fx.Node] = None  # the columns' signs, where the loss's Hessian may be indefinite
+    sign: fx.Node | None = None  # the columns' signs, where the loss's Hessian may be indefinite
 
 
 class SqrtFactor(Quantity):
@@ -218,7 +217,7 @@ def positive_columns(v: torch.Tensor, seed: torch.Tensor, sign: torch.Tensor, wh
     return v * keep
 
 
-def _seed_columns(end: ParamEnd, origin: Origin) -> Optional[fx.Node]:
+def _seed_columns(end: ParamEnd, origin: Origin) -> fx.Node | None:
     """The first node holding ``origin``'s columns ``[K, N, ...]``: where they are seeded at the loss."""
     for n in end.emit.graph.nodes:
         record = info(n)

@@ -6,7 +6,7 @@ and ``sum_grad_squared``; no ``[N, *param]`` for a parameter one linear or conv 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch.fx as fx
 
@@ -22,7 +22,7 @@ from .sum_grad_squared import SUM_GRAD_SQUARED
 class _State:
     grad: list[fx.Node] = field(default_factory=list)
     squares: Any = field(default_factory=SUM_GRAD_SQUARED.start)
-    n: Optional[int] = None
+    n: int | None = None
 
 
 class Variance(Quantity):

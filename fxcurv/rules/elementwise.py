@@ -14,7 +14,8 @@ all messages. Where the output is cheaper to differentiate from (tanh, sigmoid) 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +28,11 @@ def define_activation(
     name: str,
     forward: Callable[..., torch.Tensor],
     d1: Callable[..., torch.Tensor],
-    d2: Optional[Callable[..., torch.Tensor]],
+    d2: Callable[..., torch.Tensor] | None,
     modules: tuple[type, ...] = (),
     functions: tuple[Callable[..., Any], ...] = (),
     methods: tuple[str, ...] = (),
-    attrs: Optional[dict[str, tuple[str, Optional[int], Any]]] = None,
+    attrs: dict[str, tuple[str, int | None, Any]] | None = None,
 ) -> OpDef:
     """Register an activation from ``phi`` (``forward(x, **attrs)``), ``phi'`` and ``phi''``.
 

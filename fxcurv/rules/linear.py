@@ -7,8 +7,6 @@ sample's parameter Jacobian then sums over ``mid``, so square-root factors must 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,7 +194,7 @@ def _positions_summed(S: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _flat(S, lead).sum(-2)
 
 
-def _signed_gram(s: torch.Tensor, sign: Optional[torch.Tensor]) -> torch.Tensor:
+def _signed_gram(s: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
     """``sum_{k,n} sign_kn s_kn s_kn^T`` for ``s [K, N, O]``."""
     w = s if sign is None else s * sign.unsqueeze(-1).to(s.dtype)
     return torch.einsum("kno,knp->op", w, s)

@@ -9,7 +9,6 @@ transpose pads with zeros.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -36,13 +36,14 @@ table refuses a second registration under the same key.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 
-from ..targets import TARGETS, Fusion, LabeledTarget, Left, Reduction, TargetInfo, declare_target, target_info
+from ..targets import Fusion, LabeledTarget, declare_target
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 
@@ -122,12 +123,12 @@ LOSS_SQRT_HESSIAN = TABLES[RuleKind.LOSS_SQRT_HESSIAN]
 LOSS_SQRT_HESSIAN_MC = TABLES[RuleKind.LOSS_SQRT_HESSIAN_MC]
 LOSS_HESSIAN_DIAG = TABLES[RuleKind.LOSS_HESSIAN_DIAG]
 
-OPS: dict[str, "OpDef"] = {}
+OPS: dict[str, OpDef] = {}
 # Canonicalization tables: torch source -> (op, canonicalizer).
 Canonicalizer = Callable[..., Optional["Match"]]
-MODULE_SOURCES: dict[type, tuple["OpDef", Canonicalizer]] = {}
-FUNCTION_SOURCES: dict[Any, tuple["OpDef", Canonicalizer]] = {}
-METHOD_SOURCES: dict[str, tuple["OpDef", Canonicalizer]] = {}
+MODULE_SOURCES: dict[type, tuple[OpDef, Canonicalizer]] = {}
+FUNCTION_SOURCES: dict[Any, tuple[OpDef, Canonicalizer]] = {}
+METHOD_SOURCES: dict[str, tuple[OpDef, Canonicalizer]] = {}
 
 
 def _register(table: dict, key: Any, value: Any, what: str) -> None:
@@ -136,7 +137,7 @@ def _register(table: dict, key: Any, value: Any, what: str) -> None:
     table[key] = value
 
 
-def rule_of(target: Any) -> Optional[Rule]:
+def rule_of(target: Any) -> Rule | None:
     """The rule whose function ``target`` is, if any."""
     return _RULE_OF.get(target) if callable(target) and not isinstance(target, LabeledTarget) else None
 
@@ -167,7 +168,7 @@ def bind(rule: Rule, resolve: Callable[[str], Any], n_messages: int) -> dict[str
     return kwargs
 
 
-def example(value: Any) -> Optional[torch.Tensor]:
+def example(value: Any) -> torch.Tensor | None:
     """The example value shape propagation recorded on a traced node (torch.fx's ``"val"``), or the
     tensor itself; ``None`` where unknown. Canonicalizers read shapes through this."""
     if isinstance(value, torch.Tensor):
@@ -195,7 +196,7 @@ class Args:
     def __init__(self, args: Any, kwargs: Any):
         self.args, self.kwargs = tuple(args), dict(kwargs)
 
-    def __call__(self, index: Optional[int], name: str, default: Any = _MISSING) -> Any:
+    def __call__(self, index: int | None, name: str, default: Any = _MISSING) -> Any:
         if index is not None and index < len(self.args):
             return self.args[index]
         if name in self.kwargs:
@@ -220,7 +221,7 @@ class OpDef:
     inputs: tuple[str, ...]
     # Inputs that may be parameters (a weight, a bias); a parameter anywhere else is used as data.
     params: tuple[str, ...] = ()
-    forward_saving: Optional[Callable[..., Any]] = None
+    forward_saving: Callable[..., Any] | None = None
     saved: tuple[str, ...] = ()
     # (data input, parameter input) pairs in which the op is bilinear: the mixed second derivative
     # couples them, which matters for the exact Hessian of a weight used more than once.
@@ -233,10 +234,10 @@ class OpDef:
     psd_hessian: bool = True
     # check(shape, dtype, y, **attrs) raises InputError for targets the loss cannot take, given the
     # model output's shape and dtype; cheap enough to run at every call (it checks y's values).
-    check: Optional[Callable[..., None]] = None
+    check: Callable[..., None] | None = None
     # The number of columns of the loss's square-root factor for a model output of this shape
     # (default: one per output entry of a sample).
-    sqrt_columns: Optional[Callable[[tuple[int, ...]], int]] = None
+    sqrt_columns: Callable[[tuple[int, ...]], int] | None = None
 
     # ---- sources -------------------------------------------------------------------------------
     def module(self, *types: type) -> Callable[[Fn], Fn]:
@@ -271,7 +272,7 @@ class OpDef:
         return deco
 
     # ---- rules ---------------------------------------------------------------------------------
-    def rule(self, kind: RuleKind, key: str, label: Optional[str] = None, *also: str,
+    def rule(self, kind: RuleKind, key: str, label: str | None = None, *also: str,
              **fusion: Any) -> Callable[[Fn], Fn]:
         """Register ``fn`` as the ``kind`` rule of this op for input/parameter/derived name ``key`` (and
         the names ``also``: one function for several inputs computes one value, which the program
@@ -289,7 +290,7 @@ class OpDef:
 
         return deco
 
-    def derived(self, name: str, label: Optional[str] = None, **fusion: Any) -> Callable[[Fn], Fn]:
+    def derived(self, name: str, label: str | None = None, **fusion: Any) -> Callable[[Fn], Fn]:
         return self.rule(RuleKind.DERIVED, name, label, **fusion)
 
     def jac_t(self, input: str, **fusion: Any) -> Callable[[Fn], Fn]:

@@ -12,13 +12,13 @@ import fxcurv  # noqa: F401  (registers the rules)
 from fxcurv.kernels import (
     LAUNCHES,
     Input,
+    MatmulSpec,
     NotFusible,
-    StepResult,
     Step,
+    StepResult,
     compose,
     matmul_epilogue,
     matmul_source,
-    MatmulSpec,
     trace_pointwise,
 )
 from fxcurv.kernels.torch_path import build_runner as _build_runner

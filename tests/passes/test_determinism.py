@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import torch
+from architectures import SharedTwice
 
 import fxcurv
-from architectures import SharedTwice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fxcurv.__file__)))
 

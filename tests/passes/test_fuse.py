@@ -6,16 +6,16 @@ import operator
 import random
 
 import pytest
+import reference as ref
 import torch
 import torch.fx as fx
+from architectures import random_cnn, random_mlp
+from helpers import assert_close
 
 import fxcurv
-import reference as ref
-from architectures import random_cnn, random_mlp
 from fxcurv.node_info import Kind, info, set_info
 from fxcurv.passes.fuse import fuse, pointwise_regions
 from fxcurv.targets import declare_target
-from helpers import assert_close
 
 ALL = ("diag_ggn", "diag_ggn_mc", "diag_hessian", "hesscale", "hesscale_gn")
 

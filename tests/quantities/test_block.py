@@ -7,14 +7,14 @@ from __future__ import annotations
 import random
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from architectures import random_cnn, random_mlp
+from helpers import rel_error
 from torch import nn
 
 import fxcurv
-import reference
-from architectures import random_cnn, random_mlp
-from helpers import rel_error
 
 DT = torch.float64
 

@@ -6,13 +6,13 @@ where no factorization exists. BackPACK's numbers are checked in test_kronecker_
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
+from helpers import rel_error
 from torch import nn
 
 import fxcurv
-import reference
 from fxcurv.errors import UnsupportedOpError
-from helpers import rel_error
 
 DT = torch.float64
 DENSE_FAMILY = ("kfra", "hbp_hessian", "hbp_pch_abs", "hbp_pch_clip")
@@ -52,7 +52,10 @@ def test_exact_for_one_sample(quantity, make, loss):
     model = make()
     shape = (1, 4) if make is mlp else (1, 2, 4, 4)
     x = torch.randn(shape, dtype=DT)
-    loss_fn, y = (nn.CrossEntropyLoss(), torch.tensor([1])) if loss == "ce" else (nn.MSELoss(), torch.randn(1, 2 if make is mlp else 3, dtype=DT))
+    if loss == "ce":
+        loss_fn, y = nn.CrossEntropyLoss(), torch.tensor([1])
+    else:
+        loss_fn, y = nn.MSELoss(), torch.randn(1, 2 if make is mlp else 3, dtype=DT)
     if make is cnn and quantity == "hbp_hessian":  # BackPACK's and our HBP take no second conv here
         model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(48, 3)).to(DT)
     out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)

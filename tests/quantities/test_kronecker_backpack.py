@@ -7,13 +7,13 @@ factor is checked in expectation in test_kronecker.py."""
 
 from __future__ import annotations
 
+import backpack_reference as bp
 import pytest
 import torch
+from helpers import rel_error
 from torch import nn
 
-import backpack_reference as bp
 import fxcurv
-from helpers import rel_error
 
 DT = torch.float64
 # fxcurv's name -> (BackPACK's extension, its curvature type)

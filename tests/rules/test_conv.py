@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 from torch import nn
 from torch.func import jacrev, vjp
 
 import fxcurv
 from fxcurv.rules import registry
-from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
 DT = torch.float64
 OP = "conv2d"
@@ -79,9 +79,9 @@ def _jacobians(ctx):
         xn = x[n:n + 1]
         m = ctx["out"][n].numel()
         jx.append(jacrev(lambda t: f(t, w, b))(xn).reshape(m, -1))
-        jw.append(jacrev(lambda t: f(xn, t, b))(w).reshape(m, -1))
+        jw.append(jacrev(lambda t, xn=xn: f(xn, t, b))(w).reshape(m, -1))
         if b is not None:
-            jb.append(jacrev(lambda t: f(xn, w, t))(b).reshape(m, -1))
+            jb.append(jacrev(lambda t, xn=xn: f(xn, w, t))(b).reshape(m, -1))
     stack = lambda js: torch.stack(js) if js else None  # noqa: E731
     return stack(jx), stack(jw), stack(jb)
 

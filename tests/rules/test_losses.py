@@ -9,14 +9,14 @@ losses); its Hessian diagonal is the diagonal of those blocks.
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, rel_error
 from torch import nn
 
 import fxcurv
-import reference
 from fxcurv.rules import losses as L
-from helpers import assert_close, rel_error
 
 DTYPE = torch.float64
 N, C = 5, 4

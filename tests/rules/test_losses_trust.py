@@ -11,15 +11,15 @@ the torch.func references of ``tests/reference.py`` (< 1e-6 via ``helpers``).
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 from torch import nn
 
 import fxcurv
-import reference
 from fxcurv.errors import InputError, LossError
 from fxcurv.rules import losses as L
-from helpers import assert_close, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
 DTYPE = torch.float64
 N, C = 5, 4

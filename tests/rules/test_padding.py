@@ -9,15 +9,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, call_rule, check_against_references, rel_error
 from torch import nn
 from torch.func import jacrev, vjp
 
 import fxcurv
-import reference
 from fxcurv.rules import registry
-from helpers import assert_close, call_rule, check_against_references, rel_error
 
 DT = torch.float64
 OP = "pad"

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 from torch import nn
 from torch.func import jacrev, vjp
 
 import fxcurv
 from fxcurv.rules import registry
-from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
 
 DT = torch.float64
 
