@@ -13,12 +13,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError, MemoryBudgetError, UnsupportedOpError
+from .data import LossReduction, LossScale
+from .errors import InputError, LossError, MemoryBudgetError, UnsupportedOpError
 from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
 from .node_info import GENERATOR, INPUT, TARGET, info
 from .operators import Kronecker
-from .passes.canonicalize import target_check, unsupported_nodes
+from .passes.canonicalize import loss_scale, target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import QUANTITIES, Quantity, resolve
@@ -123,6 +124,8 @@ class Program:
     statics: dict[tuple[str, str], Any]  # (quantity, parameter) -> static data for the quantity's wrap
     # check_target(y): the loss's target check (shape, dtype, values), run before every call.
     check_target: Callable[[Any], None] | None = None
+    # scale(y): how the batch's loss enters a data set's loss; None where the loss does not declare it.
+    scale: Callable[[Any], LossScale] | None = None
 
     @classmethod
     def from_build(cls, build: Build) -> Program:
@@ -135,7 +138,7 @@ class Program:
         param_of = {n.name: str(info(n).param) for n in build.graph.nodes
                     if n.op == "placeholder" and info(n).param is not None}
         return cls(gm, build.quantities, build.backend, build.memory, runner, param_of, placeholders, build.statics,
-                   check_target=target_check(build.canonical))
+                   check_target=target_check(build.canonical), scale=loss_scale(build.canonical))
 
     def run(self, x: torch.Tensor, y: Any, params: dict[str, torch.Tensor],
             generator: torch.Generator | None) -> dict[str, Any]:
@@ -296,6 +299,35 @@ class Engine:
             return self._build(version, x, y).memory
         finally:
             self.memory_budget = budget
+
+    def loss_scale(self, x: torch.Tensor, y: Any, reduction: str | None = None) -> LossScale:
+        """How the loss of the batch ``(x, y)`` enters the loss of a data set of batches
+        (:mod:`fxcurv.data`): its reduction and, for ``"mean"``, its normalizer (the number of samples,
+        output entries or non-ignored targets it averages over).
+
+        Closed-form losses know their own. A general loss (any traced function) does not: pass
+        ``reduction="mean"`` (it averages over the batch's samples) or ``"sum"``; for a closed-form
+        loss a ``reduction`` that contradicts the loss's is an error."""
+        prog = self.program(x, y)
+        if reduction is not None and reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: supported: 'mean' (over samples), 'sum'")
+        if prog.scale is None:
+            if reduction is None:
+                raise LossError(
+                    "the loss is a general function: fxcurv does not know how it reduces over the batch, "
+                    "which weights batches in a data set. Pass reduction='mean' if it averages over the "
+                    "samples, reduction='sum' if it sums them")
+            if reduction == "sum":
+                return LossScale(LossReduction.SUM)
+            return LossScale(LossReduction.MEAN, float(x.shape[0]))
+        prog_check = prog.check_target
+        if prog_check is not None:
+            prog_check(y)
+        scale = prog.scale(y)
+        if reduction is not None and reduction != scale.reduction.value:
+            raise LossError(f"reduction={reduction!r} contradicts the loss's own reduction "
+                            f"{scale.reduction.value!r}")
+        return scale
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..data import LossScale
 from ..errors import InputError, TraceError, UnsupportedOpError
 from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_value
 from ..rules import registry
@@ -321,6 +322,16 @@ def target_check(canon: CanonicalGraph) -> Callable[[Any], None] | None:
         return None
     f = info(canon.model_output)
     return functools.partial(op.check, f.shape, f.dtype, **canon.loss.kwargs)
+
+
+def loss_scale(canon: CanonicalGraph) -> Callable[[Any], LossScale] | None:
+    """``scale(y)``: how a batch's loss with target ``y`` enters a data set's loss (its reduction and
+    normalizer, :mod:`fxcurv.data`), or ``None`` for a loss that does not declare it (the general path:
+    a traced loss function's reduction is not known to the compiler)."""
+    op = registry.OPS.get(info(canon.loss).op or "")
+    if op is None or op.scale is None:
+        return None
+    return functools.partial(op.scale, info(canon.model_output).shape, **canon.loss.kwargs)
 
 
 def _canonical_loss(traced: Traced, gm: fx.GraphModule, b: _Builder, f: fx.Node, y_node: fx.Node,

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
-from .registry import Left, Match, Reduction, define_op
+from ..targets import Left, Reduction
+from .registry import Match, define_op
 
 
 def linear(x, weight, bias=None):

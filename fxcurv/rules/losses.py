@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
+from ..data import LossReduction, LossScale
 from ..errors import InputError, LossError, UnsupportedOpError
 from .registry import Match, define_op
 
@@ -114,8 +115,18 @@ def _positions(shape) -> int:
     return int(torch.Size(shape[2:]).numel())
 
 
+def _ce_scale(shape, y, reduction, ignore_index, label_smoothing) -> LossScale:
+    """``"mean"`` averages over the positions ``N * P`` (probability targets) or over the non-ignored
+    class indices, as torch does (:func:`ce_sample_weight`)."""
+    if reduction == "sum":
+        return LossScale(LossReduction.SUM)
+    if y.is_floating_point():
+        return LossScale(LossReduction.MEAN, float(shape[0] * _positions(shape)))
+    return LossScale(LossReduction.MEAN, float((y != ignore_index).sum()))
+
+
 ce = define_op("cross_entropy", "losses", cross_entropy, inputs=("f", "y"), is_loss=True,
-               check=_check_cross_entropy,
+               check=_check_cross_entropy, scale=_ce_scale,
                sqrt_columns=lambda shape: max(shape[1] - 1, 0) * _positions(shape))
 
 
@@ -295,7 +306,15 @@ def _check_mse(shape, dtype, y, reduction):
         raise InputError(f"target y: dtype {y.dtype} differs from the model output's {dtype}")
 
 
-mse = define_op("mse_loss", "losses", mse_loss, inputs=("f", "y"), is_loss=True, check=_check_mse)
+def _mse_scale(shape, y, reduction) -> LossScale:
+    """``"mean"`` averages over every output entry, ``N * D`` (:func:`_mse_weight`)."""
+    if reduction == "sum":
+        return LossScale(LossReduction.SUM)
+    return LossScale(LossReduction.MEAN, float(torch.Size(shape).numel()))
+
+
+mse = define_op("mse_loss", "losses", mse_loss, inputs=("f", "y"), is_loss=True, check=_check_mse,
+                scale=_mse_scale)
 
 
 def _mse_attrs(reduction, size_average=None, reduce=None):

@@ -43,6 +43,7 @@ from typing import Any, Optional, TypeVar
 
 import torch
 
+from ..data import LossScale
 from ..targets import Fusion, LabeledTarget, declare_target
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -238,6 +239,9 @@ class OpDef:
     # The number of columns of the loss's square-root factor for a model output of this shape
     # (default: one per output entry of a sample).
     sqrt_columns: Callable[[tuple[int, ...]], int] | None = None
+    # scale(shape, y, **attrs) -> LossScale: how a batch's loss enters a data set's loss (its
+    # reduction and, for "mean", what it averages over; see fxcurv.data).
+    scale: Callable[..., LossScale] | None = None
 
     # ---- sources -------------------------------------------------------------------------------
     def module(self, *types: type) -> Callable[[Fn], Fn]:
