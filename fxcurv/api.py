@@ -419,10 +419,14 @@ def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantityS
             memory_budget: float | None = None) -> Engine:
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
-    ``quantities``: names (or :class:`fxcurv.quantities.Quantity` objects) from
-    ``fxcurv.QUANTITIES``: ``grad``, ``diag_ggn``, ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``,
-    ``hesscale_gn`` (the gradient is always returned). ``mc_samples`` columns are drawn for
-    ``diag_ggn_mc``; ``seed`` makes them reproducible (or pass ``generator=`` per call).
+    ``quantities``: names (or configured :class:`fxcurv.quantities.Quantity` objects such as
+    ``GGNEigen(top_k=5)``) from ``fxcurv.QUANTITIES``: the diagonal family (``diag_ggn``,
+    ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``, ``hesscale_gn``), the Kronecker and block family
+    (``kflr``, ``kfac``, ``kfra``, ``hbp_*``, ``block_ggn``, ``block_hessian``), the per-sample family
+    (``batch_grad``, ``batch_l2_grad``, ``sum_grad_squared``, ``variance``, ``batch_diag_ggn(_mc)``,
+    ``sqrt_ggn(_mc)``) and ``ggn_eigen(_mc)``; the gradient is always returned. ``mc_samples``
+    columns are drawn for the Monte Carlo quantities; ``seed`` makes them reproducible (or pass
+    ``generator=`` per call).
     ``backend``: ``"fused"`` (default), ``"eager"`` (unfused, op by op) or ``"inductor"``
     (``torch.compile``); all give the same numbers. ``memory_budget``: bytes the program's values may
     take at their peak (estimated before it runs); default: the memory available when it is built.
