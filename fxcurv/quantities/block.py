@@ -17,6 +17,7 @@ JVPs and VJPs are torch.func's of the op's own forward: nothing here depends on 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +115,8 @@ def _block_matvec(spec: _Spec, uses: tuple[tuple[Any, ...], ...], columns: tuple
                 if u not in tangents:
                     tangents[u] = jvp(u, vs)
             # c[m, k, n] = sum_u <S^u_kn, (J_u V_m)_n>
-            c = sum(torch.einsum("knj,mnj->mkn", s.flatten(2), tangents[u].flatten(2))
-                    for u, s in zip(o.uses, per_use))
+            c = functools.reduce(torch.add, [torch.einsum("knj,mnj->mkn", s.flatten(2), tangents[u].flatten(2))
+                                             for u, s in zip(o.uses, per_use)])
             if o.mixed:
                 # (a b^T + b a^T) V with a = J^T S (the columns), b the op's mixed-derivative columns.
                 cb = torch.einsum("knj,mj->mkn", partner.flatten(2), vs.flatten(1))
