@@ -17,6 +17,7 @@ import torch
 from . import QUANTITIES, __version__, compile
 from .api import BACKENDS
 from .networks import NETWORKS
+from .node_info import info
 
 _DEFAULT_QUANTITIES = "diag_ggn,diag_ggn_mc,diag_hessian,hesscale,hesscale_gn"
 # Exact Hessian diagonals push one column per activation entry; on convolutional nets that is
@@ -61,8 +62,7 @@ def inspect(args) -> int:
           f"quantities: {', '.join(quantities)}, backend {args.backend}")
     graph = engine.graph
     nodes = list(graph.nodes)
-    backward = sum(1 for n in nodes if n.meta.get("kind") not in (None, "forward", "input", "output")
-                   and n.op == "call_function")
+    backward = sum(1 for n in nodes if n.op == "call_function" and info(n).kind.is_backward)
     print(f"\n== curvature program: {len(nodes)} nodes, {backward} of them gradient/curvature ==")
     print(graph)
     if args.code:

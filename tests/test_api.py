@@ -103,3 +103,12 @@ def test_only_requested_streams_are_in_the_program():
     engine(x, y)
     kinds = {info(n).kind for n in engine.graph.nodes}
     assert Kind.SQRT not in kinds and Kind.DIAG not in kinds
+
+
+def test_the_main_job_counts_the_programs_gradient_and_curvature_nodes(capsys):
+    from fxcurv.__main__ import main
+
+    assert main(["inspect", "mnist_mlp", "--batch", "4"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("== curvature program"))
+    total, backward = (int(w) for w in header.replace(",", "").split() if w.isdigit())
+    assert 0 < backward < total
