@@ -3,8 +3,8 @@
 
 For an MLP classifier and an MLP regressor fitted on a DataLoader of three batches (4, 4 and 2
 samples: laplace sums the batches itself), ``Laplace(..., backend=fxcurv.laplace.Backend)`` has the
-posterior precision (dense), the accumulated loss and ``log_marginal_likelihood()`` of
-``BackPackGGN`` and ``CurvlinopsGGN`` to relative error < 1e-8, for ``hessian_structure="diag"``
+posterior precision (dense), the accumulated loss, ``log_marginal_likelihood()`` and GLM predictive
+of ``BackPackGGN`` and ``CurvlinopsGGN`` to relative error < 1e-8, for ``hessian_structure="diag"``
 (the exact GGN diagonal) and ``"kron"`` (KFLR: BackPACK's ``KFLR``, curvlinops' ``FisherType.TYPE2``).
 ``stochastic=True`` is checked in expectation against the exact diagonal; unsupported settings are
 refused with errors that say so.
@@ -66,6 +66,17 @@ def precision(la) -> torch.Tensor:
     return P if isinstance(P, torch.Tensor) else P.to_matrix()
 
 
+def predictive(la, likelihood: str) -> tuple[torch.Tensor, ...]:
+    """The GLM predictive at fixed test inputs: class probabilities (probit link), or the mean and
+    variance of the regression output."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, la.model[0].in_features, dtype=DT, generator=g)
+    out = la(x, pred_type="glm")
+    return (out,) if likelihood == "classification" else tuple(out)
+
+
+# BackPACK's Jacobians (its backend's predictive): the same expected hook warning as in fitted()
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_equals_laplace_backends(likelihood, structure):
@@ -83,6 +94,9 @@ def test_equals_laplace_backends(likelihood, structure):
         assert err < RTOL, f"{what}: loss, relative error {err:.2e}"
         err = rel_error(lml, theirs.log_marginal_likelihood())
         assert err < RTOL, f"{what}: log marginal likelihood, relative error {err:.2e}"
+        for a, b in zip(predictive(mine, likelihood), predictive(theirs, likelihood)):
+            err = rel_error(a, b)
+            assert err < RTOL, f"{what}: GLM predictive, relative error {err:.2e}"
 
 
 def test_kron_factors_are_laplaces():
