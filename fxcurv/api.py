@@ -25,6 +25,7 @@ from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
 from .trace import Traced, trace
+from .writeback import write_grad
 
 QuantitySpec = str | Quantity | Iterable[str | Quantity]
 # Traced versions of a model kept at once (a model switched between train() and eval() every step
@@ -65,6 +66,14 @@ class Result(Mapping):
 
     def __len__(self) -> int:
         return len(self._values)
+
+    def write_grad(self, model: nn.Module) -> None:
+        """Put the gradient into ``p.grad`` of ``model``'s parameters as ``loss.backward()`` does:
+        ``p.grad = g`` (a copy) where it is ``None``, ``p.grad += g`` in place otherwise, so an optimizer
+        steps as after ``loss.backward()`` and calls without ``zero_grad()`` accumulate
+        (:mod:`fxcurv.writeback`). ``model`` is the module the engine was compiled for; a result of
+        another model is refused with an InputError before anything is written."""
+        write_grad(model, self.grad)
 
     def __repr__(self) -> str:
         return f"Result(loss={self.loss.item():.6g}, quantities={list(self._values)})"
