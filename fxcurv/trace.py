@@ -102,7 +102,9 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     (the same parameter objects: results are keyed by ``model.module.named_parameters()``)."""
     parallel: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while isinstance(model, parallel):
-        model = model.module
+        inner = model.module
+        assert isinstance(inner, nn.Module)
+        model = inner
     return model
 
 
