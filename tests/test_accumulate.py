@@ -201,3 +201,40 @@ def test_progress_bar(monkeypatch):
     assert err.getvalue() == ""
     engine.accumulate(batches, progress=True)
     assert "fxcurv.accumulate" in err.getvalue() and "3/3" in err.getvalue()
+
+
+def test_a_torch_data_loader():
+    """A DataLoader's batches (lists [x, y], the last one smaller), with its length for the progress default."""
+    x, y = _concatenated(_batches(_classes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    engine = fxcurv.compile(_mlp(), nn.CrossEntropyLoss(), quantities=("diag_ggn", "variance"))
+    assert_results_equal(engine.accumulate(loader), engine(x, y), ("diag_ggn", "variance"))
+
+
+def test_a_data_parallel_wrapper_is_compiled_as_its_module():
+    """The wrapper's forward is not traced; results are keyed by the wrapped module's parameter names."""
+    model = _mlp()
+    x, y = _concatenated(_batches(_classes))
+    wrapped = fxcurv.compile(nn.DataParallel(model), nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, y)
+    plain = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, y)
+    assert list(wrapped.grad) == [name for name, _ in model.named_parameters()]
+    assert_results_equal(wrapped, plain, ("diag_ggn",))
+
+
+def test_the_default_combination_of_a_quantity():
+    """A quantity shaped like the parameter sums with the loss weights; any other must declare its own."""
+
+    class Shaped(fxcurv.Quantity):
+        name, description = "shaped", "a sum over samples shaped like the parameter"
+
+    class Other(fxcurv.Quantity):
+        name, description, shaped_like_parameter = "other", "something else", False
+
+    from fxcurv.quantities.combine import BatchShare, DataSetTotal
+
+    acc = Shaped().accumulator()
+    acc.add(torch.ones(2, dtype=DT), BatchShare(4.0, 4, {}))
+    acc.add(torch.full((2,), 3.0, dtype=DT), BatchShare(2.0, 2, {}))
+    torch.testing.assert_close(acc.result(DataSetTotal(6.0, 6)), torch.full((2,), (4 + 6) / 6, dtype=DT))
+    with pytest.raises(NotCombinableError, match="^other cannot be accumulated.*declares no combination"):
+        Other().accumulator()
