@@ -23,7 +23,8 @@ from .combine import Accumulator, WeightedSum, refuse
 
 class Quantity:
     """Base class of the quantities. Subclasses set ``name``, ``description``, ``reference`` and
-    ``needs``, and implement :meth:`collect` and :meth:`finalize`."""
+    ``needs``, and implement :meth:`collect` and :meth:`finalize`; :meth:`accumulator` says how
+    their values combine over the batches of a data set (``engine.accumulate``)."""
 
     name: str
     description: str
