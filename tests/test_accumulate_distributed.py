@@ -1,6 +1,7 @@
 """engine.accumulate across processes: two gloo processes on the CPU, shards of unequal sizes, an engine
-compiled on a DistributedDataParallel model; every process must get the single-process result on the
-concatenation of the shards in rank order."""
+compiled on a DistributedDataParallel model, cross-entropy with ignored targets (normalizers that are not
+sample counts); every process must get the single-process result on the concatenation of the shards in
+rank order."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ pytestmark = [
 DT = torch.float64
 QUANTITIES = ("diag_ggn", "diag_hessian", "hesscale", "kflr", "batch_grad", "batch_l2_grad", "sum_grad_squared",
               "variance", "batch_diag_ggn", "sqrt_ggn")
-SHARDS = ((4, 3), (1, 2))  # rank 0: batches of 4 and 3 samples; rank 1: of 1 and 2
+SHARDS = ((4, 3), (1, 2))
+LOSS = nn.CrossEntropyLoss(ignore_index=2)  # rank 0: batches of 4 and 3 samples; rank 1: of 1 and 2
 
 
 def _model() -> nn.Module:
@@ -45,10 +47,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
-        engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=QUANTITIES)
+        engine = fxcurv.compile(model, LOSS, quantities=QUANTITIES)
         result = engine.accumulate(_batches()[rank])
         torch.save(result.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-        blocks = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("block_ggn",))
+        blocks = fxcurv.compile(model, LOSS, quantities=("block_ggn",))
         try:
             blocks.accumulate(_batches()[rank])
         except NotCombinableError as err:
@@ -66,7 +68,7 @@ def test_two_processes_give_the_concatenated_result():
         refused = [open(os.path.join(tmp, f"refused{r}.txt")).read() for r in range(2)]
     xs, ys = zip(*[b for shard in _batches() for b in shard])
     model = _model()
-    expected = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=QUANTITIES)(torch.cat(xs), torch.cat(ys))
+    expected = fxcurv.compile(model, LOSS, quantities=QUANTITIES)(torch.cat(xs), torch.cat(ys))
     expected_dict = expected.to_dict()
     for got in ranks:
         assert list(got) == list(expected_dict)
