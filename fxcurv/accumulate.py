@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import LossReduction, LossScale
+from .data import LossReduction, LossScale, unnormalized_weight
 from .errors import InputError, NotCombinableError
 from .quantities.combine import Accumulator, BatchShare, DataSetTotal, WeightedSum
 
@@ -55,7 +55,7 @@ class _Totals:
         self.reduction = scale.reduction
         self.samples += samples
         self.batches += 1
-        u = scale.count if scale.reduction is LossReduction.MEAN else 1.0
+        u = unnormalized_weight(scale)
         self.weight += u
         return u
 
