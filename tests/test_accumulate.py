@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from architectures import Residual, SharedTwice
 from torch import nn
 
 import fxcurv
@@ -113,6 +114,16 @@ def test_accumulate_on_a_convolution_equals_the_concatenated_batch():
     engine = fxcurv.compile(_cnn(), nn.CrossEntropyLoss(), quantities=quantities)
     batches = _batches(_classes, shape=(1, 5, 5))
     assert_results_equal(engine.accumulate(iter(batches)), engine(*_concatenated(batches)), quantities)
+
+
+def test_accumulate_on_residual_and_tied_weights_equals_the_concatenated_batch():
+    """Parameters used twice (per-sample sums over uses, mixed Hessian terms) and a skip connection."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Residual(4, "tanh"), SharedTwice(4, "sigmoid"), nn.Linear(4, 5)).to(DT)
+    quantities = ("diag_hessian", "block_hessian", "batch_l2_grad", "sum_grad_squared", "batch_diag_ggn", "sqrt_ggn")
+    engine = fxcurv.compile(model, nn.MSELoss(), quantities=quantities)
+    batches = _batches(_real)
+    assert_results_equal(engine.accumulate(batches), engine(*_concatenated(batches)), quantities)
 
 
 def test_a_batch_whose_targets_are_all_ignored_weighs_nothing():
