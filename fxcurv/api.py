@@ -24,7 +24,7 @@ from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
-from .trace import Traced, trace
+from .trace import Traced, trace, unwrap_parallel
 from .writeback import write_grad
 
 QuantitySpec = str | Quantity | Iterable[str | Quantity]
@@ -218,13 +218,14 @@ class Engine:
     # ---- the model as it is now ----------------------------------------------------------------
     def _version(self) -> _Version:
         """The trace of the model and loss as they are now (guarded: traced anew when they changed)."""
-        fp = fingerprint(self.model, self.loss_fn)
+        model = unwrap_parallel(self.model)
+        fp = fingerprint(model, self.loss_fn)
         current = self._current
         if current is not None and current.fingerprint == fp:
             return current
         found = self._versions.get(fp)
         if found is None:
-            traced = trace(self.model, self.loss_fn)
+            traced = trace(model, self.loss_fn)
             problems = unsupported_nodes(traced)
             if problems:
                 raise UnsupportedOpError(
@@ -364,6 +365,26 @@ class Engine:
                 values[q.name] = q.wrap_network(out[q.name], {name: params[name] for name in out[q.name]},
                                                 {name: prog.statics.get((q.name, name)) for name in out[q.name]})
         return Result(out["loss"], values)
+
+    def accumulate(self, loader: Iterable[Any], *, reduction: str | None = None, progress: bool | None = None,
+                   distributed: bool | None = None, group: Any = None,
+                   generator: torch.Generator | None = None) -> Result:
+        """The loss, gradient and every quantity on the whole data set made of ``loader``'s ``(x, y)``
+        batches (read once), as one :class:`Result`: what one call on the concatenated batches would give.
+
+        Batches are weighted as the loss of the concatenated data (a mean-reduced loss by its normalizers
+        ``W_b / sum W_b``, a summed one by 1; :mod:`fxcurv.data`); each quantity combines exactly as it
+        declares (:meth:`Quantity.accumulator`) or is refused before the first batch
+        (:class:`~fxcurv.errors.NotCombinableError`: ``kfra``, ``hbp_*``, ``ggn_eigen``). ``reduction``:
+        ``"mean"`` or ``"sum"`` for a general loss (:meth:`loss_scale`). ``progress``: a tqdm bar (``None``:
+        for loaders with 20 batches or more when stderr is a terminal). ``distributed``: combine the
+        shards of every process of ``group`` (default group) by all-reduces, the same result on every
+        process (``None``: when ``torch.distributed`` is initialized). ``generator``: for the Monte Carlo
+        draws of every batch (default: the engine's ``seed``). See :mod:`fxcurv.accumulate`."""
+        from .accumulate import accumulate
+
+        return accumulate(self, loader, reduction=reduction, progress=progress, distributed=distributed,
+                          group=group, generator=generator)
 
     # ---- copying -------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -35,6 +35,13 @@ class LossScale:
     count: float = 1.0
 
 
+def unnormalized_weight(scale: LossScale) -> float:
+    """A batch's weight before the data set's normalizer divides it: ``W_b`` for a mean-reduced loss (the
+    data set divides by ``W = sum_b W_b``), ``1`` for a summed one (divided by nothing). One pass over the
+    batches can add ``u_b``-weighted values and divide at the end (``engine.accumulate``)."""
+    return scale.count if scale.reduction is LossReduction.MEAN else 1.0
+
+
 def batch_weights(scales: Sequence[LossScale]) -> list[float]:
     """The weight of each batch's loss (and of every quantity linear in it) in the data set's:
     ``W_b / sum_b W_b`` for mean-reduced losses, ``1`` for summed ones.
@@ -47,10 +54,11 @@ def batch_weights(scales: Sequence[LossScale]) -> list[float]:
     if len(kinds) > 1:
         raise ValueError(f"the batches' losses reduce differently ({sorted(k.value for k in kinds)}): "
                          "one data set takes one reduction")
+    weights = [unnormalized_weight(s) for s in scales]
     if kinds == {LossReduction.SUM}:
-        return [1.0] * len(scales)
-    total = sum(s.count for s in scales)
+        return weights
+    total = sum(weights)
     if total <= 0:
         raise ValueError("the mean-reduced loss averages over nothing in the whole data set "
                          "(every target ignored, or empty batches)")
-    return [s.count / total for s in scales]
+    return [u / total for u in weights]

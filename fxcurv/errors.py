@@ -33,3 +33,9 @@ class InputError(FxcurvError, ValueError):
 class MemoryBudgetError(FxcurvError, MemoryError):
     """The program's estimated peak memory exceeds the budget (``memory_budget=``, default: what the
     machine has available); raised before it runs, naming the node at the peak."""
+
+
+class NotCombinableError(FxcurvError, NotImplementedError):
+    """A quantity has no exact combination over the batches of a data set (``engine.accumulate``):
+    its value for the concatenated data is not a function of the batches' values (a batch-averaged
+    dense recursion, eigenpairs of a Gram matrix), or cannot cross processes (a matrix-free operator)."""

@@ -95,6 +95,19 @@ class Traced:
         return fx.GraphModule(self.root, self.graph)
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module a data-parallel wrapper (``DistributedDataParallel``, ``DataParallel``) holds, itself
+    otherwise. A wrapper's forward syncs buffers and registers its gradient buckets' hooks -- nothing a
+    curvature program computes -- so fxcurv traces, guards and names parameters by the wrapped module
+    (the same parameter objects: results are keyed by ``model.module.named_parameters()``)."""
+    parallel: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, parallel):
+        inner = model.module
+        assert isinstance(inner, nn.Module)
+        model = inner
+    return model
+
+
 def trace(model: nn.Module, loss_fn: Callable) -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph."""
     if not isinstance(model, nn.Module):

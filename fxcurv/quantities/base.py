@@ -18,11 +18,13 @@ import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
 from ..curvature.messages import Needs
+from .combine import Accumulator, WeightedSum, refuse
 
 
 class Quantity:
     """Base class of the quantities. Subclasses set ``name``, ``description``, ``reference`` and
-    ``needs``, and implement :meth:`collect` and :meth:`finalize`."""
+    ``needs``, and implement :meth:`collect` and :meth:`finalize`; :meth:`accumulator` says how
+    their values combine over the batches of a data set (``engine.accumulate``)."""
 
     name: str
     description: str
@@ -69,6 +71,18 @@ class Quantity:
         parameter's result (``values`` and ``statics`` keyed by parameter name, in
         ``named_parameters()`` order)."""
         raise NotImplementedError(f"{self.name} is per parameter (per_parameter = True)")
+
+    def accumulator(self) -> Accumulator[Any]:
+        """How this quantity's per-batch values (one parameter's, or the whole-network value) combine into
+        its value on the concatenated data set (``engine.accumulate``, :mod:`fxcurv.quantities.combine`).
+
+        Default: for a result shaped like the parameter, the weighted sum ``sum_b w_b Q_b`` -- exact for a
+        sum over samples of per-sample terms linear in the loss (HBP eq. S.8: the loss's scale enters
+        every term once). Others must say how they combine, or refuse (raise the error of
+        :func:`~fxcurv.quantities.combine.refuse`, naming why)."""
+        if self.shaped_like_parameter and self.per_parameter:
+            return WeightedSum(1.0)
+        raise refuse(self.name, "the quantity declares no combination over batches (Quantity.accumulator)")
 
     def __repr__(self) -> str:
         return f"<quantity {self.name}: {self.description}>"

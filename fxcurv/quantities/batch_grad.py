@@ -4,10 +4,13 @@ that they sum to the gradient; summed over the uses of a parameter used more tha
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
 from .base import Quantity, register
+from .combine import Accumulator, Concatenated
 from .per_sample import per_sample_vjp, summed, zeros
 
 
@@ -16,6 +19,11 @@ class BatchGrad(Quantity):
     description = "per-sample gradients [N, *param] (they sum to the gradient)"
     reference = "BackPACK BatchGrad; HBP eq. S.8 per sample"
     shaped_like_parameter = False
+
+    def accumulator(self) -> Accumulator[Any]:
+        """Each sample's gradient carries ``1/W`` in the data set, ``1/W_b`` in its batch: the batches'
+        ``[N_b, *param]`` scaled by ``w_b`` and concatenated along the samples."""
+        return Concatenated(1.0, 0)
 
     def collect(self, use: ParamUse, state: list[fx.Node]) -> None:
         state.append(per_sample_vjp(use, use.g, self.name))

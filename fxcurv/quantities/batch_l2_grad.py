@@ -7,12 +7,14 @@ over the uses first (the cross terms belong to the norm), through ``[N, *param]`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
 from ..rules.registry import RuleKind
 from .base import Quantity, register
+from .combine import Accumulator, Concatenated
 from .per_sample import per_sample_vjp, square_norms, summed, zeros
 
 
@@ -30,6 +32,11 @@ class BatchL2Grad(Quantity):
 
     def start(self) -> _State:
         return _State()
+
+    def accumulator(self) -> Accumulator[Any]:
+        """Squared norms of gradients scaled by ``w_b``: the batches' ``[N_b]`` scaled by ``w_b^2`` and
+        concatenated."""
+        return Concatenated(2.0, 0)
 
     def collect(self, use: ParamUse, state: _State) -> None:
         if use.shared or not use.has_rule(RuleKind.BATCH_L2):

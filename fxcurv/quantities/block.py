@@ -29,6 +29,7 @@ from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
 from ..operators import BlockOperator
 from .base import Quantity
+from .combine import Accumulator, OperatorSum
 from .uses import OpUse, UseSpec, keep, vjp_sum
 
 
@@ -64,6 +65,11 @@ class ExactBlock(Quantity):
 
     def start(self) -> _State:
         return _State()
+
+    def accumulator(self) -> Accumulator[Any]:
+        """The block is a sum over samples linear in the loss: ``K = sum_b w_b K_b``, as products
+        (:class:`~fxcurv.quantities.combine.OperatorSum`; one process only)."""
+        return OperatorSum()
 
     def collect(self, use: ParamUse, state: _State) -> None:
         index = len(state.uses)

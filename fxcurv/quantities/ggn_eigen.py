@@ -46,6 +46,7 @@ from ..rules import registry
 from ..rules.registry import Rule, RuleKind
 from ..targets import Fusion, LabeledTarget, TargetInfo, target
 from .base import Quantity, register
+from .combine import Accumulator, refuse
 from .gram_memory import GramMemory, decomposition_bytes
 from .uses import OpUse, UseSpec, keep, vjp_sum
 
@@ -293,6 +294,13 @@ class GGNEigen(Quantity):
         if self.groups == "layer":
             return name.rsplit(".", 1)[0] if "." in name else name
         return self._member.get(name)
+
+    def accumulator(self) -> Accumulator[Any]:
+        """Refused: the eigenpairs come from the Gram matrix ``V^T V`` over every sample of the batch;
+        the data set's has cross blocks ``V_b^T V_c`` between batches that no batch's eigenpairs hold."""
+        raise refuse(self.name, "its eigenpairs come from the Gram matrix of all samples' factor columns, whose "
+                     "blocks between two batches are in no batch's result; compute it on one batch (engine(x, y), "
+                     "subsample= for a large one), or accumulate block_ggn / diag_ggn / kflr for the data set")
 
     # ---- building the program ------------------------------------------------------------------
     def start(self) -> _State:

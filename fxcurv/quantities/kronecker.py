@@ -29,6 +29,7 @@ from ..errors import UnsupportedOpError
 from ..operators import Kronecker
 from ..rules.registry import RuleKind
 from .base import Quantity
+from .combine import Accumulator, KroneckerFactors, refuse
 
 
 @dataclass
@@ -80,6 +81,11 @@ class ColumnKronecker(_KroneckerQuantity):
         self.origin = Origin(source)
         self.needs = Needs(factors=frozenset({source}))
 
+    def accumulator(self) -> Accumulator[Any]:
+        """``G = sum_{k,n} S S^T`` is linear in the loss, ``A`` a mean over samples: each factor combines
+        into the concatenated data set's own (:class:`~fxcurv.quantities.combine.KroneckerFactors`)."""
+        return KroneckerFactors()
+
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)
         cols = use.columns.get(self.origin)
@@ -96,6 +102,14 @@ class DenseKronecker(_KroneckerQuantity):
         self.name, self.description, self.reference = name, description, reference
         self.stream = stream
         self.needs = Needs(dense=frozenset({stream}))
+
+    def accumulator(self) -> Accumulator[Any]:
+        """Refused: the recursion averages over the batch at every activation (``E_n[phi' phi'^T] o M``)
+        and multiplies those averages layer after layer, so the data set's ``G`` is not a function of the
+        batches' factors (and the ``hbp_pch_*`` modifications act on batch sums)."""
+        raise refuse(self.name, "its G is a batch-averaged dense recursion (Botev eq. 29-31), a product of "
+                     "batch averages over the layers that is not a function of per-batch factors; accumulate "
+                     "kflr (exact columns) or kfac instead, or compute it on one batch")
 
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)

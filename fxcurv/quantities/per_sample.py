@@ -17,6 +17,7 @@ A parameter the loss does not reach gets zeros in the quantity's shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,7 @@ from ..node_info import INPUT, Kind, info
 from ..rules.registry import RuleKind
 from ..targets import target
 from .base import Quantity
+from .combine import Accumulator, Concatenated
 
 # ---- graph-node targets -------------------------------------------------------------------------
 
@@ -127,6 +129,11 @@ class BatchFactorDiagonal(Quantity):
     def start(self) -> _ColumnState:
         return _ColumnState()
 
+    def accumulator(self) -> Accumulator[Any]:
+        """Each sample's curvature is linear in the loss's scale: the batches' ``[N_b, *param]`` scaled by
+        ``w_b`` and concatenated."""
+        return Concatenated(1.0, 0)
+
     def collect(self, use: ParamUse, state: _ColumnState) -> None:
         for origin, cols in use.columns.items():
             if origin.source not in self.sources:
@@ -173,6 +180,12 @@ class SqrtFactor(Quantity):
 
     def start(self) -> _SqrtState:
         return _SqrtState()
+
+    def accumulator(self) -> Accumulator[Any]:
+        """``S`` carries the square root of the loss's scale: the batches' ``[K, N_b, *param]`` scaled by
+        ``sqrt(w_b)`` and concatenated along the samples (dim 1); ``V V^T`` then weighs batch ``b`` by
+        ``w_b``."""
+        return Concatenated(0.5, 1)
 
     def collect(self, use: ParamUse, state: _SqrtState) -> None:
         cols = use.columns.get(self.origin)

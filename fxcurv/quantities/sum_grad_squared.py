@@ -7,6 +7,7 @@ parameter used by several ops sums its per-sample gradients over the uses before
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 
@@ -14,6 +15,7 @@ from ..curvature.accumulate import ParamEnd, ParamUse
 from ..node_info import Kind
 from ..rules.registry import RuleKind
 from .base import Quantity, register, sum_or_zeros
+from .combine import Accumulator, WeightedSum
 from .per_sample import as_column, per_sample_vjp, square_sum, summed
 
 
@@ -30,6 +32,11 @@ class SumGradSquared(Quantity):
 
     def start(self) -> _State:
         return _State()
+
+    def accumulator(self) -> Accumulator[Any]:
+        """``sum_n g_n^2`` with ``g_n`` scaled by ``1/W`` instead of the batch's ``1/W_b``: each batch's
+        sum weighs ``w_b^2`` (a weight of ``w_b`` would be off by ``w_b`` per batch)."""
+        return WeightedSum(2.0)
 
     def collect(self, use: ParamUse, state: _State) -> None:
         if use.shared or not use.has_rule(RuleKind.DIAG_SQRT):

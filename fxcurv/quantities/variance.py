@@ -14,6 +14,7 @@ from ..curvature.accumulate import ParamEnd, ParamUse
 from ..node_info import info
 from ..rules.registry import RuleKind
 from .base import Quantity, register, sum_or_zeros
+from .combine import Accumulator, VarianceFromMoments
 from .per_sample import variance_from
 from .sum_grad_squared import SUM_GRAD_SQUARED
 
@@ -32,6 +33,11 @@ class Variance(Quantity):
 
     def start(self) -> _State:
         return _State()
+
+    def accumulator(self) -> Accumulator[Any]:
+        """Recomputed from the data set's first and second moments of ``g_n`` (each batch's come back from
+        its variance and gradient): :class:`~fxcurv.quantities.combine.VarianceFromMoments`."""
+        return VarianceFromMoments()
 
     def collect(self, use: ParamUse, state: _State) -> None:
         shape = info(use.g).shape
