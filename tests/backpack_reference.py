@@ -475,7 +475,7 @@ def kron_block(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The curvature block a factor tuple stands for: ``kron(G, A)`` or ``G``."""
     block = factors[0]
     for a in factors[1:]:
-        block = torch.kron(block, a)
+        block = torch.kron(block.contiguous(), a.contiguous())  # torch.kron refuses transposed strides
     return block
 
 

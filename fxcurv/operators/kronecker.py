@@ -165,7 +165,11 @@ class Kronecker(CurvatureOperator):
         return kron_matmat(self.factors, V)
 
     def _dense(self, chunk: int = 0) -> torch.Tensor:
-        return torch.kron(*self.factors) if len(self.factors) == 2 else self.factors[0].clone()
+        # torch.kron (2.13) raises on transposed strides, which factors from einsum can have (its
+        # opt_einsum path returns them): contiguous copies of the small factors first.
+        if len(self.factors) == 2:
+            return torch.kron(*(f.contiguous() for f in self.factors))
+        return self.factors[0].clone()
 
     # ---- cheap exact summaries ------------------------------------------------------------------
     def diag(self) -> torch.Tensor:

@@ -97,6 +97,15 @@ def test_to_dense_is_torch_kron(kind):
     assert torch.equal(k.to_dense(), dense_reference(k))
 
 
+def test_to_dense_takes_transposed_factors():
+    """Factors from einsum can be transposed views (its opt_einsum path), which torch.kron refuses."""
+    g, a = torch.randn(3, 3, dtype=F64), torch.randn(4, 4, dtype=F64)
+    g, a = g @ g.T, a @ a.T
+    k = Kronecker((g.T, a.T), (3, 4))
+    assert not k.factors[0].is_contiguous()
+    assert torch.equal(k.to_dense(), torch.kron(g.T.contiguous(), a.T.contiguous()))
+
+
 def test_conv_weight_flattening():
     """A conv weight [C_out, C_in, k1, k2] flattens to [C_out, C_in*k1*k2] row-major: A indexes
     (c_in, k1, k2) in that order."""
