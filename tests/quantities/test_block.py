@@ -9,8 +9,7 @@ import random
 import pytest
 import reference
 import torch
-import torch.nn.functional as F
-from architectures import random_cnn, random_mlp
+from architectures import TiedThreeTimes, random_cnn, random_mlp
 from helpers import rel_error
 from torch import nn
 
@@ -30,24 +29,11 @@ def check_blocks(model, loss_fn, x, y, quantities=("block_ggn", "block_hessian")
     return out
 
 
-class TiedThreeTimes(nn.Module):
-    """One weight used three times, with a residual connection between the uses."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = h + torch.sigmoid(self.a(h))
-        return self.b(F.softplus(self.a(h)))
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tied_and_residual(batch):
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, dtype=DT), torch.tensor([0, 1, 1][:batch])
-    check_blocks(TiedThreeTimes().to(DT), nn.CrossEntropyLoss(), x, y)
+    check_blocks(TiedThreeTimes(out_dim=2).to(DT), nn.CrossEntropyLoss(), x, y)
 
 
 @pytest.mark.parametrize("seed", range(3))
