@@ -163,10 +163,6 @@ def peak_mb(fn, cuda: bool):
     return (torch.cuda.max_memory_allocated() - base) / 2**20, (torch.cuda.memory_allocated() - base) / 2**20, out
 
 
-def _error(e: BaseException) -> dict:
-    return {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback": traceback.format_exc()[-4000:]}
-
-
 def _stats(ms: list[float]) -> dict:
     if not ms:
         return {}
@@ -174,23 +170,11 @@ def _stats(ms: list[float]) -> dict:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "q1_ms": q[0], "q3_ms": q[2], "n": len(ms)}
 
 
-def problem(net_name: str, N: int, device: str, models: dict):
-    """``(model, x, y)``: the CPU benchmark's weights and data (same seeds), moved to ``device``."""
-    net = NETWORKS[net_name]
-    if net_name not in models:
-        torch.manual_seed(0)
-        models[net_name] = net.build().to(device)
-    gen = torch.Generator().manual_seed(1000 + N)
-    x = torch.randn(N, *net.input_shape, generator=gen).to(device)
-    y = torch.randint(0, net.classes, (N,), generator=gen).to(device)
-    return models[net_name], x, y
-
-
 def warm_one(args) -> int:
     """``--warm-one CONFIG BACKEND``: build and call the programs of every quantity (a prewarm job)."""
     cfg, backend = args.warm_one
     net_name, N = args.table[cfg]
-    model, x, y = problem(net_name, N, args.device, {})
+    model, x, y = cpu_run.problem(net_name, N, args.device, {})
     rc = 0
     for q in QUANTITIES:
         t0 = time.perf_counter()
@@ -264,14 +248,14 @@ def bench_config(name: str, net_name: str, N: int, args, engines: dict, models: 
                  skip: dict, log) -> dict:
     cuda = args.device == "cuda"
     net = NETWORKS[net_name]
-    model, x, y = problem(net_name, N, args.device, models)
+    model, x, y = cpu_run.problem(net_name, N, args.device, models)
     methods = build_methods(model, x, y, engines, skip)
     res = {m.id: {"label": m.label, "family": m.family, "quantity": m.quantity, "backend": m.backend,
                   "status": "pending"} for m in methods}
     values: dict = {}
 
     def fail(m, e, phase):
-        res[m.id].update(status="error", phase=phase, **_error(e))
+        res[m.id].update(status="error", phase=phase, **cpu_run.error_record(e))
         log(f"[{name}] {m.id} failed during {phase}: {res[m.id]['error'][:300]}")
         try:
             m.reset()
@@ -526,7 +510,7 @@ def main(argv=None) -> int:
                     log(f"[{cfg}] {mid:<28} {r['status']:<11} {fmt_ms(r.get('median_ms')):>8} ms  "
                         f"{fmt_mb(r.get('peak_mb')):>6} MB  {r.get('reason', r.get('error', ''))[:100]}")
             except Exception as e:  # noqa: BLE001 - a whole network failing must not lose the others
-                results["configs"][cfg] = {"config": cfg, "status": "failed", **_error(e)}
+                results["configs"][cfg] = {"config": cfg, "status": "failed", **cpu_run.error_record(e)}
                 log(f"[{cfg}] failed: {e!r}")
             log(f"[{cfg}] {time.perf_counter() - tc:.1f} s")
             meta["wall_s"] = time.perf_counter() - t0

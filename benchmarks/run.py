@@ -416,20 +416,28 @@ def kron_structure(vals: dict, ref: dict) -> dict:
 # one network
 
 
-def _error(e: BaseException) -> dict:
+def error_record(e: BaseException) -> dict:
+    """The failure ``e`` (being handled) for the results JSON: its type and message, and the traceback."""
     return {"error": f"{type(e).__name__}: {str(e)[:600]}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def problem(net_name: str, N: int, device: str, models: dict):
+    """``(model, x, y)``: the network's weights (seed 0, built once per ``models``) and a batch of ``N``
+    random inputs and class targets (seed ``1000 + N``), on ``device``; the GPU check uses the same."""
+    net = NETWORKS[net_name]
+    if net_name not in models:
+        torch.manual_seed(0)
+        models[net_name] = net.build().to(device)
+    gen = torch.Generator().manual_seed(1000 + N)
+    x = torch.randn(N, *net.input_shape, generator=gen).to(device)
+    y = torch.randint(0, net.classes, (N,), generator=gen).to(device)
+    return models[net_name], x, y
 
 
 def bench_net(cfg: str, args, engines: dict, models: dict, bar, log) -> dict:
     net_name, N = NET_CONFIGS[cfg]
     net = NETWORKS[net_name]
-    if net_name not in models:
-        torch.manual_seed(0)
-        models[net_name] = net.build()
-    model = models[net_name]
-    gen = torch.Generator().manual_seed(1000 + N)
-    x = torch.randn(N, *net.input_shape, generator=gen)
-    y = torch.randint(0, net.classes, (N,), generator=gen)
+    model, x, y = problem(net_name, N, "cpu", models)
     methods = build_methods(cfg, model, net, x, y, args, engines)
     units = args.repeats + 2
     load0 = os.getloadavg()
@@ -438,7 +446,7 @@ def bench_net(cfg: str, args, engines: dict, models: dict, bar, log) -> dict:
     values: dict = {}
 
     def fail(m, e, phase):
-        res[m.id].update(status="error", phase=phase, **_error(e))
+        res[m.id].update(status="error", phase=phase, **error_record(e))
         log(f"[{cfg}] {m.id} failed during {phase}: {res[m.id]['error'][:300]}")
         try:
             m.reset()
@@ -689,7 +697,7 @@ def main(argv=None) -> int:
         try:
             results["nets"][cfg] = bench_net(cfg, args, engines, models, bar, log)
         except Exception as e:  # noqa: BLE001  (a whole network failing must not lose the others)
-            results["nets"][cfg] = {"config": cfg, **_error(e)}
+            results["nets"][cfg] = {"config": cfg, **error_record(e)}
             log(f"[{cfg}] failed: {e}")
     bar.close()
     meta["wall_s"] = time.perf_counter() - t0

@@ -52,6 +52,20 @@ class SharedTwice(nn.Module):
         return self.act(self.lin(self.act(self.lin(h))))
 
 
+class TiedThreeTimes(nn.Module):
+    """``b(softplus(a(h')))`` with ``h' = h + sigmoid(a(h))``, ``h = tanh(a(x))``: one weight ``a``
+    (``3 -> 3``) used three times, with a residual connection between the uses; ``[N, 3] -> [N, out_dim]``."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, out_dim)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + torch.sigmoid(self.a(h))
+        return self.b(F.softplus(self.a(h)))
+
+
 class FunctionalLinear(nn.Module):
     """``F.linear`` with the block's own parameters, then a functional/method activation."""
 

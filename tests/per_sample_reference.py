@@ -69,15 +69,6 @@ def _per_param(flat: torch.Tensor, layout, lead: int) -> dict[str, torch.Tensor]
     return out
 
 
-def blocks(per_sample: torch.Tensor, model) -> dict[str, torch.Tensor]:
-    """``[N, P, P]`` -> each parameter's diagonal block ``[N, p, p]``."""
-    out, start = {}, 0
-    for name, p in reference.trainable(model).items():
-        out[name] = per_sample[:, start:start + p.numel(), start:start + p.numel()]
-        start += p.numel()
-    return out
-
-
 def first_order(model, loss_fn, x, y) -> dict[str, dict[str, torch.Tensor]]:
     """``batch_grad``, ``batch_l2_grad``, ``sum_grad_squared`` and ``variance`` (BackPACK's definition,
     ``(1/N) sum_n g_n^2 - ((1/N) sum_n g_n)^2``) from the per-sample gradients."""
@@ -95,4 +86,4 @@ def batch_diag_ggn(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
     """The diagonals of ``G_n`` per parameter, ``[N, *param]``."""
     params = reference.trainable(model)
     return {name: torch.diagonal(b, dim1=1, dim2=2).reshape((x.shape[0],) + params[name].shape)
-            for name, b in blocks(per_sample_ggns(model, loss_fn, x, y), model).items()}
+            for name, b in reference.diagonal_blocks(per_sample_ggns(model, loss_fn, x, y), model).items()}

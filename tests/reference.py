@@ -80,6 +80,17 @@ def ggn(model, loss_fn, x, y) -> torch.Tensor:
     return jac.T @ h_out @ jac
 
 
+def diagonal_blocks(matrix: torch.Tensor, model) -> dict[str, torch.Tensor]:
+    """The diagonal blocks of a ``[..., P, P]`` curvature matrix over the trainable parameters (in
+    ``named_parameters()`` order, as :func:`ggn` and :func:`full_hessian` flatten them): each
+    parameter's ``[..., p, p]`` block."""
+    out, start = {}, 0
+    for name, p in trainable(model).items():
+        out[name] = matrix[..., start:start + p.numel(), start:start + p.numel()]
+        start += p.numel()
+    return out
+
+
 def diag_ggn(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
     _, layout = _flat(trainable(model))
     return _unflat(torch.diagonal(ggn(model, loss_fn, x, y)), layout)

@@ -176,6 +176,15 @@ class _Builder:
         if self.chain is not None:
             self.chain.append(name)
 
+    def apply(self, expr: str) -> None:
+        """``h = expr``: a link of the chain where ``expr`` calls a module of the net (``self.<name>(h)``),
+        otherwise a functional or method expression, which ends the chain."""
+        if expr.startswith("self."):
+            self.apply_module(expr[len("self."):-len("(h)")])
+        else:
+            self.not_a_chain("functional")
+            self.emit(f"h = {expr}")
+
     def form(self, functional_ok: bool = True, method_ok: bool = False) -> str:
         forms = ["module"]
         if not self.chain_only:
@@ -194,12 +203,7 @@ class _Builder:
         return template.format(h=h)
 
     def activation(self) -> None:
-        expr = self.activation_expr("h")
-        if expr == "h" or not expr.startswith("self."):
-            self.not_a_chain("functional")
-            self.emit(f"h = {expr}")
-        else:
-            self.apply_module(expr[len("self."):-len("(h)")])
+        self.apply(self.activation_expr("h"))
 
     # linear maps
     def linear_expr(self, h: str, d_in: int, d_out: int) -> tuple[str, str]:
@@ -270,12 +274,7 @@ def _vector_stage(b: _Builder) -> None:
     b.tags.add(kind)
     if kind in ("linear", "linear_act"):
         out = draw(st.integers(1, 5))
-        expr, _ = b.linear_expr("h", d, out)
-        if expr.startswith("self.lin"):
-            b.apply_module(expr[len("self."):-len("(h)")])
-        else:
-            b.not_a_chain("functional")
-            b.emit(f"h = {expr}")
+        b.apply(b.linear_expr("h", d, out)[0])
         b.shape = (out,)
         if kind == "linear_act":
             b.activation()
@@ -409,12 +408,7 @@ def _image_stage(b: _Builder) -> None:
         if shape is None or max(shape[1:]) > MAX_SIDE:  # does not fit: a 1x1 convolution instead
             kernel, padding, dilation, stride = 1, 0, 1, 1
             shape = (c_out, hgt, wid)
-        expr, _ = b.conv_expr("h", c, c_out, groups, kernel, stride, padding, dilation, bias)
-        if expr.startswith("self.conv"):
-            b.apply_module(expr[len("self."):-len("(h)")])
-        else:
-            b.not_a_chain("functional")
-            b.emit(f"h = {expr}")
+        b.apply(b.conv_expr("h", c, c_out, groups, kernel, stride, padding, dilation, bias)[0])
         b.shape = shape
         if kind == "conv_act":
             b.activation()
@@ -664,13 +658,8 @@ def cases(draw, max_stages: int = 4, style: str | None = None, quantities: tuple
         before = len(b.init)
         out = classes if needs_logits else draw(st.integers(1, 4))
         n_params = len(b.params)
-        expr, _ = b.linear_expr("h", d, out)
+        b.apply(b.linear_expr("h", d, out)[0])
         head_params = b.params[n_params:]
-        if expr.startswith("self.lin"):
-            b.apply_module(expr[len("self."):-len("(h)")])
-        else:
-            b.not_a_chain("functional")
-            b.emit(f"h = {expr}")
         b.shape = (out,)
         if draw(st.integers(0, 3)) == 0:  # registered before the layers it follows
             head_first = (before, len(b.init))

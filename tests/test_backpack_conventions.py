@@ -111,17 +111,8 @@ def assert_same(actual: br.Factors, expected: br.Factors, what: str, rtol: float
 def exact_curvature(net: str, loss: str, n: int = 4, repeat: bool = False) -> tuple[dict, dict]:
     """The exact GGN and Hessian blocks (torch.func) of ``problem(net, loss, n, repeat)``, once."""
     model, loss_fn, x, y = problem(net, loss, n=n, repeat=repeat)
-    return (exact_blocks(model, reference.ggn(model, loss_fn, x, y)),
-            exact_blocks(model, reference.full_hessian(model, loss_fn, x, y)))
-
-
-def exact_blocks(model, full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The diagonal blocks of a ``[P, P]`` curvature matrix, one per parameter (row-major)."""
-    out, i = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = full[i:i + p.numel(), i:i + p.numel()]
-        i += p.numel()
-    return out
+    return (reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model),
+            reference.diagonal_blocks(reference.full_hessian(model, loss_fn, x, y), model))
 
 
 def block_errors(factors: br.Factors, exact: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -293,7 +284,7 @@ def test_kflr_formula_on_a_residual_net_has_exact_biases():
     model = Residual().to(torch.float64)
     loss_fn = nn.CrossEntropyLoss()
     x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    ggn = exact_blocks(model, reference.ggn(model, loss_fn, x, y))
+    ggn = reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model)
     errs = block_errors(br.kflr_factors(model, loss_fn, x, y), ggn)
     assert all(errs[k] < RTOL for k in errs if k.endswith("bias")), errs
 

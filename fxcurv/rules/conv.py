@@ -20,6 +20,7 @@ Jacobian entries suffice (HesScale eq. 8 and 9).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -295,15 +296,13 @@ def conv2d_per_sample_bias(v):
 _BLOCK_ELEMENTS = 1 << 22
 
 
-@op.diag_sqrt("weight", sample_reduction=SampleReduction("squares", conv2d_sample_reductions))
-def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
-    """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` (HBP Sec. D.4, ``H_W`` from ``H_Z``) as
-    ``sum_{k,n} sign[k, n] (J_W^T S[k, n])^2`` with the per-sample ``J_W^T`` summing over positions
-    before squaring: exact for every output size.
+def _signed_squared_products(S, sign, x_cols, weight, groups) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``sign[k, n] (J_W,n^T S[k, n])^2`` (HBP Sec. D.4: ``J_W,n^T S_kn = S_kn [[X_n]]^T``, per group, summed
+    over positions before squaring) for a block of samples at a time: ``(rows, [b, G, I, K, O])``, the
+    rows of the batch the block holds, so that the full ``[K, N, *W]`` tensor never exists.
 
-    Per sample and group, ``J_W^T S`` for all ``K`` columns is one GEMM ``[K*O, P] @ [P, I]``; the
-    products run as batched GEMMs over blocks of samples, squared in place and reduced block by
-    block, so the full ``[K, N, *W]`` tensor never exists.
+    Per sample and group, ``J_W^T S`` for all ``K`` columns is one GEMM ``[I, P] @ [P, K*O]``, run as
+    batched GEMMs over the block and squared in place. Each block's tensor is new: the caller may keep it.
     """
     k, n = S.shape[0], S.shape[1]
     g, o, i = groups, weight.shape[0] // groups, x_cols.shape[2]
@@ -314,17 +313,24 @@ def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
     # c3d3's first conv). Blocks small enough for malloc to recycle avoid fresh page faults.
     s_view = S.unflatten(2, (g, o)).permute(1, 2, 4, 5, 0, 3)  # [N, G, H, W, K, O], a view
     w = None if sign is None else sign.T.reshape(n, 1, 1, k, 1).to(S.dtype)
-    total = S.new_zeros(g, i, k, o)
     block = max(1, _BLOCK_ELEMENTS // max(1, g * k * o * max(i, p)))
     for start in range(0, n, block):
         stop = min(n, start + block)
-        s_cols = s_view[start:stop].reshape(stop - start, g, p, k * o)
-        prod = torch.matmul(x_cols[start:stop], s_cols)  # [b, G, I, K*O]
-        del s_cols
-        prod.square_()
-        prod = prod.reshape(stop - start, g, i, k, o)
+        prod = torch.matmul(x_cols[start:stop], s_view[start:stop].reshape(stop - start, g, p, k * o))
+        prod = prod.square_().reshape(stop - start, g, i, k, o)  # [b, G, I, K, O]
         if w is not None:
             prod.mul_(w[start:stop])
+        yield slice(start, stop), prod
+
+
+@op.diag_sqrt("weight", sample_reduction=SampleReduction("squares", conv2d_sample_reductions))
+def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
+    """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` (HBP Sec. D.4, ``H_W`` from ``H_Z``) as
+    ``sum_{k,n} sign[k, n] (J_W^T S[k, n])^2`` with the per-sample ``J_W^T`` summing over positions
+    before squaring: exact for every output size. The squared products are reduced block by block
+    of samples (:func:`_signed_squared_products`)."""
+    total = S.new_zeros(groups, x_cols.shape[2], S.shape[0], weight.shape[0] // groups)  # [G, I, K, O]
+    for _, prod in _signed_squared_products(S, sign, x_cols, weight, groups):
         total += prod.sum(0)
     return total.sum(2).transpose(1, 2).reshape(weight.shape)
 
@@ -362,21 +368,11 @@ def conv2d_batch_l2_bias(g):
 def conv2d_batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
     """``sum_k sign_kn (J_W,n^T S_kn)^2`` per sample, ``[N, *W]``: :func:`conv2d_diag_sqrt_weight` before its
     sum over samples, with the per-sample products (summed over positions, then squared) formed block by
-    block so that ``[K, N, *W]`` never exists."""
-    k, n = S.shape[0], S.shape[1]
-    g, o, i = groups, weight.shape[0] // groups, x_cols.shape[2]
-    p = x_cols.shape[3]
-    s_view = S.unflatten(2, (g, o)).permute(1, 2, 4, 5, 0, 3)  # [N, G, H, W, K, O], a view
-    w = None if sign is None else sign.T.reshape(n, 1, 1, k, 1).to(S.dtype)
-    out = S.new_empty(n, g, o, i)
-    block = max(1, _BLOCK_ELEMENTS // max(1, g * k * o * max(i, p)))
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        prod = torch.matmul(x_cols[start:stop], s_view[start:stop].reshape(stop - start, g, p, k * o))
-        prod = prod.square_().reshape(stop - start, g, i, k, o)  # [b, G, I, K, O]
-        if w is not None:
-            prod.mul_(w[start:stop])
-        out[start:stop] = prod.sum(3).transpose(2, 3)
+    block (:func:`_signed_squared_products`) so that ``[K, N, *W]`` never exists."""
+    n = S.shape[1]
+    out = S.new_empty(n, groups, weight.shape[0] // groups, x_cols.shape[2])  # [N, G, O, I]
+    for rows, prod in _signed_squared_products(S, sign, x_cols, weight, groups):
+        out[rows] = prod.sum(3).transpose(2, 3)
     return out.reshape((n,) + tuple(weight.shape))
 
 

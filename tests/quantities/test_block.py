@@ -9,8 +9,7 @@ import random
 import pytest
 import reference
 import torch
-import torch.nn.functional as F
-from architectures import random_cnn, random_mlp
+from architectures import TiedThreeTimes, random_cnn, random_mlp
 from helpers import rel_error
 from torch import nn
 
@@ -19,43 +18,22 @@ import fxcurv
 DT = torch.float64
 
 
-def blocks(matrix: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = matrix[start:start + p.numel(), start:start + p.numel()]
-        start += p.numel()
-    return out
-
-
 def check_blocks(model, loss_fn, x, y, quantities=("block_ggn", "block_hessian")):
     out = fxcurv.compile(model, loss_fn, quantities=quantities)(x, y)
     expected = {"block_ggn": lambda: reference.ggn(model, loss_fn, x, y),
                 "block_hessian": lambda: reference.full_hessian(model, loss_fn, x, y)}
     for q in quantities:
-        for name, block in blocks(expected[q](), model).items():
+        for name, block in reference.diagonal_blocks(expected[q](), model).items():
             err = rel_error(out[q][name].to_dense(), block)
             assert err < 1e-10, f"{q} {name}: {err:.2e}"
     return out
-
-
-class TiedThreeTimes(nn.Module):
-    """One weight used three times, with a residual connection between the uses."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = h + torch.sigmoid(self.a(h))
-        return self.b(F.softplus(self.a(h)))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tied_and_residual(batch):
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, dtype=DT), torch.tensor([0, 1, 1][:batch])
-    check_blocks(TiedThreeTimes().to(DT), nn.CrossEntropyLoss(), x, y)
+    check_blocks(TiedThreeTimes(out_dim=2).to(DT), nn.CrossEntropyLoss(), x, y)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -18,8 +18,7 @@ import random
 import pytest
 import reference
 import torch
-import torch.nn.functional as F
-from architectures import random_cnn, random_mlp
+from architectures import TiedThreeTimes, random_cnn, random_mlp
 from helpers import call_rule, rel_error
 from torch import nn
 from torch.func import functional_call, jvp
@@ -76,23 +75,10 @@ def compile_eigen(model, loss_fn, x, y, quantity=None, **kw):
 
 # ---- eigenvalues and eigenvectors -----------------------------------------------------------------
 
-class TiedThreeTimes(nn.Module):
-    """One weight used three times, with a residual connection between the uses."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 4)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        h = h + torch.sigmoid(self.a(h))
-        return self.b(F.softplus(self.a(h)))
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tied_and_residual(batch):
     torch.manual_seed(0)
-    model = TiedThreeTimes().to(DT)
+    model = TiedThreeTimes(out_dim=4).to(DT)
     x, y = torch.randn(batch, 3, dtype=DT), torch.tensor([0, 3, 1][:batch])
     loss_fn = nn.CrossEntropyLoss()
     _, e = compile_eigen(model, loss_fn, x, y)
@@ -379,7 +365,7 @@ def test_subsampling_is_its_definition(subsample, reduction):
 
 def test_subsampled_cnn_and_tied_weights():
     torch.manual_seed(8)
-    model, loss_fn = TiedThreeTimes().to(DT), nn.CrossEntropyLoss()
+    model, loss_fn = TiedThreeTimes(out_dim=4).to(DT), nn.CrossEntropyLoss()
     x, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 3, 1, 2])
     _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=[1, 2]))
     G_sub = 2 * reference.ggn(model, loss_fn, x[[1, 2]], y[[1, 2]]) * (2 / 4)

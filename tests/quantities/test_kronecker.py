@@ -29,15 +29,6 @@ def cnn(seed: int = 0) -> nn.Sequential:
                          nn.Linear(8, 3)).to(DT)
 
 
-def blocks(matrix: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The diagonal blocks of a [P, P] matrix, one per parameter in named_parameters() order."""
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = matrix[start:start + p.numel(), start:start + p.numel()]
-        start += p.numel()
-    return out
-
-
 def dense(k) -> torch.Tensor:
     factors = k.factors
     return torch.kron(factors[0], factors[1]) if len(factors) == 2 else factors[0]
@@ -62,7 +53,7 @@ def test_exact_for_one_sample(quantity, make, loss):
     exact = reference.full_hessian(model, loss_fn, x, y) if quantity == "hbp_hessian" else \
         reference.ggn(model, loss_fn, x, y)
     convs = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    for name, block in blocks(exact, model).items():
+    for name, block in reference.diagonal_blocks(exact, model).items():
         if name in convs:
             continue  # KFC sums over output positions: exact for biases and linear layers only
         err = rel_error(dense(out[quantity][name]), block)
@@ -74,7 +65,7 @@ def test_kfra_and_kflr_differ_beyond_one_sample():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = torch.randn(4, 4, dtype=DT), torch.tensor([0, 1, 1, 0])
     out = fxcurv.compile(model, loss_fn, quantities=("kflr", "kfra"))(x, y)
-    exact = blocks(reference.ggn(model, loss_fn, x, y), model)
+    exact = reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model)
     assert rel_error(dense(out["kflr"]["0.weight"]), exact["0.weight"]) > 1e-3
     assert rel_error(dense(out["kfra"]["0.weight"]), dense(out["kflr"]["0.weight"])) > 1e-3
     # The last layer's input factor and output factor are exactly KFLR's and KFRA's (no recursion yet).
@@ -167,7 +158,7 @@ def test_kflr_takes_residual_networks():
     model, loss_fn = Residual().to(DT), nn.CrossEntropyLoss()
     x, y = torch.randn(1, 3, dtype=DT), torch.tensor([1])
     out = fxcurv.compile(model, loss_fn, quantities=("kflr",))(x, y)
-    exact = blocks(reference.ggn(model, loss_fn, x, y), model)
+    exact = reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model)
     for name in ("lin.bias", "a.bias", "lin.weight"):
         assert rel_error(dense(out["kflr"][name]), exact[name]) < 1e-10, name
 
@@ -209,7 +200,7 @@ def test_the_issue_example():
     torch.testing.assert_close(k.inverse(0.1) @ v,
                                torch.linalg.solve(full + 0.1 * torch.eye(60, dtype=DT), v.reshape(-1)).reshape(5, 12))
     b = out["block_ggn"]["1.weight"]
-    exact = blocks(reference.ggn(model, nn.CrossEntropyLoss(), x, y), model)["1.weight"]
+    exact = reference.diagonal_blocks(reference.ggn(model, nn.CrossEntropyLoss(), x, y), model)["1.weight"]
     torch.testing.assert_close(b @ v, (exact @ v.reshape(-1)).reshape(5, 12))
     assert list(out) == ["grad", "kfac", "kflr", "kfra", "hbp_hessian", "hbp_pch_abs", "hbp_pch_clip",
                          "block_ggn", "block_hessian"]

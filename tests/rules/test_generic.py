@@ -404,11 +404,18 @@ def check_gram(case: Case, c: OpContext, key: str) -> None:
     assert_matches(got, want[rows][:, rows], f"gram[{key}] of a subset of samples")
 
 
-def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
-    gen = messages(case.id, f"diag_sqrt[{key}]")
+def signed_columns(case: Case, c: OpContext, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K`` random factor columns ``[K, N, *out]`` and a random sign ``+-1`` per column and sample
+    ``[K, N]``, both signs occurring, seeded by case and check."""
+    gen = messages(case.id, what)
     s = rand_like((K,) + tuple(c.out.shape), gen)
     sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
     sign[0, 0], sign[1, 0] = 1.0, -1.0  # both signs occur
+    return s, sign
+
+
+def check_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
+    s, sign = signed_columns(case, c, f"diag_sqrt[{key}]")
     for signs, what in ((None, "unsigned"), (sign, "signed")):
         got = _rule(DIAG_SQRT, case.op, key, s, signs, c=c)
         assert_matches(got, ref.diag_sqrt(c, key, s, signs), f"diag_sqrt[{key}] {what}")
@@ -420,10 +427,7 @@ def check_batch_l2(case: Case, c: OpContext, key: str) -> None:
 
 
 def check_batch_diag_sqrt(case: Case, c: OpContext, key: str) -> None:
-    gen = messages(case.id, f"batch_diag_sqrt[{key}]")
-    s = rand_like((K,) + tuple(c.out.shape), gen)
-    sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
-    sign[0, 0], sign[1, 0] = 1.0, -1.0  # both signs occur
+    s, sign = signed_columns(case, c, f"batch_diag_sqrt[{key}]")
     for signs, what in ((None, "unsigned"), (sign, "signed")):
         got = _rule(BATCH_DIAG_SQRT, case.op, key, s, signs, c=c)
         assert_matches(got, ref.batch_diag_sqrt(c, key, s, signs), f"batch_diag_sqrt[{key}] {what}")
@@ -450,10 +454,7 @@ def check_dense(case: Case, c: OpContext, key: str) -> None:
 
 
 def check_kron_out(case: Case, c: OpContext, key: str) -> None:
-    gen = messages(case.id, f"kron_out[{key}]")
-    s = rand_like((K,) + tuple(c.out.shape), gen)
-    sign = torch.randint(0, 2, (K, c.n), generator=gen).to(DT) * 2 - 1
-    sign[0, 0], sign[1, 0] = 1.0, -1.0
+    s, sign = signed_columns(case, c, f"kron_out[{key}]")
     for signs, what in ((None, "unsigned"), (sign, "signed")):
         assert_matches(_rule(KRON_OUT, case.op, key, s, signs, c=c), ref.kron_out(c, s, signs),
                        f"kron_out[{key}] {what}")
