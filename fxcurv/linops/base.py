@@ -197,9 +197,10 @@ class LinearOperator(CurvatureOperator):
         """Called before every pass over the data (a Monte Carlo operator restarts its draws here)."""
 
     def _batch_matmat(self, model: nn.Module, loss: nn.Module, params: dict[str, torch.Tensor], x: Any, y: Any,
-                      V: dict[str, torch.Tensor], scale: LossScale) -> dict[str, torch.Tensor]:
-        """One batch's ``A_b V``: ``params`` the model's parameters (those of the space that ``model`` reads),
-        ``V`` their columns ``{name: [K, *shape]}``; returns the same layout."""
+                      V: dict[str, torch.Tensor], weight: float, scale: LossScale) -> dict[str, torch.Tensor]:
+        """One batch's ``w_b A_b V``: ``params`` the model's parameters (those of the space that ``model``
+        reads), ``V`` their columns ``{name: [K, *shape]}``; returns the same layout. The weight ``w_b`` is
+        applied where it is cheapest (to output-sized columns or the loss, not to ``[P, K]``)."""
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -216,19 +217,18 @@ class LinearOperator(CurvatureOperator):
         rename = {name: local[id(traced.params[name])] for name in values if id(traced.params[name]) in local}
         back = {v: k for k, v in rename.items()}
         params = {rename[name]: v for name, v in values.items() if name in rename}
-        out = torch.zeros_like(V)
+        blocks = []
         for start in range(0, V.shape[1], self.chunk):
             cols = V[:, start:start + self.chunk]
             tangents = {rename[name]: t for name, t in self.space.split(cols).items() if name in rename}
             total: dict[str, torch.Tensor] = {}
             self._begin_pass()
             for _, (x, y), weight, scale in self.data:
-                part = self._batch_matmat(model, traced.loss_gm, params, x, y, tangents, scale)
+                part = self._batch_matmat(model, traced.loss_gm, params, x, y, tangents, weight, scale)
                 for name, value in part.items():
-                    total[name] = total[name].add_(value, alpha=weight) if name in total else value * weight
-            out[:, start:start + cols.shape[1]] = self.space.join({back[k]: v for k, v in total.items()},
-                                                                  cols.shape[1])
-        return out
+                    total[name] = total[name].add_(value) if name in total else value
+            blocks.append(self.space.join({back[k]: v for k, v in total.items()}, cols.shape[1]))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     # ---- SciPy ------------------------------------------------------------------------------------
     def to_scipy(self) -> Any:

@@ -62,7 +62,9 @@ def jacobian_sandwich(model: nn.Module, params: Params, x: Any, V: Params,
         return torch.func.functional_call(model, p, (x,))
 
     if _columns(V) == 1:  # one vector: no vmap
-        v = {name: t[0] for name, t in V.items()}
+        # Each tangent in storage of its own: forward AD would otherwise allocate, zero and copy one per
+        # parameter (a view into V does not have the parameter's layout).
+        v = {name: t[0].clone() for name, t in V.items()}
 
         def with_tangent(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
             primal_tangent: Any = torch.func.jvp(forward, (p,), (v,))
@@ -114,9 +116,9 @@ class _OutputSandwich(LinearOperator):
         raise NotImplementedError
 
     def _batch_matmat(self, model: nn.Module, loss: nn.Module, params: Params, x: Any, y: Any, V: Params,
-                      scale: LossScale) -> Params:
+                      weight: float, scale: LossScale) -> Params:
         op = self._loss_op(x, y)
-        return jacobian_sandwich(model, params, x, V, lambda f, T: self._middle(op, f, y, T, scale))
+        return jacobian_sandwich(model, params, x, V, lambda f, T: self._middle(op, f, y, T, scale) * weight)
 
 
 class GGN(_OutputSandwich):
@@ -190,9 +192,9 @@ class Hessian(LinearOperator):
         self.mode: str | None = None  # "forward" or "reverse", once known
 
     def _batch_matmat(self, model: nn.Module, loss: nn.Module, params: Params, x: Any, y: Any, V: Params,
-                      scale: LossScale) -> Params:
+                      weight: float, scale: LossScale) -> Params:
         def batch_loss(p: Params) -> torch.Tensor:
-            return loss(torch.func.functional_call(model, p, (x,)), y)
+            return loss(torch.func.functional_call(model, p, (x,)), y) * weight
 
         gradient = torch.func.grad(batch_loss)
         if self.mode is None:
