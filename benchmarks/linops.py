@@ -1,6 +1,6 @@
 """Time and CPU peak memory of fxcurv.linops products against a plain forward+backward and curvlinops.
 
-    python benchmarks/linops.py [--nets mnist_mlp,c3d3] [--repeats 15] [--threads 2]
+    python benchmarks/linops.py [--nets mnist_mlp,c3d3] [--repeats 15] [--threads 2] [--columns 16]
 
 For each network (the papers' nets of ``fxcurv.networks``, batch 128, float32, cross-entropy): one
 GGN-vector product and one Hessian-vector product of ``fxcurv.linops`` (one batch, one vector ``[P]``), the
@@ -38,7 +38,8 @@ from fxcurv.networks import NETWORKS  # noqa: E402
 NETS = {"mnist_mlp": 128, "fcnn": 128, "c3d3": 128}
 
 
-def methods(net: str, n: int, with_curvlinops: bool) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+def methods(net: str, n: int, with_curvlinops: bool,
+            columns: int) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
     spec = NETWORKS[net]
     torch.manual_seed(0)
     model = spec.build()
@@ -61,6 +62,12 @@ def methods(net: str, n: int, with_curvlinops: bool) -> tuple[dict[str, Callable
         "fxcurv Hessian @ v": lambda: hessian @ v,
     }
     errors: dict[str, float] = {}
+    if columns:  # a matrix [P, K]: vectorized over columns (vmap, one pass) or one column at a time
+        V = torch.randn(P, columns)
+        vectorized = linops.GGN(engine, [(x, y)], chunk=columns)
+        looped = linops.GGN(engine, [(x, y)], chunk=1)
+        out[f"fxcurv GGN @ V[:,{columns}] vmap"] = lambda: vectorized @ V
+        out[f"fxcurv GGN @ V[:,{columns}] loop"] = lambda: looped @ V
     if with_curvlinops:
         import curvlinops
 
@@ -74,8 +81,8 @@ def methods(net: str, n: int, with_curvlinops: bool) -> tuple[dict[str, Callable
     return out, errors
 
 
-def bench(net: str, n: int, repeats: int, with_curvlinops: bool) -> None:
-    fns, errors = methods(net, n, with_curvlinops)
+def bench(net: str, n: int, repeats: int, with_curvlinops: bool, columns: int) -> None:
+    fns, errors = methods(net, n, with_curvlinops, columns)
     for name, rel in errors.items():
         print(f"  check: fxcurv {name} @ v vs curvlinops: relative difference {rel:.1e} (float32)")
     for fn in fns.values():  # warm-up: tracing, program build, first-call allocations
@@ -91,12 +98,12 @@ def bench(net: str, n: int, repeats: int, with_curvlinops: bool) -> None:
     peaks = {name: measure.peak_memory(fn)[0] for name, fn in fns.items()}
     base = statistics.median(times["forward+backward"])
     print(f"\n{net} (N={n}), medians of {repeats} interleaved repeats:")
-    print(f"  {'method':<24} {'median':>10} {'q1-q3':>17} {'/ fwd+bwd':>10} {'peak MB':>9}")
+    print(f"  {'method':<30} {'median':>10} {'q1-q3':>17} {'/ fwd+bwd':>10} {'peak MB':>9}")
     for name in fns:
         ts = sorted(times[name])
         q = statistics.quantiles(ts, n=4)
         med = statistics.median(ts)
-        print(f"  {name:<24} {med * 1e3:8.2f}ms {q[0] * 1e3:7.2f}-{q[2] * 1e3:7.2f}ms {med / base:9.2f}x "
+        print(f"  {name:<30} {med * 1e3:8.2f}ms {q[0] * 1e3:7.2f}-{q[2] * 1e3:7.2f}ms {med / base:9.2f}x "
               f"{peaks[name] / 2**20:9.1f}")
 
 
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-curvlinops", action="store_true")
+    ap.add_argument("--columns", type=int, default=0, help="also a GGN matrix product with this many columns, "
+                    "vectorized (vmap) and column by column")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for net in args.nets.split(","):
         if net not in NETS:
             raise SystemExit(f"unknown net {net!r}; choose from {', '.join(NETS)}")
-        bench(net, NETS[net], args.repeats, not args.no_curvlinops)
+        bench(net, NETS[net], args.repeats, not args.no_curvlinops, args.columns)
     print(f"\nload average at the end {os.getloadavg()}")
     return 0
 

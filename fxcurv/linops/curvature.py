@@ -16,7 +16,9 @@ with
   (``mc_samples = M`` draws per sample from the model's likelihood, scaled by ``1/sqrt(M)`` and the
   reduction): ``E[S_b S_b^T] = H_b`` for cross-entropy and squared error, so ``E[A] = GGN``. curvlinops'
   ``FisherMCLinearOperator`` is the same estimator (its would-be gradients ``p - onehot(c)`` for
-  cross-entropy and ``sqrt(2) z`` for squared error, scaled alike): equal in distribution, not draw for draw.
+  cross-entropy and ``sqrt(2) z`` for squared error, scaled alike); with the same ``seed`` it even draws the
+  same samples (both reseed at every product and draw batch by batch, ``torch.multinomial`` on the softmax
+  rows, a standard normal), which the tests check.
 
 The GGN, EF and MC Fisher products are ``J_b^T (M_b (J_b V))`` with a per-sample matrix ``M_b`` at the
 output: one forward pass carrying the columns' tangents (``torch.func.jvp``, vectorized over columns with

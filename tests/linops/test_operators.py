@@ -303,3 +303,20 @@ def test_against_curvlinops(net, loss):
     for ours, theirs in pairs:
         reference = theirs(model, loss_fn, params, batches, check_deterministic=False)
         torch.testing.assert_close(ours(engine, batches) @ V, reference @ V, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_mc_fisher_against_curvlinops_with_the_same_seed(loss):
+    """curvlinops' ``FisherMCLinearOperator`` also reseeds at every product and draws batch by batch in order,
+    ``torch.multinomial`` on the softmax rows for cross-entropy and a standard normal for squared error: the
+    same draws. Cross-entropy agrees to rounding; squared error to float32's rounding of curvlinops' standard
+    deviation ``sqrt(1/2)`` (a float32 tensor), a relative 3e-8."""
+    curvlinops = pytest.importorskip("curvlinops")
+    model, batches = setup("mlp", loss)
+    loss_fn = LOSSES[loss].fn
+    ours = linops.MCFisher(fxcurv.compile(model, loss_fn), batches, mc_samples=3, seed=11).to_dense()
+    theirs = curvlinops.FisherMCLinearOperator(model, loss_fn, list(model.parameters()), batches, seed=11,
+                                                mc_samples=3, check_deterministic=False)
+    rtol = 1e-10 if LOSSES[loss].classes else 1e-7
+    reference = theirs @ torch.eye(ours.shape[0], dtype=DT)
+    torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * float(reference.abs().max()))
