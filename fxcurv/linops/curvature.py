@@ -126,11 +126,12 @@ class _OutputSandwich(LinearOperator):
 class GGN(_OutputSandwich):
     """The generalized Gauss-Newton matrix ``G = sum_b w_b J_b^T H_b J_b`` of the data set's loss (exact).
 
-    ``GGN(engine, data, params=None, reduction=None, chunk=16)``: ``engine`` from ``fxcurv.compile``;
+    ``GGN(engine, data, params=None, reduction=None, chunk=1)``: ``engine`` from ``fxcurv.compile``;
     ``data`` an iterable of ``(x, y)`` batches (``[(x, y)]`` for one); ``params`` parameter names (default:
     every trainable parameter in ``named_parameters()`` order); ``reduction`` (``"mean"``/``"sum"``) for a
-    general loss, whose reduction fxcurv cannot know; ``chunk`` columns per vectorized pass. ``G @ v`` for
-    ``v [P]`` or ``[P, K]``; ``to_scipy()``; ``to_dense()``."""
+    general loss, whose reduction fxcurv cannot know; ``chunk`` columns per pass, vectorized by ``vmap``
+    (faster on MLPs, slower and memory-hungry on convolutions: :data:`fxcurv.linops.base.DEFAULT_CHUNK`).
+    ``G @ v`` for ``v [P]`` or ``[P, K]``; ``to_scipy()``; ``to_dense()``."""
 
     kind = "GGN"
 

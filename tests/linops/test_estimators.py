@@ -30,7 +30,7 @@ def _flat(result: dict) -> torch.Tensor:
 def test_hutchinson_trace_and_diagonal_against_diag_ggn():
     engine, x, y = _setup()
     exact = _flat(engine(x, y)["diag_ggn"])
-    op = linops.GGN(engine, [(x, y)])
+    op = linops.GGN(engine, [(x, y)], chunk=100)
     G = op.to_dense()
     off = G.square().sum() - G.diagonal().square().sum()  # sum of squared off-diagonal entries
     s = 400

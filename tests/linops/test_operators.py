@@ -143,7 +143,7 @@ def test_operators_on_unequal_batches_equal_the_concatenated_data_set(net, loss)
         linops.EmpiricalFisher: dense_ef(model, LOSSES[loss], x, y),
     }
     for cls, ref in refs.items():
-        op = cls(engine, batches)
+        op = cls(engine, batches, chunk=2)  # 3 columns: a vectorized chunk of 2, then a single column
         assert op.shape == (P, P) and op.dtype == DT
         torch.testing.assert_close(op @ V, ref @ V, rtol=1e-10, atol=1e-12, msg=lambda m, c=cls: f"{c.__name__}: {m}")
         torch.testing.assert_close(op @ V[:, 0], ref @ V[:, 0], rtol=1e-10, atol=1e-12)
