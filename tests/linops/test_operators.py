@@ -320,3 +320,21 @@ def test_mc_fisher_against_curvlinops_with_the_same_seed(loss):
     rtol = 1e-10 if LOSSES[loss].classes else 1e-7
     reference = theirs @ torch.eye(ours.shape[0], dtype=DT)
     torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol * float(reference.abs().max()))
+
+
+def test_one_shot_iterators_are_kept_and_a_changed_data_set_is_refused():
+    model, batches = setup("mlp", "ce_mean")
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss())
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    expected = linops.GGN(engine, batches) @ v
+    once = linops.GGN(engine, (b for b in batches))  # a generator: materialized, usable at every product
+    torch.testing.assert_close(once @ v, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(once @ v, expected, rtol=1e-12, atol=0)
+    data = list(batches)
+    op = linops.GGN(engine, data)
+    data.append(batches[0])
+    with pytest.raises(InputError, match="more than 2 batches"):
+        op @ v
+    del data[1:]
+    with pytest.raises(InputError, match="yielded 1 batches"):
+        op @ v
