@@ -240,6 +240,12 @@ class Engine:
         self._current = found
         return found
 
+    def traced(self) -> Traced:
+        """The trace of the model and loss as they are now: the graph every program of this engine is
+        built from, traced anew where the guards say the model or loss changed (for code that runs the
+        captured model itself, such as :mod:`fxcurv.linops`)."""
+        return self._version().traced
+
     @property
     def quantity_names(self) -> tuple[str, ...]:
         return tuple(q.name for q in self.quantities)

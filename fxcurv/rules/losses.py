@@ -650,7 +650,7 @@ def check_differentiable(loss_gm: torch.fx.GraphModule) -> None:
 
 
 # torch's message when an op of the loss has no forward-mode derivative (F.huber_loss).
-_NO_FORWARD_AD = "forward AD"
+NO_FORWARD_AD_MESSAGE = "forward AD"
 
 
 def hvp_mode(loss_fn, f: torch.Tensor, y) -> str:
@@ -660,7 +660,7 @@ def hvp_mode(loss_fn, f: torch.Tensor, y) -> str:
     try:
         hessian_vector_products(loss_fn, f, y, torch.ones_like(f).unsqueeze(0), "forward")
     except NotImplementedError as err:
-        if _NO_FORWARD_AD not in str(err):
+        if NO_FORWARD_AD_MESSAGE not in str(err):
             raise
         return "reverse"
     return "forward"
