@@ -18,12 +18,14 @@ import random
 import pytest
 import reference
 import torch
-from architectures import TiedThreeTimes, random_cnn, random_mlp
+from architectures import Residual, TiedThreeTimes, random_cnn, random_mlp
 from helpers import call_rule, rel_error
 from torch import nn
 from torch.func import functional_call, jvp
 
 import fxcurv
+from fxcurv.factors import first_samples
+from fxcurv.node_info import Kind, info
 from fxcurv.operators import BlockDiagonalEigen, GramEigen, NoVectorsError
 from fxcurv.quantities import GGNEigen
 from fxcurv.rules import registry
@@ -374,6 +376,74 @@ def test_subsampled_cnn_and_tied_weights():
     _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=0.5))
     G_sub = 2 * reference.ggn(model, loss_fn, x[:2], y[:2]) * (2 / 4)
     check_eigenpairs(e, G_sub, list(reference.trainable(model)))
+
+
+def _prefix_case(case: str):
+    """(model, loss, x, y, mc) for test_prefix_subsample_propagates_the_subset_only."""
+    torch.manual_seed(11)
+    labels = torch.tensor([0, 3, 1, 2, 2, 0])
+    if case == "cnn":  # convolutions, a max-pool (its saved indices), a flatten
+        return small_cnn(), nn.CrossEntropyLoss(), torch.randn(6, 2, 4, 4, dtype=DT), labels, False
+    if case == "tied":  # a weight used three times: per-sample factors summed over its uses
+        return TiedThreeTimes(out_dim=4).to(DT), nn.CrossEntropyLoss(), torch.randn(6, 3, dtype=DT), labels, False
+    model = nn.Sequential(nn.Linear(3, 4), Residual(4, "tanh"), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(6, 3, dtype=DT)
+    if case == "residual":  # a fan-out: the subset's columns summed where the paths meet
+        return model, nn.MSELoss(reduction="sum"), x, torch.randn(6, 3, dtype=DT), False
+    if case == "indefinite":  # signed columns: their signs cut to the subset as well
+
+        def loss_fn(f, y):
+            return (torch.sin(f) * y).sum()
+
+        return model, loss_fn, x, torch.randn(6, 3, dtype=DT), False
+    return model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1, 1, 0, 2]), True
+
+
+@pytest.mark.parametrize("case", ["cnn", "tied", "residual", "indefinite", "mc"])
+def test_prefix_subsample_propagates_the_subset_only(case):
+    """A fraction's factor columns start at the loss on the first ``N_s`` samples and pass every op on
+    those samples alone (ViViT B.1: ``K N_s`` columns backpropagated, the gradient on all ``N``): past
+    the loss's own (whole-batch) factor, cut at once, the program's loss/MC columns are ``[K, N_s, ...]``;
+    the result equals the same subset given as indices (whole-batch columns cut at each use, the same
+    Monte Carlo draws) and the subset's GGN ``(N / N_s) sum_{n < N_s} G_n`` (exact settings)."""
+    model, loss_fn, x, y, mc = _prefix_case(case)
+    n, n_sub = x.shape[0], 3
+    fraction = GGNEigen(subsample=0.5, mc=mc, name="fraction")
+    index = GGNEigen(subsample=[0, 1, 2], mc=mc, name="index")
+    engines = {q.name: fxcurv.compile(model, loss_fn, quantities=(q,), mc_samples=2, seed=3) for q in (fraction, index)}
+    stream = "mc" if mc else "loss"
+    whole: dict[str, list] = {}
+    for name, engine in engines.items():
+        graph = engine.program(x, y).gm.graph
+        columns = [v for v in graph.nodes if info(v).kind is Kind.SQRT and info(v).stream == stream and info(v).shape]
+        assert {info(v).shape[1] for v in columns} <= {n, n_sub}
+        whole[name] = [v for v in columns if info(v).shape[1] == n]
+    assert whole["fraction"] and all(u.target is first_samples for v in whole["fraction"] for u in v.users)
+    assert any(u.target is not first_samples for v in whole["index"] for u in v.users)
+    e = engines["fraction"](x, y)["fraction"]
+    e_index = engines["index"](x, y)["index"]
+    assert rel_error(e.gram, e_index.gram) < 1e-12
+    assert rel_error(e.values, e_index.values) < 1e-10
+    if not mc:
+        scale = 1 / n_sub if isinstance(loss_fn, nn.CrossEntropyLoss) else 1.0
+        scale /= 1 / n if isinstance(loss_fn, nn.CrossEntropyLoss) else 1.0
+        G_sub = (n / n_sub) * reference.ggn(model, loss_fn, x[:n_sub], y[:n_sub]) / scale
+        check_eigenpairs(e, G_sub, list(reference.trainable(model)))
+    names = list(reference.trainable(model))
+    step, step_index = e.newton_step(0.5, restrict=False), e_index.newton_step(0.5, restrict=False)
+    assert rel_error(torch.cat([step[m].flatten() for m in names]),
+                     torch.cat([step_index[m].flatten() for m in names])) < 1e-9
+
+
+def test_prefix_subsample_beside_a_whole_batch_quantity():
+    """Where another quantity of the program needs the loss's columns on the whole batch, they are
+    carried on it and the fraction's subset is cut at each use: the same Gram matrix."""
+    model, loss_fn, x, y, _ = _prefix_case("residual")
+    alone = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(subsample=0.5),))(x, y)["ggn_eigen"]
+    out = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(subsample=0.5), "diag_ggn"))(x, y)
+    assert rel_error(out["ggn_eigen"].gram, alone.gram) < 1e-12
+    diag = reference.ggn(model, loss_fn, x, y).diagonal()
+    assert rel_error(torch.cat([v.flatten() for v in out["diag_ggn"].values()]), diag) < 1e-10
 
 
 # ---- options and errors ---------------------------------------------------------------------------
