@@ -43,7 +43,7 @@ from ..curvature.messages import FactorSource, Needs, Origin
 from ..errors import InputError, MemoryBudgetError, UnsupportedOpError
 from ..gram import gram_into
 from ..node_info import Kind, info
-from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen
+from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen, lapack_in_place
 from ..passes.memory import MemoryEstimate
 from ..rules import registry
 from ..rules.registry import Rule, RuleKind
@@ -247,14 +247,15 @@ class GGNEigen(Quantity):
         if not isinstance(chosen, GGNEigen):
             raise ValueError(f"{self.name} is not one of this engine's quantities "
                              f"({[q.name for q in prog.quantities]})")
-        return chosen._memory_of(prog.memory, prog.gm.graph)
+        return chosen._memory_of(prog.memory, prog.gm.graph, x.device)
 
-    def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph) -> GramMemory:
+    def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph, device: torch.device) -> GramMemory:
         grams = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, _GRAM_TARGETS)]
         sizes = [info(n).shape[0] for n in grams if info(n).shape]  # type: ignore[index]
-        dtype = next((info(n).dtype for n in grams if info(n).dtype is not None), torch.float32)
+        dtype = next((d for n in grams if (d := info(n).dtype) is not None), torch.float32)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting)
+        in_place = not self.vectors and lapack_in_place(device, dtype)
+        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, in_place)
 
     def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
         """With ``memory_budget``: the most accurate of ViViT's approximations (B.1) whose estimated peak
@@ -272,12 +273,14 @@ class GGNEigen(Quantity):
             candidate = GGNEigen(**{**self._options(), "mc": mc, "subsample": None if fraction == 1 else fraction})
             k = columns.get(mc)
             if k is not None:
-                floor = decomposition_bytes(k * n_sub, _itemsize(x), self.vectors) + _itemsize(x) * (k * n_sub) ** 2
+                in_place = not self.vectors and lapack_in_place(x.device, _dtype(x))
+                floor = (decomposition_bytes(k * n_sub, _itemsize(x), self.vectors, in_place)
+                         + _itemsize(x) * (k * n_sub) ** 2)
                 if floor > self.memory_budget:
                     tried.append((candidate.setting, floor))
                     continue
             build = trial(candidate)
-            memory = candidate._memory_of(build.memory, build.graph)
+            memory = candidate._memory_of(build.memory, build.graph, x.device)
             sizes = [shape[0] for n in build.graph.nodes if n.op == "call_function"
                      and isinstance(n.target, _GRAM_TARGETS) and (shape := info(n).shape)]
             if sizes:
@@ -603,9 +606,12 @@ def _candidates(mc_only: bool, batch: int) -> list[tuple[bool, float]]:
         fraction /= 2
 
 
+def _dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+
+
 def _itemsize(x: torch.Tensor) -> int:
-    dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
-    return torch.empty((), dtype=dtype).element_size()
+    return torch.empty((), dtype=_dtype(x)).element_size()
 
 
 def _rebuild(options: dict[str, Any], memory_budget: float | None) -> GGNEigen:

@@ -10,13 +10,17 @@ outside its values and are added here in closed form:
   :data:`fxcurv.gram.GRAM_BLOCK_ELEMENTS` entries (or all ``K N_s |W|`` where fewer);
 * the eigendecomposition after the program: ``torch.linalg.eigh`` writes the eigenvectors into a copy
   of the matrix and LAPACK's ``syevd`` needs ``1 + 6 M + 2 M^2`` reals (``3 + 5 M`` integers) of
-  workspace; ``eigvalsh`` (``vectors=False``) a copy and ``1 + 2 M`` reals.
+  workspace; ``eigvalsh`` (``vectors=False``) a copy and ``1 + 2 M`` reals -- or, where the eigenvalues
+  are computed in place (:func:`fxcurv.operators.gram_eigen.symmetric_eigenvalues`: CPU, SciPy), no
+  copy: the workspace, the eigenvalues, a copy of the diagonal and the restoring block's temporaries
+  (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
 
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 
     peak ~ max(program + max_l [N_s M + N_s^2 + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
 
-(``M^2 + 3 M`` for the eigendecomposition instead of ``3 M^2 + 7 M`` with ``vectors=False``), where the
+(``M^2 + 3 M``, or in place ``4 M + 1 + 2 B_m^2``, for the eigendecomposition instead of ``3 M^2 + 7 M``
+with ``vectors=False``), where the
 program's peak itself grows as ``M^2`` (the Gram matrix) plus the messages ``(1 + K) N`` times the
 largest layer output, and ``outputs`` is the Gram matrix plus, with ``vectors=True``, the columns,
 gradients and inputs every use keeps.
@@ -31,6 +35,7 @@ import torch.fx as fx
 
 from .. import gram as gram_products
 from ..node_info import info
+from ..operators.gram_eigen import MIRROR_BLOCK
 from ..passes.memory import MemoryEstimate
 
 # LAPACK's ?syevd with eigenvectors: lwork = 1 + 6 M + 2 M^2 reals, liwork = 3 + 5 M integers (its
@@ -38,11 +43,16 @@ from ..passes.memory import MemoryEstimate
 _INT_BYTES = 4
 
 
-def decomposition_bytes(m: int, itemsize: int, vectors: bool) -> int:
-    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix allocates besides the matrix."""
+def decomposition_bytes(m: int, itemsize: int, vectors: bool, in_place: bool = False) -> int:
+    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix allocates besides the matrix;
+    ``in_place``: eigenvalues alone, computed in place (``vectors=False`` only)."""
     if vectors:
         # eigenvectors (a copy of the matrix) + workspace + eigenvalues
         return itemsize * (m * m + (1 + 6 * m + 2 * m * m) + m) + _INT_BYTES * (3 + 5 * m)
+    if in_place:
+        # workspace + eigenvalues + the diagonal's copy + one diagonal block's two temporaries
+        block = min(m, MIRROR_BLOCK)
+        return itemsize * ((1 + 2 * m) + m + m + 2 * block * block) + _INT_BYTES
     return itemsize * (m * m + (1 + 2 * m) + m) + _INT_BYTES
 
 
@@ -98,8 +108,8 @@ class GramMemory:
 
     @classmethod
     def of(cls, estimate: MemoryEstimate, graph: fx.Graph, targets: tuple[type, ...], gram_sizes: list[int],
-           itemsize: int, vectors: bool, setting: str) -> GramMemory:
-        decomposition = max((decomposition_bytes(m, itemsize, vectors) for m in gram_sizes), default=0)
+           itemsize: int, vectors: bool, setting: str, in_place: bool = False) -> GramMemory:
+        decomposition = max((decomposition_bytes(m, itemsize, vectors, in_place) for m in gram_sizes), default=0)
         return cls(estimate.peak_bytes, estimate.output_bytes, rule_temporary_bytes(graph, targets), decomposition,
                    estimate.input_bytes, setting)
 

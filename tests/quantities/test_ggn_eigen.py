@@ -27,6 +27,7 @@ import fxcurv
 from fxcurv.factors import first_samples
 from fxcurv.node_info import Kind, info
 from fxcurv.operators import BlockDiagonalEigen, GramEigen, NoVectorsError
+from fxcurv.operators.gram_eigen import lapack_in_place
 from fxcurv.quantities import GGNEigen
 from fxcurv.rules import registry
 
@@ -515,7 +516,10 @@ def test_memory_estimate_matches_the_measured_peak(vectors):
     engine = fxcurv.compile(model, loss_fn, quantities=(q,))
     estimate = q.memory(engine, x, y)
     m = 9 * 256
-    assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    if vectors or not lapack_in_place(x.device, x.dtype):
+        assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    else:  # eigenvalues in place: no copy of the Gram matrix, its O(M) workspace and one restoring block
+        assert 4 * m * 4 <= estimate.decomposition < m * m * 4 / 4
     engine(x, y)  # built and warm
 
     def call():
@@ -524,6 +528,44 @@ def test_memory_estimate_matches_the_measured_peak(vectors):
 
     measured, _, _ = peak_memory(call)
     assert abs(estimate.peak - measured) < 0.15 * measured, f"estimated {estimate.peak}, measured {measured:.0f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_eigenvalues_in_place(dtype, monkeypatch):
+    """Eigenvalues without a copy of the matrix (LAPACK's ?syevd on it, the destroyed lower triangle and
+    diagonal restored blockwise): those of torch.linalg.eigvalsh, the matrix unchanged afterwards, and
+    the allocator's peak far below the M^2 entries of a copy; a matrix it cannot work on (a
+    non-contiguous view) goes to torch.linalg.eigvalsh."""
+    import sys
+    from pathlib import Path
+
+    from fxcurv.operators import gram_eigen
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from measure import peak_memory
+
+    if not lapack_in_place(torch.device("cpu"), dtype):
+        pytest.skip("SciPy is not installed: eigenvalues take torch.linalg.eigvalsh's copy")
+    monkeypatch.setattr(gram_eigen, "MIRROR_BLOCK", 64)  # several block rows, a partial last one
+    torch.manual_seed(12)
+    a = torch.randn(300, 40, dtype=dtype)
+    g = a @ a.T
+    g = (g + g.T) / 2  # exactly symmetric
+    g[0, 0] += 5.0  # a distinct diagonal, restored from its copy
+    want = torch.linalg.eigvalsh(g.double())
+    work = g.clone()
+    values, _, _ = peak_memory(lambda: gram_eigen.symmetric_eigenvalues(work))
+    got = gram_eigen.symmetric_eigenvalues(work.clone())
+    assert got.dtype == dtype
+    assert rel_error(got.double(), want) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.equal(work, g)
+    assert values < g.numel() * g.element_size() / 8
+    wide = torch.zeros(300, 600, dtype=dtype)
+    wide[:, ::2] = g
+    view = wide[:, ::2]
+    assert not gram_eigen.eigenvalues_in_place(view)
+    assert rel_error(gram_eigen.symmetric_eigenvalues(view).double(), want) < (1e-5 if dtype == torch.float32
+                                                                               else 1e-12)
 
 
 def test_memory_budget_picks_the_most_accurate_approximation_that_fits():
