@@ -4,8 +4,9 @@ The program's own estimate (:mod:`fxcurv.passes.memory`, from shapes and livenes
 the program keeps, the running Gram matrices ``[M, M]`` (``M = K N_s``) included; two things happen
 outside its values and are added here in closed form:
 
-* the temporaries inside the Gram rules: a block row of the product, ``N_s x M`` (ViViT C.1's
-  ``(S S^T) o (x x^T)``, one column index at a time), ``x x^T`` (``N_s x N_s``), and where an op's data
+* the temporaries inside the Gram rules: a chunk of ``c`` rows of a block row of the product, ``c x M``
+  (ViViT C.1's ``(S S^T) o (x x^T)``, one column index at a time; ``c = min(N_s, R / M)``,
+  ``R`` = :data:`fxcurv.gram.GRAM_ROW_ELEMENTS`), the same rows of ``x x^T`` (``c x N_s``), and where an op's data
   input has positions (convolutions), its per-sample factors, two blocks of at most
   :data:`fxcurv.gram.GRAM_BLOCK_ELEMENTS` entries (or all ``K N_s |W|`` where fewer);
 * the eigendecomposition after the program: ``torch.linalg.eigh`` writes the eigenvectors into a copy
@@ -17,7 +18,7 @@ outside its values and are added here in closed form:
 
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 
-    peak ~ max(program + max_l [N_s M + N_s^2 + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
+    peak ~ max(program + max_l [c M + c N_s + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
 
 (``M^2 + 3 M``, or in place ``4 M + 1 + 2 B_m^2``, for the eigendecomposition instead of ``3 M^2 + 7 M``
 with ``vectors=False``), where the
@@ -72,7 +73,8 @@ def rule_temporary_bytes(graph: fx.Graph, targets: tuple[type, ...]) -> int:
             continue
         k, n = s[0], s[1]
         m = k * n
-        entries = n * m + n * n
+        rows = gram_products.gram_rows(m, n)
+        entries = rows * m + rows * n  # a chunk of a block row and its weight rows
         x = _shape(node.kwargs.get("x"))
         weight = _shape(node.kwargs.get("weight"))
         if x is not None and len(x) > 2:

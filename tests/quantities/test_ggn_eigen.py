@@ -129,6 +129,23 @@ def test_cnn_with_top_k_and_blocked_products(monkeypatch):
     check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)), top_k=5)
 
 
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gram_in_row_chunks(rows, monkeypatch):
+    """Block rows of the Gram products formed a chunk of samples at a time (with the weight's rows
+    ``x x^T (+ 1)`` per chunk; one sample, or chunks not dividing the batch) give the same eigenpairs,
+    for linear layers with and without bias."""
+    from fxcurv import gram
+
+    monkeypatch.setattr(gram, "GRAM_ROW_ELEMENTS", rows * 3 * 5)  # M = K N = 3 * 5: `rows` rows per chunk
+    assert gram.gram_rows(15, 5) == min(rows, 5)
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 4)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.tensor([0, 3, 1, 2, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y)
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
+
+
 def test_indefinite_loss_hessian():
     """A loss whose Hessian w.r.t. the output is indefinite: signed columns, ``G = V D V^T`` with
     negative eigenvalues, from ``Lambda^1/2 Q^T D Q Lambda^1/2``."""
