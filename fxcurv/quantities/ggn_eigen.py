@@ -43,7 +43,7 @@ from ..curvature.messages import FactorSource, Needs, Origin
 from ..errors import InputError, MemoryBudgetError, UnsupportedOpError
 from ..gram import gram_into
 from ..node_info import Kind, info
-from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen, lapack_in_place
+from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen
 from ..passes.memory import MemoryEstimate
 from ..rules import registry
 from ..rules.registry import Rule, RuleKind
@@ -254,8 +254,7 @@ class GGNEigen(Quantity):
         sizes = [info(n).shape[0] for n in grams if info(n).shape]  # type: ignore[index]
         dtype = next((d for n in grams if (d := info(n).dtype) is not None), torch.float32)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        in_place = not self.vectors and lapack_in_place(device, dtype)
-        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, in_place)
+        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, device)
 
     def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
         """With ``memory_budget``: the most accurate of ViViT's approximations (B.1) whose estimated peak
@@ -273,8 +272,7 @@ class GGNEigen(Quantity):
             candidate = GGNEigen(**{**self._options(), "mc": mc, "subsample": None if fraction == 1 else fraction})
             k = columns.get(mc)
             if k is not None:
-                in_place = not self.vectors and lapack_in_place(x.device, _dtype(x))
-                floor = (decomposition_bytes(k * n_sub, _itemsize(x), self.vectors, in_place)
+                floor = (decomposition_bytes(k * n_sub, _itemsize(x), self.vectors, x.device)
                          + _itemsize(x) * (k * n_sub) ** 2)
                 if floor > self.memory_budget:
                     tried.append((candidate.setting, floor))
@@ -606,12 +604,9 @@ def _candidates(mc_only: bool, batch: int) -> list[tuple[bool, float]]:
         fraction /= 2
 
 
-def _dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
-
-
 def _itemsize(x: torch.Tensor) -> int:
-    return torch.empty((), dtype=_dtype(x)).element_size()
+    dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _rebuild(options: dict[str, Any], memory_budget: float | None) -> GGNEigen:

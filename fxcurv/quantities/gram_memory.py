@@ -12,9 +12,9 @@ outside its values and are added here in closed form:
 * the eigendecomposition after the program: ``torch.linalg.eigh`` writes the eigenvectors into a copy
   of the matrix and LAPACK's ``syevd`` needs ``1 + 6 M + 2 M^2`` reals (``3 + 5 M`` integers) of
   workspace; ``eigvalsh`` (``vectors=False``) a copy and ``1 + 2 M`` reals -- or, where the eigenvalues
-  are computed in place (:func:`fxcurv.operators.gram_eigen.symmetric_eigenvalues`: CPU, SciPy), no
-  copy: the workspace, the eigenvalues, a copy of the diagonal and the restoring block's temporaries
-  (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
+  are computed in place (:func:`fxcurv.operators.gram_eigen.symmetric_eigenvalues`: CPU, SciPy, at
+  least ``IN_PLACE_BYTES``), no copy: the workspace, the eigenvalues, a copy of the diagonal and the
+  restoring block's temporaries (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
 
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 
@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from .. import gram as gram_products
 from ..node_info import info
-from ..operators.gram_eigen import MIRROR_BLOCK
+from ..operators.gram_eigen import MIRROR_BLOCK, lapack_in_place
 from ..passes.memory import MemoryEstimate
 
 # LAPACK's ?syevd with eigenvectors: lwork = 1 + 6 M + 2 M^2 reals, liwork = 3 + 5 M integers (its
@@ -44,13 +44,15 @@ from ..passes.memory import MemoryEstimate
 _INT_BYTES = 4
 
 
-def decomposition_bytes(m: int, itemsize: int, vectors: bool, in_place: bool = False) -> int:
-    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix allocates besides the matrix;
-    ``in_place``: eigenvalues alone, computed in place (``vectors=False`` only)."""
+def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None) -> int:
+    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix on ``device`` (``None``: a copy
+    assumed) allocates besides the matrix; eigenvalues alone (``vectors=False``) where computed in place
+    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy."""
     if vectors:
         # eigenvectors (a copy of the matrix) + workspace + eigenvalues
         return itemsize * (m * m + (1 + 6 * m + 2 * m * m) + m) + _INT_BYTES * (3 + 5 * m)
-    if in_place:
+    dtype = {4: torch.float32, 8: torch.float64}.get(itemsize)
+    if device is not None and dtype is not None and lapack_in_place(device, dtype, m):
         # workspace + eigenvalues + the diagonal's copy + one diagonal block's two temporaries
         block = min(m, MIRROR_BLOCK)
         return itemsize * ((1 + 2 * m) + m + m + 2 * block * block) + _INT_BYTES
@@ -110,8 +112,8 @@ class GramMemory:
 
     @classmethod
     def of(cls, estimate: MemoryEstimate, graph: fx.Graph, targets: tuple[type, ...], gram_sizes: list[int],
-           itemsize: int, vectors: bool, setting: str, in_place: bool = False) -> GramMemory:
-        decomposition = max((decomposition_bytes(m, itemsize, vectors, in_place) for m in gram_sizes), default=0)
+           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None) -> GramMemory:
+        decomposition = max((decomposition_bytes(m, itemsize, vectors, device) for m in gram_sizes), default=0)
         return cls(estimate.peak_bytes, estimate.output_bytes, rule_temporary_bytes(graph, targets), decomposition,
                    estimate.input_bytes, setting)
 
