@@ -46,6 +46,8 @@ MIRROR_BLOCK = 512
 # Gram matrices from this size on (bytes) have their eigenvalues computed in place: below it the copy
 # is small, and torch's own LAPACK call avoids switching to SciPy's thread pool (measured on 2 busy
 # cores: 7.4 against 0.6 ms at M = 128, interleaved with torch's work; 1.5 against 1.2 ms alone).
+# Above it the in-place call trades time for memory: SciPy's LAPACK took 963 ms against torch's 801 ms
+# at M = 3000 (float32, 2 threads), for M^2 entries less at the peak.
 IN_PLACE_BYTES = 16 << 20
 
 
