@@ -86,6 +86,12 @@ def column_range(bundle: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return bundle[start:stop]
 
 
+@target("samples", view=True)
+def first_samples(t: torch.Tensor, stop: int, dim: int) -> torch.Tensor:
+    """The first ``stop`` samples of ``t`` along its batch dimension ``dim`` (a view)."""
+    return t.narrow(dim, 0, stop)
+
+
 @target(pointwise=True, fresh=True)
 def add_all(*values: torch.Tensor) -> torch.Tensor:
     """The sum of messages arriving from several consumers (a fan-out in the forward graph)."""

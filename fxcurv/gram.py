@@ -6,8 +6,10 @@ A parameter's share of the Gram matrix is ``A A^T`` for its per-sample factors `
 * multiply block rows only with the columns at and right of their diagonal block and mirror the rest
   (the result is symmetric: about half the flops of ``A @ A.T``);
 * add into a running total (a block's Gram matrix sums many parameters) instead of allocating: no
-  ``[K N, K N]`` temporary exists besides the total, only one block row at a time;
-* apply a per-sample-pair weight ``w [N, N]`` on the way (a linear layer's ``x x^T``, ViViT C.1);
+  ``[K N, K N]`` temporary exists besides the total, only a chunk of at most
+  :data:`GRAM_ROW_ELEMENTS` entries of one block row at a time;
+* apply a per-sample-pair weight ``w [N, N]`` on the way (a linear layer's ``x x^T``, ViViT C.1), given
+  as a function of its rows so that it too exists a chunk of rows at a time;
 * form large per-sample factors (a convolution's ``K N x C_out C_in k1 k2``) a block of samples at a
   time (:func:`blocked_gram_into`).
 """
@@ -25,6 +27,19 @@ import torch
 # this size still make products large enough to run near the machine's peak.
 GRAM_BLOCK_ELEMENTS = 1 << 24
 
+# Entries of one chunk of a block row in gram_into (4 MiB in float32): the rows of one chunk times all
+# columns right of the diagonal block. A whole block row would be N x K N (ViViT C.1's product for
+# one column index): beside the Gram matrix it was the largest temporary of the Monte Carlo setting
+# (K = 1: N^2, with the weight x x^T another N^2).
+GRAM_ROW_ELEMENTS = 1 << 20
+
+Weight = torch.Tensor | Callable[[int, int], torch.Tensor] | None
+
+
+def gram_rows(m: int, n: int) -> int:
+    """Rows per chunk of :func:`gram_into` for ``m`` columns and ``n`` samples."""
+    return max(1, min(n, GRAM_ROW_ELEMENTS // max(1, m)))
+
 
 def _put(total: torch.Tensor | None, rows: slice, cols: slice, value: torch.Tensor, out: torch.Tensor) -> None:
     """``out[rows, cols] (+)= value``: added where accumulating into a total, written where fresh."""
@@ -34,27 +49,33 @@ def _put(total: torch.Tensor | None, rows: slice, cols: slice, value: torch.Tens
         out[rows, cols] += value
 
 
-def gram_into(a: torch.Tensor, total: torch.Tensor | None, k: int,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+def gram_into(a: torch.Tensor, total: torch.Tensor | None, k: int, weight: Weight = None) -> torch.Tensor:
     """``total + (a a^T) o W`` for factor rows ``a [K N, D]`` (``k``-major), with ``W[kn, k'n'] =
-    weight[n, n']`` (``None``: 1); a fresh matrix where ``total`` is ``None``, else ``total`` updated in
-    place and returned.
+    weight[n, n']`` (``None``: 1; a tensor ``[N, N]`` or a function ``(start, stop)`` giving its rows
+    ``start:stop``); a fresh matrix where ``total`` is ``None``, else ``total`` updated in place and
+    returned.
 
     The rows of one column index ``k`` (``N`` consecutive rows) form a block row; it is multiplied with
     the rows of ``k' >= k`` only, weighted by ``weight`` broadcast over ``k'``, and mirrored into the
-    block column.
+    block column; a chunk of :func:`gram_rows` samples at a time (the weight's rows of a chunk formed
+    once for all ``k``).
     """
     m = a.shape[0]
     n = m // k
     out = total if total is not None else a.new_empty(m, m)
-    for i in range(k):
-        r = slice(i * n, (i + 1) * n)
-        block = a[r] @ a[i * n:].T  # [N, (K - i) N]
-        if weight is not None:
-            block.view(n, k - i, n).mul_(weight[:, None, :])
-        _put(total, r, slice(i * n, m), block, out)
-        if i + 1 < k:
-            _put(total, slice((i + 1) * n, m), r, block[:, n:].T, out)
+    step = gram_rows(m, n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        w = None if weight is None else (weight[start:stop] if isinstance(weight, torch.Tensor)
+                                         else weight(start, stop))
+        for i in range(k):
+            r = slice(i * n + start, i * n + stop)
+            block = a[r] @ a[i * n:].T  # [c, (K - i) N]
+            if w is not None:
+                block.view(stop - start, k - i, n).mul_(w[:, None, :])
+            _put(total, r, slice(i * n, m), block, out)
+            if i + 1 < k:
+                _put(total, slice((i + 1) * n, m), r, block[:, n:].T, out)
     return out
 
 

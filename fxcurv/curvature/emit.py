@@ -113,14 +113,46 @@ class Emitter:
             return self._derived[key]
         raise Unresolved(name)
 
+    def batched(self, node: fx.Node, name: str) -> bool:
+        """Whether context value ``name`` of op node ``node`` has the batch as its dimension 0: the op's
+        data inputs (not its parameters), its output, saved values, and derived values computed from any
+        of these; attributes, parameters and values derived from parameters alone have not."""
+        op = self.op_of(node)
+        if name in op.inputs:
+            return name not in op.params and isinstance(self.inputs_of(node)[name], fx.Node)
+        if name in node.kwargs:
+            return False
+        if name == "out" or name in op.saved:
+            return True
+        rule = registry.DERIVED.get((op.name, name))
+        if rule is None:
+            raise Unresolved(name)
+        return any(self.batched(node, n) for n in rule.context_names(0) if n != name)
+
+    def resolve_samples(self, node: fx.Node, name: str, stop: int) -> Any:
+        """:meth:`resolve` restricted to the batch's first ``stop`` samples: a view of the batch-carrying
+        values (:meth:`batched`), the others as they are."""
+        value = self.resolve(node, name)
+        if not self.batched(node, name):
+            return value
+        key = (node, f"{name}[:{stop}]")
+        if key not in self._derived:
+            self._derived[key] = self.node(factors.first_samples, (value, stop, 0), kind=Kind.DERIVED, of=node,
+                                           message=f"{name}[:{stop}]", name=f"{node.name}_{name}_samples")
+        return self._derived[key]
+
     def rule(self, rule: Rule, messages: tuple[Any, ...], node: fx.Node, extra: dict[str, Any] | None = None,
-             **kw: Any) -> fx.Node:
+             samples: int | None = None, **kw: Any) -> fx.Node:
         """``rule(*messages, **context)`` with the context bound at op node ``node``; ``extra`` names
-        values that are not the op's (the Monte Carlo sample count, the generator)."""
+        values that are not the op's (the Monte Carlo sample count, the generator). ``samples``: the
+        messages cover the batch's first ``samples`` samples only, and so does the context
+        (:meth:`resolve_samples`)."""
         extra = extra or {}
 
         def resolve(name: str) -> Any:
-            return extra[name] if name in extra else self.resolve(node, name)
+            if name in extra:
+                return extra[name]
+            return self.resolve(node, name) if samples is None else self.resolve_samples(node, name, samples)
 
         kwargs = registry.bind(rule, resolve, len(messages))
         return self.node(rule.fn, messages, kwargs, of=node, **kw)

@@ -99,20 +99,33 @@ class Needs:
     factors: frozenset[FactorSource] = frozenset()
     diagonals: frozenset[DiagonalStream] = frozenset()
     dense: frozenset[DenseStream] = frozenset()
+    # (source, fraction): that source's columns are wanted on the first ceil(fraction N) samples only
+    # (ggn_eigen's subsample=, ViViT B.1). Where no other quantity needs the source on the whole batch
+    # and all ask for one fraction, the seed starts the columns on that prefix alone, outside the bundle
+    # (see fxcurv.curvature.seed.prefix_samples); otherwise the source is carried on the whole batch.
+    prefix: frozenset[tuple[FactorSource, float]] = frozenset()
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(self.factors | other.factors, self.diagonals | other.diagonals, self.dense | other.dense)
+        return Needs(self.factors | other.factors, self.diagonals | other.diagonals, self.dense | other.dense,
+                     self.prefix | other.prefix)
+
+    def wants(self, source: FactorSource) -> bool:
+        """Whether some quantity needs ``source``'s columns, on the whole batch or on a prefix of it."""
+        return source in self.factors or any(s is source for s, _ in self.prefix)
 
 
 @dataclass
 class Columns:
     """One origin's columns at a node: dense ``S [K, N, ...]`` with ``sign [K, N]`` (``None``: all +1),
-    or a diagonal source ``r [N, ...]`` standing for ``diag(r)`` (only at the node where it starts)."""
+    or a diagonal source ``r [N, ...]`` standing for ``diag(r)`` (only at the node where it starts).
+    ``samples``: the columns cover the batch's first ``samples`` samples only (``S [K, samples, ...]``,
+    propagated with the ops' inputs and outputs restricted to them); ``None``: the whole batch."""
 
     origin: Origin
     value: fx.Node
     sign: fx.Node | None = None
     diagonal: bool = False
+    samples: int | None = None
 
 
 @dataclass(frozen=True)

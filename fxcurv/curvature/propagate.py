@@ -138,7 +138,8 @@ class Propagator:
             assert not any(c.diagonal for c in group), "a diagonal source reached a node twice"
             total = emit.sum([c.value for c in group], kind=Kind.SQRT, of=node, message="S", stream=origin.label,
                              at=node)
-            columns[origin] = Columns(origin, total, group[0].sign)
+            assert len({c.samples for c in group}) == 1, "an origin's columns cover one set of samples"
+            columns[origin] = Columns(origin, total, group[0].sign, samples=group[0].samples)
         dense = {}
         for stream, ms in box.dense.items():
             if len(ms) > 1:
@@ -166,8 +167,9 @@ class Propagator:
             if origin in self.layout.rows:
                 continue  # travels in the bundle
             s, sign = emit.dense(cols, node)
-            out = emit.rule(jac_t, (s,), node, kind=Kind.SQRT, message="S", stream=origin.label, at=target)
-            self.post(target, columns=Columns(origin, out, sign))
+            out = emit.rule(jac_t, (s,), node, samples=cols.samples, kind=Kind.SQRT, message="S",
+                            stream=origin.label, at=target)
+            self.post(target, columns=Columns(origin, out, sign, samples=cols.samples))
         diagonals = {}
         for stream, d in msgs.diagonals.items():
             diagonals[stream] = emit.rule(emit.find_rule(RuleKind.DIAG, node, name), (d,), node, kind=Kind.DIAG,

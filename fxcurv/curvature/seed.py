@@ -5,9 +5,17 @@ factor stream a square-root factor ``S`` of the per-sample Hessian (``sum_k sign
 d2L/df_n^2``, HBP Sec. C); for the Monte Carlo stream sampled columns with that expectation; for
 HesScale the Hessian's exact diagonal (HesScale App. A). ``g`` and the columns are stacked into the
 bundle ``[g; S_loss; S_mc]``.
+
+Where the program's quantities want a factor source on a prefix of the batch only (``Needs.prefix``,
+ggn_eigen's ``subsample=``), its columns start as the first ``N_s`` samples' (``[K, N_s, ...]``) outside
+the bundle and are propagated on those samples alone (:meth:`Emitter.resolve_samples`): the backward
+pass of the factor columns costs ``K N_s`` instead of ``K N`` columns, while the gradient still covers
+the whole batch (ViViT B.1).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 
@@ -17,7 +25,7 @@ from ..node_info import Kind, info
 from ..rules import registry
 from ..rules.registry import OpDef, RuleKind
 from .emit import Emitter
-from .messages import LOSS, MC, BundleLayout, FactorSource, Inbox, Needs
+from .messages import LOSS, MC, BundleLayout, Columns, FactorSource, Inbox, Needs, Origin
 from .propagate import check_dense_size
 
 
@@ -29,6 +37,29 @@ def loss_columns(op: OpDef, shape: tuple[int, ...]) -> int:
     for s in shape[1:]:
         n *= s
     return n
+
+
+def prefix_samples(needs: Needs, source: FactorSource, batch: int) -> int | None:
+    """``N_s``, where ``source``'s columns start on the batch's first ``N_s < N`` samples only: every
+    quantity wanting them asks for one prefix fraction ``f`` (``N_s = max(1, ceil(f N))``), none for the
+    whole batch nor (exact factor) for the batch-averaged matrices seeded from them; else ``None``."""
+    fractions = {f for s, f in needs.prefix if s is source}
+    if source in needs.factors or len(fractions) != 1 or (source is FactorSource.LOSS and needs.dense):
+        return None
+    n_sub = max(1, math.ceil(fractions.pop() * batch))
+    return n_sub if n_sub < batch else None
+
+
+def _post_prefix(emit: Emitter, inbox: Inbox, origin: Origin, s: fx.Node, sign: fx.Node | None, n_sub: int,
+                 f: fx.Node, loss: fx.Node) -> None:
+    """Post the first ``n_sub`` samples' columns (and signs) of ``origin`` at the model output ``f``."""
+    label = origin.label
+    s = emit.node(factors.first_samples, (s, n_sub, 1), kind=Kind.SQRT, of=loss, message="S", stream=label,
+                  name=f"S{'' if origin == LOSS else 'mc'}_samples_{f.name}")
+    if sign is not None:
+        sign = emit.node(factors.first_samples, (sign, n_sub, 1), kind=Kind.SQRT, of=loss, message="sign",
+                         stream=label, name=f"sign_samples_{f.name}")
+    inbox.columns[origin] = [Columns(origin, s, sign, samples=n_sub)]
 
 
 def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
@@ -55,15 +86,19 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
     columns: list[fx.Node] = []
     start = 1
     k = loss_columns(op, shape)
+    batch = shape[0]
     # A loss with no curvature (one class) has no columns: its GGN shares are zero, carried by nothing.
-    if (FactorSource.LOSS in needs.factors or needs.dense) and k > 0:
+    if (needs.wants(FactorSource.LOSS) or needs.dense) and k > 0:
         rule = emit.find_rule(RuleKind.LOSS_SQRT_HESSIAN, loss, "f")
         both = emit.rule(rule, (), loss, kind=Kind.SQRT, message="(S, sign)", stream="loss",
                          name=f"sqrt_hessian_{f.name}")
         s = emit.pick(both, 0, kind=Kind.SQRT, of=loss, message="S", stream="loss", at=f)
         sign = None if op.psd_hessian else emit.pick(both, 1, kind=Kind.SQRT, of=loss, message="sign",
                                                      stream="loss", at=f)
-        if FactorSource.LOSS in needs.factors:
+        n_loss = prefix_samples(needs, FactorSource.LOSS, batch)
+        if n_loss is not None:
+            _post_prefix(emit, inbox, LOSS, s, sign, n_loss, f, loss)
+        elif needs.wants(FactorSource.LOSS):
             columns.append(s)
             signs[LOSS] = sign
             rows[LOSS] = (start, start + k)
@@ -81,7 +116,7 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
                       at=f)
         for dense in sorted(needs.dense, key=lambda st: st.label):
             inbox.dense[dense] = [m]
-    if FactorSource.MC in needs.factors:
+    if needs.wants(FactorSource.MC):
         sampler = registry.LOSS_SQRT_HESSIAN_MC.get((op.name, "f"))
         if sampler is None:
             sampled = sorted(o for (o, _) in registry.LOSS_SQRT_HESSIAN_MC)
@@ -89,10 +124,17 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
                 f"diag_ggn_mc needs a loss with a likelihood to sample from; the loss ({info(loss).source}) "
                 f"has none. Supported: nn.CrossEntropyLoss, nn.MSELoss (or their functional forms; loss ops "
                 f"with a sampler: {', '.join(sampled)})")
-        columns.append(emit.rule(sampler, (), loss, {"mc_samples": mc_samples, "generator": generator},
-                                 kind=Kind.SQRT, message="S", stream="mc", at=f))
-        signs[MC] = None
-        rows[MC] = (start, start + mc_samples)
+        drawn = emit.rule(sampler, (), loss, {"mc_samples": mc_samples, "generator": generator},
+                          kind=Kind.SQRT, message="S", stream="mc", at=f)
+        n_mc = prefix_samples(needs, FactorSource.MC, batch)
+        if n_mc is not None:
+            # Sampled for the whole batch, then cut: the first samples' columns are those the whole
+            # batch's stream would carry (the same draws from the generator).
+            _post_prefix(emit, inbox, MC, drawn, None, n_mc, f, loss)
+        else:
+            columns.append(drawn)
+            signs[MC] = None
+            rows[MC] = (start, start + mc_samples)
     bundle = emit.node(factors.stack_columns, (g, *columns), kind=Kind.BUNDLE, of=loss, message="[g; S]", at=f)
     inbox.bundles.append(bundle)
     return inbox, BundleLayout(rows, signs)

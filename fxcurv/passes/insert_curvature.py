@@ -79,7 +79,7 @@ def insert_curvature(canon: CanonicalGraph, quantities: tuple[Quantity, ...], mc
     emit = Emitter()
     copy_forward(emit, canon, needs_messages)
     generator = None
-    if FactorSource.MC in needs.factors:
+    if needs.wants(FactorSource.MC):
         generator = emit.graph.placeholder(GENERATOR)
         set_info(generator, kind=Kind.INPUT, source="torch.Generator for Monte Carlo samples")
 

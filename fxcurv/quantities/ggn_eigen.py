@@ -16,7 +16,10 @@ ViViT's four approximations (B.1): the factor columns are the exact ones (``Fact
 (``subsample=``). A subset's columns are scaled by ``sqrt(N / N_s)``: the block is then
 ``(N / N_s) sum_{n in subset} G_n``, an unbiased estimate of the mini-batch GGN on the same scale (ViViT's
 own implementation scales its Gram matrix by the same ``N / N_s``). The gradients (first directional
-derivatives, Newton steps) always use the whole batch, as in ViViT B.1.
+derivatives, Newton steps) always use the whole batch, as in ViViT B.1. A fraction's subset is the
+batch's first ``N_s`` samples: their columns are cut at the loss and propagated on those samples alone
+(``Needs.prefix``; ``K N_s`` columns pass the network, not ``K N``), unless another quantity of the
+program needs the columns on the whole batch; subsets given as indices are cut at each parameter use.
 
 What the user gets is :class:`fxcurv.operators.GramEigen` (or one per group,
 :class:`fxcurv.operators.BlockDiagonalEigen`, with ``groups=``): the Gram matrix, its eigenvalues and,
@@ -148,7 +151,7 @@ class _State:
     grams: list[tuple[str, str, fx.Node, dict[str, Any]]] = field(default_factory=list)
     per_sample: list[fx.Node] = field(default_factory=list)  # the uses of a parameter used more than once
     uses: list[tuple[UseSpec, tuple[Any, ...]]] = field(default_factory=list)
-    columns: list[fx.Node] = field(default_factory=list)  # S at each use's output (whole batch, unscaled)
+    columns: list[fx.Node] = field(default_factory=list)  # S at each use's output (batch or subset, unscaled)
     grads: list[fx.Node] = field(default_factory=list)  # g at each use's output
     sign: fx.Node | None = None
     batch: int = 0
@@ -204,7 +207,11 @@ class GGNEigen(Quantity):
         self.groups = groups
         self._member = _membership(groups)
         self.source = FactorSource.MC if mc else FactorSource.LOSS
-        self.needs = Needs(factors=frozenset({self.source}))
+        # A prefix fraction: the columns are propagated on the subset's samples alone where the program
+        # allows (Needs.prefix); indices (or a program that needs the whole batch's columns) select them
+        # at each parameter use instead.
+        self.needs = (Needs(prefix=frozenset({(self.source, subsample)})) if isinstance(subsample, float)
+                      else Needs(factors=frozenset({self.source})))
         self.name = name or ("ggn_eigen_mc" if mc else "ggn_eigen")
         self.description = (f"GGN eigenpairs from the Gram matrix ({self.setting}"
                             f"{', per ' + str(groups) if isinstance(groups, str) else ''}"
@@ -240,14 +247,14 @@ class GGNEigen(Quantity):
         if not isinstance(chosen, GGNEigen):
             raise ValueError(f"{self.name} is not one of this engine's quantities "
                              f"({[q.name for q in prog.quantities]})")
-        return chosen._memory_of(prog.memory, prog.gm.graph)
+        return chosen._memory_of(prog.memory, prog.gm.graph, x.device)
 
-    def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph) -> GramMemory:
+    def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph, device: torch.device) -> GramMemory:
         grams = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, _GRAM_TARGETS)]
         sizes = [info(n).shape[0] for n in grams if info(n).shape]  # type: ignore[index]
-        dtype = next((info(n).dtype for n in grams if info(n).dtype is not None), torch.float32)
+        dtype = next((d for n in grams if (d := info(n).dtype) is not None), torch.float32)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting)
+        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, device)
 
     def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
         """With ``memory_budget``: the most accurate of ViViT's approximations (B.1) whose estimated peak
@@ -265,12 +272,13 @@ class GGNEigen(Quantity):
             candidate = GGNEigen(**{**self._options(), "mc": mc, "subsample": None if fraction == 1 else fraction})
             k = columns.get(mc)
             if k is not None:
-                floor = decomposition_bytes(k * n_sub, _itemsize(x), self.vectors) + _itemsize(x) * (k * n_sub) ** 2
+                floor = (decomposition_bytes(k * n_sub, _itemsize(x), self.vectors, x.device)
+                         + _itemsize(x) * (k * n_sub) ** 2)
                 if floor > self.memory_budget:
                     tried.append((candidate.setting, floor))
                     continue
             build = trial(candidate)
-            memory = candidate._memory_of(build.memory, build.graph)
+            memory = candidate._memory_of(build.memory, build.graph, x.device)
             sizes = [shape[0] for n in build.graph.nodes if n.op == "call_function"
                      and isinstance(n.target, _GRAM_TARGETS) and (shape := info(n).shape)]
             if sizes:
@@ -325,9 +333,13 @@ class GGNEigen(Quantity):
         rule = use.emit.find_rule(kind, use.node, use.input)
         include = None if use.shared else self._included(use, rule)
         context: dict[str, Any] = {}
+        if cols.samples is not None and cols.samples != n_sub:
+            raise AssertionError(f"columns of {cols.samples} samples reach {use.name}, expected {n_sub}")
         if index is not None and (use.shared or include):
             _check_subsampling_reads(rule, use)
-            s = self._node(use, scale_columns, (self._select(use, s, index, 1), math.sqrt(batch / n_sub)), "S[frac]")
+            if cols.samples is None:  # the whole batch's columns: the subset's here
+                s = self._select(use, s, index, 1)
+            s = self._node(use, scale_columns, (s, math.sqrt(batch / n_sub)), "S[frac]")
             op = use.emit.op_of(use.node)
             for name, value in use.emit.inputs_of(use.node).items():
                 if name not in op.params and isinstance(value, fx.Node):

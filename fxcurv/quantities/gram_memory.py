@@ -4,19 +4,24 @@ The program's own estimate (:mod:`fxcurv.passes.memory`, from shapes and livenes
 the program keeps, the running Gram matrices ``[M, M]`` (``M = K N_s``) included; two things happen
 outside its values and are added here in closed form:
 
-* the temporaries inside the Gram rules: a block row of the product, ``N_s x M`` (ViViT C.1's
-  ``(S S^T) o (x x^T)``, one column index at a time), ``x x^T`` (``N_s x N_s``), and where an op's data
+* the temporaries inside the Gram rules: a chunk of ``c`` rows of a block row of the product, ``c x M``
+  (ViViT C.1's ``(S S^T) o (x x^T)``, one column index at a time; ``c = min(N_s, R / M)``,
+  ``R`` = :data:`fxcurv.gram.GRAM_ROW_ELEMENTS`), the same rows of ``x x^T`` (``c x N_s``), and where an op's data
   input has positions (convolutions), its per-sample factors, two blocks of at most
   :data:`fxcurv.gram.GRAM_BLOCK_ELEMENTS` entries (or all ``K N_s |W|`` where fewer);
 * the eigendecomposition after the program: ``torch.linalg.eigh`` writes the eigenvectors into a copy
   of the matrix and LAPACK's ``syevd`` needs ``1 + 6 M + 2 M^2`` reals (``3 + 5 M`` integers) of
-  workspace; ``eigvalsh`` (``vectors=False``) a copy and ``1 + 2 M`` reals.
+  workspace; ``eigvalsh`` (``vectors=False``) a copy and ``1 + 2 M`` reals -- or, where the eigenvalues
+  are computed in place (:func:`fxcurv.operators.gram_eigen.symmetric_eigenvalues`: CPU, SciPy, at
+  least ``IN_PLACE_BYTES``), no copy: the workspace, the eigenvalues, a copy of the diagonal and the
+  restoring block's temporaries (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
 
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 
-    peak ~ max(program + max_l [N_s M + N_s^2 + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
+    peak ~ max(program + max_l [c M + c N_s + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
 
-(``M^2 + 3 M`` for the eigendecomposition instead of ``3 M^2 + 7 M`` with ``vectors=False``), where the
+(``M^2 + 3 M``, or in place ``4 M + 1 + 2 B_m^2``, for the eigendecomposition instead of ``3 M^2 + 7 M``
+with ``vectors=False``), where the
 program's peak itself grows as ``M^2`` (the Gram matrix) plus the messages ``(1 + K) N`` times the
 largest layer output, and ``outputs`` is the Gram matrix plus, with ``vectors=True``, the columns,
 gradients and inputs every use keeps.
@@ -31,6 +36,7 @@ import torch.fx as fx
 
 from .. import gram as gram_products
 from ..node_info import info
+from ..operators.gram_eigen import MIRROR_BLOCK, lapack_in_place
 from ..passes.memory import MemoryEstimate
 
 # LAPACK's ?syevd with eigenvectors: lwork = 1 + 6 M + 2 M^2 reals, liwork = 3 + 5 M integers (its
@@ -38,11 +44,18 @@ from ..passes.memory import MemoryEstimate
 _INT_BYTES = 4
 
 
-def decomposition_bytes(m: int, itemsize: int, vectors: bool) -> int:
-    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix allocates besides the matrix."""
+def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None) -> int:
+    """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix on ``device`` (``None``: a copy
+    assumed) allocates besides the matrix; eigenvalues alone (``vectors=False``) where computed in place
+    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy."""
     if vectors:
         # eigenvectors (a copy of the matrix) + workspace + eigenvalues
         return itemsize * (m * m + (1 + 6 * m + 2 * m * m) + m) + _INT_BYTES * (3 + 5 * m)
+    dtype = {4: torch.float32, 8: torch.float64}.get(itemsize)
+    if device is not None and dtype is not None and lapack_in_place(device, dtype, m):
+        # workspace + eigenvalues + the diagonal's copy + one diagonal block's two temporaries
+        block = min(m, MIRROR_BLOCK)
+        return itemsize * ((1 + 2 * m) + m + m + 2 * block * block) + _INT_BYTES
     return itemsize * (m * m + (1 + 2 * m) + m) + _INT_BYTES
 
 
@@ -62,7 +75,8 @@ def rule_temporary_bytes(graph: fx.Graph, targets: tuple[type, ...]) -> int:
             continue
         k, n = s[0], s[1]
         m = k * n
-        entries = n * m + n * n
+        rows = gram_products.gram_rows(m, n)
+        entries = rows * m + rows * n  # a chunk of a block row and its weight rows
         x = _shape(node.kwargs.get("x"))
         weight = _shape(node.kwargs.get("weight"))
         if x is not None and len(x) > 2:
@@ -98,8 +112,8 @@ class GramMemory:
 
     @classmethod
     def of(cls, estimate: MemoryEstimate, graph: fx.Graph, targets: tuple[type, ...], gram_sizes: list[int],
-           itemsize: int, vectors: bool, setting: str) -> GramMemory:
-        decomposition = max((decomposition_bytes(m, itemsize, vectors) for m in gram_sizes), default=0)
+           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None) -> GramMemory:
+        decomposition = max((decomposition_bytes(m, itemsize, vectors, device) for m in gram_sizes), default=0)
         return cls(estimate.peak_bytes, estimate.output_bytes, rule_temporary_bytes(graph, targets), decomposition,
                    estimate.input_bytes, setting)
 

@@ -173,9 +173,12 @@ def linear_gram(S, x, include=("weight", "bias"), total=None):
     if x.dim() == 2:
         weight = None
         if "weight" in include:
-            weight = x @ x.T
-            if "bias" in include:
-                weight += 1
+            shift = 1.0 if "bias" in include else 0.0
+
+            def weight(start, stop):  # rows start:stop of x x^T (+ 1 with the bias)
+                rows = x[start:stop] @ x.T
+                return rows.add_(shift) if shift else rows
+
         return gram_into(S.reshape(k * n, S.shape[-1]), total, k, weight)
     if "weight" in include:
         def rows(start, stop):

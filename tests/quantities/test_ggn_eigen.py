@@ -18,13 +18,16 @@ import random
 import pytest
 import reference
 import torch
-from architectures import TiedThreeTimes, random_cnn, random_mlp
+from architectures import Residual, TiedThreeTimes, random_cnn, random_mlp
 from helpers import call_rule, rel_error
 from torch import nn
 from torch.func import functional_call, jvp
 
 import fxcurv
+from fxcurv.factors import first_samples
+from fxcurv.node_info import Kind, info
 from fxcurv.operators import BlockDiagonalEigen, GramEigen, NoVectorsError
+from fxcurv.operators.gram_eigen import lapack_in_place
 from fxcurv.quantities import GGNEigen
 from fxcurv.rules import registry
 
@@ -124,6 +127,23 @@ def test_cnn_with_top_k_and_blocked_products(monkeypatch):
     x, y = torch.randn(4, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1, 2])
     _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(top_k=5))
     check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)), top_k=5)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gram_in_row_chunks(rows, monkeypatch):
+    """Block rows of the Gram products formed a chunk of samples at a time (with the weight's rows
+    ``x x^T (+ 1)`` per chunk; one sample, or chunks not dividing the batch) give the same eigenpairs,
+    for linear layers with and without bias."""
+    from fxcurv import gram
+
+    monkeypatch.setattr(gram, "GRAM_ROW_ELEMENTS", rows * 3 * 5)  # M = K N = 3 * 5: `rows` rows per chunk
+    assert gram.gram_rows(15, 5) == min(rows, 5)
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 4)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.tensor([0, 3, 1, 2, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y)
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
 
 
 def test_indefinite_loss_hessian():
@@ -376,6 +396,74 @@ def test_subsampled_cnn_and_tied_weights():
     check_eigenpairs(e, G_sub, list(reference.trainable(model)))
 
 
+def _prefix_case(case: str):
+    """(model, loss, x, y, mc) for test_prefix_subsample_propagates_the_subset_only."""
+    torch.manual_seed(11)
+    labels = torch.tensor([0, 3, 1, 2, 2, 0])
+    if case == "cnn":  # convolutions, a max-pool (its saved indices), a flatten
+        return small_cnn(), nn.CrossEntropyLoss(), torch.randn(6, 2, 4, 4, dtype=DT), labels, False
+    if case == "tied":  # a weight used three times: per-sample factors summed over its uses
+        return TiedThreeTimes(out_dim=4).to(DT), nn.CrossEntropyLoss(), torch.randn(6, 3, dtype=DT), labels, False
+    model = nn.Sequential(nn.Linear(3, 4), Residual(4, "tanh"), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(6, 3, dtype=DT)
+    if case == "residual":  # a fan-out: the subset's columns summed where the paths meet
+        return model, nn.MSELoss(reduction="sum"), x, torch.randn(6, 3, dtype=DT), False
+    if case == "indefinite":  # signed columns: their signs cut to the subset as well
+
+        def loss_fn(f, y):
+            return (torch.sin(f) * y).sum()
+
+        return model, loss_fn, x, torch.randn(6, 3, dtype=DT), False
+    return model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1, 1, 0, 2]), True
+
+
+@pytest.mark.parametrize("case", ["cnn", "tied", "residual", "indefinite", "mc"])
+def test_prefix_subsample_propagates_the_subset_only(case):
+    """A fraction's factor columns start at the loss on the first ``N_s`` samples and pass every op on
+    those samples alone (ViViT B.1: ``K N_s`` columns backpropagated, the gradient on all ``N``): past
+    the loss's own (whole-batch) factor, cut at once, the program's loss/MC columns are ``[K, N_s, ...]``;
+    the result equals the same subset given as indices (whole-batch columns cut at each use, the same
+    Monte Carlo draws) and the subset's GGN ``(N / N_s) sum_{n < N_s} G_n`` (exact settings)."""
+    model, loss_fn, x, y, mc = _prefix_case(case)
+    n, n_sub = x.shape[0], 3
+    fraction = GGNEigen(subsample=0.5, mc=mc, name="fraction")
+    index = GGNEigen(subsample=[0, 1, 2], mc=mc, name="index")
+    engines = {q.name: fxcurv.compile(model, loss_fn, quantities=(q,), mc_samples=2, seed=3) for q in (fraction, index)}
+    stream = "mc" if mc else "loss"
+    whole: dict[str, list] = {}
+    for name, engine in engines.items():
+        graph = engine.program(x, y).gm.graph
+        columns = [v for v in graph.nodes if info(v).kind is Kind.SQRT and info(v).stream == stream and info(v).shape]
+        assert {info(v).shape[1] for v in columns} <= {n, n_sub}
+        whole[name] = [v for v in columns if info(v).shape[1] == n]
+    assert whole["fraction"] and all(u.target is first_samples for v in whole["fraction"] for u in v.users)
+    assert any(u.target is not first_samples for v in whole["index"] for u in v.users)
+    e = engines["fraction"](x, y)["fraction"]
+    e_index = engines["index"](x, y)["index"]
+    assert rel_error(e.gram, e_index.gram) < 1e-12
+    assert rel_error(e.values, e_index.values) < 1e-10
+    if not mc:
+        scale = 1 / n_sub if isinstance(loss_fn, nn.CrossEntropyLoss) else 1.0
+        scale /= 1 / n if isinstance(loss_fn, nn.CrossEntropyLoss) else 1.0
+        G_sub = (n / n_sub) * reference.ggn(model, loss_fn, x[:n_sub], y[:n_sub]) / scale
+        check_eigenpairs(e, G_sub, list(reference.trainable(model)))
+    names = list(reference.trainable(model))
+    step, step_index = e.newton_step(0.5, restrict=False), e_index.newton_step(0.5, restrict=False)
+    assert rel_error(torch.cat([step[m].flatten() for m in names]),
+                     torch.cat([step_index[m].flatten() for m in names])) < 1e-9
+
+
+def test_prefix_subsample_beside_a_whole_batch_quantity():
+    """Where another quantity of the program needs the loss's columns on the whole batch, they are
+    carried on it and the fraction's subset is cut at each use: the same Gram matrix."""
+    model, loss_fn, x, y, _ = _prefix_case("residual")
+    alone = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(subsample=0.5),))(x, y)["ggn_eigen"]
+    out = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(subsample=0.5), "diag_ggn"))(x, y)
+    assert rel_error(out["ggn_eigen"].gram, alone.gram) < 1e-12
+    diag = reference.ggn(model, loss_fn, x, y).diagonal()
+    assert rel_error(torch.cat([v.flatten() for v in out["diag_ggn"].values()]), diag) < 1e-10
+
+
 # ---- options and errors ---------------------------------------------------------------------------
 
 def test_vectors_false_keeps_the_gram_path_only():
@@ -445,7 +533,10 @@ def test_memory_estimate_matches_the_measured_peak(vectors):
     engine = fxcurv.compile(model, loss_fn, quantities=(q,))
     estimate = q.memory(engine, x, y)
     m = 9 * 256
-    assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    if vectors or not lapack_in_place(x.device, x.dtype, m):
+        assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    else:  # eigenvalues in place: no copy of the Gram matrix, its O(M) workspace and one restoring block
+        assert 4 * m * 4 <= estimate.decomposition < m * m * 4 / 4
     engine(x, y)  # built and warm
 
     def call():
@@ -454,6 +545,45 @@ def test_memory_estimate_matches_the_measured_peak(vectors):
 
     measured, _, _ = peak_memory(call)
     assert abs(estimate.peak - measured) < 0.15 * measured, f"estimated {estimate.peak}, measured {measured:.0f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_eigenvalues_in_place(dtype, monkeypatch):
+    """Eigenvalues without a copy of the matrix (LAPACK's ?syevd on it, the destroyed lower triangle and
+    diagonal restored blockwise): those of torch.linalg.eigvalsh, the matrix unchanged afterwards, and
+    the allocator's peak far below the M^2 entries of a copy; a matrix it cannot work on (a
+    non-contiguous view) goes to torch.linalg.eigvalsh."""
+    import sys
+    from pathlib import Path
+
+    from fxcurv.operators import gram_eigen
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from measure import peak_memory
+
+    monkeypatch.setattr(gram_eigen, "IN_PLACE_BYTES", 0)  # in place however small
+    if not lapack_in_place(torch.device("cpu"), dtype, 300):
+        pytest.skip("SciPy is not installed: eigenvalues take torch.linalg.eigvalsh's copy")
+    monkeypatch.setattr(gram_eigen, "MIRROR_BLOCK", 64)  # several block rows, a partial last one
+    torch.manual_seed(12)
+    a = torch.randn(300, 40, dtype=dtype)
+    g = a @ a.T
+    g = (g + g.T) / 2  # exactly symmetric
+    g[0, 0] += 5.0  # a distinct diagonal, restored from its copy
+    want = torch.linalg.eigvalsh(g.double())
+    work = g.clone()
+    values, _, _ = peak_memory(lambda: gram_eigen.symmetric_eigenvalues(work))
+    got = gram_eigen.symmetric_eigenvalues(work.clone())
+    assert got.dtype == dtype
+    assert rel_error(got.double(), want) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.equal(work, g)
+    assert values < g.numel() * g.element_size() / 8
+    wide = torch.zeros(300, 600, dtype=dtype)
+    wide[:, ::2] = g
+    view = wide[:, ::2]
+    assert not gram_eigen.eigenvalues_in_place(view)
+    assert rel_error(gram_eigen.symmetric_eigenvalues(view).double(), want) < (1e-5 if dtype == torch.float32
+                                                                               else 1e-12)
 
 
 def test_memory_budget_picks_the_most_accurate_approximation_that_fits():
