@@ -217,11 +217,8 @@ class _Builder:
                 f"{where} computes on parameters only ({call.source}); fxcurv takes trainable parameters as "
                 "inputs of the ops that read the activations (e.g. F.linear(x, self.w) rather than x @ self.w.t() "
                 "... computed apart). Freeze them (requires_grad_(False)) to use them as constants")
-        if trainable and not val.is_floating_point():
-            raise UnsupportedOpError(f"{where} ({call.source}) returns {val.dtype} values, which have no derivative, "
-                                     "from values that depend on trainable parameters")
         if generic_rules.SlotKind.DATA in kinds:
-            generic_rules.check_samples_independent(call, tuple(examples), f"{where} ({call.source})")
+            generic_rules.check_samples_independent(call, tuple(examples), where)
             if trainable:
                 generic_rules.probe_curvature(call, tuple(examples))
         attr = f"generic_{len(self.calls)}"
@@ -252,6 +249,9 @@ class _Outputs:
         self.picked: dict[int, Any] = {}
 
     def pick(self, index: Any) -> Any:
+        fields = getattr(self.values, "_fields", None) or getattr(type(self.values), "__match_args__", ())
+        if isinstance(index, str) and index in fields:
+            index = fields.index(index)  # a named tuple's field (torch.sort(x).values)
         if not isinstance(index, int):
             raise UnsupportedOpError(f"node {describe(self.node, self.builder.gm)}: its outputs are picked with "
                                      f"{index!r}; fxcurv takes one output at a time, by an integer index")
@@ -302,8 +302,8 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
         if node.op == "get_attr":
             b.env[node] = b.lift(_fetch_attr(gm, str(node.target)))
             continue
-        if node.target is operator.getitem and isinstance(b.env.get(node.args[0]), _Outputs):
-            b.env[node] = b.env[node.args[0]].pick(node.args[1])
+        if node.target in (operator.getitem, getattr) and isinstance(b.env.get(node.args[0]), _Outputs):
+            b.env[node] = b.env[node.args[0]].pick(node.args[1])  # an output, by index or field name
             continue
         found = _match(node, gm, b.folded_args(node))
         b.env[node] = b.emit(*found, node) if found is not None else b.generic(node)

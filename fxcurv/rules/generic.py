@@ -459,7 +459,13 @@ def check_samples_independent(call: GenericCall, inputs: tuple[torch.Tensor, ...
     scale = float(out.abs().max()) + torch.finfo(out.dtype).tiny
     data = set(call.data)
     for m in range(n):
-        alone = call(*[x[m: m + 1] if j in data else x for j, x in enumerate(inputs)])
+        try:
+            alone = call(*[x[m: m + 1] if j in data else x for j, x in enumerate(inputs)])
+        except (RuntimeError, ValueError) as err:  # torch refuses a batch of one (BatchNorm in training)
+            raise UnsupportedOpError(
+                f"{where}: it fails on one sample alone ({str(err).splitlines()[0]}), so it couples the samples "
+                "of a batch. Curvature is defined per sample: BatchNorm must be in eval mode (model.eval()), "
+                "and no op may reduce over the batch") from err
         if not isinstance(alone, torch.Tensor) or alone.shape != out[m: m + 1].shape or \
                 float((alone - out[m: m + 1]).abs().max()) > rtol * scale:
             raise UnsupportedOpError(
