@@ -97,6 +97,8 @@ class _Builder:
         self.batched: dict[fx.Node, bool] = {}
         self.trainable: dict[fx.Node, bool] = {}
         self.calls: list[Any] = []
+        self.shapes: dict[fx.Node, fx.Node] = {}  # x.shape / x.size() -> x
+        self.batch_sizes: set[fx.Node] = set()  # folded values that are the batch size
 
     def param(self, name: str, value: nn.Parameter) -> fx.Node:
         if name not in self.params:
@@ -138,6 +140,21 @@ class _Builder:
         set_info(new, op=op.name, source=_source(old, self.gm))
         return new
 
+    def note_batch_size(self, node: fx.Node) -> None:
+        """Remember a folded value that is the batch size (``x.size(0)``, ``x.shape[0]``) of a value
+        carrying the batch, so that generic calls take it as :class:`~fxcurv.rules.generic.BatchSize`."""
+        args = node.args
+        if node.op == "call_method" and node.target == "size" and len(args) == 1 and isinstance(args[0], fx.Node):
+            self.shapes[node] = args[0]
+        elif node.op == "call_function" and node.target is getattr and args[1] == "shape":
+            self.shapes[node] = args[0]
+        elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
+            if self.is_batched(self.env.get(args[0])):
+                self.batch_sizes.add(node)
+        elif node.op == "call_function" and node.target is operator.getitem and args[0] in self.shapes and args[1] == 0:
+            if self.is_batched(self.env.get(self.shapes[args[0]])):
+                self.batch_sizes.add(node)
+
     # ---- the generic rule --------------------------------------------------------------------------
     def is_batched(self, value: Any) -> bool:
         """Whether a canonical value carries the batch (is computed from the input ``x``)."""
@@ -176,23 +193,35 @@ class _Builder:
         slots: list[Any] = []
         examples: list[torch.Tensor] = []
 
+        def add(lifted: fx.Node, example: Any) -> int:
+            if lifted not in slots:
+                slots.append(lifted)
+                examples.append(example.detach() if isinstance(example, torch.Tensor) else example)
+            return slots.index(lifted)
+
         def slot(v: Any) -> Any:
             if isinstance(v, fx.Node) and isinstance(self.env.get(v), _Outputs):
                 return [slot(o) for o in self.env[v].all()]
+            if isinstance(v, fx.Node) and isinstance(self.env.get(v), _ParamExpr):
+                expr = self.env[v]
+                return generic_rules.Nested(expr.call, tuple(add(s, e) for s, e in zip(expr.slots, expr.examples)))
             example = v.meta.get("val") if isinstance(v, fx.Node) else v
             lifted = self.lift(v)
             if not isinstance(lifted, fx.Node):
                 return lifted
-            if lifted not in slots:
-                slots.append(lifted)
-                examples.append(example.detach() if isinstance(example, torch.Tensor) else example)
-            return generic_rules.Slot(slots.index(lifted))
+            return generic_rules.Slot(add(lifted, example))
+
+        def constant(v: fx.Node) -> Any:
+            if v in self.folded:
+                return generic_rules.BatchSize() if v in self.batch_sizes else self.folded[v]
+            return v
 
         def leaf(v: Any) -> Any:
             return slot(v) if isinstance(v, (fx.Node, torch.Tensor)) else v
 
-        folded = self.folded_args(node)
-        args, kwargs = pytree.tree_map(leaf, (folded.args, folded.kwargs))
+        # Folded shape values first (also inside slices), then the tensors become slots.
+        args, kwargs = fx.map_arg((tuple(node.args), dict(node.kwargs)), constant)
+        args, kwargs = pytree.tree_map(leaf, (args, kwargs))
         module_params: tuple[tuple[str, int], ...] = ()
         if node.op == "call_module":
             kind, target = generic_rules.CallKind.MODULE, self.gm.get_submodule(str(node.target))
@@ -213,10 +242,8 @@ class _Builder:
                                          module_params, pick)
         trainable = any(self.is_trainable(s) for s in slots)
         if trainable and generic_rules.SlotKind.DATA not in kinds:
-            raise UnsupportedOpError(
-                f"{where} computes on parameters only ({call.source}); fxcurv takes trainable parameters as "
-                "inputs of the ops that read the activations (e.g. F.linear(x, self.w) rather than x @ self.w.t() "
-                "... computed apart). Freeze them (requires_grad_(False)) to use them as constants")
+            # A computation on parameters alone: inlined into the calls that read it.
+            return _ParamExpr(call, tuple(slots), tuple(examples), where)
         if generic_rules.SlotKind.DATA in kinds:
             generic_rules.check_samples_independent(call, tuple(examples), where)
             if trainable:
@@ -238,6 +265,18 @@ class _Builder:
             return self.folded.get(n, n)
 
         return registry.Args(fx.map_arg(node.args, fold), fx.map_arg(node.kwargs, fold))
+
+
+@dataclass
+class _ParamExpr:
+    """A call on parameters alone (``self.w.t()``, ``self.cls.expand(N, -1, -1)``): not a node of its own
+    (it has no batch), but nested into each generic call that reads it
+    (:class:`~fxcurv.rules.generic.Nested`), which then takes the parameters as its inputs."""
+
+    call: Any
+    slots: tuple[fx.Node, ...]
+    examples: tuple[Any, ...]
+    where: str
 
 
 class _Outputs:
@@ -298,6 +337,7 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
         if _is_shape_query(node, b.folded):
             b.folded[node] = node.meta["val"]
             b.env[node] = node.meta["val"]
+            b.note_batch_size(node)
             continue
         if node.op == "get_attr":
             b.env[node] = b.lift(_fetch_attr(gm, str(node.target)))
@@ -305,10 +345,13 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
         if node.target in (operator.getitem, getattr) and isinstance(b.env.get(node.args[0]), _Outputs):
             b.env[node] = b.env[node.args[0]].pick(node.args[1])  # an output, by index or field name
             continue
-        found = _match(node, gm, b.folded_args(node))
+        nested = any(isinstance(b.env.get(a), _ParamExpr) for a in node.all_input_nodes)
+        found = None if nested else _match(node, gm, b.folded_args(node))
         b.env[node] = b.emit(*found, node) if found is not None else b.generic(node)
 
     f = b.env[traced.model_output]
+    if isinstance(f, _ParamExpr):
+        raise UnsupportedOpError(f"the model's output ({f.where}) is computed from parameters alone, not from x")
     if not isinstance(f, fx.Node) or not isinstance(traced.model_output.meta.get("val"), torch.Tensor):
         raise TraceError("the model must return a tensor")
     f_val = traced.model_output.meta["val"]

@@ -68,6 +68,22 @@ class Slot:
     index: int
 
 
+@dataclass(frozen=True)
+class Nested:
+    """A call on parameters alone inside a generic call's arguments (``self.cls.expand(N, -1, -1)``,
+    ``self.w.t()``): evaluated with the slots ``slots`` of the enclosing call, so that its parameters are
+    that call's inputs and the generic rule differentiates through both."""
+
+    call: GenericCall
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """The batch size in a call's arguments (``self.cls.expand(x.shape[0], -1, -1)``): the size of the
+    data slots' dimension 0 when the call runs -- 1 when the rules run it on one sample."""
+
+
 class SlotKind(Enum):
     DATA = "data"  # carries the batch as dimension 0
     PARAM = "param"  # a parameter of the model
@@ -96,8 +112,17 @@ class GenericCall:
     smooth_data: bool = True
     smooth_params: frozenset[int] = field(default_factory=frozenset)
 
-    def __call__(self, *slots: torch.Tensor) -> Any:
+    def __call__(self, *slots: torch.Tensor, batch: int | None = None) -> Any:
+        data = self.data
+        if data:
+            batch = slots[data[0]].shape[0]
+
         def fill(v: Any) -> Any:
+            if isinstance(v, Nested):
+                return v.call(*[slots[i] for i in v.slots], batch=batch)
+            if isinstance(v, BatchSize):
+                assert batch is not None, "a batch size in a call without data"
+                return batch
             return slots[v.index] if isinstance(v, Slot) else v
 
         args, kwargs = pytree.tree_map(fill, (self.args, self.kwargs))
