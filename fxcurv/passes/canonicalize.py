@@ -30,7 +30,7 @@ from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_va
 from ..rules import generic as generic_rules
 from ..rules import registry
 from ..rules.losses import check_general_loss, general_loss
-from ..trace import Traced
+from ..trace import Traced, user_location
 from .shape_prop import describe, propagate_shapes
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
@@ -189,7 +189,7 @@ class _Builder:
         val = node.meta.get("val") if value is None else value
         if pick is None and isinstance(val, (tuple, list)):
             return _Outputs(self, node, val)
-        where = f"node {describe(node, self.gm)}"
+        where = f"node {describe(node, self.gm)}{user_location(node)}"
         slots: list[Any] = []
         examples: list[torch.Tensor] = []
 
@@ -432,7 +432,7 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
     try:
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
-        raise UnsupportedOpError(f"node {describe(node, gm)}: {err}") from err
+        raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
     return None if match is None else (op, match)
 
 
