@@ -185,6 +185,8 @@ def build_problem(args: argparse.Namespace) -> Problem:
             from err
     if not isinstance(out, torch.Tensor):
         raise CommandError(f"the model returns a {type(out).__name__}; fxcurv needs one tensor")
+    if not out.is_floating_point():
+        raise CommandError(f"the model returns {str(out.dtype).replace('torch.', '')} values; fxcurv needs real ones")
     try:
         y = loss_kind.target(tuple(out.shape), out.dtype, gen)
     except ValueError as err:
@@ -327,7 +329,7 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcurv", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dot", help="also write the program as a graphviz DOT file")
     p.add_argument("--code", action="store_true", help="also print the generated Python")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of the report")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     if args.command == "list":
         for name, net in NETWORKS.items():
             kind = f" tokens < {net.vocab}" if net.input_kind is InputKind.TOKENS else ""
