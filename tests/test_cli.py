@@ -4,6 +4,7 @@ errors with nonzero exit codes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -83,11 +84,9 @@ def test_json_of_a_model_in_a_file_matches_autograd(model_file, capsys):
     assert out["target"] == {"shape": [4], "dtype": "int64"} and out["loss"] == "cross_entropy"
     assert out["parameters"] == 6 * 5 + 5 + 5 * 3 + 3 and out["unsupported"] == []
     # the CLI's numbers are the model's: recompute its batch (same seed) and the gradient with autograd
-    sys.path.insert(0, str(model_file.parent))
-    try:
-        import user_net
-    finally:
-        sys.path.remove(str(model_file.parent))
+    spec = importlib.util.spec_from_file_location("user_net_for_the_reference", model_file)
+    user_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user_net)
     model = user_net.make_model().double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
@@ -108,7 +107,11 @@ def test_json_of_a_model_in_a_file_matches_autograd(model_file, capsys):
 @pytest.mark.parametrize("attr", ["Net", "instance", "make_model"])
 def test_a_class_an_instance_or_a_factory_from_an_importable_module(model_file, monkeypatch, capsys, attr):
     monkeypatch.syspath_prepend(str(model_file.parent))
-    code, out = run_json(capsys, f"user_net:{attr}", "--input-shape", "2,6", "-q", "diag_ggn")
+    monkeypatch.delitem(sys.modules, "user_net", raising=False)
+    try:
+        code, out = run_json(capsys, f"user_net:{attr}", "--input-shape", "2,6", "-q", "diag_ggn")
+    finally:
+        sys.modules.pop("user_net", None)  # imported from this test's directory only
     assert code == 0 and out["per_parameter"]["b.weight"]["shape"] == [3, 5]
 
 
