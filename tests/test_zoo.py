@@ -24,14 +24,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fxcurv
-from fxcurv.errors import UnsupportedOpError
 from fxcurv.networks import NETWORKS, BasicBlock, InputKind, LossKind, ResNet, TextTransformer, ViT
 
 ZOO = ("resnet18", "resnet_tiny", "vit_small", "vit_tiny", "text_transformer", "text_tiny")
 TINY = ("resnet_tiny", "vit_tiny", "text_tiny")
 HEADS = {"resnet_tiny": ("fc.weight", "fc.bias"), "vit_tiny": ("head.weight", "head.bias"),
          "text_tiny": ("head.weight", "head.bias")}
-NEEDS_GENERIC = pytest.mark.xfail(strict=True, raises=UnsupportedOpError, reason="needs #9 generic rule")
 
 
 def tiny_problem(name: str, batch: int = 3, seed: int = 0):
@@ -150,7 +148,6 @@ def test_references_run_on_the_tiny_networks(name):
 # ---- fxcurv on them (strict xfails until #9's generic rule lands) ------------------------------
 
 
-@NEEDS_GENERIC
 @pytest.mark.parametrize("name", TINY)
 def test_grad_diag_ggn_diag_hessian_exact(name):
     model, x, y = tiny_problem(name)
@@ -162,7 +159,6 @@ def test_grad_diag_ggn_diag_hessian_exact(name):
         assert_close(out["diag_hessian"], reference.diag_hessian(model, loss_fn, x, y), what="diag_hessian")
 
 
-@NEEDS_GENERIC
 @pytest.mark.parametrize("name", TINY)
 def test_hesscale_finite_and_exact_at_the_head(name):
     model, x, y = tiny_problem(name)
