@@ -304,7 +304,9 @@ def test_backpack_refuses(name):
 @pytest.mark.parametrize("name", sorted(BACKPACK_WRONG))
 def test_backpack_is_wrong(name):
     """BackPACK 1.7.1's BatchL2Grad of a grouped convolution's weight is not the squared norm of its own
-    BatchGrad (which agrees with torch.func's per-sample gradients and with fxcurv): the problems of
+    BatchGrad (which agrees with torch.func's per-sample gradients and with fxcurv): it contracts the
+    output gradient with every input channel's patches, ``sum_{m,k} (sum_p dY_nmp X_nkp)^2``, as if
+    ``groups = 1``, where the weight only couples output channel ``m`` with its own group's inputs. The problems of
     :data:`BACKPACK_WRONG` compare fxcurv with ``||grad_batch||^2`` instead. Fails when BackPACK is
     fixed: then drop the entry."""
     problem = PROBLEMS[name]
