@@ -46,7 +46,7 @@ from torch import nn
 
 import fxcurv
 import fxcurv.backpack
-from fxcurv.errors import FxcurvError, TraceError, UnsupportedOpError
+from fxcurv.errors import TraceError, UnsupportedOpError
 
 pytestmark = [pytest.mark.cpu_only(reason="float64 comparison with BackPACK, which runs on CPU tensors here"),
               pytest.mark.skipif(not br.available(), reason=br.SKIP_REASON)]
@@ -333,10 +333,17 @@ class Recurrent(nn.Module):
 
 
 @pytest.mark.parametrize("cell", [nn.RNN, nn.LSTM], ids=lambda c: c.__name__)
-def test_recurrent_layers_are_refused(cell):
-    """BackPACK computes DiagGGN for RNN and LSTM; fxcurv has no rule for them and says so, naming the
-    layer, at compile time."""
+def test_recurrent_layers_are_exact(cell):
+    """BackPACK computes DiagGGN for RNN and LSTM with rules of their own; fxcurv takes them through the
+    generic rule (a batch-first recurrent layer treats samples independently): the GGN and Hessian
+    diagonals equal torch.func's."""
+    import reference as ref
+
     torch.manual_seed(0)
     model = Recurrent(cell).to(torch.float64)
-    with pytest.raises(FxcurvError, match=cell.__name__):
-        fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    x, y, loss = torch.randn(3, 4, 3, dtype=torch.float64), torch.tensor([0, 1, 1]), nn.CrossEntropyLoss()
+    out = fxcurv.compile(model, loss, quantities=("diag_ggn", "diag_hessian"))(x, y)
+    for quantity, want in (("diag_ggn", ref.diag_ggn(model, loss, x, y)),
+                           ("diag_hessian", ref.diag_hessian(model, loss, x, y))):
+        for name, value in want.items():
+            assert rel_error(out[quantity][name], value) < RTOL, f"{quantity}[{name}]"
