@@ -239,3 +239,175 @@ def _gelu_d2(x, approximate):
 define_activation("gelu", gelu, _gelu_d1, _gelu_d2,
                   modules=(nn.GELU,), functions=(F.gelu,),
                   attrs={"approximate": ("approximate", None, "none")})
+
+
+# ---- SELU, CELU: ELU's exponential branch, scaled -------------------------------------------------
+
+# torch's SELU constants (Klambauer et al. 2017, eq. 14), as in ATen.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def selu(x):
+    return torch.selu(x)
+
+
+def _selu_d1(x, out):
+    """``lambda`` for ``x > 0``; ``lambda alpha e^x = out + lambda alpha`` otherwise."""
+    return torch.where(x > 0, torch.full_like(x, SELU_SCALE), out + SELU_SCALE * SELU_ALPHA)
+
+
+def _selu_d2(x, out):
+    """``0`` for ``x > 0``; ``lambda alpha e^x`` otherwise."""
+    return torch.where(x > 0, torch.zeros_like(x), out + SELU_SCALE * SELU_ALPHA)
+
+
+define_activation("selu", selu, _selu_d1, _selu_d2,
+                  modules=(nn.SELU,), functions=(F.selu, torch.selu))
+
+
+def celu(x, alpha=1.0):
+    """``x`` for ``x > 0``, ``alpha (e^(x / alpha) - 1)`` otherwise: F.celu's values, written out
+    because torch's CELU backward scales by ``1 / alpha`` rounded to float32 (a 1e-8 relative error in
+    float64), which the tests' autograd references of this forward would inherit."""
+    return torch.where(x > 0, x, alpha * torch.expm1(x / alpha))
+
+
+def _celu_d1(x, out, alpha):
+    """``1`` for ``x > 0``; ``e^(x / alpha) = out / alpha + 1`` otherwise."""
+    return torch.where(x > 0, torch.ones_like(x), out / alpha + 1)
+
+
+def _celu_d2(x, out, alpha):
+    """``0`` for ``x > 0``; ``e^(x / alpha) / alpha`` otherwise."""
+    return torch.where(x > 0, torch.zeros_like(x), (out / alpha + 1) / alpha)
+
+
+define_activation("celu", celu, _celu_d1, _celu_d2,
+                  modules=(nn.CELU,), functions=(F.celu, torch.celu), attrs={"alpha": ("alpha", 1, 1.0)})
+
+
+# ---- LogSigmoid, Mish, Softsign -----------------------------------------------------------------------
+
+def logsigmoid(x):
+    return F.logsigmoid(x)
+
+
+def _logsigmoid_d1(x):
+    """``log sigma(x)' = 1 - sigma(x) = sigma(-x)``."""
+    return torch.sigmoid(-x)
+
+
+def _logsigmoid_d2(x):
+    """``-sigma(x) (1 - sigma(x))``."""
+    s = torch.sigmoid(x)
+    return -s * (1 - s)
+
+
+define_activation("logsigmoid", logsigmoid, _logsigmoid_d1, _logsigmoid_d2,
+                  modules=(nn.LogSigmoid,), functions=(F.logsigmoid,))
+
+
+def mish(x):
+    return F.mish(x)
+
+
+def _mish_parts(x):
+    """``(t, s, 1 - t^2)`` with ``t = tanh(softplus(x))`` and ``s = sigma(x) = softplus'(x)``."""
+    t = torch.tanh(F.softplus(x))
+    return t, torch.sigmoid(x), 1 - t * t
+
+
+def _mish_d1(x):
+    """``(x t)' = t + x s (1 - t^2)``."""
+    t, s, sech2 = _mish_parts(x)
+    return t + x * s * sech2
+
+
+def _mish_d2(x):
+    """``s (1 - t^2) (2 + x (1 - s) - 2 x s t)``: ``t' = s (1 - t^2)``, ``s' = s (1 - s)`` and
+    ``(1 - t^2)' = -2 t s (1 - t^2)`` in the derivative of ``t + x s (1 - t^2)``."""
+    t, s, sech2 = _mish_parts(x)
+    return s * sech2 * (2 + x * (1 - s) - 2 * x * s * t)
+
+
+define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,))
+
+
+def softsign(x):
+    return F.softsign(x)
+
+
+def _softsign_d1(x):
+    """``(x / (1 + |x|))' = 1 / (1 + |x|)^2``."""
+    return (1 + x.abs()).pow(-2)
+
+
+def _softsign_d2(x):
+    """``-2 sign(x) / (1 + |x|)^3`` (at ``x = 0`` the one-sided values are ``-+2``; ``0`` is taken,
+    as autograd's ``sign``)."""
+    return -2 * torch.sign(x) * (1 + x.abs()).pow(-3)
+
+
+define_activation("softsign", softsign, _softsign_d1, _softsign_d2, modules=(nn.Softsign,),
+                  functions=(F.softsign,))
+
+
+# ---- the hard activations: piecewise linear (Hardtanh, ReLU6, Hardsigmoid) or quadratic (Hardswish) --
+#
+# Their derivatives follow torch's backward kernels, including at the kinks: ``hardtanh`` passes the
+# gradient strictly inside ``(min_val, max_val)``, ``hardsigmoid`` strictly inside ``(-3, 3)``,
+# ``hardswish`` uses ``x / 3 + 1/2`` on ``[-3, 3]`` and ``0`` below ``-3``. Away from the kinks (a set
+# of measure zero) the piecewise-linear ones have ``phi'' = 0`` exactly, hence no residual rule;
+# Hardswish is quadratic on ``(-3, 3)``, ``phi'' = 1/3`` there.
+
+
+def hardtanh(x, min_val=-1.0, max_val=1.0):
+    return F.hardtanh(x, min_val, max_val)
+
+
+def _hardtanh_d1(x, min_val, max_val):
+    return ((x > min_val) & (x < max_val)).to(x.dtype)
+
+
+hardtanh_op = define_activation(
+    "hardtanh", hardtanh, _hardtanh_d1, None, modules=(nn.Hardtanh, nn.ReLU6), functions=(F.hardtanh,),
+    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)})
+
+
+@hardtanh_op.function(F.relu6)
+def _relu6_from_function(node, a):
+    """``relu6(x) = hardtanh(x, 0, 6)``."""
+    return Match({"x": a(0, "input")}, {"min_val": 0.0, "max_val": 6.0})
+
+
+def hardsigmoid(x):
+    # relu6(x + 3) / 6, as ATen computes it; torch has no double backward for F.hardsigmoid, which
+    # the tests' torch.func references of this forward need.
+    return F.relu6(x + 3) / 6
+
+
+def _hardsigmoid_d1(x):
+    return ((x > -3) & (x < 3)).to(x.dtype) / 6
+
+
+define_activation("hardsigmoid", hardsigmoid, _hardsigmoid_d1, None,
+                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,))
+
+
+def hardswish(x):
+    return F.hardswish(x)
+
+
+def _hardswish_d1(x):
+    """``0`` below ``-3``, ``x / 3 + 1/2`` on ``[-3, 3]``, ``1`` above."""
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+
+
+def _hardswish_d2(x):
+    """``1/3`` on ``(-3, 3)`` (the quadratic piece ``x (x + 3) / 6``), ``0`` elsewhere."""
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+define_activation("hardswish", hardswish, _hardswish_d1, _hardswish_d2,
+                  modules=(nn.Hardswish,), functions=(F.hardswish,))
