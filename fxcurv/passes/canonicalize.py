@@ -255,7 +255,11 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args) -> tuple[regi
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
         raise UnsupportedOpError(f"node {describe(node, gm)}: {err}") from err
-    return op, match
+    if match is None:  # no hand rule for this configuration of the call
+        raise UnsupportedOpError(
+            f"{unsupported(node, gm)} Its hand rules ({op.name}) do not cover these arguments "
+            f"(a product or quotient of two activations, a broadcasting sum, a tensor constant, ...).")
+    return registry.matched_op(op, match), match
 
 
 def unsupported_nodes(traced: Traced) -> list[str]:
@@ -299,7 +303,7 @@ def _match_loss(traced: Traced, gm: fx.GraphModule) -> tuple[fx.Node, registry.O
     y_in = match.inputs.get("y")
     if not isinstance(y_in, fx.Node) or y_in.op != "placeholder":
         return None
-    return node, op, match
+    return node, registry.matched_op(op, match), match
 
 
 def _check_target(traced: Traced, gm: fx.GraphModule, y: Any) -> None:

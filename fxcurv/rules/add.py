@@ -5,16 +5,20 @@ branches meet again upstream (the fan-out of the residual block), the compiler s
 arriving from each branch: exact for gradients and for square-root factor columns of one origin
 (they are pushed through the *total* Jacobian, path by path), an approximation for the HesScale
 diagonal (the cross terms between the two branches are dropped, as within a layer in HesScale eq. 4).
+
+The functions that spell a sum also spell ``x + 1``: their canonicalizer sends a tensor and a number
+to ``scalar_affine`` (:mod:`fxcurv.rules.scalar`) and leaves other combinations to the generic rule.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 
-from ..errors import UnsupportedOpError
 from .registry import Match, define_op, example
+from .scalar import Arith, binary_match, is_traced
 
 
 def add(a, b):
@@ -24,33 +28,29 @@ def add(a, b):
 op = define_op("add", "add", add, inputs=("a", "b"))
 
 
-def _canonical(node, a, b):
-    va, vb = example(a), example(b)
-    if va is None or vb is None or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        raise UnsupportedOpError(
-            "only the sum of two traced tensors (a residual connection) is supported; adding a "
-            "constant or a buffer is not part of the vocabulary"
-        )
-    if va.shape != vb.shape:
-        raise UnsupportedOpError(
-            f"add of tensors with shapes {tuple(va.shape)} and {tuple(vb.shape)}: broadcasting sums "
-            "are not supported, only the sum of two branches of equal shape"
-        )
-    return Match({"a": a, "b": b})
+def _canonical(a: Any, b: Any, alpha: Any = 1) -> Match | None:
+    """``a + alpha b``: two traced tensors of equal shape (``alpha = 1``) are this op; a traced
+    tensor and a number are ``scalar_affine`` (:func:`~fxcurv.rules.scalar.binary_match`); anything
+    else -- a broadcasting sum, ``alpha != 1``, a tensor constant or buffer -- has no hand rule
+    (``None``: the generic rule)."""
+    if is_traced(a) and is_traced(b):
+        va, vb = example(a), example(b)
+        if va is None or vb is None or va.shape != vb.shape or alpha != 1:
+            return None
+        return Match({"a": a, "b": b})
+    return binary_match(Arith.ADD, a, b, alpha)
 
 
 @op.function(operator.add, operator.iadd, torch.add)
 def _from_function(node, a):
-    if a(2, "alpha", 1) != 1:
-        raise UnsupportedOpError("torch.add with alpha != 1 is not supported")
-    return _canonical(node, a(0, "input"), a(1, "other"))
+    return _canonical(a(0, "input"), a(1, "other"), a(2, "alpha", 1))
 
 
-@op.method("add", "add_", "__add__", "__iadd__")
+@op.method("add", "add_", "__add__", "__iadd__", "__radd__")
 def _from_method(node, a):
-    if a(2, "alpha", 1) != 1:
-        raise UnsupportedOpError("Tensor.add with alpha != 1 is not supported")
-    return _canonical(node, a(0, "self"), a(1, "other"))
+    if node.target == "__radd__":  # x.__radd__(c) = c + x
+        return _canonical(a(1, "other"), a(0, "self"))
+    return _canonical(a(0, "self"), a(1, "other"), a(2, "alpha", 1))
 
 
 @op.jac_t("a")

@@ -313,22 +313,26 @@ def mish(x):
 
 
 def _mish_parts(x):
-    """``(t, s, 1 - t^2)`` with ``t = tanh(softplus(x))`` and ``s = sigma(x) = softplus'(x)``."""
-    t = torch.tanh(F.softplus(x))
-    return t, torch.sigmoid(x), 1 - t * t
+    """``(t, s, q, 1 - t^2)`` with ``t = tanh(softplus(x))``, ``s = sigma(x) = softplus'(x)`` and
+    ``q = 1 - s = sigma(-x)``, all from the sigmoids: with ``w = 1 + e^x = 1 / q``,
+    ``t = (w^2 - 1) / (w^2 + 1) = s (1 + q) / (1 + q^2)`` and ``1 - t^2 = 4 q^2 / (1 + q^2)^2``, which
+    neither overflow for large ``x`` nor cancel for large ``|x|`` (``t ~ s`` as ``x -> -inf``)."""
+    s, q = torch.sigmoid(x), torch.sigmoid(-x)
+    r = 1 + q * q
+    return s * (1 + q) / r, s, q, 4 * q * q / (r * r)
 
 
 def _mish_d1(x):
-    """``(x t)' = t + x s (1 - t^2)``."""
-    t, s, sech2 = _mish_parts(x)
+    """``(x t)' = t + x s (1 - t^2)``, since ``t' = (1 - t^2) softplus'(x)``."""
+    t, s, _, sech2 = _mish_parts(x)
     return t + x * s * sech2
 
 
 def _mish_d2(x):
-    """``s (1 - t^2) (2 + x (1 - s) - 2 x s t)``: ``t' = s (1 - t^2)``, ``s' = s (1 - s)`` and
-    ``(1 - t^2)' = -2 t s (1 - t^2)`` in the derivative of ``t + x s (1 - t^2)``."""
-    t, s, sech2 = _mish_parts(x)
-    return s * sech2 * (2 + x * (1 - s) - 2 * x * s * t)
+    """``s (1 - t^2) (2 + x q - 2 x s t)``: the derivative of ``t + x s (1 - t^2)`` with
+    ``t' = s (1 - t^2)``, ``s' = s q`` and ``(1 - t^2)' = -2 t s (1 - t^2)``."""
+    t, s, q, sech2 = _mish_parts(x)
+    return s * sech2 * (2 + x * q - 2 * x * s * t)
 
 
 define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,))

@@ -78,6 +78,8 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "hardswish": _SMOOTH,
     "hardtanh": _PIECEWISE_LINEAR,
     "hardsigmoid": _PIECEWISE_LINEAR,
+    "pow": _SMOOTH,
+    "scalar_affine": {**_LINEAR_MAP, DENSE: ("x",)},
     "reshape": {**_LINEAR_MAP, DENSE: ("x",)},
     "max_pool2d": _LINEAR_MAP,
     "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
@@ -132,7 +134,7 @@ def module_call(mod: nn.Module, *xs: torch.Tensor) -> OpContext:
     nodes = tuple(_Traced(x) for x in xs)
     expected = mod(*xs)
     match = canon(_Traced(expected, nodes), mod)
-    return _context(op, match, {id(n): x for n, x in zip(nodes, xs)}, expected)
+    return _context(registry.matched_op(op, match), match, {id(n): x for n, x in zip(nodes, xs)}, expected)
 
 
 def _trace_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, torch.Tensor]]:
@@ -155,7 +157,7 @@ def function_call(fn: Callable, *args: Any, **kwargs: Any) -> OpContext:
     expected = fn(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args(args, kwargs)
     match = canon(_Traced(expected, targs, fn), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> OpContext:
@@ -164,7 +166,7 @@ def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> Op
     expected = getattr(self_, name)(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args((self_,) + args, kwargs)
     match = canon(_Traced(expected, targs, name), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -317,6 +319,32 @@ CASES: list[Case] = [
     # add
     Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
     Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
+    # arithmetic with Python numbers: z = a x + c
+    Case("mul_number", "scalar_affine", lambda: function_call(operator.mul, randn(3, 2, 4), 0.5)),
+    Case("number_mul", "scalar_affine", lambda: function_call(operator.mul, -1.5, randn(3, 5))),
+    Case("div_number", "scalar_affine", lambda: function_call(operator.truediv, randn(3, 5), 3.0)),
+    Case("torch_div", "scalar_affine", lambda: function_call(torch.div, randn(3, 5), -4)),
+    Case("add_number", "scalar_affine", lambda: function_call(operator.add, randn(3, 5), 2.0)),
+    Case("number_add", "scalar_affine", lambda: function_call(operator.add, 0.25, randn(3, 2, 3))),
+    Case("torch_add_alpha", "scalar_affine", lambda: function_call(torch.add, randn(3, 5), 2.0, alpha=3)),
+    Case("sub_number", "scalar_affine", lambda: function_call(operator.sub, randn(3, 5), 1.0)),
+    Case("number_sub", "scalar_affine", lambda: function_call(operator.sub, 1.0, randn(3, 5))),
+    Case("torch_sub_alpha", "scalar_affine", lambda: function_call(torch.sub, randn(3, 5), 2.0, alpha=-2)),
+    Case("torch_rsub", "scalar_affine", lambda: function_call(torch.rsub, randn(3, 5), 2.0, alpha=3)),
+    Case("neg", "scalar_affine", lambda: function_call(operator.neg, randn(3, 5))),
+    Case("neg_method", "scalar_affine", lambda: method_call("neg", randn(3, 5))),
+    Case("mul_method", "scalar_affine", lambda: method_call("mul", randn(3, 5), 3)),
+    Case("div_method", "scalar_affine", lambda: method_call("div", randn(3, 5), 0.5)),
+    Case("add_method_number", "scalar_affine", lambda: method_call("add", randn(3, 5), -2.5)),
+    Case("sub_method", "scalar_affine", lambda: method_call("sub", randn(3, 5), 0.5, alpha=2)),
+    Case("rsub_method", "scalar_affine", lambda: method_call("__rsub__", randn(3, 5), 0.5)),
+    # powers with a number exponent
+    Case("square", "pow", lambda: function_call(operator.pow, randn(3, 2, 4), 2)),
+    Case("cube_method", "pow", lambda: method_call("pow", randn(3, 5), 3)),
+    Case("pow_half", "pow", lambda: function_call(torch.pow, randn(3, 5).abs() + 0.1, 0.5)),
+    Case("pow_negative", "pow", lambda: function_call(operator.pow, randn(3, 5).abs() + 0.5, -1.5)),
+    Case("torch_square", "pow", lambda: function_call(torch.square, randn(3, 5))),
+    Case("square_method", "pow", lambda: method_call("square", randn(3, 5))),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
@@ -619,3 +647,40 @@ def _reads(rule: registry.Rule) -> set[str]:
         if derived is not None:
             names |= _reads(derived)
     return names
+
+
+# ---- calls without a hand rule ----------------------------------------------------------------------
+
+def _canonicalize_function(fn: Callable, *args: Any, **kwargs: Any) -> registry.Match | None:
+    targs, tkwargs, _ = _trace_args(args, kwargs)
+    _, canon = registry.FUNCTION_SOURCES[fn]
+    return canon(_Traced(None, targs, fn), registry.Args(targs, tkwargs))
+
+
+_NO_HAND_RULE = {
+    "tensor_times_tensor": lambda: _canonicalize_function(operator.mul, randn(3, 5), randn(3, 5)),
+    "number_over_tensor": lambda: _canonicalize_function(operator.truediv, 2.0, randn(3, 5)),
+    "over_zero": lambda: _canonicalize_function(operator.truediv, randn(3, 5), 0.0),
+    "broadcasting_sum": lambda: _canonicalize_function(operator.add, randn(3, 5), randn(5)),
+    "sum_with_alpha": lambda: _canonicalize_function(torch.add, randn(3, 5), randn(3, 5), alpha=2),
+    "tensor_constant": lambda: _canonicalize_function(operator.mul, randn(3, 5), torch.tensor(2.0, dtype=DT)),
+    "floor_division": lambda: _canonicalize_function(torch.div, randn(3, 5), 2.0, rounding_mode="floor"),
+    "number_to_the_tensor": lambda: _canonicalize_function(operator.pow, 2.0, randn(3, 5)),
+    "tensor_exponent": lambda: _canonicalize_function(torch.pow, randn(3, 5), randn(3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NO_HAND_RULE))
+def test_arithmetic_without_hand_rule_is_left_to_the_generic_rule(case):
+    """Products of two activations, broadcasting sums, tensor constants, ``c / x``, ``2 ** x``: the
+    canonicalizer returns ``None`` (the generic rule), never a wrong hand rule."""
+    assert _NO_HAND_RULE[case]() is None
+
+
+def test_sum_of_two_branches_stays_add_and_number_sum_is_affine():
+    """``operator.add`` dispatches on its arguments: two traced tensors of one shape are ``add``, a
+    tensor and a number ``scalar_affine``."""
+    two = _canonicalize_function(operator.add, randn(3, 5), randn(3, 5))
+    assert two is not None and two.op is None and set(two.inputs) == {"a", "b"}
+    one = _canonicalize_function(operator.add, randn(3, 5), 1.5)
+    assert one is not None and one.op is registry.OPS["scalar_affine"] and one.attrs == {"scale": 1.0, "shift": 1.5}
