@@ -334,15 +334,24 @@ def _backpack_diagonals(model, loss_fn, x, y):
 @pytest.mark.skipif(not bp.available(), reason=bp.SKIP_REASON)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bce_matches_backpack(reduction):
-    """BackPACK 1.7 takes BCEWithLogitsLoss on ``[N, 1]`` outputs with binary targets."""
+    """BackPACK 1.7 takes BCEWithLogitsLoss on ``[N, 1]`` outputs with binary targets (DiagGGNExact,
+    DiagHessian, KFLR; its KFRA has no summed Hessian for it)."""
     model = mlp(1)
     x = torch.randn(6, 3, dtype=DTYPE)
     y = torch.randint(0, 2, (6, 1)).to(DTYPE)
     loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
-    out = fxcurv.compile(model, loss_fn, quantities=("diag_ggn", "diag_hessian"))(x, y)
+    out = fxcurv.compile(model, loss_fn, quantities=("diag_ggn", "diag_hessian", "kflr"))(x, y)
     ggn, hess = _backpack_diagonals(model, loss_fn, x, y)
     assert_close(out["diag_ggn"], ggn, rtol=1e-10, what="diag_ggn vs BackPACK")
     assert_close(out["diag_hessian"], hess, rtol=1e-10, what="diag_hessian vs BackPACK")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        kflr = bp.run_backpack(model, loss_fn, x, y, "kflr")
+    for name, factors in kflr.items():
+        mine = out["kflr"][name].factors
+        assert len(mine) == len(factors)
+        for a, b in zip(mine, factors):
+            assert a.shape == b.shape and rel_error(a, b) < 1e-10, f"kflr {name}"
 
 
 @pytest.mark.skipif(not bp.available(), reason=bp.SKIP_REASON)
