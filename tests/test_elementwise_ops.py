@@ -184,6 +184,7 @@ class Arithmetic(nn.Module):
         h = h ** 2 + h.pow(3) * 0.25                    # pow; add of two branches
         h = torch.sub(self.l2(h), 0.5, alpha=2).mul(1.5)  # torch.sub with alpha, Tensor.mul
         h = torch.square(torch.sigmoid(h)).div(0.7) - 2.0  # torch.square, Tensor.div, operator.sub
+        h = h / h.size(1) ** 0.5                        # a number computed from a shape (folded)
         return self.l3(h + h * 3)                       # a branch scaled and summed
 
 

@@ -34,7 +34,7 @@ from .shape_prop import describe, propagate_shapes
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
 _SHAPE_ATTRS = {"shape", "ndim"}
 _INT_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-                  operator.mod, operator.neg, operator.truediv}
+                  operator.mod, operator.neg, operator.truediv, operator.pow}
 
 
 @dataclass
