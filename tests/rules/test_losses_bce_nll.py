@@ -369,3 +369,16 @@ def test_segmentation_cross_entropy_matches_backpack(reduction):
     assert_close(out["diag_hessian"], hess, rtol=1e-10, what="diag_hessian vs BackPACK")
     # and both differ where tanh's residual enters
     assert rel_error(out["diag_hessian"]["0.weight"], out["diag_ggn"]["0.weight"]) > 1e-3
+
+
+@pytest.mark.skipif(not bp.available(), reason=bp.SKIP_REASON)
+def test_backpack_has_no_nllloss_extension():
+    """The NLLLoss convention above has no BackPACK number to match: BackPACK 1.7 refuses NLLLoss
+    (should a later version take it, this fails and a comparison belongs here)."""
+    from backpack.extensions import DiagGGNExact
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(dim=1)).to(DTYPE)
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.tensor([0, 3, 1, 1, 2])
+    with pytest.raises(NotImplementedError, match="NLLLoss"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        bp.run_extension(model, nn.NLLLoss(), x, y, DiagGGNExact())
