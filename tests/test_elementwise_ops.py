@@ -256,3 +256,23 @@ def test_product_of_two_activations_has_no_hand_rule():
         return
     # Once the generic rule takes the product, it must be exact here.
     check_against_references(model, nn.CrossEntropyLoss(), x, y)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "hardsigmoid", "hardtanh", "relu6", "selu", "celu", "softsign"])
+def test_derivative_at_the_kinks_is_torchs(name):
+    """At the points where a piecewise activation's pieces meet (``+-3``, the clip values, ``0``),
+    ``phi'`` is the value torch's backward gives there (the one-sided choice is a convention; fxcurv's
+    gradient follows torch's). torch's Hardsigmoid and CELU backwards scale by 1/6 and 1/alpha rounded
+    to float32 (fxcurv's derivatives are exact): a 1e-8 difference there."""
+    from fxcurv.rules import registry
+
+    act = ACTIVATIONS.get(name, lambda: nn.CELU(0.5) if name == "celu" else nn.Softsign())()
+    x = torch.tensor([-3.0, 3.0, -1.0, 1.0, 0.0, 6.0, -0.5, 1.5, -6.0], dtype=DTYPE, requires_grad=True)
+    (want,) = torch.autograd.grad(act(x).sum(), x)
+    c = registry.MODULE_SOURCES[type(act)]
+    match = c[1](type("Node", (), {"args": (None,)})(), act)
+    op = registry.matched_op(c[0], match)
+    d1 = registry.DERIVED[(op.name, "d1")]
+    avail = {"x": x.detach(), "out": op.forward(x.detach(), **match.attrs), **match.attrs}
+    got = d1.fn(**{k: avail[k] for k in d1.context_names(0)})
+    assert (got - want).abs().max() < (1e-7 if name in ("hardsigmoid", "celu") else 1e-15), (got, want)

@@ -361,9 +361,9 @@ define_activation("softsign", softsign, _softsign_d1, _softsign_d2, modules=(nn.
 #
 # Their derivatives follow torch's backward kernels, including at the kinks: ``hardtanh`` passes the
 # gradient strictly inside ``(min_val, max_val)``, ``hardsigmoid`` strictly inside ``(-3, 3)``,
-# ``hardswish`` uses ``x / 3 + 1/2`` on ``[-3, 3]`` and ``0`` below ``-3``. Away from the kinks (a set
-# of measure zero) the piecewise-linear ones have ``phi'' = 0`` exactly, hence no residual rule;
-# Hardswish is quadratic on ``(-3, 3)``, ``phi'' = 1/3`` there.
+# ``hardswish`` uses ``x / 3 + 1/2`` strictly inside ``(-3, 3)`` (``0`` at ``-3``, ``1`` at ``3``).
+# Away from the kinks (a set of measure zero) the piecewise-linear ones have ``phi'' = 0`` exactly,
+# hence no residual rule; Hardswish is quadratic on ``(-3, 3)``, ``phi'' = 1/3`` there.
 
 
 def hardtanh(x, min_val=-1.0, max_val=1.0):
@@ -404,8 +404,8 @@ def hardswish(x):
 
 
 def _hardswish_d1(x):
-    """``0`` below ``-3``, ``x / 3 + 1/2`` on ``[-3, 3]``, ``1`` above."""
-    return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+    """``0`` up to ``-3``, ``x / 3 + 1/2`` on ``(-3, 3)``, ``1`` from ``3`` on."""
+    return torch.where(x <= -3, torch.zeros_like(x), torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x)))
 
 
 def _hardswish_d2(x):
