@@ -276,3 +276,30 @@ def test_derivative_at_the_kinks_is_torchs(name):
     avail = {"x": x.detach(), "out": op.forward(x.detach(), **match.attrs), **match.attrs}
     got = d1.fn(**{k: avail[k] for k in d1.context_names(0)})
     assert (got - want).abs().max() < (1e-7 if name in ("hardsigmoid", "celu") else 1e-15), (got, want)
+
+
+@pytest.mark.parametrize("method", ["add_", "mul_"])
+def test_in_place_method_never_gives_wrong_numbers(method):
+    """``h.add_(g)`` without rebinding ``h`` changes what later users of ``h`` read in eager PyTorch;
+    a graph that reads ``h`` as it was computes another loss. The compiler refuses it (or, with a
+    rule that handles the mutation, matches the references)."""
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            getattr(h, method)(torch.sigmoid(self.lin(x)) if method == "add_" else 2.0)
+            return self.out(h)
+
+    model = InPlace().to(DTYPE)
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 1, 0])
+    try:
+        out = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, y)
+    except UnsupportedOpError as err:
+        assert f"Tensor.{method}" in str(err)
+        return
+    assert abs(out.loss.item() - nn.CrossEntropyLoss()(model(x), y).item()) < 1e-12
+    check_against_references(model, nn.CrossEntropyLoss(), x, y, quantities=("diag_ggn",))

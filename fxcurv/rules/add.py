@@ -46,7 +46,10 @@ def _from_function(node, a):
     return _canonical(a(0, "input"), a(1, "other"), a(2, "alpha", 1))
 
 
-@op.method("add", "add_", "__add__", "__iadd__", "__radd__")
+# Not the in-place ``Tensor.add_``: ``h.add_(g)`` changes ``h`` for every later user of ``h`` in
+# eager PyTorch, while in the traced graph those users read ``h`` as it was (``h += g`` rebinds the
+# name, ``operator.iadd``, and is fine).
+@op.method("add", "__add__", "__iadd__", "__radd__")
 def _from_method(node, a):
     if node.target == "__radd__":  # x.__radd__(c) = c + x
         return _canonical(a(1, "other"), a(0, "self"))

@@ -94,9 +94,11 @@ _FUNCTIONS = {operator.mul: Arith.MUL, operator.imul: Arith.MUL, torch.mul: Arit
               operator.truediv: Arith.DIV, operator.itruediv: Arith.DIV, torch.div: Arith.DIV,
               torch.true_divide: Arith.DIV, operator.sub: Arith.SUB, operator.isub: Arith.SUB,
               torch.sub: Arith.SUB, torch.rsub: Arith.RSUB}
-_METHODS = {"mul": Arith.MUL, "mul_": Arith.MUL, "__mul__": Arith.MUL, "__rmul__": Arith.MUL,
-            "div": Arith.DIV, "div_": Arith.DIV, "__truediv__": Arith.DIV, "true_divide": Arith.DIV,
-            "sub": Arith.SUB, "sub_": Arith.SUB, "__sub__": Arith.SUB, "__rsub__": Arith.RSUB}
+# No in-place methods (``h.mul_(2)``): they mutate ``h`` for every later user of ``h`` in eager
+# PyTorch, while the traced graph's later users of ``h`` read the node before the call.
+_METHODS = {"mul": Arith.MUL, "__mul__": Arith.MUL, "__rmul__": Arith.MUL,
+            "div": Arith.DIV, "__truediv__": Arith.DIV, "true_divide": Arith.DIV,
+            "sub": Arith.SUB, "__sub__": Arith.SUB, "__rsub__": Arith.RSUB}
 
 
 def _rounding(kind: Arith, a: Args) -> bool:
@@ -130,7 +132,7 @@ def _neg_from_function(node, a: Args) -> Match | None:
     return _affine(x, -1.0, 0.0) if is_traced(x) else None
 
 
-@affine.method("neg", "neg_", "negative", "__neg__")
+@affine.method("neg", "negative", "__neg__")
 def _neg_from_method(node, a: Args) -> Match | None:
     x = a(0, "self")
     return _affine(x, -1.0, 0.0) if is_traced(x) else None
@@ -190,7 +192,7 @@ def _pow_from_function(node, a: Args) -> Match | None:
     return _power_match(a(0, "input"), a(1, "exponent"))
 
 
-@pow_op.method("pow", "pow_", "__pow__")
+@pow_op.method("pow", "__pow__")
 def _pow_from_method(node, a: Args) -> Match | None:
     return _power_match(a(0, "self"), a(1, "exponent"))
 
@@ -200,6 +202,6 @@ def _square_from_function(node, a: Args) -> Match | None:
     return _power_match(a(0, "input"), 2)
 
 
-@pow_op.method("square", "square_")
+@pow_op.method("square")
 def _square_from_method(node, a: Args) -> Match | None:
     return _power_match(a(0, "self"), 2)
