@@ -303,3 +303,40 @@ def test_in_place_method_never_gives_wrong_numbers(method):
         return
     assert abs(out.loss.item() - nn.CrossEntropyLoss()(model(x), y).item()) < 1e-12
     check_against_references(model, nn.CrossEntropyLoss(), x, y, quantities=("diag_ggn",))
+
+
+class InPlaceActivation(nn.Module):
+    """``F.relu(., inplace=True)`` (or ``nn.ReLU(inplace=True)``) on ``h`` or a view of ``h``, with
+    ``h`` read again afterwards (``reread``) or not."""
+
+    def __init__(self, through_view: bool, reread: bool, module: bool):
+        super().__init__()
+        self.lin, self.out, self.out2 = nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(3, 2)
+        self.act = nn.ReLU(inplace=True) if module else None
+        self.through_view, self.reread = through_view, reread
+
+    def forward(self, x):
+        h = self.lin(x)
+        v = h.view(h.shape[0], 3) if self.through_view else h
+        r = self.act(v) if self.act is not None else F.relu(v, inplace=True)
+        return self.out(r) + self.out2(h) if self.reread else self.out(r)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["functional", "module"])
+@pytest.mark.parametrize("through_view", [False, True], ids=["direct", "view"])
+def test_in_place_activation_read_again_is_refused(through_view, module):
+    """In PyTorch the later reader of ``h`` sees the activation's output; the out-of-place canonical
+    op would give it ``h``: a different loss, refused by name."""
+    model = InPlaceActivation(through_view, reread=True, module=module).to(DTYPE)
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(UnsupportedOpError, match="inplace=True"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, y)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["functional", "module"])
+@pytest.mark.parametrize("through_view", [False, True], ids=["direct", "view"])
+def test_in_place_activation_read_once_is_exact(through_view, module):
+    model = InPlaceActivation(through_view, reread=False, module=module).to(DTYPE)
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 1, 0])
+    out = check_against_references(model, nn.CrossEntropyLoss(), x, y, quantities=("diag_ggn",))
+    assert abs(out.loss.item() - nn.CrossEntropyLoss()(model(x), y).item()) < 1e-12

@@ -14,6 +14,7 @@ all messages. Where the output is cheaper to differentiate from (tanh, sigmoid) 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedOpError
 from .registry import Match, OpDef, define_op
 
 
@@ -33,12 +35,14 @@ def define_activation(
     functions: tuple[Callable[..., Any], ...] = (),
     methods: tuple[str, ...] = (),
     attrs: dict[str, tuple[str, int | None, Any]] | None = None,
+    inplace_index: int | None = None,
 ) -> OpDef:
     """Register an activation from ``phi`` (``forward(x, **attrs)``), ``phi'`` and ``phi''``.
 
     ``d1``/``d2`` take any of ``x``, ``out`` and the attributes by name. ``d2=None`` marks a
     piecewise-linear activation (no residual term). ``attrs`` maps attribute name to
-    ``(module attribute, functional positional index, default)``.
+    ``(module attribute, functional positional index, default)``; ``inplace_index`` is the positional
+    index of the functional form's ``inplace`` flag (read by keyword where ``None``).
     """
     attrs = attrs or {}
     op = define_op(name, "elementwise", forward, inputs=("x",))
@@ -49,11 +53,13 @@ def define_activation(
     if modules:
         @op.module(*modules)
         def _from_module(node, mod):
+            check_in_place(node.args[0], bool(getattr(mod, "inplace", False)))
             return Match({"x": node.args[0]}, {k: getattr(mod, m) for k, (m, _, _) in attrs.items()})
 
     if functions:
         @op.function(*functions)
         def _from_function(node, a):
+            check_in_place(a(0, "input"), bool(a(inplace_index, "inplace", False)))
             return Match({"x": a(0, "input")}, _attrs_from_args(a))
 
     if methods:
@@ -90,6 +96,61 @@ def define_activation(
     return op
 
 
+# ---- in-place activations -----------------------------------------------------------------------
+#
+# ``F.relu(h, inplace=True)`` overwrites ``h``: in eager PyTorch every later reader of ``h`` -- and of
+# any tensor ``h`` is a view of -- reads the activation's output, while in the traced graph they read
+# the node before the call. The canonical op is out of place, so that is exact only where nothing
+# else reads ``h`` or what it aliases.
+
+# Traced calls whose result may share memory with their first argument.
+_VIEW_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                           "reshape_as", "contiguous", "transpose", "permute", "t", "expand", "narrow"})
+_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                             torch.permute, torch.narrow, operator.getitem, F.dropout})
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def _aliased_input(node: Any) -> Any:
+    """The traced value ``node``'s result may alias (its first argument), or ``None``."""
+    op = getattr(node, "op", None)
+    if op == "call_method" and node.target in _VIEW_METHODS:
+        return node.args[0]
+    if op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        return node.args[0] if node.args else None
+    if op == "call_module":
+        root = getattr(getattr(node, "graph", None), "owning_module", None)
+        mod = root.get_submodule(str(node.target)) if root is not None else None
+        if mod is None or isinstance(mod, _VIEW_MODULES):  # unknown: assume it may alias
+            return node.args[0] if node.args else None
+    return None
+
+
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
+
+
+def _reads_values(user: Any) -> bool:
+    """Whether a traced node reads its input's values (not only its shape: ``h.shape``, ``h.size(0)``)."""
+    if user.op == "call_function" and user.target is getattr:
+        return False
+    return not (user.op == "call_method" and user.target in _METADATA_METHODS)
+
+
+def check_in_place(x: Any, inplace: bool) -> None:
+    """UnsupportedOpError for an in-place activation whose input (or a tensor it is a view of) is
+    read by another node; nothing for out-of-place calls."""
+    seen = x
+    while inplace and seen is not None:
+        users = [u for u in getattr(seen, "users", {}) if _reads_values(u)]
+        if len(users) > 1:
+            readers = ", ".join(sorted(str(u) for u in users))
+            raise UnsupportedOpError(
+                f"an in-place activation (inplace=True) overwrites '{seen}', which other nodes also read "
+                f"({readers}): in PyTorch they see the overwritten values. Use inplace=False (or assign the "
+                "result and use only it)")
+        seen = _aliased_input(seen)
+
+
 # ---- the activations -----------------------------------------------------------------------------
 
 def relu(x):
@@ -101,7 +162,7 @@ def _relu_d1(x):
 
 
 define_activation("relu", relu, _relu_d1, None,
-                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",))
+                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",), inplace_index=1)
 
 
 def leaky_relu(x, negative_slope=0.01):
@@ -114,7 +175,7 @@ def _leaky_relu_d1(x, negative_slope):
 
 define_activation("leaky_relu", leaky_relu, _leaky_relu_d1, None,
                   modules=(nn.LeakyReLU,), functions=(F.leaky_relu,),
-                  attrs={"negative_slope": ("negative_slope", 1, 0.01)})
+                  attrs={"negative_slope": ("negative_slope", 1, 0.01)}, inplace_index=2)
 
 
 def sigmoid(x):
@@ -162,7 +223,7 @@ def _elu_d2(x, out, alpha):
 
 
 define_activation("elu", elu, _elu_d1, _elu_d2,
-                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)})
+                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)}, inplace_index=2)
 
 
 def softplus(x, beta=1.0, threshold=20.0):
@@ -200,7 +261,7 @@ def _silu_d2(x):
 
 
 define_activation("silu", silu, _silu_d1, _silu_d2,
-                  modules=(nn.SiLU,), functions=(F.silu,))
+                  modules=(nn.SiLU,), functions=(F.silu,), inplace_index=1)
 
 
 def gelu(x, approximate="none"):
@@ -263,7 +324,7 @@ def _selu_d2(x, out):
 
 
 define_activation("selu", selu, _selu_d1, _selu_d2,
-                  modules=(nn.SELU,), functions=(F.selu, torch.selu))
+                  modules=(nn.SELU,), functions=(F.selu, torch.selu), inplace_index=1)
 
 
 def celu(x, alpha=1.0):
@@ -284,7 +345,8 @@ def _celu_d2(x, out, alpha):
 
 
 define_activation("celu", celu, _celu_d1, _celu_d2,
-                  modules=(nn.CELU,), functions=(F.celu, torch.celu), attrs={"alpha": ("alpha", 1, 1.0)})
+                  modules=(nn.CELU,), functions=(F.celu, torch.celu), attrs={"alpha": ("alpha", 1, 1.0)},
+                  inplace_index=2)
 
 
 # ---- LogSigmoid, Mish, Softsign -----------------------------------------------------------------------
@@ -335,7 +397,7 @@ def _mish_d2(x):
     return s * sech2 * (2 + x * q - 2 * x * s * t)
 
 
-define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,))
+define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,), inplace_index=1)
 
 
 def softsign(x):
@@ -376,12 +438,13 @@ def _hardtanh_d1(x, min_val, max_val):
 
 hardtanh_op = define_activation(
     "hardtanh", hardtanh, _hardtanh_d1, None, modules=(nn.Hardtanh, nn.ReLU6), functions=(F.hardtanh,),
-    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)})
+    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)}, inplace_index=3)
 
 
 @hardtanh_op.function(F.relu6)
 def _relu6_from_function(node, a):
     """``relu6(x) = hardtanh(x, 0, 6)``."""
+    check_in_place(a(0, "input"), bool(a(1, "inplace", False)))
     return Match({"x": a(0, "input")}, {"min_val": 0.0, "max_val": 6.0})
 
 
@@ -396,7 +459,7 @@ def _hardsigmoid_d1(x):
 
 
 define_activation("hardsigmoid", hardsigmoid, _hardsigmoid_d1, None,
-                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,))
+                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), inplace_index=1)
 
 
 def hardswish(x):
@@ -414,4 +477,4 @@ def _hardswish_d2(x):
 
 
 define_activation("hardswish", hardswish, _hardswish_d1, _hardswish_d2,
-                  modules=(nn.Hardswish,), functions=(F.hardswish,))
+                  modules=(nn.Hardswish,), functions=(F.hardswish,), inplace_index=1)
