@@ -36,7 +36,7 @@ from .shape_prop import describe, propagate_shapes
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_floating_point"}
 _INT_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-                  operator.mod, operator.neg, operator.truediv}
+                  operator.mod, operator.neg, operator.truediv, operator.pow}
 
 
 @dataclass
@@ -448,7 +448,7 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
         raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
-    return None if match is None else (op, match)
+    return None if match is None else (registry.matched_op(op, match), match)
 
 
 def unsupported_nodes(traced: Traced) -> list[str]:
@@ -489,7 +489,7 @@ def _match_loss(traced: Traced, gm: fx.GraphModule) -> tuple[fx.Node, registry.O
     y_in = match.inputs.get("y")
     if not isinstance(y_in, fx.Node) or y_in.op != "placeholder":
         return None
-    return node, op, match
+    return node, registry.matched_op(op, match), match
 
 
 def _check_target(traced: Traced, gm: fx.GraphModule, y: Any) -> None:

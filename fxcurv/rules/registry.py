@@ -189,10 +189,20 @@ def example(value: Any) -> torch.Tensor | None:
 @dataclass
 class Match:
     """What a canonicalizer returns: the op's tensor inputs (fx nodes, parameters, ``None``) and its
-    attributes (plain Python values)."""
+    attributes (plain Python values). ``op``, where given, is the op the call canonicalizes to when
+    that is not the op the canonicalizer is registered for: one torch function may mean several ops
+    (``operator.add`` of two branches is ``add``, of a tensor and a number ``scalar_affine``), and
+    each function has one canonicalizer (:func:`matched_op`)."""
 
     inputs: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
+    op: OpDef | None = None
+
+
+def matched_op(registered: OpDef, match: Match) -> OpDef:
+    """The op a canonicalizer's ``match`` stands for: its own ``op`` if it names one, else the op the
+    canonicalizer is registered for."""
+    return registered if match.op is None else match.op
 
 
 class Args:

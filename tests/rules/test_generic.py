@@ -73,6 +73,16 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "softplus": _SMOOTH,
     "silu": _SMOOTH,
     "gelu": _SMOOTH,
+    "selu": _SMOOTH,
+    "celu": _SMOOTH,
+    "logsigmoid": _SMOOTH,
+    "mish": _SMOOTH,
+    "softsign": _SMOOTH,
+    "hardswish": _SMOOTH,
+    "hardtanh": _PIECEWISE_LINEAR,
+    "hardsigmoid": _PIECEWISE_LINEAR,
+    "pow": _SMOOTH,
+    "scalar_affine": {**_LINEAR_MAP, DENSE: ("x",)},
     "reshape": {**_LINEAR_MAP, DENSE: ("x",)},
     "max_pool2d": _LINEAR_MAP,
     "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
@@ -133,7 +143,7 @@ def module_call(mod: nn.Module, *xs: torch.Tensor) -> OpContext:
     nodes = tuple(_Traced(x) for x in xs)
     expected = mod(*xs)
     match = canon(_Traced(expected, nodes), mod)
-    return _context(op, match, {id(n): x for n, x in zip(nodes, xs)}, expected)
+    return _context(registry.matched_op(op, match), match, {id(n): x for n, x in zip(nodes, xs)}, expected)
 
 
 def _trace_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, torch.Tensor]]:
@@ -156,7 +166,7 @@ def function_call(fn: Callable, *args: Any, **kwargs: Any) -> OpContext:
     expected = fn(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args(args, kwargs)
     match = canon(_Traced(expected, targs, fn), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> OpContext:
@@ -165,7 +175,7 @@ def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> Op
     expected = getattr(self_, name)(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args((self_,) + args, kwargs)
     match = canon(_Traced(expected, targs, name), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -268,6 +278,23 @@ CASES: list[Case] = [
     Case("gelu", "gelu", lambda: module_call(nn.GELU(), randn(3, 2, 3, scale=2.0))),
     Case("gelu_tanh", "gelu", lambda: module_call(nn.GELU(approximate="tanh"), randn(3, 2, 3, scale=2.0))),
     Case("gelu_tanh_fn", "gelu", lambda: function_call(F.gelu, randn(3, 5, scale=2.0), approximate="tanh")),
+    Case("selu", "selu", lambda: module_call(nn.SELU(), randn(3, 2, 3, scale=2.0))),
+    Case("selu_fn", "selu", lambda: function_call(torch.selu, randn(3, 5, scale=2.0))),
+    Case("celu", "celu", lambda: module_call(nn.CELU(alpha=0.6), randn(3, 2, 3, scale=2.0))),
+    Case("celu_fn", "celu", lambda: function_call(F.celu, randn(3, 5, scale=2.0), 1.7)),
+    Case("logsigmoid", "logsigmoid", lambda: module_call(nn.LogSigmoid(), randn(3, 2, 3, scale=3.0))),
+    Case("logsigmoid_fn", "logsigmoid", lambda: function_call(F.logsigmoid, randn(3, 5, scale=3.0))),
+    Case("mish", "mish", lambda: module_call(nn.Mish(), randn(3, 2, 3, scale=3.0))),
+    Case("softsign", "softsign", lambda: module_call(nn.Softsign(), randn(3, 2, 3, scale=2.0))),
+    # hard activations: inputs on every piece (|x| > 3 for some entries)
+    Case("hardswish", "hardswish", lambda: module_call(nn.Hardswish(), randn(3, 2, 4, scale=4.0))),
+    Case("hardswish_fn", "hardswish", lambda: function_call(F.hardswish, randn(3, 6, scale=4.0))),
+    Case("hardtanh", "hardtanh", lambda: module_call(nn.Hardtanh(-0.5, 1.5), randn(3, 2, 3, scale=2.0))),
+    Case("hardtanh_fn", "hardtanh", lambda: function_call(F.hardtanh, randn(3, 5, scale=2.0), -2.0, 0.5)),
+    Case("relu6", "hardtanh", lambda: module_call(nn.ReLU6(), randn(3, 2, 3, scale=5.0))),
+    Case("relu6_fn", "hardtanh", lambda: function_call(F.relu6, randn(3, 5, scale=5.0))),
+    Case("hardsigmoid", "hardsigmoid", lambda: module_call(nn.Hardsigmoid(), randn(3, 2, 4, scale=4.0))),
+    Case("hardsigmoid_fn", "hardsigmoid", lambda: function_call(F.hardsigmoid, randn(3, 6, scale=4.0))),
     # max-pooling (the saved argmax indices are bound as `indices`)
     Case("max_k3s2_overlap", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2), randn(3, 2, 7, 5))),
     Case("max_ceil", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2, ceil_mode=True), randn(3, 2, 6, 6))),
@@ -301,6 +328,32 @@ CASES: list[Case] = [
     # add
     Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
     Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
+    # arithmetic with Python numbers: z = a x + c
+    Case("mul_number", "scalar_affine", lambda: function_call(operator.mul, randn(3, 2, 4), 0.5)),
+    Case("number_mul", "scalar_affine", lambda: function_call(operator.mul, -1.5, randn(3, 5))),
+    Case("div_number", "scalar_affine", lambda: function_call(operator.truediv, randn(3, 5), 3.0)),
+    Case("torch_div", "scalar_affine", lambda: function_call(torch.div, randn(3, 5), -4)),
+    Case("add_number", "scalar_affine", lambda: function_call(operator.add, randn(3, 5), 2.0)),
+    Case("number_add", "scalar_affine", lambda: function_call(operator.add, 0.25, randn(3, 2, 3))),
+    Case("torch_add_alpha", "scalar_affine", lambda: function_call(torch.add, randn(3, 5), 2.0, alpha=3)),
+    Case("sub_number", "scalar_affine", lambda: function_call(operator.sub, randn(3, 5), 1.0)),
+    Case("number_sub", "scalar_affine", lambda: function_call(operator.sub, 1.0, randn(3, 5))),
+    Case("torch_sub_alpha", "scalar_affine", lambda: function_call(torch.sub, randn(3, 5), 2.0, alpha=-2)),
+    Case("torch_rsub", "scalar_affine", lambda: function_call(torch.rsub, randn(3, 5), 2.0, alpha=3)),
+    Case("neg", "scalar_affine", lambda: function_call(operator.neg, randn(3, 5))),
+    Case("neg_method", "scalar_affine", lambda: method_call("neg", randn(3, 5))),
+    Case("mul_method", "scalar_affine", lambda: method_call("mul", randn(3, 5), 3)),
+    Case("div_method", "scalar_affine", lambda: method_call("div", randn(3, 5), 0.5)),
+    Case("add_method_number", "scalar_affine", lambda: method_call("add", randn(3, 5), -2.5)),
+    Case("sub_method", "scalar_affine", lambda: method_call("sub", randn(3, 5), 0.5, alpha=2)),
+    Case("rsub_method", "scalar_affine", lambda: method_call("__rsub__", randn(3, 5), 0.5)),
+    # powers with a number exponent
+    Case("square", "pow", lambda: function_call(operator.pow, randn(3, 2, 4), 2)),
+    Case("cube_method", "pow", lambda: method_call("pow", randn(3, 5), 3)),
+    Case("pow_half", "pow", lambda: function_call(torch.pow, randn(3, 5).abs() + 0.1, 0.5)),
+    Case("pow_negative", "pow", lambda: function_call(operator.pow, randn(3, 5).abs() + 0.5, -1.5)),
+    Case("torch_square", "pow", lambda: function_call(torch.square, randn(3, 5))),
+    Case("square_method", "pow", lambda: method_call("square", randn(3, 5))),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
@@ -833,3 +886,40 @@ def test_hand_rule_equals_generic_rule(case, kind, key, monkeypatch):
     hand = _rule(kind, case.op, key, *msgs, c=c)
     generic = call_rule(registry.TABLES[kind], "generic", slot[key], *msgs, **gc.bindings())
     assert_matches(hand, generic, f"{case.op}.{kind.value}[{key}] vs generic")
+
+
+# ---- calls without a hand rule ----------------------------------------------------------------------
+
+def _canonicalize_function(fn: Callable, *args: Any, **kwargs: Any) -> registry.Match | None:
+    targs, tkwargs, _ = _trace_args(args, kwargs)
+    _, canon = registry.FUNCTION_SOURCES[fn]
+    return canon(_Traced(None, targs, fn), registry.Args(targs, tkwargs))
+
+
+_NO_HAND_RULE = {
+    "tensor_times_tensor": lambda: _canonicalize_function(operator.mul, randn(3, 5), randn(3, 5)),
+    "number_over_tensor": lambda: _canonicalize_function(operator.truediv, 2.0, randn(3, 5)),
+    "over_zero": lambda: _canonicalize_function(operator.truediv, randn(3, 5), 0.0),
+    "broadcasting_sum": lambda: _canonicalize_function(operator.add, randn(3, 5), randn(5)),
+    "sum_with_alpha": lambda: _canonicalize_function(torch.add, randn(3, 5), randn(3, 5), alpha=2),
+    "tensor_constant": lambda: _canonicalize_function(operator.mul, randn(3, 5), torch.tensor(2.0, dtype=DT)),
+    "floor_division": lambda: _canonicalize_function(torch.div, randn(3, 5), 2.0, rounding_mode="floor"),
+    "number_to_the_tensor": lambda: _canonicalize_function(operator.pow, 2.0, randn(3, 5)),
+    "tensor_exponent": lambda: _canonicalize_function(torch.pow, randn(3, 5), randn(3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NO_HAND_RULE))
+def test_arithmetic_without_hand_rule_is_left_to_the_generic_rule(case):
+    """Products of two activations, broadcasting sums, tensor constants, ``c / x``, ``2 ** x``: the
+    canonicalizer returns ``None`` (the generic rule), never a wrong hand rule."""
+    assert _NO_HAND_RULE[case]() is None
+
+
+def test_sum_of_two_branches_stays_add_and_number_sum_is_affine():
+    """``operator.add`` dispatches on its arguments: two traced tensors of one shape are ``add``, a
+    tensor and a number ``scalar_affine``."""
+    two = _canonicalize_function(operator.add, randn(3, 5), randn(3, 5))
+    assert two is not None and two.op is None and set(two.inputs) == {"a", "b"}
+    one = _canonicalize_function(operator.add, randn(3, 5), 1.5)
+    assert one is not None and one.op is registry.OPS["scalar_affine"] and one.attrs == {"scale": 1.0, "shift": 1.5}
