@@ -57,7 +57,7 @@ class OpUse:
     def batch(self) -> int:
         """The number of samples of the op's data inputs."""
         for name, value in zip(self.op.inputs, self.inputs):
-            if name not in self.op.params and isinstance(value, torch.Tensor):
+            if self.op.is_batched(name) and isinstance(value, torch.Tensor):
                 return value.shape[0]
         raise ValueError(f"op {self.op.name} has no data input")
 
@@ -76,7 +76,7 @@ class OpUse:
         inputs; parameters are shared by the samples."""
         if index is None:
             return self
-        values = [v[index] if name not in self.op.params and isinstance(v, torch.Tensor) else v
+        values = [v[index] if self.op.is_batched(name) and isinstance(v, torch.Tensor) else v
                   for name, v in zip(self.op.inputs, self.inputs)]
         return OpUse(self.spec, values)
 
