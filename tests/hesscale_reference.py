@@ -154,7 +154,7 @@ def hesscale(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: torch.
         new_g, new_d = [], []
         for k, p in layer.named_parameters(recurse=False):
             if p.requires_grad:
-                out[f"{name}.{k}"] = torch.zeros_like(p, dtype=x.dtype)
+                out[f"{name}.{k}"] = torch.zeros_like(p, dtype=d.dtype)
         for i in range(n):
             g_out, d_out = g[i].reshape(-1), d[i].reshape(-1)
             if xin.is_floating_point():  # integer inputs (embedding indices) have no derivative
