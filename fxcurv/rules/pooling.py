@@ -1,14 +1,16 @@
 """Pooling in one, two and three dimensions (``nn.MaxPool1d/2d/3d``, ``F.max_pool1d/2d/3d``,
 ``nn.AvgPool1d/2d/3d``, ``F.avg_pool1d/2d/3d``, ``nn.AdaptiveAvgPool1d/2d/3d``,
-``F.adaptive_avg_pool1d/2d/3d``): HBP Sec. D.2, HesScale eq. 8 with the pooling matrix in place of the
-kernel. One op per dimensionality (``max_pool2d``, ...), all defined by the same N-d code below.
+``F.adaptive_avg_pool1d/2d/3d``, ``nn.AdaptiveMaxPool1d/2d/3d``, ``F.adaptive_max_pool1d/2d/3d``):
+HBP Sec. D.2, HesScale eq. 8 with the pooling matrix in place of the kernel. One op per
+dimensionality (``max_pool2d``, ...), all defined by the same N-d code below.
 
 Every pooling is a linear map of the input per sample (max-pooling locally, at the argmax):
 
 * max-pooling is an index selection ``z = Pi x`` (HBP Sec. D.2) with the argmax as index map, so
   ``J^T v = Pi^T v`` scatters ``v`` back to the selected positions; overlapping windows can select
   the same input twice, and their messages add. ``Pi`` is binary, so the HesScale diagonal
-  ``(Pi o Pi)^T d`` is the same scatter ``Pi^T d``. Piecewise linear: no residual term.
+  ``(Pi o Pi)^T d`` is the same scatter ``Pi^T d``. Piecewise linear: no residual term. Adaptive
+  max-pooling is the same selection over the adaptive windows below.
 * average pooling is ``z = A x`` with ``A[j, i] = 1/divisor_j`` for ``i`` in window ``j`` ("a weighted
   sum of index selections", HBP Sec. D.2); the HesScale diagonal is ``(A o A)^T d = A^T (d / divisor)``.
 * adaptive average pooling to an output size ``O`` averages, along each spatial axis ``d``, the input
@@ -252,6 +254,18 @@ def _windows_transpose(v, x, nd, square):
     return v
 
 
+def _output_size(x, output_size, nd: int, name: str) -> tuple[int, ...]:
+    """An adaptive pooling's output size with ``None`` (keep the input's size) resolved."""
+    _check_batched(x, name, nd)
+    sizes = _ntuple(nd)(output_size)
+    if any(s is None for s in sizes):
+        val = example(x)
+        if val is None:
+            raise UnsupportedOpError(f"{name} with output size {output_size}: the input's shape is unknown")
+        sizes = tuple(i if s is None else s for s, i in zip(sizes, val.shape[-nd:]))
+    return tuple(int(s) for s in sizes)
+
+
 def _define_adaptive_avg_pool(nd: int):
     name = f"adaptive_avg_pool{nd}d"
 
@@ -261,14 +275,7 @@ def _define_adaptive_avg_pool(nd: int):
     op = define_op(name, "pooling", _named(forward, name), inputs=("x",))
 
     def canonical(x, output_size):
-        _check_batched(x, name, nd)
-        val = example(x)
-        sizes = _ntuple(nd)(output_size)
-        if any(s is None for s in sizes):  # None keeps the input's size
-            if val is None:
-                raise UnsupportedOpError(f"{name} with output size {output_size}: the input's shape is unknown")
-            sizes = tuple(i if s is None else s for s, i in zip(sizes, val.shape[-nd:]))
-        return Match({"x": x}, {"output_size": tuple(int(s) for s in sizes)})
+        return Match({"x": x}, {"output_size": _output_size(x, output_size, nd, name)})
 
     @op.module(getattr(nn, f"AdaptiveAvgPool{nd}d"))
     def from_module(node, mod):
@@ -291,6 +298,55 @@ def _define_adaptive_avg_pool(nd: int):
     return op
 
 
+# ---- adaptive max-pooling -----------------------------------------------------------------------
+
+def _define_adaptive_max_pool(nd: int):
+    """Adaptive max-pooling selects the argmax of each adaptive window: an index selection ``Pi`` as
+    max-pooling's (windows may overlap where the output size does not divide the input's)."""
+    name = f"adaptive_max_pool{nd}d"
+
+    def forward(x, output_size):
+        return _fn("adaptive_max_pool", nd)(x, output_size)
+
+    def forward_saving(x, output_size):
+        """The forward with the argmax: ``(out, indices)``, indices flat over each channel's spatial block."""
+        return _fn("adaptive_max_pool", nd)(x, output_size, return_indices=True)
+
+    op = define_op(name, "pooling", _named(forward, name), inputs=("x",),
+                   forward_saving=_named(forward_saving, f"{name}_saving"), saved=("indices",))
+
+    def canonical(x, output_size, return_indices):
+        if return_indices:
+            raise UnsupportedOpError(
+                "adaptive max-pooling with return_indices=True is not supported (the indices are not a "
+                f"differentiable output); supported: return_indices=False, e.g. nn.AdaptiveMaxPool{nd}d(size)")
+        return Match({"x": x}, {"output_size": _output_size(x, output_size, nd, name)})
+
+    @op.module(getattr(nn, f"AdaptiveMaxPool{nd}d"))
+    def from_module(node, mod):
+        return canonical(node.args[0], mod.output_size, mod.return_indices)
+
+    with_indices = getattr(F, f"{name}_with_indices")
+
+    @op.function(_fn("adaptive_max_pool", nd), with_indices)
+    def from_function(node, a):
+        return_indices = a(2, "return_indices", False) or getattr(node, "target", None) is with_indices
+        return canonical(a(0, "input"), a(1, "output_size"), return_indices)
+
+    def jac_t(v, x, indices):
+        """HBP Sec. D.2: ``J^T v = Pi^T v`` for the argmax index map ``Pi`` of the adaptive windows."""
+        return _scatter(v, x, indices, nd)
+
+    def diag(d, x, indices):
+        """HesScale eq. 8: ``(Pi o Pi)^T d = Pi^T d`` (``Pi`` is binary)."""
+        return _scatter(d, x, indices, nd)
+
+    op.jac_t("x", fresh=True)(_named(jac_t, f"{name}_jac_t"))
+    op.diag("x", fresh=True)(_named(diag, f"{name}_diag"))
+    return op
+
+
 MAX_POOLS = {nd: _define_max_pool(nd) for nd in DIMS}
 AVG_POOLS = {nd: _define_avg_pool(nd) for nd in DIMS}
 ADAPTIVE_AVG_POOLS = {nd: _define_adaptive_avg_pool(nd) for nd in DIMS}
+ADAPTIVE_MAX_POOLS = {nd: _define_adaptive_max_pool(nd) for nd in DIMS}

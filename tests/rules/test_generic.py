@@ -74,6 +74,7 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     **{f"max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
     **{f"avg_pool{nd}d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)} for nd in (1, 2, 3)},
     **{f"adaptive_avg_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    **{f"adaptive_max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
     # linear in x, w and b (running statistics are constants): no residual
     "batch_norm_eval": {**_LINEAR_MAP, **{kind: ("weight", "bias") for kind in (
         GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT)}, DERIVED: ("x_hat",)},
@@ -328,6 +329,12 @@ CASES: list[Case] = [
                                                                                randn(3, 2, 4, 6), (2, 3))),
     Case("adaptive3d", "adaptive_avg_pool3d", lambda: module_call(nn.AdaptiveAvgPool3d((2, 1, 3)),
                                                                   randn(2, 2, 3, 4, 5))),
+    # adaptive max-pooling (overlapping windows select an input twice)
+    Case("adaptive_max1d_overlap", "adaptive_max_pool1d", lambda: module_call(nn.AdaptiveMaxPool1d(4), randn(3, 2, 7))),
+    Case("adaptive_max2d_fn", "adaptive_max_pool2d", lambda: function_call(F.adaptive_max_pool2d, randn(3, 2, 5, 4),
+                                                                           (3, None))),
+    Case("adaptive_max3d", "adaptive_max_pool3d", lambda: module_call(nn.AdaptiveMaxPool3d((2, 1, 2)),
+                                                                      randn(2, 2, 3, 4, 3))),
     # batch normalization in evaluation mode (running statistics: constants of the op)
     Case("bn2d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3), randn(3, 3, 4, 2))),
     Case("bn1d_features", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 4), randn(3, 4))),

@@ -233,14 +233,24 @@ class _ModuleIndices(nn.Module):
         return self.pool(x)[0].flatten(1)
 
 
+class _AdaptiveIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveMaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        return self.pool(x)[0].flatten(1)
+
+
 class _FunctionalIndices(nn.Module):
     def forward(self, x):
         return F.max_pool2d(x, 2, return_indices=True)[0].flatten(1)
 
 
 @pytest.mark.parametrize("model, source", [(_ModuleIndices(), "nn.MaxPool2d"),
-                                           (_FunctionalIndices(), "max_pool2d_with_indices")],
-                         ids=["module", "functional"])
+                                           (_FunctionalIndices(), "max_pool2d_with_indices"),
+                                           (_AdaptiveIndices(), "nn.AdaptiveMaxPool2d")],
+                         ids=["module", "functional", "adaptive"])
 def test_return_indices_is_rejected(model, source):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 1, 1), model).to(DT)
@@ -253,14 +263,16 @@ def test_return_indices_is_rejected(model, source):
 
 # ---- one and three dimensions, adaptive average pooling -----------------------------------------
 
-# name: (net, input shape per sample, whether BackPACK computes it: its adaptive pooling takes output
-# sizes that divide the input only). Linear layers on the last axis put parameters before the pools.
+# name: (net, input shape per sample, whether BackPACK computes it: its adaptive average pooling takes
+# output sizes that divide the input only, it has no adaptive max-pooling). Linear layers on the last
+# axis put parameters before the pools.
 ND_NETS = {
     "pool1d": (lambda: nn.Sequential(
         nn.Linear(9, 8), nn.Tanh(), nn.MaxPool1d(3, 2, padding=1), nn.AvgPool1d(2, ceil_mode=True),
         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2, 3)), (2, 9), True),
     "pool1d_adaptive_overlap": (lambda: nn.Sequential(
-        nn.Linear(7, 7), nn.Sigmoid(), nn.AdaptiveAvgPool1d(3), nn.Flatten(), nn.Linear(6, 3)), (2, 7), False),
+        nn.Linear(7, 7), nn.Sigmoid(), nn.AdaptiveMaxPool1d(5), nn.AdaptiveAvgPool1d(3), nn.Flatten(),
+        nn.Linear(6, 3)), (2, 7), False),
     "pool3d": (lambda: nn.Sequential(
         nn.Linear(5, 4), nn.Sigmoid(), nn.MaxPool3d(2, 1, padding=1), nn.AvgPool3d(2),
         nn.AdaptiveAvgPool3d((1, 2, 1)), nn.Flatten(), nn.Linear(4, 3)), (2, 3, 4, 5), True),
@@ -268,7 +280,8 @@ ND_NETS = {
         nn.Conv2d(2, 3, 3), nn.Tanh(), nn.AdaptiveAvgPool2d((2, None)), nn.Flatten(), nn.Linear(3 * 2 * 3, 3)),
         (2, 6, 5), True),
     "adaptive2d_overlap": (lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 2), nn.Tanh(), nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(), nn.Linear(3 * 3 * 2, 3)),
+        nn.Conv2d(2, 3, 2), nn.Tanh(), nn.AdaptiveMaxPool2d((4, 3)), nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(),
+        nn.Linear(3 * 3 * 2, 3)),
         (2, 6, 4), False),
 }
 
