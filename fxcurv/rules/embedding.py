@@ -171,3 +171,30 @@ def embedding_batch_l2_weight(g, x, weight, padding_idx):
     sums = _pair_sums(g, x, inverse, sample.shape[0])[0]  # [U, D]
     norms = _without_padding((sums * sums).sum(-1), padding_idx, row)
     return norms.new_zeros(x.shape[0]).index_add_(0, sample, norms)
+
+
+# ---- ViViT's Gram matrix --------------------------------------------------------------------------
+
+@op.gram("weight")
+def embedding_gram(S, x, weight, padding_idx, include=("weight",), total=None):
+    """ViViT eq. S.23 without the ``[K, N, V, D]`` per-sample factors: ``a_kn = J_n^T S_kn`` has one row
+    per distinct (sample, row) pair ``u`` of sample ``n``, ``sums[k, u]``, so
+
+        a_kn . a_k'n' = sum_{u in n, u' in n', row_u = row_u'} sums[k, u] . sums[k', u'],
+
+    the pairs' products masked to equal rows and summed over each sample's pairs (``[K N, K N]``,
+    ``k``-major; added in place into ``total`` where given). Samples are read only through ``x``."""
+    k, n = S.shape[0], x.shape[0]
+    sample, row, inverse = _pairs(x, weight.shape[0])
+    slots = sample.shape[0]
+    sums = _pair_sums(S, x, inverse, slots)  # [K, P, D]
+    if padding_idx is not None:
+        sums = sums * (row != padding_idx).to(sums.dtype).unsqueeze(-1)
+    flat = sums.reshape(k * slots, -1)
+    same_row = (row.unsqueeze(1) == row.unsqueeze(0)).to(sums.dtype)  # [P, P]
+    products = (flat @ flat.T).reshape(k, slots, k, slots) * same_row[None, :, None, :]
+    of_sample = sums.new_zeros((slots, n)).scatter_(1, sample.unsqueeze(1), 1.0)  # [P, N]: each slot's sample
+    gram = torch.einsum("apbq,pn,qm->anbm", products, of_sample, of_sample).reshape(k * n, k * n)
+    if total is None:
+        return gram
+    return total.add_(gram)

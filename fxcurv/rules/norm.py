@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import UnsupportedOpError
 from ..factors import signed_column_squares, signed_square_sum
+from ..gram import gram_into
 from .registry import Match, define_op
 
 _MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -197,3 +198,23 @@ def batch_norm_eval_batch_diag_sqrt_weight(S, sign, x, x_hat):
 def batch_norm_eval_batch_diag_sqrt_bias(S, sign, x):
     """``sum_k sign (sum_p S_kn)^2`` per sample, ``[N, C]``."""
     return signed_column_squares(batch_norm_eval_per_sample_bias(S, x), sign)
+
+
+# ---- ViViT's Gram matrix --------------------------------------------------------------------------
+
+@op.gram("weight", "bias")
+def batch_norm_eval_gram(S, x, running_mean, running_var, eps, include=("weight", "bias"), total=None):
+    """ViViT eq. S.23: the Gram matrix ``[K N, K N]`` of the per-sample factors ``a_kn = J_n^T S_kn`` of
+    the parameters ``include``: the weight's ``sum_p S x_hat`` and the bias's ``sum_p S`` per channel
+    (``[K, N, C]`` each, side by side for both), ``k``-major rows; added in place into ``total`` where
+    given. Samples are read only through ``x`` (``x_hat`` is formed here from it, so that a subset of
+    the batch's columns and inputs gives the subset's Gram matrix)."""
+    k, n = S.shape[0], S.shape[1]
+    parts = []
+    if "weight" in include:
+        x_hat = batch_norm_eval_x_hat(x, running_mean, running_var, eps)
+        parts.append(batch_norm_eval_per_sample_weight(S, x, x_hat))
+    if "bias" in include:
+        parts.append(batch_norm_eval_per_sample_bias(S, x))
+    factors = torch.cat(parts, -1).reshape(k * n, -1)
+    return gram_into(factors, total, k)

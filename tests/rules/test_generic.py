@@ -77,9 +77,10 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     **{f"adaptive_max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
     # linear in x, w and b (running statistics are constants): no residual
     "batch_norm_eval": {**_LINEAR_MAP, **{kind: ("weight", "bias") for kind in (
-        GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT)}, DERIVED: ("x_hat",)},
+        GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT, GRAM)}, DERIVED: ("x_hat",)},
     # integer indices x carry no messages: parameter rules only
-    "embedding": {kind: ("weight",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT)},
+    "embedding": {kind: ("weight",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT,
+                                                 GRAM)},
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
