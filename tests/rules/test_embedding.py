@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import per_sample_reference as ps_ref
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, check_against_references, check_layer_net
@@ -113,3 +114,14 @@ def test_refused_configurations(kw, match):
     with pytest.raises(fxcurv.UnsupportedOpError, match=match) as info:
         fxcurv.compile(model, nn.CrossEntropyLoss())(tokens(), torch.tensor([0, 2, 1]))
     assert str(info.value).startswith("node '") and "Embedding" in str(info.value).split(":")[0]
+
+
+def test_int32_indices_and_data_set_accumulation():
+    """``int32`` indices, and ``engine.accumulate`` over batches of integer inputs: the data set's exact
+    GGN diagonal and gradient."""
+    model = bag_of_embeddings()
+    loss_fn, x, y = nn.CrossEntropyLoss(), tokens(n=5, seed=3), torch.tensor([0, 2, 1, 1, 0])
+    engine = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",))
+    out = engine.accumulate([(x[:2].int(), y[:2]), (x[2:].int(), y[2:])])
+    assert_close(out.grad, reference.grad(model, loss_fn, x, y), what="grad")
+    assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn")
