@@ -1,5 +1,5 @@
-"""Batch normalization in evaluation mode (``nn.BatchNorm1d/2d/3d`` after ``.eval()``, ``F.batch_norm``
-with ``training=False``): a fixed affine map per channel.
+"""Batch normalization in evaluation mode (``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` after
+``.eval()``, ``F.batch_norm`` with ``training=False``): a fixed affine map per channel.
 
 With the running statistics ``mu_c``, ``sigma2_c`` (module buffers, constants of the op) and
 ``x [N, C, *spatial]`` (``[N, C]`` for ``BatchNorm1d`` on features), channel ``c`` of the output is
@@ -34,7 +34,9 @@ from ..factors import signed_column_squares, signed_square_sum
 from ..gram import gram_into
 from .registry import Match, define_op
 
-_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# SyncBatchNorm synchronizes batch statistics across processes in training mode only; in evaluation
+# mode it is the same affine map.
+_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def batch_norm_eval(x, weight, bias, running_mean, running_var, eps):

@@ -341,6 +341,7 @@ CASES: list[Case] = [
     Case("bn1d_features", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 4), randn(3, 4))),
     Case("bn1d_sequence", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 2), randn(3, 2, 5))),
     Case("bn3d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm3d, 2), randn(2, 2, 3, 2, 3))),
+    Case("sync_bn", "batch_norm_eval", lambda: module_call(_batch_norm(nn.SyncBatchNorm, 2), randn(3, 2, 3))),
     Case("bn2d_no_affine", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3, affine=False),
                                                                   randn(3, 3, 2, 2)), without=("weight", "bias")),
     Case("bn_fn", "batch_norm_eval", lambda: function_call(
