@@ -76,6 +76,16 @@ def _source(node: fx.Node, root: nn.Module) -> str:
     return node.op
 
 
+def _is_constant(value: Any) -> bool:
+    """A canonical input that no sample and no trainable parameter changes: absent, a lifted tensor
+    (``get_attr``), or a frozen parameter's placeholder."""
+    if not isinstance(value, fx.Node):
+        return True
+    if value.op == "get_attr":
+        return True
+    return value.op == "placeholder" and info(value).param is not None and not info(value).requires_grad
+
+
 def _contains_node(value: Any) -> bool:
     found = []
     fx.map_arg(value, lambda n: found.append(n))
@@ -133,6 +143,12 @@ class _Builder:
                 f"node {describe(old, self.gm)}: an argument of {op.name} is computed from tensor values "
                 "at run time; fxcurv takes attributes (sizes, strides, ...) that are known when it compiles")
         args = tuple(self.lift(match.inputs.get(k)) for k in op.inputs)
+        for name, value in zip(op.inputs, args):
+            if name in op.constants and not _is_constant(value):
+                raise UnsupportedOpError(
+                    f"node {describe(old, self.gm)}: input '{name}' of {op.name} is computed from the input or "
+                    f"from a trainable parameter ({value}); fxcurv takes it as a constant of the op (a module "
+                    "buffer or a frozen tensor), shared by all samples")
         if op.alias:
             return args[0]
         new = self.graph.call_function(op.forward, args, dict(match.attrs))

@@ -238,6 +238,13 @@ class OpDef:
     inputs: tuple[str, ...]
     # Inputs that may be parameters (a weight, a bias); a parameter anywhere else is used as data.
     params: tuple[str, ...] = ()
+    # Inputs that are constants of the op, shared by all samples and never differentiated (batch
+    # norm's running statistics): module buffers or frozen tensors, never computed from the input or
+    # from a trainable parameter (refused at canonicalization), so they carry no messages.
+    constants: tuple[str, ...] = ()
+    # Integer index inputs (an embedding's token ids): batched data without a derivative, so they
+    # carry no messages; computing them from a trainable parameter is refused.
+    indices: tuple[str, ...] = ()
     forward_saving: Callable[..., Any] | None = None
     saved: tuple[str, ...] = ()
     # (data input, parameter input) pairs in which the op is bilinear: the mixed second derivative
@@ -264,6 +271,11 @@ class OpDef:
     # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
     # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
     applies: Callable[[Any, RuleKind, str], bool] | None = None
+
+    def is_batched(self, name: str) -> bool:
+        """Whether input ``name`` carries the batch as its dimension 0 (data inputs, index inputs), not
+        one value shared by the samples (parameters, constants)."""
+        return name not in self.params and name not in self.constants
 
     # ---- sources -------------------------------------------------------------------------------
     def module(self, *types: type) -> Callable[[Fn], Fn]:

@@ -84,8 +84,16 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "pow": _SMOOTH,
     "scalar_affine": {**_LINEAR_MAP, DENSE: ("x",)},
     "reshape": {**_LINEAR_MAP, DENSE: ("x",)},
-    "max_pool2d": _LINEAR_MAP,
-    "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
+    **{f"max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    **{f"avg_pool{nd}d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)} for nd in (1, 2, 3)},
+    **{f"adaptive_avg_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    **{f"adaptive_max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    # linear in x, w and b (running statistics are constants): no residual
+    "batch_norm_eval": {**_LINEAR_MAP, **{kind: ("weight", "bias") for kind in (
+        GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT, GRAM)}, DERIVED: ("x_hat",)},
+    # integer indices x carry no messages: parameter rules only
+    "embedding": {kind: ("weight",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT,
+                                                 GRAM)},
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
@@ -214,6 +222,26 @@ def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     return x
 
 
+def _batch_norm(cls: type, channels: int, affine: bool = True) -> nn.Module:
+    """A batch norm in evaluation mode with random running statistics (and affine parameters)."""
+    bn = cls(channels, affine=affine).to(DT).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return bn
+
+
+def _tokens(vocab: int, *shape: int) -> torch.Tensor:
+    """Random indices ``[N, *positions]`` below ``vocab``; sample 0 reads row 0 at two positions (and the
+    padding row of the cases with ``padding_idx``) where it has two."""
+    x = torch.randint(0, vocab, shape)
+    if x[0].numel() > 1:
+        x.view(shape[0], -1)[0, :2] = 0
+    return x
+
+
 _GRAM_BLOCKS = ((gram_products, "GRAM_BLOCK_ELEMENTS", 1),)
 
 CASES: list[Case] = [
@@ -314,6 +342,53 @@ CASES: list[Case] = [
     Case("avg_divisor", "avg_pool2d", lambda: module_call(nn.AvgPool2d((2, 3), 1, divisor_override=4),
                                                           randn(3, 2, 4, 5))),
     Case("avg_fn", "avg_pool2d", lambda: function_call(F.avg_pool2d, randn(3, 2, 7, 6), 3, None, 1, True, False)),
+    # pooling in one and three dimensions (the same N-d code as above)
+    Case("max1d_k3s2", "max_pool1d", lambda: module_call(nn.MaxPool1d(3, 2), randn(3, 2, 9))),
+    Case("max1d_fn", "max_pool1d", lambda: function_call(F.max_pool1d, randn(3, 2, 8), 3, 2, 1, ceil_mode=True)),
+    Case("max1d_torch_dil", "max_pool1d", lambda: function_call(torch.max_pool1d, randn(3, 2, 8), 2, 1, 1, 2)),
+    Case("max3d", "max_pool3d", lambda: module_call(nn.MaxPool3d(2, 1, padding=1), randn(2, 2, 3, 4, 3))),
+    Case("max3d_fn", "max_pool3d", lambda: function_call(F.max_pool3d, randn(2, 2, 5, 4, 3), (3, 2, 2), 2,
+                                                         ceil_mode=True)),
+    Case("avg1d_pad_excl", "avg_pool1d", lambda: module_call(nn.AvgPool1d(3, 2, padding=1, count_include_pad=False),
+                                                             randn(3, 2, 8))),
+    Case("avg1d_ceil_fn", "avg_pool1d", lambda: function_call(F.avg_pool1d, randn(3, 2, 8), 3, 2, 1, True)),
+    Case("avg3d_divisor", "avg_pool3d", lambda: module_call(nn.AvgPool3d(2, 1, divisor_override=3),
+                                                            randn(2, 2, 3, 4, 3))),
+    Case("avg3d_ceil_excl_fn", "avg_pool3d", lambda: function_call(
+        F.avg_pool3d, randn(2, 2, 5, 4, 3), 3, 2, 1, True, False)),
+    # adaptive average pooling: windows that divide the input, that overlap, global pooling
+    Case("adaptive1d_overlap", "adaptive_avg_pool1d", lambda: module_call(nn.AdaptiveAvgPool1d(3), randn(3, 2, 7))),
+    Case("adaptive1d_fn", "adaptive_avg_pool1d", lambda: function_call(F.adaptive_avg_pool1d, randn(3, 2, 5), 4)),
+    Case("adaptive2d_keep_h", "adaptive_avg_pool2d", lambda: module_call(nn.AdaptiveAvgPool2d((None, 3)),
+                                                                         randn(3, 2, 4, 5))),
+    Case("adaptive2d_global", "adaptive_avg_pool2d", lambda: module_call(nn.AdaptiveAvgPool2d(1), randn(3, 2, 4, 3))),
+    Case("adaptive2d_divides_fn", "adaptive_avg_pool2d", lambda: function_call(F.adaptive_avg_pool2d,
+                                                                               randn(3, 2, 4, 6), (2, 3))),
+    Case("adaptive3d", "adaptive_avg_pool3d", lambda: module_call(nn.AdaptiveAvgPool3d((2, 1, 3)),
+                                                                  randn(2, 2, 3, 4, 5))),
+    # adaptive max-pooling (overlapping windows select an input twice)
+    Case("adaptive_max1d_overlap", "adaptive_max_pool1d", lambda: module_call(nn.AdaptiveMaxPool1d(4), randn(3, 2, 7))),
+    Case("adaptive_max2d_fn", "adaptive_max_pool2d", lambda: function_call(F.adaptive_max_pool2d, randn(3, 2, 5, 4),
+                                                                           (3, None))),
+    Case("adaptive_max3d", "adaptive_max_pool3d", lambda: module_call(nn.AdaptiveMaxPool3d((2, 1, 2)),
+                                                                      randn(2, 2, 3, 4, 3))),
+    # batch normalization in evaluation mode (running statistics: constants of the op)
+    Case("bn2d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3), randn(3, 3, 4, 2))),
+    Case("bn1d_features", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 4), randn(3, 4))),
+    Case("bn1d_sequence", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 2), randn(3, 2, 5))),
+    Case("bn3d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm3d, 2), randn(2, 2, 3, 2, 3))),
+    Case("sync_bn", "batch_norm_eval", lambda: module_call(_batch_norm(nn.SyncBatchNorm, 2), randn(3, 2, 3))),
+    Case("bn2d_no_affine", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3, affine=False),
+                                                                  randn(3, 3, 2, 2)), without=("weight", "bias")),
+    Case("bn_fn", "batch_norm_eval", lambda: function_call(
+        F.batch_norm, randn(3, 2, 4), randn(2), randn(2).exp(), param(2), param(2), False, 0.1, 1e-3)),
+    # embeddings: integer indices, rows read several times by one sample (summed before squaring)
+    Case("embedding", "embedding", lambda: module_call(nn.Embedding(6, 3).to(DT), _tokens(6, 3, 5))),
+    Case("embedding_padding", "embedding", lambda: module_call(nn.Embedding(6, 3, padding_idx=2).to(DT),
+                                                               _tokens(6, 3, 5))),
+    Case("embedding_one_token_fn", "embedding", lambda: function_call(F.embedding, _tokens(5, 4), param(5, 2),
+                                                                      padding_idx=-1)),
+    Case("embedding_positions_fn", "embedding", lambda: function_call(F.embedding, _tokens(4, 3, 2, 3), param(4, 2))),
     # constant padding: non-negative pads crop by a view, negative ones by a zero pad
     Case("pad_zero", "pad", lambda: module_call(nn.ZeroPad2d((0, 1, 2, 1)), randn(3, 2, 4, 3))),
     Case("pad_const", "pad", lambda: module_call(nn.ConstantPad2d(1, 0.5), randn(3, 2, 3, 3))),
@@ -583,16 +658,19 @@ def test_case_is_canonical_and_per_sample(case):
     every reference above assumes."""
     c = context(case.id)
     assert {k for k, v in c.inputs.items() if v is None} == set(case.without)
-    assert all(v.dtype == DT for v in c.inputs.values() if v is not None)
+    assert all(v.dtype == DT for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
+    assert all(not v.is_floating_point() for k, v in c.inputs.items() if v is not None and k in c.op.indices)
     for key, value in c.inputs.items():
-        if value is None or c.is_param(key):
+        if value is None or not c.op.is_batched(key):
             continue
         stacked = torch.stack([c.sample_forward(key, n)[0](value[n]) for n in range(c.n)])
         assert rel_error(stacked, c.out) < 1e-14
 
 
+# Constants (running statistics) and integer indices are never differentiated: no derivative to check.
 NO_RESIDUAL = [(case, key) for case in CASES if case.op != "generic" for key in registry.OPS[case.op].inputs
-               if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only]
+               if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only
+               and key not in registry.OPS[case.op].constants and key not in registry.OPS[case.op].indices]
 
 
 @pytest.mark.parametrize("case, key", NO_RESIDUAL, ids=[f"{c.id}-{key}" for c, key in NO_RESIDUAL])
@@ -861,7 +939,8 @@ def as_generic(c: OpContext) -> tuple[GenericContext, dict[str, str]]:
     present = [k for k in c.op.inputs if c.inputs.get(k) is not None]
     slot = {k: G.SLOTS[i] for i, k in enumerate(present)}
     args = tuple(G.Slot(present.index(k)) if k in slot else None for k in c.op.inputs)
-    kinds = tuple(G.SlotKind.PARAM if c.is_param(k) else G.SlotKind.DATA for k in present)
+    kinds = tuple(G.SlotKind.PARAM if c.is_param(k) else G.SlotKind.CONSTANT if k in c.op.constants
+                  else G.SlotKind.DATA for k in present)
     call = G.GenericCall(G.CallKind.FUNCTION, c.op.forward, args, dict(c.attrs), kinds, c.op.name)
     slots = tuple(c.inputs[k] for k in present)
     assert all(isinstance(s, torch.Tensor) for s in slots)
