@@ -257,6 +257,7 @@ class _Builder:
                       if self.is_batched(s) else generic_rules.SlotKind.CONSTANT for s in slots)
         call = generic_rules.GenericCall(kind, target, tuple(args), dict(kwargs), kinds, _source(node, self.gm),
                                          module_params, pick)
+        call.trainable = frozenset(i for i, s in enumerate(slots) if info(s).param and info(s).requires_grad)
         trainable = any(self.is_trainable(s) for s in slots)
         if trainable and generic_rules.SlotKind.DATA not in kinds:
             # A computation on parameters alone: inlined into the calls that read it.

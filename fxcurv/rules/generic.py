@@ -111,6 +111,9 @@ class GenericCall:
     pick: int | None = None
     smooth_data: bool = True
     smooth_params: frozenset[int] = field(default_factory=frozenset)
+    # The parameter slots that are trainable (their rules run); the others are held constant.
+    trainable: frozenset[int] = field(default_factory=frozenset)
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
     # Whether one sample's call runs under vmap (a recurrent layer's in-place state updates do not):
     # per-sample parameter products then loop over the samples.
     vmap_samples: bool = True
@@ -314,37 +317,74 @@ def _residual_diag(i: int, g: torch.Tensor, inputs: tuple[Any, ...], call: Gener
 
 # ---- parameter rules --------------------------------------------------------------------------------
 
+class _Shared:
+    """Results a generic node computes for all its trainable parameter slots at once (one VJP, one
+    ``vmap`` over the samples, instead of one per parameter), kept until every slot took its own.
+    Keyed by the identity of the arguments (held, so that an identity is never reused meanwhile)."""
+
+    def __init__(self) -> None:
+        self.args: tuple[Any, ...] = ()
+        self.values: dict[int, torch.Tensor] = {}
+        self.pending: set[int] = set()
+
+    def get(self, i: int, args: tuple[Any, ...], slots: frozenset[int],
+            compute: Callable[[tuple[int, ...]], dict[int, torch.Tensor]]) -> torch.Tensor:
+        if i not in self.values or len(args) != len(self.args) or any(a is not b for a, b in zip(args, self.args)):
+            wanted = tuple(sorted(slots | {i}))
+            self.args, self.values, self.pending = args, compute(wanted), set(wanted)
+        value = self.values[i]
+        self.pending.discard(i)
+        if not self.pending:
+            self.args, self.values = (), {}
+        return value
+
+
+def _shared(call: GenericCall, what: str) -> _Shared:
+    return call.shared.setdefault(what, _Shared())
+
+
 def _grad(i: int, g: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall) -> torch.Tensor:
-    """``dL/dp = sum_n J_n^T g_n``: one VJP of the batched call."""
-    _, pull = torch.func.vjp(lambda p: call(*_replace(inputs, {i: p})), inputs[i])
-    return pull(g)[0]
+    """``dL/dp = sum_n J_n^T g_n``: one VJP of the batched call (for all trainable parameters at once)."""
+
+    def compute(slots: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        def f(*ps: torch.Tensor) -> Any:
+            return call(*_replace(inputs, dict(zip(slots, ps))))
+
+        _, pull = torch.func.vjp(f, *[inputs[j] for j in slots])
+        return dict(zip(slots, pull(g)))
+
+    return _shared(call, "grad").get(i, (g, *inputs), call.trainable, compute)
 
 
 def _per_sample(i: int, v: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall, out: torch.Tensor
                 ) -> torch.Tensor:
-    """``J_n^T v_n`` per sample, ``[*lead, N, *p]``: a VJP of one sample's call inside ``vmap``."""
+    """``J_n^T v_n`` per sample, ``[*lead, N, *p]``: a VJP of one sample's call inside ``vmap`` (for all
+    trainable parameters at once)."""
     lead = _lead(v, out)
     n = out.shape[0]
     cols = v.reshape((-1,) + tuple(out.shape)).movedim(1, 0)  # [N, L, *out]
     data = set(call.data)
 
-    def one(*values: torch.Tensor) -> torch.Tensor:
-        *xs, vn = values
-        xs = [x.unsqueeze(0) if j in data else x for j, x in enumerate(xs)]
+    def compute(slots: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        def one(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            *xs, vn = values
+            xs = [x.unsqueeze(0) if j in data else x for j, x in enumerate(xs)]
 
-        def single(p: torch.Tensor) -> torch.Tensor:
-            return call(*_replace(xs, {i: p})).squeeze(0)
+            def single(*ps: torch.Tensor) -> torch.Tensor:
+                return call(*_replace(xs, dict(zip(slots, ps)))).squeeze(0)
 
-        _, pull = torch.func.vjp(single, xs[i])
-        return torch.vmap(lambda c: pull(c)[0])(vn)
+            _, pull = torch.func.vjp(single, *[xs[j] for j in slots])
+            return torch.vmap(pull)(vn)
 
-    if call.vmap_samples:
-        in_dims = tuple(0 if j in data else None for j in range(len(inputs))) + (0,)
-        res = torch.vmap(one, in_dims=in_dims)(*inputs, cols)  # [N, L, *p]
-    else:
-        res = torch.stack([one(*[x[m] if j in data else x for j, x in enumerate(inputs)], cols[m])
-                           for m in range(n)])
-    return res.movedim(0, 1).reshape(lead + (n,) + tuple(inputs[i].shape))
+        if call.vmap_samples:
+            in_dims = tuple(0 if j in data else None for j in range(len(inputs))) + (0,)
+            res = torch.vmap(one, in_dims=in_dims)(*inputs, cols)  # per slot [N, L, *p]
+        else:
+            per = [one(*[x[m] if j in data else x for j, x in enumerate(inputs)], cols[m]) for m in range(n)]
+            res = tuple(torch.stack(parts) for parts in zip(*per))
+        return {j: r.movedim(0, 1).reshape(lead + (n,) + tuple(inputs[j].shape)) for j, r in zip(slots, res)}
+
+    return _shared(call, "per_sample").get(i, (v, *inputs), call.trainable, compute)
 
 
 def _signed_squares(a: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
