@@ -1,0 +1,188 @@
+"""conv1d, conv3d and the transposed convolutions end to end, and the configurations the convolution
+family leaves to the generic rule (float64).
+
+Every rule of these ops is checked against its torch.func derivation in tests/rules/test_generic.py;
+here ``fxcurv.compile`` runs them on small nets: grad, diag_ggn and diag_hessian against the torch.func
+references (tests/reference.py), hesscale against the brute-force HesScale of its defining equations
+(tests/hesscale_reference.py), and diag_ggn against BackPACK's ``DiagGGNExact`` where BackPACK takes the
+layer.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import backpack_reference as bp
+import hesscale_reference as hs_ref
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, check_against_references
+from torch import nn
+
+import fxcurv
+from fxcurv.errors import UnsupportedOpError
+from fxcurv.rules import registry
+
+DT = torch.float64
+
+
+def _with_head(body: nn.Sequential, in_shape: tuple[int, ...], out: int = 3) -> nn.Sequential:
+    """``body``, a flatten and a linear layer to ``out`` outputs (sized by a forward of zeros), float64."""
+    width = body(torch.zeros((1,) + in_shape)).numel()
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(width, out)).to(DT)
+
+
+def conv1d_net() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.Tanh(),
+                         nn.Conv1d(4, 4, 3, dilation=2, groups=2), nn.Sigmoid())
+    return _with_head(body, (2, 11)), (2, 11)
+
+
+def conv3d_net() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Conv3d(2, 2, 2, padding=1), nn.Tanh(),
+                         nn.Conv3d(2, 4, (2, 2, 1), stride=2, groups=2), nn.Sigmoid())
+    return _with_head(body, (2, 3, 3, 2)), (2, 3, 3, 2)
+
+
+def conv_transpose2d_net(output_padding: int = 1) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(2)
+    body = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2), nn.Tanh(),
+                         nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=output_padding, groups=2),
+                         nn.Sigmoid(),
+                         nn.ConvTranspose2d(2, 2, (2, 1), dilation=(1, 2)), nn.Tanh())
+    return _with_head(body, (2, 5, 4)), (2, 5, 4)
+
+
+def conv_transpose1d_net() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(3)
+    body = nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2, output_padding=1), nn.Sigmoid())
+    return _with_head(body, (2, 4)), (2, 4)
+
+
+NETS = {"conv1d": conv1d_net, "conv3d": conv3d_net, "conv_transpose2d": conv_transpose2d_net,
+        "conv_transpose1d": conv_transpose1d_net}
+
+
+def _data(in_shape: tuple[int, ...], loss_fn: nn.Module, n: int = 3, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n,) + in_shape, generator=gen, dtype=DT)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return x, torch.randint(0, 3, (n,), generator=gen)
+    return x, torch.randn(n, 3, generator=gen, dtype=DT)
+
+
+LOSSES = {"ce_mean": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+
+
+def _ops_of(model: nn.Module) -> set[str]:
+    return {registry.MODULE_SOURCES[type(m)][0].name for m in model.modules() if type(m) in registry.MODULE_SOURCES}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_exact_quantities_on_small_nets(net, loss):
+    """grad, diag_ggn and diag_hessian equal torch.func's; hesscale and hesscale_gn equal the brute-force
+    HesScale (HesScale eq. 4-9 with explicit per-sample Jacobians)."""
+    model, in_shape = NETS[net]()
+    assert net in _ops_of(model)
+    loss_fn = LOSSES[loss]()
+    x, y = _data(in_shape, loss_fn)
+    check_against_references(model, loss_fn, x, y)
+    out = fxcurv.compile(model, loss_fn, quantities=("hesscale", "hesscale_gn"))(x, y)
+    assert_close(out["hesscale"], hs_ref.hesscale(model, loss_fn, x, y), what="hesscale")
+    assert_close(out["hesscale_gn"], hs_ref.hesscale_gn(model, loss_fn, x, y), what="hesscale_gn")
+
+
+def test_functional_forms():
+    """F.conv1d / F.conv_transpose1d / F.conv3d with keyword arguments and 'same' padding."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(0.5 * torch.randn(4, 2, 3, dtype=DT))
+            self.w2 = nn.Parameter(0.5 * torch.randn(4, 2, 2, dtype=DT))
+            self.b2 = nn.Parameter(torch.randn(4, dtype=DT))
+            self.w3 = nn.Parameter(0.5 * torch.randn(2, 4, 1, 2, 1, dtype=DT))
+            self.lin = nn.Linear(2 * 3 * 4, 3).to(DT)
+
+        def forward(self, x):
+            h = torch.tanh(F.conv1d(x, self.w1, None, 1, "same", 2))
+            h = torch.sigmoid(F.conv_transpose1d(h, self.w2, self.b2, stride=2, output_padding=1, groups=2))
+            h = F.conv3d(h.reshape(h.shape[0], 4, 3, 3, 1), self.w3, padding=(0, 1, 0))
+            return self.lin(h.flatten(1))
+
+    torch.manual_seed(6)
+    model = Net()
+    x, y = torch.randn(3, 2, 4, dtype=DT), torch.tensor([0, 2, 1])
+    out = check_against_references(model, nn.CrossEntropyLoss(), x, y)
+    assert set(out["diag_ggn"]) == {"w1", "w2", "b2", "w3", "lin.weight", "lin.bias"}
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    engine(x, y)
+    listing = engine.listing()
+    # the hand rules, not the generic one, run these calls
+    for label in ("= conv1d(", "= conv_transpose1d(", "= conv3d(", "conv1d.diag_sqrt[weight]",
+                  "conv_transpose1d.jac_t[x]", "conv_transpose1d.diag_sqrt[weight]", "conv3d.jac_t[x]"):
+        assert label in listing, f"{label} not in the program"
+
+
+# ---- BackPACK --------------------------------------------------------------------------------------
+
+# BackPACK 1.7.1's DiagGGNExact fails on a transposed convolution with output_padding (an einsum shape
+# error in backpack/utils/conv_transpose.py): its ConvTranspose2d net has none (stride, padding, groups
+# and dilation stay); output_padding is checked against torch.func above.
+BACKPACK_NETS = {"conv1d": conv1d_net, "conv_transpose2d": lambda: conv_transpose2d_net(output_padding=0)}
+
+
+@pytest.mark.skipif(not bp.available(), reason="BackPACK is not installed")
+@pytest.mark.parametrize("net", sorted(BACKPACK_NETS))
+def test_diag_ggn_equals_backpack(net):
+    """fxcurv's diag_ggn equals BackPACK's DiagGGNExact on a Conv1d and a ConvTranspose2d net."""
+    from backpack.extensions import DiagGGNExact
+
+    model, in_shape = BACKPACK_NETS[net]()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data(in_shape, loss_fn, seed=7)
+    want = bp.run_extension(model, loss_fn, x, y, DiagGGNExact())
+    got = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",))(x, y)["diag_ggn"]
+    assert_close(got, {k: v.detach() for k, v in want.items()}, rtol=1e-10, what=f"diag_ggn vs BackPACK ({net})")
+
+
+# ---- configurations left to the generic rule ---------------------------------------------------------
+
+def _module_match(mod: nn.Module, x: torch.Tensor):
+    _, canon = registry.MODULE_SOURCES[type(mod)]
+    out = mod(x)
+    return canon(SimpleNamespace(args=(x,), kwargs={}, meta={"val": out}), mod)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_padding_modes_are_left_to_the_generic_rule(dims, mode):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    mod = conv(2, 2, 3, padding=1, padding_mode=mode).to(DT)
+    x = torch.randn((2, 2) + (4,) * dims, dtype=DT)
+    assert _module_match(mod, x) is None
+    # the same layer with zero padding has its hand rule
+    zeros = conv(2, 2, 3, padding=1).to(DT)
+    assert _module_match(zeros, x).attrs["padding"] == (1,) * dims
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_asymmetric_same_padding_is_left_to_the_generic_rule():
+    # dilation * (kernel - 1) odd in one dim: torch pads one more at the end
+    mod = nn.Conv3d(1, 2, (3, 2, 3), padding="same").to(DT)
+    assert _module_match(mod, torch.randn(2, 1, 4, 4, 4, dtype=DT)) is None
+    _, canon = registry.FUNCTION_SOURCES[F.conv1d]
+    x, w = torch.randn(2, 1, 5, dtype=DT), torch.randn(2, 1, 4, dtype=DT)
+    assert canon(SimpleNamespace(args=(x, w), kwargs={}), registry.Args((x, w, None, 1, "same"), {})) is None
+    # an even total padding is symmetric: explicit ints
+    match = canon(SimpleNamespace(args=(x, w), kwargs={}), registry.Args((x, w, None, 1, "same", 2), {}))
+    assert match.attrs["padding"] == (3,) and match.attrs["dilation"] == (2,)
+
+
+def test_unbatched_input_is_refused():
+    with pytest.raises(UnsupportedOpError, match=r"conv_transpose1d of an input with shape \(2, 4\)"):
+        _module_match(nn.ConvTranspose1d(2, 2, 3).to(DT), torch.randn(2, 4, dtype=DT))
