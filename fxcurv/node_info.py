@@ -60,6 +60,8 @@ class NodeInfo:
     source: str = ""
     param: str | None = None
     requires_grad: bool = False
+    # A generic node's call (fxcurv.rules.generic.GenericCall): what it runs and what its slots are.
+    call: Any = None
     # Value: shape and dtype (``None`` where the value is not a tensor or not known yet).
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None

@@ -92,7 +92,7 @@ class ParamUse:
         return self.emit.dense(columns, self.node)
 
     def has_rule(self, kind: RuleKind) -> bool:
-        return (self.emit.op_of(self.node).name, self.input) in registry.TABLES[kind]
+        return registry.lookup(self.emit.op_of(self.node), kind, self.input, self.node) is not None
 
     def where(self) -> str:
         """The use, for error messages: the parameter, the node and what the user wrote."""

@@ -97,6 +97,8 @@ class Emitter:
         if name in op.inputs:
             value = self.inputs_of(node)[name]
             return self.env[value] if isinstance(value, fx.Node) else value
+        if name == "inputs" and op.variadic:
+            return tuple(self.env[v] if isinstance(v, fx.Node) else v for v in node.args)
         if name in node.kwargs:
             value = node.kwargs[name]
             return self.env[value] if isinstance(value, fx.Node) else value
@@ -119,7 +121,13 @@ class Emitter:
         of these; attributes, parameters and values derived from parameters alone have not."""
         op = self.op_of(node)
         if name in op.inputs:
-            return name not in op.params and isinstance(self.inputs_of(node)[name], fx.Node)
+            value = self.inputs_of(node)[name]
+            return (name not in op.params and isinstance(value, fx.Node) and value.op != "get_attr"
+                    and not info(value).param)
+        if name == "inputs" and op.variadic:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({info(node).source}): a generic op cannot take a subset of the batch's "
+                "samples (ggn_eigen's subsample=) yet")
         if name in node.kwargs:
             return False
         if name == "out" or name in op.saved:
@@ -160,7 +168,7 @@ class Emitter:
     def find_rule(self, kind: RuleKind, node: fx.Node, key: str) -> Rule:
         """The op's ``kind`` rule for input ``key``; an error naming the node where it has none."""
         op = self.op_of(node)
-        found = registry.TABLES[kind].get((op.name, key))
+        found = registry.lookup(op, kind, key, node)
         if found is None:
             have = sorted(k for (o, k) in registry.TABLES[kind] if o == op.name)
             raise UnsupportedOpError(

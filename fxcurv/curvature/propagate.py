@@ -98,6 +98,7 @@ class Propagator:
         self.descendants = descendants  # parameter placeholder -> the nodes computed from it
         self.inboxes: dict[fx.Node, Inbox] = {}
         self.mixed: dict[Origin, MixedTerm] = {}
+        self.joint: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
 
     def post(self, target: fx.Node, *, bundle: fx.Node | None = None,
              diagonals: dict[DiagonalStream, fx.Node] | None = None, columns: Columns | None = None,
@@ -181,17 +182,48 @@ class Propagator:
 
     def _residual(self, node: fx.Node, op: OpDef, name: str, target: fx.Node, msgs: Messages,
                   diagonals: dict[DiagonalStream, fx.Node]) -> None:
-        rule = registry.RESIDUAL.get((op.name, name))
+        """The op's own second-order term at input ``name``: its diagonal ``r`` added to the HesScale
+        streams that keep it; for the residual factor stream, a new origin of columns -- ``diag(r)``
+        where the term is a diagonal (elementwise ops), or the part of the op's joint signed factor that
+        belongs to this input (an op whose term couples features or inputs, the generic rule)."""
         with_residual = [s for s in diagonals if s.residual]
-        if rule is None or not (with_residual or FactorSource.RESIDUAL in self.needs.factors):
+        carried = FactorSource.RESIDUAL in self.needs.factors
+        if not (with_residual or carried):
             return
         emit, shape = self.emit, info(target).shape
-        r = emit.rule(rule, (msgs.g,), node, kind=Kind.RESIDUAL, message="r", shape=shape, at=target)
-        for stream in with_residual:
-            diagonals[stream] = emit.node(factors.add_all, (diagonals[stream], r), kind=Kind.DIAG, of=node,
-                                          message="d", stream=stream.label, shape=shape, at=target)
-        if FactorSource.RESIDUAL in self.needs.factors:
-            self.post(target, columns=Columns(Origin(FactorSource.RESIDUAL, node.name), r, None, diagonal=True))
+        rule = registry.lookup(op, RuleKind.RESIDUAL, name, node)
+        joint = registry.lookup(op, RuleKind.RESIDUAL_SQRT, name, node) if carried else None
+        r = None
+        if rule is not None and (with_residual or joint is None):
+            r = emit.rule(rule, (msgs.g,), node, kind=Kind.RESIDUAL, message="r", shape=shape, at=target)
+            for stream in with_residual:
+                diagonals[stream] = emit.node(factors.add_all, (diagonals[stream], r), kind=Kind.DIAG, of=node,
+                                              message="d", stream=stream.label, shape=shape, at=target)
+        if not carried:
+            return
+        origin = Origin(FactorSource.RESIDUAL, node.name)
+        if joint is not None:
+            parts, sign = self._joint_residual(node, joint, msgs, origin)
+            s = emit.pick(parts, op.inputs.index(name), kind=Kind.SQRT, of=node, message="S", stream=origin.label,
+                          at=target)
+            self.post(target, columns=Columns(origin, s, sign))
+        elif r is not None:
+            self.post(target, columns=Columns(origin, r, None, diagonal=True))
+
+    def _joint_residual(self, node: fx.Node, rule: registry.Rule, msgs: Messages,
+                        origin: Origin) -> tuple[fx.Node, fx.Node]:
+        """The op's joint factor ``(parts, sign)`` of its second-order term, emitted once per node and
+        shared by its inputs: one origin whose columns meet again where the inputs' paths do."""
+        if node not in self.joint:
+            emit = self.emit
+            both = emit.rule(rule, (msgs.g,), node, kind=Kind.SQRT, message="(S, sign)", stream=origin.label,
+                             name=f"residual_factor_{node.name}")
+            parts = emit.pick(both, 0, kind=Kind.SQRT, of=node, message="S", stream=origin.label,
+                              name=f"residual_parts_{node.name}")
+            sign = emit.pick(both, 1, kind=Kind.SQRT, of=node, message="sign", stream=origin.label,
+                             name=f"residual_sign_{node.name}")
+            self.joint[node] = (parts, sign)
+        return self.joint[node]
 
     def _dense(self, node: fx.Node, op: OpDef, name: str, target: fx.Node,
                msgs: Messages) -> dict[DenseStream, fx.Node]:
@@ -199,9 +231,15 @@ class Propagator:
             return {}
         emit = self.emit
         check_dense_size(target)
-        rule = registry.DENSE.get((op.name, name))
+        rule = registry.lookup(op, RuleKind.DENSE, name, node)
         out: dict[DenseStream, fx.Node] = {}
-        residual = registry.RESIDUAL.get((op.name, name))
+        residual = registry.lookup(op, RuleKind.RESIDUAL, name, node)
+        if registry.lookup(op, RuleKind.RESIDUAL_SQRT, name, node) is not None and any(
+                stream.residual is not Residual.NONE for stream in msgs.dense):
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({info(node).source or op.name}): its second derivative couples features, "
+                "which the batch-averaged Hessian recursions (hbp_hessian, hbp_pch_*) do not carry; kfra (the "
+                "GGN) and the exact diagonals do")
         r = None
         for stream, m in msgs.dense.items():
             label = stream.label
@@ -223,6 +261,14 @@ class Propagator:
 
     def _mixed(self, node: fx.Node, op: OpDef, name: str, target: fx.Node, msgs: Messages) -> None:
         inputs = self.emit.inputs_of(node)
+        if op.variadic:
+            for value in inputs.values():
+                if isinstance(value, fx.Node) and info(value).param and target in self.descendants.get(value, ()):
+                    raise UnsupportedOpError(
+                        f"node '{node.name}' ({info(node).source}): parameter {info(value).param} is an input of this "
+                        "generic op and also computes its data input; the mixed second derivative this needs for "
+                        "the Hessian (diag_hessian, block_hessian) is not supported through a generic op. The GGN "
+                        "quantities are exact here")
         for data, param in op.bilinear:
             weight = inputs.get(param)
             if data != name or not isinstance(weight, fx.Node) or target not in self.descendants.get(weight, ()):

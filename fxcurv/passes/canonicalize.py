@@ -22,17 +22,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..data import LossScale
 from ..errors import InputError, TraceError, UnsupportedOpError
 from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_value
+from ..rules import generic as generic_rules
 from ..rules import registry
 from ..rules.losses import check_general_loss, general_loss
 from ..trace import Traced
 from .shape_prop import describe, propagate_shapes
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
-_SHAPE_ATTRS = {"shape", "ndim"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_floating_point"}
 _INT_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
                   operator.mod, operator.neg, operator.truediv}
 
@@ -56,6 +58,9 @@ def _is_shape_query(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
     if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
         return True
     if node.op == "call_function" and node.target in _INT_FUNCTIONS:
+        return all(a in folded for a in node.all_input_nodes)
+    # Arithmetic on folded values (``math.sqrt(x.size(-1))``): a constant of this input signature.
+    if node.op in ("call_function", "call_method") and node.all_input_nodes and "val" in node.meta:
         return all(a in folded for a in node.all_input_nodes)
     return False
 
@@ -89,6 +94,11 @@ class _Builder:
         self.folded: dict[fx.Node, Any] = {}
         self.params: dict[str, fx.Node] = {}
         self.constants: dict[int, fx.Node] = {}
+        self.batched: dict[fx.Node, bool] = {}
+        self.trainable: dict[fx.Node, bool] = {}
+        self.calls: list[Any] = []
+        self.shapes: dict[fx.Node, fx.Node] = {}  # x.shape / x.size() -> x
+        self.batch_sizes: set[fx.Node] = set()  # folded values that are the batch size
 
     def param(self, name: str, value: nn.Parameter) -> fx.Node:
         if name not in self.params:
@@ -130,12 +140,169 @@ class _Builder:
         set_info(new, op=op.name, source=_source(old, self.gm))
         return new
 
+    def note_batch_size(self, node: fx.Node) -> None:
+        """Remember a folded value that is the batch size (``x.size(0)``, ``x.shape[0]``) of a value
+        carrying the batch, so that generic calls take it as :class:`~fxcurv.rules.generic.BatchSize`."""
+        args = node.args
+        if node.op == "call_method" and node.target == "size" and len(args) == 1 and isinstance(args[0], fx.Node):
+            self.shapes[node] = args[0]
+        elif node.op == "call_function" and node.target is getattr and args[1] == "shape":
+            self.shapes[node] = args[0]
+        elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
+            if self.is_batched(self.env.get(args[0])):
+                self.batch_sizes.add(node)
+        elif node.op == "call_function" and node.target is operator.getitem and args[0] in self.shapes and args[1] == 0:
+            if self.is_batched(self.env.get(self.shapes[args[0]])):
+                self.batch_sizes.add(node)
+
+    # ---- the generic rule --------------------------------------------------------------------------
+    def is_batched(self, value: Any) -> bool:
+        """Whether a canonical value carries the batch (is computed from the input ``x``)."""
+        if not isinstance(value, fx.Node):
+            return False
+        if value not in self.batched:
+            if value.op == "placeholder":
+                self.batched[value] = value.name == INPUT
+            elif value.op == "get_attr":
+                self.batched[value] = False
+            else:
+                self.batched[value] = any(self.is_batched(a) for a in value.all_input_nodes)
+        return self.batched[value]
+
+    def is_trainable(self, value: Any) -> bool:
+        """Whether a canonical value depends on a trainable parameter."""
+        if not isinstance(value, fx.Node):
+            return False
+        if value not in self.trainable:
+            if value.op == "placeholder":
+                self.trainable[value] = bool(info(value).param) and info(value).requires_grad
+            elif value.op == "get_attr":
+                self.trainable[value] = False
+            else:
+                self.trainable[value] = any(self.is_trainable(a) for a in value.all_input_nodes)
+        return self.trainable[value]
+
+    def generic(self, node: fx.Node, pick: int | None = None, value: Any = None) -> Any:
+        """``node`` as a generic op (:mod:`fxcurv.rules.generic`): its tensor arguments become slots, the
+        rest stays in its :class:`~fxcurv.rules.generic.GenericCall`. A call returning several tensors
+        is kept as :class:`_Outputs`, made into one generic node per output its users pick."""
+        val = node.meta.get("val") if value is None else value
+        if pick is None and isinstance(val, (tuple, list)):
+            return _Outputs(self, node, val)
+        where = f"node {describe(node, self.gm)}"
+        slots: list[Any] = []
+        examples: list[torch.Tensor] = []
+
+        def add(lifted: fx.Node, example: Any) -> int:
+            if lifted not in slots:
+                slots.append(lifted)
+                examples.append(example.detach() if isinstance(example, torch.Tensor) else example)
+            return slots.index(lifted)
+
+        def slot(v: Any) -> Any:
+            if isinstance(v, fx.Node) and isinstance(self.env.get(v), _Outputs):
+                return [slot(o) for o in self.env[v].all()]
+            if isinstance(v, fx.Node) and isinstance(self.env.get(v), _ParamExpr):
+                expr = self.env[v]
+                return generic_rules.Nested(expr.call, tuple(add(s, e) for s, e in zip(expr.slots, expr.examples)))
+            example = v.meta.get("val") if isinstance(v, fx.Node) else v
+            lifted = self.lift(v)
+            if not isinstance(lifted, fx.Node):
+                return lifted
+            return generic_rules.Slot(add(lifted, example))
+
+        def constant(v: fx.Node) -> Any:
+            if v in self.folded:
+                return generic_rules.BatchSize() if v in self.batch_sizes else self.folded[v]
+            return v
+
+        def leaf(v: Any) -> Any:
+            return slot(v) if isinstance(v, (fx.Node, torch.Tensor)) else v
+
+        # Folded shape values first (also inside slices), then the tensors become slots.
+        args, kwargs = fx.map_arg((tuple(node.args), dict(node.kwargs)), constant)
+        args, kwargs = pytree.tree_map(leaf, (args, kwargs))
+        module_params: tuple[tuple[str, int], ...] = ()
+        if node.op == "call_module":
+            kind, target = generic_rules.CallKind.MODULE, self.gm.get_submodule(str(node.target))
+            module_params = tuple((name, slot(p).index) for name, p in target.named_parameters())
+        elif node.op == "call_method":
+            kind, target = generic_rules.CallKind.METHOD, str(node.target)
+        else:
+            kind, target = generic_rules.CallKind.FUNCTION, node.target
+        if len(slots) > generic_rules.MAX_SLOTS:
+            raise UnsupportedOpError(f"{where} takes {len(slots)} tensors; the generic rule takes at most "
+                                     f"{generic_rules.MAX_SLOTS}")
+        if not isinstance(val, torch.Tensor):
+            raise UnsupportedOpError(f"{where} returns {type(val).__name__}, not a tensor; fxcurv differentiates "
+                                     "ops whose values are tensors (shape queries fold into constants)")
+        kinds = tuple(generic_rules.SlotKind.PARAM if info(s).param else generic_rules.SlotKind.DATA
+                      if self.is_batched(s) else generic_rules.SlotKind.CONSTANT for s in slots)
+        call = generic_rules.GenericCall(kind, target, tuple(args), dict(kwargs), kinds, _source(node, self.gm),
+                                         module_params, pick)
+        trainable = any(self.is_trainable(s) for s in slots)
+        if trainable and generic_rules.SlotKind.DATA not in kinds:
+            # A computation on parameters alone: inlined into the calls that read it.
+            return _ParamExpr(call, tuple(slots), tuple(examples), where)
+        if generic_rules.SlotKind.DATA in kinds:
+            generic_rules.check_samples_independent(call, tuple(examples), where)
+            if trainable:
+                generic_rules.probe_curvature(call, tuple(examples))
+        attr = f"generic_{len(self.calls)}"
+        self.calls.append(call)
+        setattr(self.root, attr, call)
+        with self.graph.inserting_before(None):
+            handle = self.graph.get_attr(attr)
+        set_info(handle, source=f"the generic call of {node.name}")
+        new = self.graph.call_function(generic_rules.generic, tuple(slots), {"call": handle})
+        set_value(new, val)
+        set_info(new, op=generic_rules.op.name, source=call.source, call=call)
+        return new
+
     def folded_args(self, node: fx.Node) -> registry.Args:
         """The call's arguments with shape queries replaced by their values (``h.shape[2:]``)."""
         def fold(n: fx.Node) -> Any:
             return self.folded.get(n, n)
 
         return registry.Args(fx.map_arg(node.args, fold), fx.map_arg(node.kwargs, fold))
+
+
+@dataclass
+class _ParamExpr:
+    """A call on parameters alone (``self.w.t()``, ``self.cls.expand(N, -1, -1)``): not a node of its own
+    (it has no batch), but nested into each generic call that reads it
+    (:class:`~fxcurv.rules.generic.Nested`), which then takes the parameters as its inputs."""
+
+    call: Any
+    slots: tuple[fx.Node, ...]
+    examples: tuple[Any, ...]
+    where: str
+
+
+class _Outputs:
+    """A generic call that returns several tensors (``chunk``, ``split``, ``nn.MultiheadAttention``): one
+    generic node per output that is used, made when it is picked."""
+
+    def __init__(self, builder: _Builder, node: fx.Node, values: Any):
+        self.builder, self.node, self.values = builder, node, values
+        self.picked: dict[int, Any] = {}
+
+    def pick(self, index: Any) -> Any:
+        fields = getattr(self.values, "_fields", None) or getattr(type(self.values), "__match_args__", ())
+        if isinstance(index, str) and index in fields:
+            index = fields.index(index)  # a named tuple's field (torch.sort(x).values)
+        if not isinstance(index, int):
+            raise UnsupportedOpError(f"node {describe(self.node, self.builder.gm)}: its outputs are picked with "
+                                     f"{index!r}; fxcurv takes one output at a time, by an integer index")
+        index = index % len(self.values)
+        if index not in self.picked:
+            value = self.values[index]
+            self.picked[index] = (None if value is None
+                                  else self.builder.generic(self.node, pick=index, value=value))
+        return self.picked[index]
+
+    def all(self) -> list[Any]:
+        return [self.pick(i) for i in range(len(self.values))]
 
 
 def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
@@ -170,14 +337,21 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
         if _is_shape_query(node, b.folded):
             b.folded[node] = node.meta["val"]
             b.env[node] = node.meta["val"]
+            b.note_batch_size(node)
             continue
         if node.op == "get_attr":
             b.env[node] = b.lift(_fetch_attr(gm, str(node.target)))
             continue
-        op, match = _match(node, gm, b.folded_args(node))
-        b.env[node] = b.emit(op, match, node)
+        if node.target in (operator.getitem, getattr) and isinstance(b.env.get(node.args[0]), _Outputs):
+            b.env[node] = b.env[node.args[0]].pick(node.args[1])  # an output, by index or field name
+            continue
+        nested = any(isinstance(b.env.get(a), _ParamExpr) for a in node.all_input_nodes)
+        found = None if nested else _match(node, gm, b.folded_args(node))
+        b.env[node] = b.emit(*found, node) if found is not None else b.generic(node)
 
     f = b.env[traced.model_output]
+    if isinstance(f, _ParamExpr):
+        raise UnsupportedOpError(f"the model's output ({f.where}) is computed from parameters alone, not from x")
     if not isinstance(f, fx.Node) or not isinstance(traced.model_output.meta.get("val"), torch.Tensor):
         raise TraceError("the model must return a tensor")
     f_val = traced.model_output.meta["val"]
@@ -209,6 +383,8 @@ def _parameters_used_as_data(graph: fx.Graph) -> list[str]:
         if node.op != "call_function" or op_name is None:
             continue
         op = registry.OPS[op_name]
+        if op.variadic:
+            continue  # every input of a generic op may be a parameter
         for i, name in enumerate(op.inputs):
             value = node.args[i] if i < len(node.args) else None
             if (isinstance(value, fx.Node) and value.op == "placeholder" and info(value).param
@@ -244,18 +420,20 @@ def unsupported(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"node {describe(node, gm)} is not supported by fxcurv (source: {_source(node, gm)})."
 
 
-def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args) -> tuple[registry.OpDef, registry.Match]:
+def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
+           ) -> tuple[registry.OpDef, registry.Match] | None:
+    """The hand-written op for ``node`` and its canonical inputs, or ``None``: the generic rule."""
     entry, mod = _lookup(node, gm)
-    if entry is None or entry[0].is_loss:
-        raise UnsupportedOpError(
-            f"{unsupported(node, gm)}\nSupported ops and the torch calls that map to them:\n  "
-            f"{registry.supported_sources()}")
+    if entry is None:
+        return None
+    if entry[0].is_loss:
+        raise UnsupportedOpError(f"{unsupported(node, gm)} A loss can only end the graph, as loss_fn(model(x), y).")
     op, canonicalizer = entry
     try:
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
         raise UnsupportedOpError(f"node {describe(node, gm)}: {err}") from err
-    return op, match
+    return None if match is None else (op, match)
 
 
 def unsupported_nodes(traced: Traced) -> list[str]:
@@ -271,11 +449,8 @@ def unsupported_nodes(traced: Traced) -> list[str]:
             folded[node] = True
             continue
         entry, _ = _lookup(node, gm)
-        if entry is not None and not entry[0].is_loss:
-            continue
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and _lookup(node.args[0], gm)[0]:
-            continue  # a pick from a supported op's result: its canonicalizer says more once shapes are known
-        found.append(unsupported(node, gm))
+        if entry is not None and entry[0].is_loss:
+            found.append(unsupported(node, gm))  # every other call has a hand-written or the generic rule
     return found
 
 

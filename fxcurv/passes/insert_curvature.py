@@ -25,10 +25,13 @@ from .canonicalize import CanonicalGraph
 
 
 def _depends_on(graph: fx.Graph, sources: set[fx.Node]) -> set[fx.Node]:
-    """The nodes whose value is computed from ``sources`` (the sources included)."""
+    """The nodes whose value is computed from ``sources`` (the sources included) differentiably: an
+    integer or boolean value (indices, masks) has zero derivative, so nothing passes through it."""
     found = set(sources)
     for node in graph.nodes:
-        if node.op == "call_function" and any(a in found for a in node.all_input_nodes):
+        dtype = info(node).dtype
+        if (node.op == "call_function" and any(a in found for a in node.all_input_nodes)
+                and (dtype is None or dtype.is_floating_point or dtype.is_complex)):
             found.add(node)
     return found
 

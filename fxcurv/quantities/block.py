@@ -27,7 +27,9 @@ import torch.fx as fx
 
 from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
+from ..errors import UnsupportedOpError
 from ..operators import BlockOperator
+from ..rules.registry import RuleKind
 from .base import Quantity
 from .combine import Accumulator, OperatorSum
 from .uses import OpUse, UseSpec, keep, vjp_sum
@@ -72,6 +74,10 @@ class ExactBlock(Quantity):
         return OperatorSum()
 
     def collect(self, use: ParamUse, state: _State) -> None:
+        if FactorSource.RESIDUAL in self.sources and use.has_rule(RuleKind.PARAM_RESIDUAL):
+            raise UnsupportedOpError(
+                f"{use.where()}: the op is nonlinear in the parameter; its own second derivative is not "
+                f"carried by {self.name} yet (diag_hessian carries it)")
         index = len(state.uses)
         state.uses.append(keep(use))
         for origin, cols in use.columns.items():

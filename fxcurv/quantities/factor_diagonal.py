@@ -9,6 +9,8 @@ A parameter's block of ``sum_origins sum_k sign_k (J^T S_k)(J^T S_k)^T`` has the
   exact for a diagonal);
 * a parameter used more than once sums its per-sample ``J^T S`` (``per_sample`` rule) over all uses
   *before* squaring -- the cross terms between uses belong to the diagonal;
+* an op nonlinear in the parameter (the generic rule) adds the diagonal of its own second derivative
+  ``sum_n d2(g_n . z_n)/dp^2`` (``param_residual``) to the Hessian;
 * the mixed-term columns of a weight used twice pair with the op's mixed derivative ``B^T E``:
   ``2 sum_i a_i b_i`` (:func:`fxcurv.factors.mixed_contribution`).
 """
@@ -46,6 +48,10 @@ class FactorDiagonal(Quantity):
         return _State()
 
     def collect(self, use: ParamUse, state: _State) -> None:
+        if FactorSource.RESIDUAL in self.sources and use.has_rule(RuleKind.PARAM_RESIDUAL):
+            # The op's own second derivative w.r.t. the parameter (an op nonlinear in it, the generic
+            # rule): HBP eq. S.6's second term at the parameter itself.
+            state.parts.append(use.rule(RuleKind.PARAM_RESIDUAL, use.g, message="diag", stream="residual"))
         for origin, cols in use.columns.items():
             if origin.source not in self.sources or (origin.weight and origin.weight != use.name):
                 continue  # another stream, or a mixed term of another weight

@@ -26,6 +26,10 @@ class DiagonalBackprop(Quantity):
     def collect(self, use: ParamUse, state: list[fx.Node]) -> None:
         state.append(use.rule(RuleKind.DIAG_DIAG, use.diagonals[self.stream], message="diag",
                               stream=self.stream.label))
+        if self.stream.residual and use.has_rule(RuleKind.PARAM_RESIDUAL):
+            # An op nonlinear in the parameter (the generic rule): its own second derivative's diagonal,
+            # the parameter's counterpart of eq. 4's residual term.
+            state.append(use.rule(RuleKind.PARAM_RESIDUAL, use.g, message="diag", stream=self.stream.label))
 
     def finalize(self, end: ParamEnd, state: list[fx.Node]) -> fx.Node:
         return sum_or_zeros(end, state, self.name)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamUse
+from ..errors import UnsupportedOpError
 from ..rules import registry
 
 
@@ -33,6 +34,10 @@ class UseSpec:
 def keep(use: ParamUse) -> tuple[UseSpec, tuple[Any, ...]]:
     """The use's static part and its op's input values (graph nodes, ``None`` where absent)."""
     op = use.emit.op_of(use.node)
+    if op.variadic:
+        raise UnsupportedOpError(
+            f"{use.where()}: products with the exact block (block_ggn, block_hessian, ggn_eigen) are not "
+            "supported through a generic op yet; the diagonal and per-sample quantities are")
     inputs = use.emit.inputs_of(use.node)
     values = tuple(use.emit.env[v] if isinstance(v, fx.Node) else v for v in inputs.values())
     return UseSpec(op.name, use.input, tuple(sorted(use.node.kwargs.items()))), values

@@ -13,7 +13,6 @@ import operator
 
 import torch
 
-from ..errors import UnsupportedOpError
 from .registry import Match, define_op, example
 
 
@@ -25,31 +24,27 @@ op = define_op("add", "add", add, inputs=("a", "b"))
 
 
 def _canonical(node, a, b):
+    """The sum of two traced branches of equal shape; anything else (a constant, a broadcast, a
+    parameter) is left to the generic rule (``None``)."""
     va, vb = example(a), example(b)
     if va is None or vb is None or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        raise UnsupportedOpError(
-            "only the sum of two traced tensors (a residual connection) is supported; adding a "
-            "constant or a buffer is not part of the vocabulary"
-        )
+        return None
     if va.shape != vb.shape:
-        raise UnsupportedOpError(
-            f"add of tensors with shapes {tuple(va.shape)} and {tuple(vb.shape)}: broadcasting sums "
-            "are not supported, only the sum of two branches of equal shape"
-        )
+        return None
     return Match({"a": a, "b": b})
 
 
 @op.function(operator.add, operator.iadd, torch.add)
 def _from_function(node, a):
     if a(2, "alpha", 1) != 1:
-        raise UnsupportedOpError("torch.add with alpha != 1 is not supported")
+        return None
     return _canonical(node, a(0, "input"), a(1, "other"))
 
 
 @op.method("add", "add_", "__add__", "__iadd__")
 def _from_method(node, a):
     if a(2, "alpha", 1) != 1:
-        raise UnsupportedOpError("Tensor.add with alpha != 1 is not supported")
+        return None
     return _canonical(node, a(0, "self"), a(1, "other"))
 
 

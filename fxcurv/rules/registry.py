@@ -66,6 +66,8 @@ class RuleKind(Enum):
     KRON_DENSE = "kron_dense"
     KRON_IN = "kron_in"
     GRAM = "gram"
+    RESIDUAL_SQRT = "residual_sqrt"
+    PARAM_RESIDUAL = "param_residual"
     DERIVED = "derived"
     LOSS_GRAD = "loss_grad"
     LOSS_SQRT_HESSIAN = "loss_sqrt_hessian"
@@ -116,6 +118,10 @@ KRON_DENSE = TABLES[RuleKind.KRON_DENSE]
 KRON_IN = TABLES[RuleKind.KRON_IN]
 # The Gram matrix of a parameter's per-sample factors (ViViT).
 GRAM = TABLES[RuleKind.GRAM]
+# Ops whose second derivative w.r.t. their data inputs is not a diagonal (the generic rule): a signed
+# square-root factor of it, joint over the data inputs, and a parameter's own second derivative.
+RESIDUAL_SQRT = TABLES[RuleKind.RESIDUAL_SQRT]
+PARAM_RESIDUAL = TABLES[RuleKind.PARAM_RESIDUAL]
 # Forward-side quantities shared by several rules of one op node.
 DERIVED = TABLES[RuleKind.DERIVED]
 # Loss rules, keyed by (loss op, "f"): the first and second derivatives w.r.t. the model output f.
@@ -242,6 +248,12 @@ class OpDef:
     # scale(shape, y, **attrs) -> LossScale: how a batch's loss enters a data set's loss (its
     # reduction and, for "mean", what it averages over; see fxcurv.data).
     scale: Callable[..., LossScale] | None = None
+    # A variadic op (the generic rule) takes any number of tensor inputs, each of which may be data,
+    # a parameter or a constant; which one is known per node, not per op.
+    variadic: bool = False
+    # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
+    # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
+    applies: Callable[[Any, RuleKind, str], bool] | None = None
 
     # ---- sources -------------------------------------------------------------------------------
     def module(self, *types: type) -> Callable[[Fn], Fn]:
@@ -371,6 +383,20 @@ class OpDef:
         """``S [mc_samples, N, *f]`` with ``E[S S^T]`` the per-sample Hessian (sampled targets)."""
         return self.rule(RuleKind.LOSS_SQRT_HESSIAN_MC, "f", impure=True)
 
+    def residual_sqrt(self, *keys: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``fn(g, ...) -> (parts, sign)``: a signed square-root factor of the op's own second-order term
+        ``R_n = d2(g_n . z_n)/dx_n^2`` joint over its data inputs (HBP eq. S.6, second term, for an op
+        whose ``R`` is not a diagonal): ``parts`` holds, per input of ``op.inputs``, the columns
+        ``[K, N, *x_i]`` (``None`` for inputs outside the factor), ``sign [K, N]``, so that
+        ``sum_k sign_k s_k s_k^T = R_n`` with ``s_k`` the concatenation of the parts. One function serves
+        all the keys (the joint factor is computed once per node)."""
+        return self.rule(RuleKind.RESIDUAL_SQRT, keys[0], None, *keys[1:], **fusion)
+
+    def param_residual(self, param: str, **fusion: Any) -> Callable[[Fn], Fn]:
+        """``fn(g, ...)``: the diagonal of the op's own second derivative w.r.t. parameter ``param``,
+        ``diag sum_n d2(g_n . z_n)/dp^2`` (zero for an op linear in ``param``: linear, conv)."""
+        return self.rule(RuleKind.PARAM_RESIDUAL, param, **fusion)
+
     def loss_hessian_diag(self) -> Callable[[Fn], Fn]:
         """The exact diagonal of the per-sample Hessian, ``[N, *f]`` (HesScale App. A)."""
         return self.rule(RuleKind.LOSS_HESSIAN_DIAG, "f")
@@ -410,3 +436,12 @@ def supported_sources() -> str:
         by_op.setdefault(op.name, []).append(f"Tensor.{m}")
     lines = [f"{name}: {', '.join(sorted(set(srcs)))}" for name, srcs in sorted(by_op.items())]
     return "\n  ".join(lines)
+
+
+def lookup(op: OpDef, kind: RuleKind, key: str, node: Any = None) -> Rule | None:
+    """The op's ``kind`` rule for ``key`` where it applies at ``node`` (:attr:`OpDef.applies`), else
+    ``None``. Every part of the compiler that asks whether an op node has a rule asks here."""
+    rule = TABLES[kind].get((op.name, key))
+    if rule is not None and node is not None and op.applies is not None and not op.applies(node, kind, key):
+        return None
+    return rule

@@ -18,6 +18,7 @@ Loss ops (their loss tables and derived values) are covered by ``tests/rules/tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import zlib
@@ -36,6 +37,7 @@ from torch import nn
 from fxcurv import gram as gram_products
 from fxcurv.errors import UnsupportedOpError
 from fxcurv.rules import conv as conv_rules
+from fxcurv.rules import generic as generic_op
 from fxcurv.rules import registry
 from fxcurv.rules.registry import RuleKind
 
@@ -48,6 +50,7 @@ DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, DERIVED = (RuleKind.DIAG_SQRT, RuleKind.DIAG_D
                                              RuleKind.DERIVED)
 DENSE, KRON_OUT, KRON_DENSE, KRON_IN = RuleKind.DENSE, RuleKind.KRON_OUT, RuleKind.KRON_DENSE, RuleKind.KRON_IN
 BATCH_L2, BATCH_DIAG_SQRT, GRAM = RuleKind.BATCH_L2, RuleKind.BATCH_DIAG_SQRT, RuleKind.GRAM
+RESIDUAL_SQRT, PARAM_RESIDUAL = RuleKind.RESIDUAL_SQRT, RuleKind.PARAM_RESIDUAL
 
 # ---- the rules each op must have ------------------------------------------------------------------
 
@@ -85,6 +88,12 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
+    # The generic rule: every slot has the data and the parameter rules (which apply is per node);
+    # GENERIC_CASES below exercise them, one slot per kind suffices (the rules of all slots come from
+    # one factory, fxcurv.rules.generic._register_slot).
+    "generic": {kind: generic_op.SLOTS for kind in (JAC_T, DIAG, RESIDUAL, GRAD, PER_SAMPLE, DIAG_SQRT,
+                                                    DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT, RESIDUAL_SQRT,
+                                                    PARAM_RESIDUAL)},
 }
 
 
@@ -559,7 +568,8 @@ def _grouped(case: Case) -> bool:
 
 # Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks and
 # the Kronecker factors of grouped convolutions (refused: test_grouped_convolution_has_no_kronecker_factors).
-PARAMS = [(case, kind, key) for case in CASES for kind, keys in EXPECTED[case.op].items() for key in keys
+PARAMS = [(case, kind, key) for case in CASES if case.op != "generic" for kind, keys in EXPECTED[case.op].items()
+          for key in keys
           if key not in case.without and (not case.only or kind in case.only)
           and not (kind in _KRONECKER and _grouped(case))]
 GROUPED = [(case, kind, key) for case in CASES if _grouped(case) for kind in _KRONECKER
@@ -601,7 +611,7 @@ def test_case_is_canonical_and_per_sample(case):
         assert rel_error(stacked, c.out) < 1e-14
 
 
-NO_RESIDUAL = [(case, key) for case in CASES for key in registry.OPS[case.op].inputs
+NO_RESIDUAL = [(case, key) for case in CASES if case.op != "generic" for key in registry.OPS[case.op].inputs
                if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only]
 
 
@@ -644,9 +654,11 @@ def test_expected_rules_are_exactly_the_registered_ones():
 def test_every_expected_rule_is_exercised():
     """Each expected (kind, op, key) is checked by at least one case, with a check for its kind."""
     exercised = {(kind, case.op, key) for case, kind, key in PARAMS}
+    generic = {kind for _, kind, _ in GENERIC_PARAMS}
+    exercised |= {(kind, "generic", key) for kind in generic for key in generic_op.SLOTS}
     missing = sorted(f"{op}.{kind.value}[{key}]" for kind, op, key in _expected_triples() - exercised)
     assert not missing, f"no case exercises: {missing}"
-    assert {kind for kind, _, _ in exercised} <= set(CHECKS)
+    assert {kind for kind, _, _ in exercised} <= set(CHECKS) | set(GENERIC_CHECKS)
     # Every derived value has a generic meaning, and some rule reads it.
     for kind, op, key in exercised:
         if kind is DERIVED:
@@ -667,3 +679,230 @@ def _reads(rule: registry.Rule) -> set[str]:
         if derived is not None:
             names |= _reads(derived)
     return names
+
+
+# ---- the generic rule ---------------------------------------------------------------------------------
+#
+# fxcurv's generic rule (fxcurv.rules.generic) differentiates any call with torch.func; here it meets the
+# same independent derivations as the hand-written rules, on calls of every shape it serves: a function,
+# a method, a module with parameters (linear and nonlinear in them), several data inputs, an output
+# picked from several. Then every hand-written rule is checked against the generic rule itself.
+
+G = generic_op
+
+
+class GenericContext(OpContext):
+    """A generic node's context: its slots, its call, and the tuple of slots its rules read."""
+
+    def bindings(self) -> dict[str, Any]:
+        return {**super().bindings(), "inputs": tuple(v for v in self.inputs.values())}
+
+
+def _scaled_tanh(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``tanh(x w)``: nonlinear in the parameter ``w``."""
+    return torch.tanh(x * w)
+
+
+@dataclass(frozen=True)
+class GenericCase:
+    """A generic call: ``build() -> (call, slots)``; which slots are data and parameters, and which have
+    second derivatives (what the probe must find)."""
+
+    id: str
+    build: Callable[[], tuple[G.GenericCall, tuple[torch.Tensor, ...]]]
+    data: tuple[int, ...]
+    params: tuple[int, ...] = ()
+    smooth_data: bool = False
+    smooth_params: tuple[int, ...] = ()
+    op: str = "generic"
+    zero_diagonal: bool = False  # the Hessian's diagonal vanishes (a product of two inputs)
+
+
+def _call(kind: G.CallKind, target: Any, args: tuple, kinds: str, kwargs: dict | None = None,
+          module_params: tuple = (), pick: int | None = None) -> G.GenericCall:
+    k = {"d": G.SlotKind.DATA, "p": G.SlotKind.PARAM, "c": G.SlotKind.CONSTANT}
+    return G.GenericCall(kind, target, args, kwargs or {}, tuple(k[c] for c in kinds), str(target), module_params,
+                         pick)
+
+
+def _mha() -> tuple[G.GenericCall, tuple[torch.Tensor, ...]]:
+    mod = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
+    names = [name for name, _ in mod.named_parameters()]
+    call = _call(G.CallKind.MODULE, mod, (G.Slot(0), G.Slot(0), G.Slot(0)), "d" + "p" * len(names),
+                 {"need_weights": False}, tuple((n, i + 1) for i, n in enumerate(names)), pick=0)
+    return call, (randn(3, 2, 4),) + tuple(p.detach() for p in mod.parameters())
+
+
+def _layer_norm() -> tuple[G.GenericCall, tuple[torch.Tensor, ...]]:
+    mod = nn.LayerNorm(4).to(DT)
+    with torch.no_grad():
+        mod.weight.normal_()
+        mod.bias.normal_()
+    call = _call(G.CallKind.MODULE, mod, (G.Slot(0),), "dpp", module_params=(("weight", 1), ("bias", 2)))
+    return call, (randn(3, 2, 4), mod.weight.detach(), mod.bias.detach())
+
+
+F_ = G.CallKind.FUNCTION
+GENERIC_CASES = [
+    GenericCase("softmax", lambda: (_call(F_, torch.softmax, (G.Slot(0), -1), "d"), (randn(3, 5),)), (0,),
+                smooth_data=True),
+    GenericCase("product_of_activations", lambda: (_call(F_, torch.mul, (G.Slot(0), G.Slot(1)), "dd"),
+                                                   (randn(3, 4), randn(3, 4))), (0, 1), smooth_data=True,
+                zero_diagonal=True),
+    GenericCase("cat", lambda: (_call(F_, torch.cat, ([G.Slot(0), G.Slot(1)], 1), "dd"),
+                                (randn(3, 2), randn(3, 3))), (0, 1)),
+    GenericCase("slice", lambda: (_call(F_, operator.getitem, (G.Slot(0), (slice(None), slice(1, 3))), "d"),
+                                  (randn(3, 4),)), (0,)),
+    GenericCase("mean_method", lambda: (_call(G.CallKind.METHOD, "mean", (G.Slot(0), 1), "d"),
+                                        (randn(3, 4, 2),)), (0,)),
+    GenericCase("matmul_with_parameter", lambda: (_call(F_, torch.matmul, (G.Slot(0), G.Slot(1)), "dp"),
+                                                  (randn(3, 2, 4), randn(4, 3))), (0,), (1,)),
+    GenericCase("tanh_of_scaled", lambda: (_call(F_, _scaled_tanh, (G.Slot(0), G.Slot(1)), "dp"),
+                                           (randn(3, 4), randn(4))), (0,), (1,), smooth_data=True,
+                smooth_params=(1,)),
+    GenericCase("layer_norm", _layer_norm, (0,), (1, 2), smooth_data=True),
+    # The packed in-projection: q k^T is quadratic in its weight and in its bias (query and key parts).
+    GenericCase("multihead_attention", _mha, (0,), (1, 2, 3, 4), smooth_data=True, smooth_params=(1, 2)),
+]
+GENERIC_BY_ID = {c.id: c for c in GENERIC_CASES}
+
+_DATA_KINDS = (JAC_T, DIAG)
+_PARAM_KINDS = (GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT)
+
+
+def _generic_checks(case: GenericCase) -> list[tuple[RuleKind, str]]:
+    checks = [(kind, G.SLOTS[i]) for i in case.data for kind in _DATA_KINDS]
+    if case.smooth_data:
+        checks += [(RESIDUAL, G.SLOTS[i]) for i in case.data if not case.zero_diagonal]
+        checks += [(RESIDUAL_SQRT, G.SLOTS[case.data[0]])]
+    checks += [(kind, G.SLOTS[i]) for i in case.params for kind in _PARAM_KINDS]
+    checks += [(PARAM_RESIDUAL, G.SLOTS[i]) for i in case.smooth_params]
+    return checks
+
+
+GENERIC_PARAMS = [(case, kind, key) for case in GENERIC_CASES for kind, key in _generic_checks(case)]
+
+
+def generic_context(call: G.GenericCall, slots: tuple[torch.Tensor, ...]) -> GenericContext:
+    """The generic node's context; its op seen with this node's slots (data inputs batched, the other
+    slots shared by the samples, as the references expect)."""
+    names = G.SLOTS[: len(slots)]
+    shared = tuple(n for n, k in zip(names, call.kinds) if k is not G.SlotKind.DATA)
+    view = dataclasses.replace(registry.OPS["generic"], inputs=names, params=shared)
+    return GenericContext(view, dict(zip(names, slots)), {"call": call}, call(*slots))
+
+
+@functools.cache
+def generic_case_context(case_id: str) -> GenericContext:
+    torch.manual_seed(zlib.crc32(case_id.encode()))
+    call, slots = GENERIC_BY_ID[case_id].build()
+    return generic_context(G.probe_curvature(call, slots), slots)
+
+
+def check_generic_residual(case: Any, c: OpContext, key: str) -> None:
+    """The generic residual is the diagonal of the per-sample Hessian (HesScale's term); the whole
+    Hessian is carried by the joint factor (``residual_sqrt``)."""
+    g = rand_like(tuple(c.out.shape), messages(case.id, f"residual[{key}]"))
+    diagonal = torch.diagonal(ref.residual_hessians(c, key, g), dim1=1, dim2=2).reshape(c.inputs[key].shape)
+    assert_matches(_rule(RESIDUAL, "generic", key, g, c=c), diagonal, f"residual[{key}] (Hessian diagonal)")
+
+
+def _joint_hessians(c: OpContext, data: tuple[str, ...], g: torch.Tensor) -> torch.Tensor:
+    """Per sample, the Hessian of ``g_n . f`` w.r.t. all data inputs of sample ``n`` jointly, ``[N, D, D]``
+    (their flattened concatenation), by reverse over reverse mode on one sample's forward."""
+    out = []
+    for n in range(c.n):
+        values = [c.inputs[k][n] for k in data]
+        sizes = [v.numel() for v in values]
+
+        def scalar(flat: torch.Tensor, n: int = n, values: list = values, sizes: list = sizes) -> torch.Tensor:
+            parts = torch.split(flat, sizes)
+            args = dict(c.inputs)
+            for k, part, v in zip(data, parts, values):
+                args[k] = part.reshape((1,) + tuple(v.shape))
+            shared = {k: v for k, v in args.items() if k not in data}
+            shared = {k: (v if c.is_param(k) else v[n:n + 1]) for k, v in shared.items()}
+            z = c.op.forward(*[{**args, **shared}[k] for k in c.op.inputs], **c.attrs)
+            return (g[n] * z[0]).sum()
+
+        flat = torch.cat([v.reshape(-1) for v in values])
+        out.append(torch.func.jacrev(torch.func.jacrev(scalar))(flat))
+    return torch.stack(out)
+
+
+def check_residual_sqrt(case: Any, c: OpContext, key: str) -> None:
+    """``sum_k sign_k s_k s_k^T`` of the joint factor is each sample's Hessian over all data inputs."""
+    g = rand_like(tuple(c.out.shape), messages(case.id, "residual_sqrt"))
+    parts, sign = _rule(RESIDUAL_SQRT, "generic", key, g, c=c)
+    data = tuple(k for k in c.inputs if not c.is_param(k))
+    assert all(p is None for k, p in zip(c.inputs, parts) if k not in data)
+    s = torch.cat([parts[list(c.inputs).index(k)].flatten(2) for k in data], dim=2)  # [K, N, D]
+    got = torch.einsum("kn,kni,knj->nij", sign, s, s)
+    assert_matches(got, _joint_hessians(c, data, g), "residual_sqrt (joint per-sample Hessian)")
+
+
+def check_param_residual(case: Any, c: OpContext, key: str) -> None:
+    """The diagonal of ``d2(sum_n g_n . z_n)/dp^2``, from the batched forward."""
+    g = rand_like(tuple(c.out.shape), messages(case.id, f"param_residual[{key}]"))
+    f = c.forward(key)
+    p = c.inputs[key]
+    hess = torch.func.jacrev(torch.func.jacrev(lambda t: (g * f(t)).sum()))(p).reshape(p.numel(), p.numel())
+    assert_matches(_rule(PARAM_RESIDUAL, "generic", key, g, c=c), torch.diagonal(hess).reshape(p.shape),
+                   f"param_residual[{key}]")
+
+
+GENERIC_CHECKS = {**CHECKS, RESIDUAL: check_generic_residual, RESIDUAL_SQRT: check_residual_sqrt,
+                  PARAM_RESIDUAL: check_param_residual}
+
+
+@pytest.mark.parametrize("case, kind, key", GENERIC_PARAMS,
+                         ids=[f"generic-{c.id}-{kind.value}[{key}]" for c, kind, key in GENERIC_PARAMS])
+def test_generic_rule_matches_generic_derivation(case, kind, key):
+    GENERIC_CHECKS[kind](case, generic_case_context(case.id), key)
+
+
+@pytest.mark.parametrize("case", GENERIC_CASES, ids=[c.id for c in GENERIC_CASES])
+def test_generic_probe_finds_the_second_derivatives(case):
+    """The probe gives the residual rules to exactly the calls with second derivatives (a linear or
+    index map has none), and the parameter residual to the parameters the call is nonlinear in."""
+    call = generic_case_context(case.id).attrs["call"]
+    assert call.smooth_data == case.smooth_data
+    assert call.smooth_params == frozenset(case.smooth_params)
+
+
+# ---- every hand-written rule equals the generic rule ---------------------------------------------------
+
+_AS_GENERIC = (JAC_T, DIAG, RESIDUAL, GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT)
+HAND = [(case, kind, key) for case, kind, key in PARAMS if kind in _AS_GENERIC]
+
+
+def as_generic(c: OpContext) -> tuple[GenericContext, dict[str, str]]:
+    """The op application as a generic call of the op's forward, and the slot of each input."""
+    present = [k for k in c.op.inputs if c.inputs.get(k) is not None]
+    slot = {k: G.SLOTS[i] for i, k in enumerate(present)}
+    args = tuple(G.Slot(present.index(k)) if k in slot else None for k in c.op.inputs)
+    kinds = tuple(G.SlotKind.PARAM if c.is_param(k) else G.SlotKind.DATA for k in present)
+    call = G.GenericCall(G.CallKind.FUNCTION, c.op.forward, args, dict(c.attrs), kinds, c.op.name)
+    slots = tuple(c.inputs[k] for k in present)
+    assert all(isinstance(s, torch.Tensor) for s in slots)
+    return generic_context(call, slots), slot  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case, kind, key", HAND, ids=[f"{c.id}-{kind.value}[{key}]" for c, kind, key in HAND])
+def test_hand_rule_equals_generic_rule(case, kind, key, monkeypatch):
+    """A hand-written rule is an optimization of the generic rule: on random messages they agree."""
+    for module, name, value in case.patches:
+        monkeypatch.setattr(module, name, value)
+    c = context(case.id)
+    gc, slot = as_generic(c)
+    gen = messages(case.id, f"as_generic/{kind.value}[{key}]")
+    if kind in (DIAG_SQRT, BATCH_DIAG_SQRT):
+        s, sign = signed_columns(case, c, f"as_generic/{kind.value}[{key}]")
+        msgs: tuple[Any, ...] = (s, sign)
+    elif kind is PER_SAMPLE:
+        msgs = (rand_like((K,) + tuple(c.out.shape), gen),)
+    else:
+        msgs = (rand_like(tuple(c.out.shape), gen),)
+    hand = _rule(kind, case.op, key, *msgs, c=c)
+    generic = call_rule(registry.TABLES[kind], "generic", slot[key], *msgs, **gc.bindings())
+    assert_matches(hand, generic, f"{case.op}.{kind.value}[{key}] vs generic")
