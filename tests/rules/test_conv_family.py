@@ -186,3 +186,19 @@ def test_asymmetric_same_padding_is_left_to_the_generic_rule():
 def test_unbatched_input_is_refused():
     with pytest.raises(UnsupportedOpError, match=r"conv_transpose1d of an input with shape \(2, 4\)"):
         _module_match(nn.ConvTranspose1d(2, 2, 3).to(DT), torch.randn(2, 4, dtype=DT))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_configurations_without_hand_rule_are_exact_through_the_generic_rule():
+    """Reflect padding and an asymmetric 'same' padding run as generic nodes (torch.func), exact."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+                          nn.Conv1d(3, 2, 2, padding="same"), nn.Sigmoid(),
+                          nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(2 * 4, 3)).to(DT)
+    x, y = _data((2, 6), nn.CrossEntropyLoss())
+    out = check_against_references(model, nn.CrossEntropyLoss(), x, y)
+    assert set(out["diag_ggn"]) == {name for name, _ in model.named_parameters()}
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    engine(x, y)
+    listing = engine.listing()
+    assert listing.count("# the generic call of") == 2 and "= conv1d(" in listing  # two generic calls, one hand op
