@@ -47,7 +47,8 @@ def inspect(args) -> int:
     else:
         loss_fn = torch.nn.MSELoss()
         y = torch.randn(args.batch, net.classes, dtype=dtype)
-    is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    is_conv = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                                 torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)) for m in model.modules())
     quantities = args.quantities or (_CONV_DEFAULT_QUANTITIES if is_conv else _DEFAULT_QUANTITIES)
     quantities = tuple(q.strip() for q in quantities.split(",") if q.strip())
 

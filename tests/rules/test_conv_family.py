@@ -17,7 +17,7 @@ import hesscale_reference as hs_ref
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, check_against_references
+from helpers import assert_close, check_against_references, rel_error
 from torch import nn
 
 import fxcurv
@@ -148,6 +148,28 @@ def test_diag_ggn_equals_backpack(net):
     want = bp.run_extension(model, loss_fn, x, y, DiagGGNExact())
     got = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",))(x, y)["diag_ggn"]
     assert_close(got, {k: v.detach() for k, v in want.items()}, rtol=1e-10, what=f"diag_ggn vs BackPACK ({net})")
+
+
+KRON_CONVS = {"conv1d": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 7)),
+              "conv3d": (lambda: nn.Conv3d(2, 3, 2, dilation=(1, 1, 2)), (2, 3, 3, 3))}
+
+
+@pytest.mark.skipif(not bp.available(), reason="BackPACK is not installed")
+@pytest.mark.parametrize("quantity", ["kflr", "kfra"])
+@pytest.mark.parametrize("conv", sorted(KRON_CONVS))
+def test_kronecker_factors_equal_backpack(conv, quantity):
+    """The Kronecker factors (G, A) of Conv1d and Conv3d layers equal BackPACK's KFLR and KFRA."""
+    make, in_shape = KRON_CONVS[conv]
+    torch.manual_seed(10)
+    model = _with_head(nn.Sequential(make(), nn.Tanh()), in_shape)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data(in_shape, loss_fn, seed=11)
+    want = bp.run_backpack(model, loss_fn, x, y, quantity)
+    got = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)[quantity]
+    for name, factors in want.items():
+        assert len(got[name].factors) == len(factors)
+        for a, b in zip(got[name].factors, factors):
+            assert a.shape == b.shape and rel_error(a, b) < 1e-10, (name, quantity)
 
 
 # ---- configurations left to the generic rule ---------------------------------------------------------
