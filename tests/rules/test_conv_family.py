@@ -17,6 +17,7 @@ import hesscale_reference as hs_ref
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import check_backends_agree
 from helpers import assert_close, check_against_references, rel_error
 from torch import nn
 
@@ -94,6 +95,17 @@ def test_exact_quantities_on_small_nets(net, loss):
     out = fxcurv.compile(model, loss_fn, quantities=("hesscale", "hesscale_gn"))(x, y)
     assert_close(out["hesscale"], hs_ref.hesscale(model, loss_fn, x, y), what="hesscale")
     assert_close(out["hesscale_gn"], hs_ref.hesscale_gn(model, loss_fn, x, y), what="hesscale_gn")
+
+
+@pytest.mark.parametrize("net", ["conv3d", "conv_transpose2d"])
+def test_backends_agree(net):
+    """The eager and fused backends give the same numbers for the exact, HesScale, per-sample and ViViT
+    quantities (the fused one merges these ops' reductions and pointwise epilogues)."""
+    model, in_shape = NETS[net]()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data(in_shape, loss_fn, seed=8)
+    quantities = ("diag_ggn", "diag_hessian", "hesscale", "batch_l2_grad", "batch_diag_ggn", "sum_grad_squared")
+    check_backends_agree(model, loss_fn, x, y, quantities)
 
 
 def test_functional_forms():
