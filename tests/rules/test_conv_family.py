@@ -10,6 +10,7 @@ layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import backpack_reference as bp
@@ -75,7 +76,8 @@ def _data(in_shape: tuple[int, ...], loss_fn: nn.Module, n: int = 3, seed: int =
     return x, torch.randn(n, 3, generator=gen, dtype=DT)
 
 
-LOSSES = {"ce_mean": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+LOSSES: dict[str, Callable[[], nn.Module]] = {"ce_mean": nn.CrossEntropyLoss,
+                                              "mse_sum": lambda: nn.MSELoss(reduction="sum")}
 
 
 def _ops_of(model: nn.Module) -> set[str]:
@@ -233,7 +235,8 @@ def test_padding_modes_are_left_to_the_generic_rule(dims, mode):
     assert _module_match(mod, x) is None
     # the same layer with zero padding has its hand rule
     zeros = conv(2, 2, 3, padding=1).to(DT)
-    assert _module_match(zeros, x).attrs["padding"] == (1,) * dims
+    match = _module_match(zeros, x)
+    assert match is not None and match.attrs["padding"] == (1,) * dims
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -246,7 +249,7 @@ def test_asymmetric_same_padding_is_left_to_the_generic_rule():
     assert canon(SimpleNamespace(args=(x, w), kwargs={}), registry.Args((x, w, None, 1, "same"), {})) is None
     # an even total padding is symmetric: explicit ints
     match = canon(SimpleNamespace(args=(x, w), kwargs={}), registry.Args((x, w, None, 1, "same", 2), {}))
-    assert match.attrs["padding"] == (3,) and match.attrs["dilation"] == (2,)
+    assert match is not None and match.attrs["padding"] == (3,) and match.attrs["dilation"] == (2,)
 
 
 def test_unbatched_input_is_refused():
