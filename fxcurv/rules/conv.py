@@ -65,7 +65,6 @@ from ..gram import blocked_gram_into, gram_into
 from ..targets import SampleReduction
 from .registry import Match, OpDef, RuleKind, define_op, example
 
-SPATIAL_DIMS = (1, 2, 3)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -842,4 +841,4 @@ def _define(spec: ConvOp) -> OpDef:
     return op
 
 
-OPS: dict[str, OpDef] = {spec.name: _define(spec) for spec in FAMILY}
+CONV_OPS: dict[str, OpDef] = {spec.name: _define(spec) for spec in FAMILY}
