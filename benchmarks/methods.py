@@ -10,7 +10,9 @@ allocates its outputs afresh.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,24 @@ KRON_FACTOR_NAMES = ("G", "A")
 FIRST_ORDER_QUANTITIES = ("batch_grad", "batch_l2_grad", "sum_grad_squared")
 # the seed of the Monte Carlo draws of the checked call (fxcurv's generator, BackPACK's global RNG)
 CHECK_SEED = 0
+
+
+@contextlib.contextmanager
+def composite_attention() -> Iterator[None]:
+    """Attention as composite ops (matmul, softmax) for the block: the math backend of
+    ``scaled_dot_product_attention`` and no fused fast path of ``nn.TransformerEncoderLayer``. On CPU
+    the flash kernel has no forward-mode derivative and no vmap rule for its backward, and the fast
+    path's fused kernel (taken in eval mode without autograd, e.g. under torch.func) no derivative at
+    all. Nets without attention are unaffected."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def kron_factors(name: str, factors) -> dict[str, torch.Tensor]:
@@ -182,18 +202,22 @@ BACKPACK_MC = ("DiagGGNMC", "KFAC")  # extensions taking mc_samples
 class Backpack(Method):
     family = "backpack"
 
-    def __init__(self, model, x, y, quantity: str, skip: str | None = None, bp_model=None):
+    def __init__(self, model, x, y, quantity: str, skip: str | None = None, bp_model=None, converter: bool = False):
         ext, attr = BACKPACK_ALL[quantity]
         super().__init__(f"backpack/{quantity}", f"BackPACK {ext}", quantity, skip)
         self.base, self.x, self.y, self.ext_name, self.attr = model, x, y, ext, attr
         self.bp_model = bp_model  # a shared extended copy (a dict holder), set up once
+        # extend(..., use_converter=True): BackPACK retraces the model with torch.fx so that functional
+        # calls (a residual block's ``out + shortcut``) become modules it has extensions for; parameter
+        # names are kept
+        self.converter = converter
 
     def setup(self):
         from backpack import extend, extensions
 
         if self.bp_model.get("model") is None:
             m = copy.deepcopy(self.base)
-            self.bp_model["model"] = extend(m)
+            self.bp_model["model"] = extend(m, use_converter=self.converter)
             self.bp_model["loss"] = extend(nn.CrossEntropyLoss())
         self.model = self.bp_model["model"]
         self.loss_fn = self.bp_model["loss"]
@@ -244,9 +268,9 @@ class Asdl(Method):
 
     family = "asdl"
 
-    def __init__(self, model, x, y, quantity: str, holder: dict):
+    def __init__(self, model, x, y, quantity: str, holder: dict, skip: str | None = None):
         kind = "fisher_exact" if quantity == "diag_ggn" else "fisher_mc"
-        super().__init__(f"asdl/{kind}", f"ASDL {kind} diag", quantity)
+        super().__init__(f"asdl/{kind}", f"ASDL {kind} diag", quantity, skip)
         self.base, self.x, self.y, self.kind, self.holder = model, x, y, kind, holder
 
     def setup(self):
@@ -303,11 +327,60 @@ class TorchFunc(Method):
         self.fn = FuncGGN(self.model, self.classes, mc=self.quantity == "diag_ggn_mc", budget_mb=self.budget_mb)
 
     def call(self):
-        return self.fn(self.x, self.y)
+        with composite_attention():  # else torch.func loops over the columns through the flash backward
+            return self.fn(self.x, self.y)
 
     def values(self, result):
         _, g, d = result
         return {"grad": g, self.quantity: d}
+
+
+class CurvlinopsHutchinson(Method):
+    """curvlinops' Hutchinson estimate of the GGN diagonal, ``(1/K) sum_k v_k * (G v_k)`` with ``K``
+    Rademacher vectors ``v_k`` and ``G v`` by ``GGNLinearOperator`` (a Jacobian-vector and a
+    vector-Jacobian product of the whole batch per ``v``), plus the loss gradient (one backward), as
+    every method returns it. An unbiased estimate of ``diag(G)`` as ``diag_ggn_mc`` is, so it sits in
+    that row; its values are not compared (other random draws). curvlinops has no exact diagonal."""
+
+    family = "curvlinops"
+
+    def __init__(self, model, loss_fn, x, y, matvecs: int, skip: str | None = None):
+        super().__init__("curvlinops/diag_ggn_mc", f"curvlinops GGN Hutchinson diagonal ({matvecs} GGN-vector "
+                         f"product{'s' if matvecs > 1 else ''})", "diag_ggn_mc", skip)
+        self.model, self.loss_fn, self.x, self.y, self.matvecs = model, loss_fn, x, y, matvecs
+
+    def setup(self):
+        from curvlinops import GGNLinearOperator
+
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.op = GGNLinearOperator(self.model, self.loss_fn, self.params, [(self.x, self.y)],
+                                    check_deterministic=False)
+
+    def call(self):
+        from curvlinops import hutchinson_diag
+
+        loss = self.loss_fn(self.model(self.x), self.y)
+        loss.backward()
+        with composite_attention():  # GGN-vector products use forward-mode AD (jvp)
+            return loss.detach(), hutchinson_diag(self.op, self.matvecs)
+
+    def check_call(self):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CHECK_SEED)
+            return self.call()
+
+    def reset(self):
+        super().reset()
+        _clear_grads(self.model)
+
+    def values(self, result):
+        _, flat = result
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        diag, start = {}, 0
+        for n, p in named:
+            diag[n] = flat[start:start + p.numel()].reshape(p.shape).detach().clone()
+            start += p.numel()
+        return {"grad": {n: p.grad.detach().clone() for n, p in named}, self.quantity: diag}
 
 
 class FloorRef(Method):

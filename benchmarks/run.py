@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +46,7 @@ from methods import (  # noqa: E402
     Asdl,
     Autograd,
     Backpack,
+    CurvlinopsHutchinson,
     FloorRef,
     Fxcurv,
     FxcurvSeparate,
@@ -62,7 +64,41 @@ NET_CONFIGS = {
     "fcnn128": ("fcnn", 128),
     "fcnn500": ("fcnn", 500),
     "c3d3": ("c3d3", 128),
+    "resnet18": ("resnet18", 32),
+    "vit_small": ("vit_small", 32),
+    "text_transformer": ("text_transformer", 32),
+    # the modern networks at test size: a smoke test of their methods (not in the default --nets)
+    "resnet_tiny": ("resnet_tiny", 8),
+    "vit_tiny": ("vit_tiny", 8),
+    "text_tiny": ("text_tiny", 8),
 }
+DEFAULT_NETS = ("mnist_mlp", "fcnn128", "fcnn500", "c3d3", "resnet18", "vit_small", "text_transformer")
+
+
+@dataclass(frozen=True)
+class Modern:
+    """How a modern network (issue #9: batch norm, attention, embeddings) is benchmarked: fxcurv's
+    ``MODERN_QUANTITIES`` against the plain forward+backward, torch.func and curvlinops; BackPACK and
+    ASDL where they cover every parameter (``None``), else the reason they are skipped. No floor (it
+    handles ``nn.Sequential`` nets of linear, conv, pooling and activation layers), no Kronecker or
+    per-sample family, no diag_hessian (one column per activation unit) or hesscale_gn."""
+
+    backpack: str | None
+    asdl: str | None
+    backpack_converter: bool = False  # extend(model, use_converter=True): residual additions as modules
+
+
+_NO_BACKPACK_ATTENTION = ("not applicable: BackPACK has no extension for nn.TransformerEncoderLayer / "
+                          "nn.MultiheadAttention (its hooks fail on the attention's inputs)")
+_NO_ASDL_ATTENTION = ("not applicable: ASDL's Fisher covers the modules it knows (Linear, Conv2d, LayerNorm, "
+                      "Embedding), not the attention's in_proj parameters or the raw position embedding")
+_RESNET = Modern(backpack=None, asdl=None, backpack_converter=True)
+_TRANSFORMER = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION)
+MODERN = {"resnet18": _RESNET, "resnet_tiny": _RESNET, "vit_small": _TRANSFORMER, "vit_tiny": _TRANSFORMER,
+          "text_transformer": _TRANSFORMER, "text_tiny": _TRANSFORMER}
+MODERN_QUANTITIES = ("grad", "diag_ggn", "diag_ggn_mc", "hesscale")
+FLOOR_SKIP = ("not applicable: the floor reference handles nn.Sequential nets of Linear, Conv2d, pooling, "
+              "padding and activation layers")
 BACKENDS = ("eager", "fused", "inductor")
 # The Kronecker quantities run on these backends only (when requested with --backends): inductor would
 # add a multi-second compile per program and shape for a comparison with BackPACK that fused settles.
@@ -172,6 +208,9 @@ def _largest_activation(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def build_methods(cfg: str, model, net, x, y, args, engines: dict) -> list:
+    net_name = NET_CONFIGS[cfg][0]
+    if net_name in MODERN:
+        return _select(modern_methods(MODERN[net_name], model, net, x, y, args, engines), args)
     loss_fn = nn.CrossEntropyLoss()
     N = x.shape[0]
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -216,10 +255,40 @@ def build_methods(cfg: str, model, net, x, y, args, engines: dict) -> list:
             skip=f"infeasible: torch.func gives the Hessian diagonal only through one Hessian-vector product "
                  f"per parameter ({n_params} HVPs) or the full per-layer Hessian; no structured diagonal"))
     methods.append(FloorRef(model, x, y))
+    if not args.no_curvlinops:
+        methods.append(CurvlinopsHutchinson(model, loss_fn, x, y, args.curvlinops_matvecs))
     if not args.no_kron:
         methods += kron_methods(model, x, y, args, engines, has_conv)
     if not args.no_first_order:
         methods += first_order_methods(model, x, y, args, engines)
+    return _select(methods, args)
+
+
+def modern_methods(modern: Modern, model, net, x, y, args, engines: dict) -> list:
+    """A modern network's methods (see :class:`Modern`): fxcurv's ``MODERN_QUANTITIES`` on every
+    backend, BackPACK's and ASDL's GGN diagonals (exact and Monte Carlo) where they apply, torch.func's
+    per-sample vmap references, curvlinops' Hutchinson diagonal."""
+    loss_fn = nn.CrossEntropyLoss()
+    methods: list = [Autograd(model, loss_fn, x, y)]
+    for b in args.backends:
+        methods += [Fxcurv(engines, model, loss_fn, x, y, (q,), b) for q in MODERN_QUANTITIES]
+    if not args.no_backpack:
+        holder: dict = {}
+        methods += [Backpack(model, x, y, q, skip=modern.backpack, bp_model=holder,
+                             converter=modern.backpack_converter) for q in ("diag_ggn", "diag_ggn_mc")]
+    if not args.no_asdl:
+        holder = {}
+        methods += [Asdl(model, x, y, q, holder, skip=modern.asdl) for q in ("diag_ggn", "diag_ggn_mc")]
+    if not args.no_func:
+        methods += [TorchFunc(model, x, y, net.classes, q, args.func_budget_mb) for q in ("diag_ggn", "diag_ggn_mc")]
+    methods.append(FloorRef(model, x, y, skip=FLOOR_SKIP))
+    if not args.no_curvlinops:
+        methods.append(CurvlinopsHutchinson(model, loss_fn, x, y, args.curvlinops_matvecs))
+    return methods
+
+
+def _select(methods: list, args) -> list:
+    """The methods ``--methods`` selects (all without it; autograd always)."""
     if args.methods:
         keep = [s.strip() for s in args.methods.split(",") if s.strip()]
         kron, first = KRON_ALIAS in keep, FIRST_ORDER_ALIAS in keep
@@ -295,7 +364,7 @@ def float32_noise(model, x, y, values: dict, ref_backend: str | None, res: dict,
     from floor import Floor
 
     m64 = copy.deepcopy(model).double()
-    x64 = x.double()
+    x64 = x.double() if x.is_floating_point() else x  # token ids stay integers
     noise: dict = {}
 
     def rel_all(a: dict, b: dict) -> dict:
@@ -365,6 +434,9 @@ def run_checks(methods, values: dict, ref_backend: str | None, noise: dict | Non
             mid = f"fxcurv/{ref_backend}/{q}"
             if mid in values and q in values[mid]:
                 refs.setdefault(q, (mid, values[mid][q]))
+    # where fxcurv did not run (a modern net before #9's generic rule), torch.func's exact GGN diagonal
+    if "torch.func/diag_ggn" in values:
+        refs.setdefault("diag_ggn", ("torch.func/diag_ggn", values["torch.func/diag_ggn"]["diag_ggn"]))
     checks = {}
     for m in methods:
         if m.id not in values:
@@ -429,8 +501,8 @@ def problem(net_name: str, N: int, device: str, models: dict):
         torch.manual_seed(0)
         models[net_name] = net.build().to(device)
     gen = torch.Generator().manual_seed(1000 + N)
-    x = torch.randn(N, *net.input_shape, generator=gen).to(device)
-    y = torch.randint(0, net.classes, (N,), generator=gen).to(device)
+    x = net.example_input(N, generator=gen).to(device)  # float32 N(0, 1), or token ids
+    y = net.example_target(N, generator=gen).to(device)
     return models[net_name], x, y
 
 
@@ -570,8 +642,8 @@ def bench_net(cfg: str, args, engines: dict, models: dict, bar, log) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default=",".join(NET_CONFIGS),
-                   help=f"comma-separated, from {', '.join(NET_CONFIGS)} (default: all)")
+    p.add_argument("--nets", default=",".join(DEFAULT_NETS),
+                   help=f"comma-separated, from {', '.join(NET_CONFIGS)} (default: {', '.join(DEFAULT_NETS)})")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per method, median reported (default 15; --quick: 3)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="fxcurv backends (default: all)")
@@ -607,6 +679,10 @@ def parse_args(argv=None):
     p.add_argument("--no-backpack", action="store_true")
     p.add_argument("--no-asdl", action="store_true")
     p.add_argument("--no-func", action="store_true", help="skip the torch.func references")
+    p.add_argument("--no-curvlinops", action="store_true", help="skip curvlinops' Hutchinson GGN diagonal")
+    p.add_argument("--curvlinops-matvecs", type=int, default=1,
+                   help="GGN-vector products of curvlinops' Hutchinson diagonal estimate (default 1: the "
+                        "cost of one Monte Carlo column, as diag_ggn_mc)")
     p.add_argument("--no-skip", action="store_true", help="also try the methods skipped as infeasible")
     p.add_argument("--func-budget-mb", type=float, default=1024.0,
                    help="memory budget of one torch.func chunk of samples (default 1024)")
@@ -681,7 +757,7 @@ def main(argv=None) -> int:
         net = NETWORKS[net_name]
         torch.manual_seed(0)
         m = net.build()
-        x = torch.zeros(N, *net.input_shape)
+        x = net.example_input(N)
         totals += len(build_methods(cfg, m, net, x, torch.zeros(N, dtype=torch.long), args, {})) * (args.repeats + 2)
 
     class _NoBar:

@@ -10,6 +10,7 @@ input signature, in :mod:`fxcurv.passes.canonicalize`.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ _FXCURV_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class Tracer(fx.Tracer):
-    """torch.fx's tracer, with every module type that has a canonical op kept whole."""
+    """torch.fx's tracer, with every module type that has a canonical op kept whole; each node records
+    the stack it was traced from, so that errors name the user's file and line (:func:`user_location`)."""
+
+    record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m) in registry.MODULE_SOURCES or super().is_leaf_module(m, qualname)
@@ -57,6 +61,20 @@ def _user_frame(err: BaseException) -> str:
     f = frames[-1]
     code = (f.line or "").strip()
     return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+def user_location(node: fx.Node) -> str:
+    """`` at file:line in function: `code` `` of the user's code that traced ``node`` (the innermost
+    frame outside torch and fxcurv), or ``""`` where unknown."""
+    frames = [m for m in _FRAME.finditer(node.stack_trace or "")
+              if not m["file"].startswith((_TORCH_DIR, _FXCURV_DIR))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f['file']}:{f['line']} in {f['fn']}: `{f['code'].strip()}`"
 
 
 def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:

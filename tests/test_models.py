@@ -213,3 +213,18 @@ def test_program_of_a_transformer_lists_generic_nodes():
     engine(x, y)
     listing = engine.listing()
     assert "TransformerEncoderLayer" in listing and "Tensor.mean" in listing
+
+
+def test_block_ggn_through_generic_op():
+    """The exact per-parameter GGN blocks (matrix-free products with the ops' own JVPs and VJPs) take a
+    generic op's parameters too (LayerNorm's affine weight and bias here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.normal_()
+    x, y, loss = torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,)), nn.CrossEntropyLoss()
+    out = fxcurv.compile(model, loss, quantities=("block_ggn",))(x, y)
+    for name, block in ref.diagonal_blocks(ref.ggn(model, loss, x, y), model).items():
+        dense = out["block_ggn"][name] @ torch.eye(block.shape[0], dtype=DT)
+        assert rel_error(dense, block) < RTOL, name

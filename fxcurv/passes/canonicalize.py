@@ -30,7 +30,7 @@ from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_va
 from ..rules import generic as generic_rules
 from ..rules import registry
 from ..rules.losses import check_general_loss, general_loss
-from ..trace import Traced
+from ..trace import Traced, user_location
 from .shape_prop import describe, propagate_shapes
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
@@ -187,9 +187,10 @@ class _Builder:
         rest stays in its :class:`~fxcurv.rules.generic.GenericCall`. A call returning several tensors
         is kept as :class:`_Outputs`, made into one generic node per output its users pick."""
         val = node.meta.get("val") if value is None else value
+        where = f"node {describe(node, self.gm)}{user_location(node)}"
+        _refuse_in_place(node, where)
         if pick is None and isinstance(val, (tuple, list)):
             return _Outputs(self, node, val)
-        where = f"node {describe(node, self.gm)}"
         slots: list[Any] = []
         examples: list[torch.Tensor] = []
 
@@ -265,6 +266,19 @@ class _Builder:
             return self.folded.get(n, n)
 
         return registry.Args(fx.map_arg(node.args, fold), fx.map_arg(node.kwargs, fold))
+
+
+def _refuse_in_place(node: fx.Node, where: str) -> None:
+    """An in-place call changes a value other nodes may read; the program computes each value once, so
+    only out-of-place calls are taken (``inplace=True`` where nothing else reads the input is fine)."""
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place_method = node.op == "call_method" and name.endswith("_") and not name.endswith("__")
+    shared_input = node.kwargs.get("inplace") is True and any(
+        len(a.users) > 1 for a in node.all_input_nodes)
+    if in_place_method or shared_input:
+        raise UnsupportedOpError(
+            f"{where} works in place ({name}), changing a value that other nodes read; write it out of place "
+            f"(e.g. `h = h.{name.rstrip('_')}(...)` or inplace=False)")
 
 
 @dataclass
@@ -343,7 +357,8 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
             b.env[node] = b.lift(_fetch_attr(gm, str(node.target)))
             continue
         if node.target in (operator.getitem, getattr) and isinstance(b.env.get(node.args[0]), _Outputs):
-            b.env[node] = b.env[node.args[0]].pick(node.args[1])  # an output, by index or field name
+            # An output, by index or field name; one nobody reads (`h, _ = rnn(x)`) is not built.
+            b.env[node] = b.env[node.args[0]].pick(node.args[1]) if node.users else None
             continue
         nested = any(isinstance(b.env.get(a), _ParamExpr) for a in node.all_input_nodes)
         found = None if nested else _match(node, gm, b.folded_args(node))
@@ -432,7 +447,7 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
     try:
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
-        raise UnsupportedOpError(f"node {describe(node, gm)}: {err}") from err
+        raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
     return None if match is None else (op, match)
 
 

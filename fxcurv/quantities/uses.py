@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamUse
-from ..errors import UnsupportedOpError
+from ..node_info import info
 from ..rules import registry
 
 
@@ -34,13 +34,12 @@ class UseSpec:
 def keep(use: ParamUse) -> tuple[UseSpec, tuple[Any, ...]]:
     """The use's static part and its op's input values (graph nodes, ``None`` where absent)."""
     op = use.emit.op_of(use.node)
-    if op.variadic:
-        raise UnsupportedOpError(
-            f"{use.where()}: products with the exact block (block_ggn, block_hessian, ggn_eigen) are not "
-            "supported through a generic op yet; the diagonal and per-sample quantities are")
     inputs = use.emit.inputs_of(use.node)
     values = tuple(use.emit.env[v] if isinstance(v, fx.Node) else v for v in inputs.values())
-    return UseSpec(op.name, use.input, tuple(sorted(use.node.kwargs.items()))), values
+    attrs = dict(use.node.kwargs)
+    if op.variadic:  # a generic op: its call is static data (the graph holds it as an attribute)
+        attrs["call"] = info(use.node).call
+    return UseSpec(op.name, use.input, tuple(sorted(attrs.items()))), values
 
 
 class OpUse:
@@ -53,6 +52,11 @@ class OpUse:
         self.inputs = tuple(inputs)
         self.position = self.op.inputs.index(spec.param_input)
         self.attrs = dict(spec.attrs)
+        # Which inputs carry the batch: the op's data inputs, or a generic call's data slots.
+        call = self.attrs.get("call")
+        data = set(call.data) if self.op.variadic else {i for i, n in enumerate(self.op.inputs)
+                                                          if n not in self.op.params}
+        self.batched = tuple(i in data and isinstance(v, torch.Tensor) for i, v in enumerate(self.inputs))
 
     @property
     def param(self) -> torch.Tensor:
@@ -61,14 +65,17 @@ class OpUse:
     @property
     def batch(self) -> int:
         """The number of samples of the op's data inputs."""
-        for name, value in zip(self.op.inputs, self.inputs):
-            if name not in self.op.params and isinstance(value, torch.Tensor):
+        for batched, value in zip(self.batched, self.inputs):
+            if batched:
                 return value.shape[0]
         raise ValueError(f"op {self.op.name} has no data input")
 
     def forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The op's output as a function of the parameter (its other inputs held)."""
         args = list(self.inputs)
+
+        if self.op.variadic:  # a generic node's slots, as many as it has
+            args = args[: len(self.attrs["call"].kinds)]
 
         def f(p: torch.Tensor) -> torch.Tensor:
             args[self.position] = p
@@ -81,8 +88,7 @@ class OpUse:
         inputs; parameters are shared by the samples."""
         if index is None:
             return self
-        values = [v[index] if name not in self.op.params and isinstance(v, torch.Tensor) else v
-                  for name, v in zip(self.op.inputs, self.inputs)]
+        values = [v[index] if batched else v for batched, v in zip(self.batched, self.inputs)]
         return OpUse(self.spec, values)
 
     def jvp(self, vs: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ class GenericCall:
     pick: int | None = None
     smooth_data: bool = True
     smooth_params: frozenset[int] = field(default_factory=frozenset)
+    # Whether one sample's call runs under vmap (a recurrent layer's in-place state updates do not):
+    # per-sample parameter products then loop over the samples.
+    vmap_samples: bool = True
 
     def __call__(self, *slots: torch.Tensor, batch: int | None = None) -> Any:
         data = self.data
@@ -335,8 +338,12 @@ def _per_sample(i: int, v: torch.Tensor, inputs: tuple[Any, ...], call: GenericC
         _, pull = torch.func.vjp(single, xs[i])
         return torch.vmap(lambda c: pull(c)[0])(vn)
 
-    in_dims = tuple(0 if j in data else None for j in range(len(inputs))) + (0,)
-    res = torch.vmap(one, in_dims=in_dims)(*inputs, cols)  # [N, L, *p]
+    if call.vmap_samples:
+        in_dims = tuple(0 if j in data else None for j in range(len(inputs))) + (0,)
+        res = torch.vmap(one, in_dims=in_dims)(*inputs, cols)  # [N, L, *p]
+    else:
+        res = torch.stack([one(*[x[m] if j in data else x for j, x in enumerate(inputs)], cols[m])
+                           for m in range(n)])
     return res.movedim(0, 1).reshape(lead + (n,) + tuple(inputs[i].shape))
 
 
@@ -459,6 +466,12 @@ def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...]) -> Gene
         _, hvp = torch.func.vjp(grads, *xs)
         return any(bool((h != 0).any()) for h in hvp(tuple(rand_like(x) for x in xs)))
 
+    params = [i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM and inputs[i].is_floating_point()]
+    if params:
+        try:
+            _per_sample(params[0], g[:1].unsqueeze(0).expand((1,) + tuple(g.shape)), inputs, call, out)
+        except RuntimeError:  # no batching rule, or in-place updates of a state created inside the call
+            call.vmap_samples = False
     data = tuple(i for i in call.data if inputs[i].is_floating_point())
     call.smooth_data = bool(data) and nonzero_hvp(data)
     call.smooth_params = frozenset(i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM
