@@ -127,7 +127,7 @@ def run_extension(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torc
 
     net = copy.deepcopy(model).to(torch.float64)
     lossf = copy.deepcopy(loss_fn).to(torch.float64)  # buffers (CrossEntropyLoss.weight) too
-    x64 = x.to(torch.float64)
+    x64 = x.to(torch.float64) if x.is_floating_point() else x  # integer inputs (embedding indices) as they are
     y64 = y.to(torch.float64) if y.is_floating_point() else y
     with _default_dtype(torch.float64), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # "Full backward hook is firing when gradients are computed with respect to module outputs

@@ -83,9 +83,9 @@ class OpContext:
 
     def sample_forward(self, key: str, n: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
         """Sample ``n``'s forward ``u_n -> z_n`` (no batch axis) as a function of input ``key``, and
-        ``u_n``: data inputs are sliced to sample ``n``, parameters are shared."""
-        fixed = {k: v if v is None or self.is_param(k) else v[n:n + 1] for k, v in self.inputs.items()}
-        batched = not self.is_param(key)
+        ``u_n``: data inputs are sliced to sample ``n``, parameters and constants are shared."""
+        fixed = {k: v if v is None or not self.op.is_batched(k) else v[n:n + 1] for k, v in self.inputs.items()}
+        batched = self.op.is_batched(key)
 
         def f(u: torch.Tensor) -> torch.Tensor:
             args = [(u[None] if batched else u) if k == key else fixed[k] for k in self.op.inputs]
@@ -302,7 +302,7 @@ def unfolded_input(c: OpContext) -> torch.Tensor:
 
 
 def averaging_weights(c: OpContext) -> torch.Tensor:
-    """``1/divisor_j`` per output position ``j`` of an average pooling, ``[1, 1, Y1, Y2]``: the
+    """``1/divisor_j`` per output position ``j`` of an average pooling, ``[1, 1, *out]``: the
     nonzero entries of row ``j`` of its per-sample Jacobian ``A`` (HBP Sec. D.2), read off one
     sample's first channel."""
     j = per_sample_jacobians(c, "x")[0]
@@ -310,7 +310,16 @@ def averaging_weights(c: OpContext) -> torch.Tensor:
     a = j[:plane_out, :plane_in]  # channel 0 -> channel 0
     rows = a.max(dim=1).values
     assert (rows > 0).all() and ((a == 0) | (a == rows[:, None])).all(), "rows of A are not constant"
-    return rows.reshape((1, 1) + tuple(c.out.shape[-2:]))
+    return rows.reshape((1, 1) + tuple(c.out.shape[2:]))
+
+
+def normalized_input(c: OpContext) -> torch.Tensor:
+    """``x_hat``: a batch norm's output with unit weight and zero bias (its derivative by the weight)."""
+    x = c.inputs["x"]
+    assert x is not None
+    unit = {"weight": torch.ones(x.shape[1], dtype=x.dtype), "bias": torch.zeros(x.shape[1], dtype=x.dtype)}
+    args = {**c.inputs, **unit}
+    return c.op.forward(*[args[k] for k in c.op.inputs], **c.attrs)
 
 
 # The generic meaning of every derived value a registered rule reads, by name.
@@ -321,4 +330,5 @@ DERIVED: dict[str, Callable[[OpContext], torch.Tensor]] = {
     "weight_sq": square_of("weight"),
     "x_cols": unfolded_input,
     "inv_divisor": averaging_weights,
+    "x_hat": normalized_input,
 }

@@ -70,3 +70,24 @@ def check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last: tup
     for name, value in out[quantity].items():
         assert value.shape == exact[name].shape and torch.isfinite(value).all()
     assert_close({k: out[quantity][k] for k in last}, {k: exact[k] for k in last}, what=quantity)
+
+
+def check_layer_net(model, loss_fn, x, y, backpack: bool = False):
+    """A ``nn.Sequential`` ``model`` containing the layer under test, end to end (float64): ``grad``,
+    ``diag_ggn`` and ``diag_hessian`` against torch.func (:func:`check_against_references`),
+    ``hesscale`` and ``hesscale_gn`` against the brute-force HesScale of their defining equations
+    (``tests/hesscale_reference.py``), and, where ``backpack``, ``diag_ggn`` against BackPACK's
+    DiagGGNExact (relative error < 1e-10)."""
+    import hesscale_reference
+
+    out = check_against_references(model, loss_fn, x, y, quantities=("diag_ggn", "diag_hessian", "hesscale",
+                                                                      "hesscale_gn"))
+    assert_close(out["hesscale"], hesscale_reference.hesscale(model, loss_fn, x, y), what="hesscale")
+    assert_close(out["hesscale_gn"], hesscale_reference.hesscale_gn(model, loss_fn, x, y), what="hesscale_gn")
+    if backpack:
+        import backpack_reference
+        from backpack.extensions import DiagGGNExact
+
+        want = backpack_reference.run_extension(model, loss_fn, x, y, DiagGGNExact())
+        assert_close(out["diag_ggn"], want, rtol=1e-10, what="diag_ggn vs BackPACK")
+    return out

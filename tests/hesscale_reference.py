@@ -154,17 +154,19 @@ def hesscale(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: torch.
         new_g, new_d = [], []
         for k, p in layer.named_parameters(recurse=False):
             if p.requires_grad:
-                out[f"{name}.{k}"] = torch.zeros_like(p, dtype=x.dtype)
+                out[f"{name}.{k}"] = torch.zeros_like(p, dtype=d.dtype)
         for i in range(n):
-            jac = input_jacobian(layer, xin[i])  # [out, in]
             g_out, d_out = g[i].reshape(-1), d[i].reshape(-1)
-            new_g.append((jac.T @ g_out).reshape(xin[i].shape))
-            new_d.append(((jac * jac).T @ d_out).reshape(xin[i].shape))  # eq. 4 / 8: (J o J)^T d
+            if xin.is_floating_point():  # integer inputs (embedding indices) have no derivative
+                jac = input_jacobian(layer, xin[i])  # [out, in]
+                new_g.append((jac.T @ g_out).reshape(xin[i].shape))
+                new_d.append(((jac * jac).T @ d_out).reshape(xin[i].shape))  # eq. 4 / 8: (J o J)^T d
             for k, jp in param_jacobians(layer, xin[i]).items():
                 key = f"{name}.{k}"
                 if key in out:
                     out[key] += ((jp * jp).T @ d_out).reshape(out[key].shape)  # eq. 5 / 9
-        g, d = torch.stack(new_g), torch.stack(new_d)
+        if new_g:
+            g, d = torch.stack(new_g), torch.stack(new_d)
     return {k: out[k] for k, p in model.named_parameters() if k in out}
 
 

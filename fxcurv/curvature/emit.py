@@ -117,12 +117,12 @@ class Emitter:
 
     def batched(self, node: fx.Node, name: str) -> bool:
         """Whether context value ``name`` of op node ``node`` has the batch as its dimension 0: the op's
-        data inputs (not its parameters), its output, saved values, and derived values computed from any
+        data inputs (not its parameters or constants), its output, saved values, and derived values computed from any
         of these; attributes, parameters and values derived from parameters alone have not."""
         op = self.op_of(node)
         if name in op.inputs:
             value = self.inputs_of(node)[name]
-            return (name not in op.params and isinstance(value, fx.Node) and value.op != "get_attr"
+            return (op.is_batched(name) and isinstance(value, fx.Node) and value.op != "get_attr"
                     and not info(value).param)
         if name == "inputs" and op.variadic:
             raise UnsupportedOpError(

@@ -160,6 +160,11 @@ class Propagator:
             raise UnsupportedOpError(
                 f"node '{node.name}' ({info(node).source or op.name}): its {name} '{target.name}' is computed "
                 "from parameters; fxcurv takes parameters used directly as an op's weight or bias")
+        if name in op.constants or name in op.indices:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({info(node).source or op.name}): its input '{name}' ('{target.name}') is "
+                f"computed from trainable parameters, but {op.name} has no derivative with respect to it "
+                f"({'integer indices' if name in op.indices else 'a constant of the op'})")
         jac_t = emit.find_rule(RuleKind.JAC_T, node, name)
         shape = info(target).shape
         self.post(target, bundle=emit.rule(jac_t, (msgs.bundle,), node, kind=Kind.BUNDLE, message="[g; S]",

@@ -122,8 +122,8 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
             sampled = sorted(o for (o, _) in registry.LOSS_SQRT_HESSIAN_MC)
             raise UnsupportedOpError(
                 f"diag_ggn_mc needs a loss with a likelihood to sample from; the loss ({info(loss).source}) "
-                f"has none. Supported: nn.CrossEntropyLoss, nn.MSELoss (or their functional forms; loss ops "
-                f"with a sampler: {', '.join(sampled)})")
+                f"has none. Supported: nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss (or their "
+                f"functional forms; loss ops with a sampler: {', '.join(sampled)})")
         drawn = emit.rule(sampler, (), loss, {"mc_samples": mc_samples, "generator": generator},
                           kind=Kind.SQRT, message="S", stream="mc", at=f)
         n_mc = prefix_samples(needs, FactorSource.MC, batch)

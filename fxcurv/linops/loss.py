@@ -88,7 +88,7 @@ class LossOp:
             have = sorted(o for (o, _) in registry.TABLES[kind])
             raise UnsupportedOpError(
                 f"{what} needs a loss with a likelihood to sample from; this loss ({self.op.name}) has none. "
-                f"Loss ops with a sampler: {', '.join(have)} (nn.CrossEntropyLoss, nn.MSELoss)")
+                f"Loss ops with a sampler: {', '.join(have)} (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)")
 
 
 def factor_products(S: torch.Tensor, sign: torch.Tensor | None, T: torch.Tensor) -> torch.Tensor:

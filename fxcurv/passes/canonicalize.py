@@ -36,7 +36,7 @@ from .shape_prop import describe, propagate_shapes
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_floating_point"}
 _INT_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-                  operator.mod, operator.neg, operator.truediv}
+                  operator.mod, operator.neg, operator.truediv, operator.pow}
 
 
 @dataclass
@@ -74,6 +74,16 @@ def _source(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     return node.op
+
+
+def _is_constant(value: Any) -> bool:
+    """A canonical input that no sample and no trainable parameter changes: absent, a lifted tensor
+    (``get_attr``), or a frozen parameter's placeholder."""
+    if not isinstance(value, fx.Node):
+        return True
+    if value.op == "get_attr":
+        return True
+    return value.op == "placeholder" and info(value).param is not None and not info(value).requires_grad
 
 
 def _contains_node(value: Any) -> bool:
@@ -133,6 +143,12 @@ class _Builder:
                 f"node {describe(old, self.gm)}: an argument of {op.name} is computed from tensor values "
                 "at run time; fxcurv takes attributes (sizes, strides, ...) that are known when it compiles")
         args = tuple(self.lift(match.inputs.get(k)) for k in op.inputs)
+        for name, value in zip(op.inputs, args):
+            if name in op.constants and not _is_constant(value):
+                raise UnsupportedOpError(
+                    f"node {describe(old, self.gm)}: input '{name}' of {op.name} is computed from the input or "
+                    f"from a trainable parameter ({value}); fxcurv takes it as a constant of the op (a module "
+                    "buffer or a frozen tensor), shared by all samples")
         if op.alias:
             return args[0]
         new = self.graph.call_function(op.forward, args, dict(match.attrs))
@@ -448,7 +464,7 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
     except UnsupportedOpError as err:
         raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
-    return None if match is None else (op, match)
+    return None if match is None else (registry.matched_op(op, match), match)
 
 
 def unsupported_nodes(traced: Traced) -> list[str]:
@@ -489,7 +505,7 @@ def _match_loss(traced: Traced, gm: fx.GraphModule) -> tuple[fx.Node, registry.O
     y_in = match.inputs.get("y")
     if not isinstance(y_in, fx.Node) or y_in.op != "placeholder":
         return None
-    return node, op, match
+    return node, registry.matched_op(op, match), match
 
 
 def _check_target(traced: Traced, gm: fx.GraphModule, y: Any) -> None:

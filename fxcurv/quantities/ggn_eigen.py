@@ -342,7 +342,7 @@ class GGNEigen(Quantity):
             s = self._node(use, scale_columns, (s, math.sqrt(batch / n_sub)), "S[frac]")
             op = use.emit.op_of(use.node)
             for name, value in use.emit.inputs_of(use.node).items():
-                if name not in op.params and isinstance(value, fx.Node):
+                if op.is_batched(name) and isinstance(value, fx.Node):
                     context[name] = self._select(use, use.emit.env[value], index, 0)
         if use.shared:
             state.per_sample.append(use.emit.rule(rule, (s,), use.node, context, kind=Kind.PARAM, message="J^T S",

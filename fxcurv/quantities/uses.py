@@ -55,7 +55,7 @@ class OpUse:
         # Which inputs carry the batch: the op's data inputs, or a generic call's data slots.
         call = self.attrs.get("call")
         data = set(call.data) if self.op.variadic else {i for i, n in enumerate(self.op.inputs)
-                                                          if n not in self.op.params}
+                                                          if self.op.is_batched(n)}
         self.batched = tuple(i in data and isinstance(v, torch.Tensor) for i, v in enumerate(self.inputs))
 
     @property

@@ -31,10 +31,11 @@ convolution's windows do not start from). Hence
   message unfolded by ``C``'s windows (``[C_out/G prod(k), P_X]``, one column per *input* position);
   ``J_W^T S`` is thus formed from the unfolded columns of ``S``, block by block of samples.
 
-Kronecker factors (KFAC, KFLR, KFRA) are defined here for the convolutions only, like BackPACK's: a
-transposed convolution's weight ``[C_in, C_out/G, *k]`` does not split into an output factor over its
-leading axis and an input factor over the rest (its output channel is the *second* axis), so
-``conv_transpose*`` registers no ``kron_*`` rules. Its Gram matrix (ViViT) is registered.
+Kronecker factors (KFAC, KFLR, KFRA) are defined here for the convolutions only: a transposed
+convolution's weight ``[C_in, C_out/G, *k]`` does not split into an output factor over its leading axis
+and an input factor over the rest (its output channel is the *second* axis; BackPACK's factors refer to
+``weight.transpose(0, 1)``, a layout fxcurv's Kronecker blocks do not take), so ``conv_transpose*``
+registers no ``kron_*`` rules. Its Gram matrix (ViViT) is registered.
 
 Every op of the family registers its own copy of the shared rule functions (:func:`_own_copy`): the
 registry keys a rule by its function, one function per op.

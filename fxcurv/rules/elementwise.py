@@ -14,6 +14,7 @@ all messages. Where the output is cheaper to differentiate from (tanh, sigmoid) 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedOpError
 from .registry import Match, OpDef, define_op
 
 
@@ -33,12 +35,14 @@ def define_activation(
     functions: tuple[Callable[..., Any], ...] = (),
     methods: tuple[str, ...] = (),
     attrs: dict[str, tuple[str, int | None, Any]] | None = None,
+    inplace_index: int | None = None,
 ) -> OpDef:
     """Register an activation from ``phi`` (``forward(x, **attrs)``), ``phi'`` and ``phi''``.
 
     ``d1``/``d2`` take any of ``x``, ``out`` and the attributes by name. ``d2=None`` marks a
     piecewise-linear activation (no residual term). ``attrs`` maps attribute name to
-    ``(module attribute, functional positional index, default)``.
+    ``(module attribute, functional positional index, default)``; ``inplace_index`` is the positional
+    index of the functional form's ``inplace`` flag (read by keyword where ``None``).
     """
     attrs = attrs or {}
     op = define_op(name, "elementwise", forward, inputs=("x",))
@@ -49,11 +53,13 @@ def define_activation(
     if modules:
         @op.module(*modules)
         def _from_module(node, mod):
+            check_in_place(node.args[0], bool(getattr(mod, "inplace", False)))
             return Match({"x": node.args[0]}, {k: getattr(mod, m) for k, (m, _, _) in attrs.items()})
 
     if functions:
         @op.function(*functions)
         def _from_function(node, a):
+            check_in_place(a(0, "input"), bool(a(inplace_index, "inplace", False)))
             return Match({"x": a(0, "input")}, _attrs_from_args(a))
 
     if methods:
@@ -90,6 +96,61 @@ def define_activation(
     return op
 
 
+# ---- in-place activations -----------------------------------------------------------------------
+#
+# ``F.relu(h, inplace=True)`` overwrites ``h``: in eager PyTorch every later reader of ``h`` -- and of
+# any tensor ``h`` is a view of -- reads the activation's output, while in the traced graph they read
+# the node before the call. The canonical op is out of place, so that is exact only where nothing
+# else reads ``h`` or what it aliases.
+
+# Traced calls whose result may share memory with their first argument.
+_VIEW_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                           "reshape_as", "contiguous", "transpose", "permute", "t", "expand", "narrow"})
+_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                             torch.permute, torch.narrow, operator.getitem, F.dropout})
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def _aliased_input(node: Any) -> Any:
+    """The traced value ``node``'s result may alias (its first argument), or ``None``."""
+    op = getattr(node, "op", None)
+    if op == "call_method" and node.target in _VIEW_METHODS:
+        return node.args[0]
+    if op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        return node.args[0] if node.args else None
+    if op == "call_module":
+        root = getattr(getattr(node, "graph", None), "owning_module", None)
+        mod = root.get_submodule(str(node.target)) if root is not None else None
+        if mod is None or isinstance(mod, _VIEW_MODULES):  # unknown: assume it may alias
+            return node.args[0] if node.args else None
+    return None
+
+
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
+
+
+def _reads_values(user: Any) -> bool:
+    """Whether a traced node reads its input's values (not only its shape: ``h.shape``, ``h.size(0)``)."""
+    if user.op == "call_function" and user.target is getattr:
+        return False
+    return not (user.op == "call_method" and user.target in _METADATA_METHODS)
+
+
+def check_in_place(x: Any, inplace: bool) -> None:
+    """UnsupportedOpError for an in-place activation whose input (or a tensor it is a view of) is
+    read by another node; nothing for out-of-place calls."""
+    seen = x
+    while inplace and seen is not None:
+        users = [u for u in getattr(seen, "users", {}) if _reads_values(u)]
+        if len(users) > 1:
+            readers = ", ".join(sorted(str(u) for u in users))
+            raise UnsupportedOpError(
+                f"an in-place activation (inplace=True) overwrites '{seen}', which other nodes also read "
+                f"({readers}): in PyTorch they see the overwritten values. Use inplace=False (or assign the "
+                "result and use only it)")
+        seen = _aliased_input(seen)
+
+
 # ---- the activations -----------------------------------------------------------------------------
 
 def relu(x):
@@ -101,7 +162,7 @@ def _relu_d1(x):
 
 
 define_activation("relu", relu, _relu_d1, None,
-                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",))
+                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",), inplace_index=1)
 
 
 def leaky_relu(x, negative_slope=0.01):
@@ -114,7 +175,7 @@ def _leaky_relu_d1(x, negative_slope):
 
 define_activation("leaky_relu", leaky_relu, _leaky_relu_d1, None,
                   modules=(nn.LeakyReLU,), functions=(F.leaky_relu,),
-                  attrs={"negative_slope": ("negative_slope", 1, 0.01)})
+                  attrs={"negative_slope": ("negative_slope", 1, 0.01)}, inplace_index=2)
 
 
 def sigmoid(x):
@@ -162,7 +223,7 @@ def _elu_d2(x, out, alpha):
 
 
 define_activation("elu", elu, _elu_d1, _elu_d2,
-                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)})
+                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)}, inplace_index=2)
 
 
 def softplus(x, beta=1.0, threshold=20.0):
@@ -200,7 +261,7 @@ def _silu_d2(x):
 
 
 define_activation("silu", silu, _silu_d1, _silu_d2,
-                  modules=(nn.SiLU,), functions=(F.silu,))
+                  modules=(nn.SiLU,), functions=(F.silu,), inplace_index=1)
 
 
 def gelu(x, approximate="none"):
@@ -239,3 +300,181 @@ def _gelu_d2(x, approximate):
 define_activation("gelu", gelu, _gelu_d1, _gelu_d2,
                   modules=(nn.GELU,), functions=(F.gelu,),
                   attrs={"approximate": ("approximate", None, "none")})
+
+
+# ---- SELU, CELU: ELU's exponential branch, scaled -------------------------------------------------
+
+# torch's SELU constants (Klambauer et al. 2017, eq. 14), as in ATen.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def selu(x):
+    return torch.selu(x)
+
+
+def _selu_d1(x, out):
+    """``lambda`` for ``x > 0``; ``lambda alpha e^x = out + lambda alpha`` otherwise."""
+    return torch.where(x > 0, torch.full_like(x, SELU_SCALE), out + SELU_SCALE * SELU_ALPHA)
+
+
+def _selu_d2(x, out):
+    """``0`` for ``x > 0``; ``lambda alpha e^x`` otherwise."""
+    return torch.where(x > 0, torch.zeros_like(x), out + SELU_SCALE * SELU_ALPHA)
+
+
+define_activation("selu", selu, _selu_d1, _selu_d2,
+                  modules=(nn.SELU,), functions=(F.selu, torch.selu), inplace_index=1)
+
+
+def celu(x, alpha=1.0):
+    """``x`` for ``x > 0``, ``alpha (e^(x / alpha) - 1)`` otherwise: F.celu's values, written out
+    because torch's CELU backward scales by ``1 / alpha`` rounded to float32 (a 1e-8 relative error in
+    float64), which the tests' autograd references of this forward would inherit."""
+    return torch.where(x > 0, x, alpha * torch.expm1(x / alpha))
+
+
+def _celu_d1(x, out, alpha):
+    """``1`` for ``x > 0``; ``e^(x / alpha) = out / alpha + 1`` otherwise."""
+    return torch.where(x > 0, torch.ones_like(x), out / alpha + 1)
+
+
+def _celu_d2(x, out, alpha):
+    """``0`` for ``x > 0``; ``e^(x / alpha) / alpha`` otherwise."""
+    return torch.where(x > 0, torch.zeros_like(x), (out / alpha + 1) / alpha)
+
+
+define_activation("celu", celu, _celu_d1, _celu_d2,
+                  modules=(nn.CELU,), functions=(F.celu, torch.celu), attrs={"alpha": ("alpha", 1, 1.0)},
+                  inplace_index=2)
+
+
+# ---- LogSigmoid, Mish, Softsign -----------------------------------------------------------------------
+
+def logsigmoid(x):
+    return F.logsigmoid(x)
+
+
+def _logsigmoid_d1(x):
+    """``log sigma(x)' = 1 - sigma(x) = sigma(-x)``."""
+    return torch.sigmoid(-x)
+
+
+def _logsigmoid_d2(x):
+    """``-sigma(x) (1 - sigma(x))``."""
+    s = torch.sigmoid(x)
+    return -s * (1 - s)
+
+
+define_activation("logsigmoid", logsigmoid, _logsigmoid_d1, _logsigmoid_d2,
+                  modules=(nn.LogSigmoid,), functions=(F.logsigmoid,))
+
+
+def mish(x):
+    return F.mish(x)
+
+
+def _mish_parts(x):
+    """``(t, s, q, 1 - t^2)`` with ``t = tanh(softplus(x))``, ``s = sigma(x) = softplus'(x)`` and
+    ``q = 1 - s = sigma(-x)``, all from the sigmoids: with ``w = 1 + e^x = 1 / q``,
+    ``t = (w^2 - 1) / (w^2 + 1) = s (1 + q) / (1 + q^2)`` and ``1 - t^2 = 4 q^2 / (1 + q^2)^2``, which
+    neither overflow for large ``x`` nor cancel for large ``|x|`` (``t ~ s`` as ``x -> -inf``)."""
+    s, q = torch.sigmoid(x), torch.sigmoid(-x)
+    r = 1 + q * q
+    return s * (1 + q) / r, s, q, 4 * q * q / (r * r)
+
+
+def _mish_d1(x):
+    """``(x t)' = t + x s (1 - t^2)``, since ``t' = (1 - t^2) softplus'(x)``."""
+    t, s, _, sech2 = _mish_parts(x)
+    return t + x * s * sech2
+
+
+def _mish_d2(x):
+    """``s (1 - t^2) (2 + x q - 2 x s t)``: the derivative of ``t + x s (1 - t^2)`` with
+    ``t' = s (1 - t^2)``, ``s' = s q`` and ``(1 - t^2)' = -2 t s (1 - t^2)``."""
+    t, s, q, sech2 = _mish_parts(x)
+    return s * sech2 * (2 + x * q - 2 * x * s * t)
+
+
+define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,), inplace_index=1)
+
+
+def softsign(x):
+    return F.softsign(x)
+
+
+def _softsign_d1(x):
+    """``(x / (1 + |x|))' = 1 / (1 + |x|)^2``."""
+    return (1 + x.abs()).pow(-2)
+
+
+def _softsign_d2(x):
+    """``-2 sign(x) / (1 + |x|)^3`` (at ``x = 0`` the one-sided values are ``-+2``; ``0`` is taken,
+    as autograd's ``sign``)."""
+    return -2 * torch.sign(x) * (1 + x.abs()).pow(-3)
+
+
+define_activation("softsign", softsign, _softsign_d1, _softsign_d2, modules=(nn.Softsign,),
+                  functions=(F.softsign,))
+
+
+# ---- the hard activations: piecewise linear (Hardtanh, ReLU6, Hardsigmoid) or quadratic (Hardswish) --
+#
+# Their derivatives follow torch's backward kernels, including at the kinks: ``hardtanh`` passes the
+# gradient strictly inside ``(min_val, max_val)``, ``hardsigmoid`` strictly inside ``(-3, 3)``,
+# ``hardswish`` uses ``x / 3 + 1/2`` strictly inside ``(-3, 3)`` (``0`` at ``-3``, ``1`` at ``3``).
+# Away from the kinks (a set of measure zero) the piecewise-linear ones have ``phi'' = 0`` exactly,
+# hence no residual rule; Hardswish is quadratic on ``(-3, 3)``, ``phi'' = 1/3`` there.
+
+
+def hardtanh(x, min_val=-1.0, max_val=1.0):
+    return F.hardtanh(x, min_val, max_val)
+
+
+def _hardtanh_d1(x, min_val, max_val):
+    return ((x > min_val) & (x < max_val)).to(x.dtype)
+
+
+hardtanh_op = define_activation(
+    "hardtanh", hardtanh, _hardtanh_d1, None, modules=(nn.Hardtanh, nn.ReLU6), functions=(F.hardtanh,),
+    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)}, inplace_index=3)
+
+
+@hardtanh_op.function(F.relu6)
+def _relu6_from_function(node, a):
+    """``relu6(x) = hardtanh(x, 0, 6)``."""
+    check_in_place(a(0, "input"), bool(a(1, "inplace", False)))
+    return Match({"x": a(0, "input")}, {"min_val": 0.0, "max_val": 6.0})
+
+
+def hardsigmoid(x):
+    # relu6(x + 3) / 6, as ATen computes it; torch has no double backward for F.hardsigmoid, which
+    # the tests' torch.func references of this forward need.
+    return F.relu6(x + 3) / 6
+
+
+def _hardsigmoid_d1(x):
+    return ((x > -3) & (x < 3)).to(x.dtype) / 6
+
+
+define_activation("hardsigmoid", hardsigmoid, _hardsigmoid_d1, None,
+                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), inplace_index=1)
+
+
+def hardswish(x):
+    return F.hardswish(x)
+
+
+def _hardswish_d1(x):
+    """``0`` up to ``-3``, ``x / 3 + 1/2`` on ``(-3, 3)``, ``1`` from ``3`` on."""
+    return torch.where(x <= -3, torch.zeros_like(x), torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x)))
+
+
+def _hardswish_d2(x):
+    """``1/3`` on ``(-3, 3)`` (the quadratic piece ``x (x + 3) / 6``), ``0`` elsewhere."""
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+define_activation("hardswish", hardswish, _hardswish_d1, _hardswish_d2,
+                  modules=(nn.Hardswish,), functions=(F.hardswish,), inplace_index=1)

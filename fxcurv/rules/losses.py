@@ -11,6 +11,11 @@ Closed forms:
   ``c ~ Cat(p)`` drawn per position (``E[.(.)^T] = H``).
 * ``mse_loss`` (HBP Sec. C.1): ``H = 2 w I`` with ``w = 1/numel`` for ``"mean"``; Monte Carlo columns
   are ``sqrt(2 w) z`` with ``z ~ N(0, I)``.
+* ``bce_with_logits`` (binary cross-entropy on logits, any output shape): ``H = w diag(s (1 - s))``
+  with ``s = sigmoid(f)``, one factor column per output entry; Monte Carlo columns ``s - b`` with
+  ``b ~ Bernoulli(s)``.
+* ``nll_loss`` on log-probabilities ``[N, C, d1, ...]``: linear in ``f``, ``H = 0`` (no factor
+  columns; the convention for ``log_softmax`` + ``NLLLoss`` is explained at its rules).
 
 Any other loss torch.fx can trace takes the **general path** (``general_loss``): the per-sample
 Hessian blocks ``d2L/df_n^2`` come from torch.func (one Hessian-vector product per output
@@ -369,6 +374,240 @@ def mse_hessian_diag(f, reduction):
     return torch.full_like(f, 2 * _mse_weight(f, reduction))
 
 
+# ---- binary cross-entropy with logits ------------------------------------------------------------
+#
+# ``l(f, y) = sum_e w [softplus(f_e) - y_e f_e] = -sum_e w [y_e log s_e + (1 - y_e) log(1 - s_e)]``
+# with ``s = sigmoid(f)`` and one weight ``w`` for every entry (``1 / numel`` for ``"mean"``, ``1``
+# for ``"sum"``). Every entry is its own Bernoulli likelihood, so the Hessian w.r.t. ``f`` is diagonal
+# and does not depend on the target: ``H = w diag(s (1 - s))``.
+
+
+def bce_with_logits(f, y, reduction="mean"):
+    return F.binary_cross_entropy_with_logits(f, y, reduction=reduction)
+
+
+def _check_bce(shape, dtype, y, reduction):
+    """Raise InputError unless ``y`` has the model output's ``shape`` and floating ``dtype`` and its
+    entries are probabilities in ``[0, 1]`` (one ``aminmax`` over ``y``)."""
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        raise InputError(
+            "target y: binary_cross_entropy_with_logits takes float targets in [0, 1] shaped like the "
+            f"model output {list(shape)}; got "
+            f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__} (cast class labels with y.to(f.dtype))"
+        )
+    if tuple(y.shape) != tuple(shape):
+        raise InputError(
+            f"target y: binary_cross_entropy_with_logits expects the model output's shape {tuple(shape)}, "
+            f"got {tuple(y.shape)}"
+        )
+    if y.dtype != dtype:
+        raise InputError(f"target y: dtype {y.dtype} differs from the model output's {dtype}")
+    if y.numel() == 0:
+        return
+    extremes = torch.aminmax(y)
+    lo, hi = extremes.min.item(), extremes.max.item()
+    if not (0.0 <= lo and hi <= 1.0):  # NaN targets fail here too
+        bad = ~((y >= 0) & (y <= 1))
+        where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise InputError(
+            f"target y: binary_cross_entropy_with_logits takes probabilities in [0, 1]; y{list(where)} = "
+            f"{float(y[where])}"
+        )
+
+
+def _bce_scale(shape, y, reduction) -> LossScale:
+    """``"mean"`` averages over every output entry, ``N * D`` (:func:`_bce_weight`)."""
+    if reduction == "sum":
+        return LossScale(LossReduction.SUM)
+    return LossScale(LossReduction.MEAN, float(torch.Size(shape).numel()))
+
+
+bce = define_op("bce_with_logits", "losses", bce_with_logits, inputs=("f", "y"), is_loss=True,
+                check=_check_bce, scale=_bce_scale)
+
+
+def _bce_attrs(reduction, weight, pos_weight, size_average=None, reduce=None):
+    if size_average is not None or reduce is not None:
+        raise UnsupportedOpError("the deprecated size_average/reduce arguments are not supported; use reduction=")
+    if reduction not in ("mean", "sum"):
+        raise UnsupportedOpError(
+            f"binary_cross_entropy_with_logits with reduction={reduction!r}: the curvature of a non-scalar "
+            "loss is undefined; supported: 'mean', 'sum'"
+        )
+    if weight is not None or pos_weight is not None:
+        return None  # entry or class weights: take the general path
+    return {"reduction": reduction}
+
+
+@bce.module(nn.BCEWithLogitsLoss)
+def _bce_from_module(node, mod):
+    attrs = _bce_attrs(mod.reduction, mod.weight, mod.pos_weight)
+    return None if attrs is None else Match({"f": node.args[0], "y": node.args[1]}, attrs)
+
+
+@bce.function(F.binary_cross_entropy_with_logits)
+def _bce_from_function(node, a):
+    attrs = _bce_attrs(a(5, "reduction", "mean"), a(2, "weight", None), a(6, "pos_weight", None),
+                       a(3, "size_average", None), a(4, "reduce", None))
+    return None if attrs is None else Match({"f": a(0, "input"), "y": a(1, "target")}, attrs)
+
+
+def _bce_weight(f, reduction) -> float:
+    """``w``: ``1 / numel`` for ``"mean"`` (any finite value for an empty batch), ``1`` for ``"sum"``."""
+    return 1.0 / max(f.numel(), 1) if reduction == "mean" else 1.0
+
+
+@bce.derived("probs")
+def bce_probs(f):
+    """``s = sigmoid(f)``, the Bernoulli probability of every entry."""
+    return torch.sigmoid(f)
+
+
+@bce.loss_grad()
+def bce_grad(probs, y, reduction):
+    """``dL/df = w (s - y)``."""
+    return _bce_weight(probs, reduction) * (probs - y)
+
+
+@bce.loss_sqrt_hessian()
+def bce_sqrt_hessian(probs, reduction):
+    """``H = w diag(s (1 - s))`` per sample: one column per output entry ``e``,
+    ``S[e] = sqrt(w s_e (1 - s_e)) e_e`` (``[D, N, *f]``, as MSE's ``sqrt(2 w) I``)."""
+    n, d = probs.shape[0], probs.shape[1:].numel()
+    root = (_bce_weight(probs, reduction) * probs * (1 - probs)).sqrt().reshape(n, d)  # [N, D]
+    eye = torch.eye(d, dtype=probs.dtype, device=probs.device)
+    return (eye.unsqueeze(1) * root.unsqueeze(0)).reshape((d, n) + probs.shape[1:]), None
+
+
+@bce.loss_sqrt_hessian_mc()
+def bce_sqrt_hessian_mc(probs, reduction, mc_samples, generator):
+    """``(s - b_k) sqrt(w / K)`` with ``b_k ~ Bernoulli(s)`` drawn per entry: ``[K, N, *f]``.
+
+    ``E[(s - b)(s - b)^T] = diag(s (1 - s))``: the entries are independent, so the cross terms vanish
+    in expectation. Entries whose probability is not finite get NaN columns (drawn from a stand-in
+    ``1/2`` so that sampling never fails), as every other quantity propagates NaN."""
+    finite = torch.isfinite(probs)
+    draw_from = torch.where(finite, probs, 0.5).unsqueeze(0).expand((mc_samples,) + probs.shape)
+    draws = torch.bernoulli(draw_from, generator=generator)
+    scale = (_bce_weight(probs, reduction) / max(mc_samples, 1)) ** 0.5
+    return torch.where(finite, (probs.unsqueeze(0) - draws) * scale, torch.nan)
+
+
+@bce.loss_hessian_diag()
+def bce_hessian_diag(probs, reduction):
+    """``w s (1 - s)``."""
+    return _bce_weight(probs, reduction) * probs * (1 - probs)
+
+
+# ---- negative log-likelihood on log-probabilities --------------------------------------------------
+#
+# ``nll_loss(f, y) = -sum_a w_a f[y_a, a]``: the loss *picks* one input entry per position ``a`` (class
+# axis 1; positions as for cross-entropy), so it is **linear** in ``f``. Its Hessian w.r.t. ``f`` is
+# zero: a zero-column square-root factor, a zero Hessian diagonal and zero Monte Carlo columns.
+#
+# Convention. Curvature quantities are defined at the model output ``f`` (the loss's input): the GGN
+# ``J^T H J`` of a model ending in ``log_softmax`` and trained with ``NLLLoss`` is therefore zero,
+# and the exact Hessian reaches the parameters only through ``log_softmax``'s own second derivative
+# (a residual term of the model, not of the loss). The values of ``log_softmax`` + ``NLLLoss`` equal
+# ``CrossEntropyLoss`` on the logits, whose GGN w.r.t. the logits is the softmax Fisher; to get that
+# GGN (and the Monte Carlo Fisher), return the logits and use ``CrossEntropyLoss``. BackPACK has no
+# extension for ``NLLLoss`` (nor ``LogSoftmax``): there is no number of its to match.
+
+
+def nll_loss(f, y, reduction="mean", ignore_index=-100):
+    return F.nll_loss(f, y, reduction=reduction, ignore_index=ignore_index)
+
+
+def _check_nll(shape, dtype, y, reduction, ignore_index):
+    """Raise InputError unless ``y`` holds int64 class indices ``[N, d1, ...]`` in ``[0, C)`` or
+    ``ignore_index`` for a model output of ``shape`` ``[N, C, d1, ...]``."""
+    if len(shape) < 2:
+        raise InputError(
+            f"nll_loss: the model output has shape {tuple(shape)}; nll_loss takes log-probabilities "
+            "[N, C] or [N, C, d1, ...] (class axis 1)"
+        )
+    index_shape = (shape[0],) + tuple(shape[2:])
+    if not isinstance(y, torch.Tensor) or y.dtype not in _INDEX_DTYPES:
+        raise InputError(
+            f"target y: nll_loss takes int64 class indices {list(index_shape)}; got "
+            f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
+    if tuple(y.shape) != index_shape:
+        raise InputError(f"target y: nll_loss expects shape {index_shape}, got {tuple(y.shape)}")
+    _check_class_indices(y, shape[1], ignore_index)
+
+
+def _nll_scale(shape, y, reduction, ignore_index) -> LossScale:
+    """``"mean"`` averages over the non-ignored positions, as torch does."""
+    if reduction == "sum":
+        return LossScale(LossReduction.SUM)
+    return LossScale(LossReduction.MEAN, float((y != ignore_index).sum()))
+
+
+nll = define_op("nll_loss", "losses", nll_loss, inputs=("f", "y"), is_loss=True, check=_check_nll,
+                scale=_nll_scale, sqrt_columns=lambda shape: 0)
+
+
+def _nll_attrs(reduction, ignore_index, weight, size_average=None, reduce=None):
+    if size_average is not None or reduce is not None:
+        raise UnsupportedOpError("the deprecated size_average/reduce arguments are not supported; use reduction=")
+    if reduction not in ("mean", "sum"):
+        raise UnsupportedOpError(
+            f"nll_loss with reduction={reduction!r}: the curvature of a non-scalar loss is undefined; "
+            "supported: 'mean', 'sum'"
+        )
+    if weight is not None:
+        return None  # class weights: take the general path
+    return {"reduction": reduction, "ignore_index": ignore_index}
+
+
+@nll.module(nn.NLLLoss)
+def _nll_from_module(node, mod):
+    attrs = _nll_attrs(mod.reduction, mod.ignore_index, mod.weight)
+    return None if attrs is None else Match({"f": node.args[0], "y": node.args[1]}, attrs)
+
+
+@nll.function(F.nll_loss)
+def _nll_from_function(node, a):
+    attrs = _nll_attrs(a(6, "reduction", "mean"), a(4, "ignore_index", -100), a(2, "weight", None),
+                       a(3, "size_average", None), a(5, "reduce", None))
+    return None if attrs is None else Match({"f": a(0, "input"), "y": a(1, "target")}, attrs)
+
+
+@nll.derived("sample_weight")
+def nll_sample_weight(f, y, reduction, ignore_index):
+    """``w [N, *d]``: each position's weight in the reduced loss, as cross-entropy's
+    (:func:`ce_sample_weight` with class-index targets)."""
+    valid = (y != ignore_index).to(f.dtype)
+    if reduction == "sum":
+        return valid
+    return valid / valid.sum().clamp(min=1)
+
+
+@nll.loss_grad()
+def nll_grad(f, y, ignore_index, sample_weight):
+    """``dL/df = -w onehot(y)`` per position (zero where ignored)."""
+    picked = F.one_hot(torch.where(y != ignore_index, y, 0), f.shape[1]).movedim(-1, 1).to(f.dtype)
+    return -sample_weight.unsqueeze(1) * picked
+
+
+@nll.loss_sqrt_hessian()
+def nll_sqrt_hessian(f):
+    """The Hessian is zero: no columns, ``[0, N, *f]``."""
+    return f.new_zeros((0,) + tuple(f.shape)), None
+
+
+@nll.loss_sqrt_hessian_mc()
+def nll_sqrt_hessian_mc(f, mc_samples, generator):
+    """``E[S S^T] = 0``: zero columns, ``[K, N, *f]`` (no draw)."""
+    return f.new_zeros((mc_samples,) + tuple(f.shape))
+
+
+@nll.loss_hessian_diag()
+def nll_hessian_diag(f):
+    return torch.zeros_like(f)
+
+
 # ---- the general path -----------------------------------------------------------------------------
 
 
@@ -540,7 +779,8 @@ _SELECTOR_METHODS = {"logical_and", "logical_or", "logical_xor", "logical_not", 
 _SELECTOR_USES = ("torch.where's condition, masked_fill's mask, a boolean index, a 0/1 factor of a "
                   "product, logical combinations and casts of selectors")
 _SUPPORTED_LOSSES = ("Supported: losses built from differentiable torch ops (e.g. softmax, log, exp, "
-                     "pow, sum, mean), comparisons used as selectors, nn.CrossEntropyLoss, nn.MSELoss")
+                     "pow, sum, mean), comparisons used as selectors, nn.CrossEntropyLoss, nn.MSELoss, "
+                     "nn.BCEWithLogitsLoss, nn.NLLLoss")
 
 
 def _split_arguments(node: torch.fx.Node) -> tuple[set, set]:

@@ -189,10 +189,20 @@ def example(value: Any) -> torch.Tensor | None:
 @dataclass
 class Match:
     """What a canonicalizer returns: the op's tensor inputs (fx nodes, parameters, ``None``) and its
-    attributes (plain Python values)."""
+    attributes (plain Python values). ``op``, where given, is the op the call canonicalizes to when
+    that is not the op the canonicalizer is registered for: one torch function may mean several ops
+    (``operator.add`` of two branches is ``add``, of a tensor and a number ``scalar_affine``), and
+    each function has one canonicalizer (:func:`matched_op`)."""
 
     inputs: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
+    op: OpDef | None = None
+
+
+def matched_op(registered: OpDef, match: Match) -> OpDef:
+    """The op a canonicalizer's ``match`` stands for: its own ``op`` if it names one, else the op the
+    canonicalizer is registered for."""
+    return registered if match.op is None else match.op
 
 
 class Args:
@@ -228,6 +238,13 @@ class OpDef:
     inputs: tuple[str, ...]
     # Inputs that may be parameters (a weight, a bias); a parameter anywhere else is used as data.
     params: tuple[str, ...] = ()
+    # Inputs that are constants of the op, shared by all samples and never differentiated (batch
+    # norm's running statistics): module buffers or frozen tensors, never computed from the input or
+    # from a trainable parameter (refused at canonicalization), so they carry no messages.
+    constants: tuple[str, ...] = ()
+    # Integer index inputs (an embedding's token ids): batched data without a derivative, so they
+    # carry no messages; computing them from a trainable parameter is refused.
+    indices: tuple[str, ...] = ()
     forward_saving: Callable[..., Any] | None = None
     saved: tuple[str, ...] = ()
     # (data input, parameter input) pairs in which the op is bilinear: the mixed second derivative
@@ -254,6 +271,11 @@ class OpDef:
     # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
     # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
     applies: Callable[[Any, RuleKind, str], bool] | None = None
+
+    def is_batched(self, name: str) -> bool:
+        """Whether input ``name`` carries the batch as its dimension 0 (data inputs, index inputs), not
+        one value shared by the samples (parameters, constants)."""
+        return name not in self.params and name not in self.constants
 
     # ---- sources -------------------------------------------------------------------------------
     def module(self, *types: type) -> Callable[[Fn], Fn]:

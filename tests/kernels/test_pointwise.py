@@ -56,13 +56,22 @@ ATTRS = {
     "softplus": [{"beta": 2.0, "threshold": 1.5}],
     "silu": [{}],
     "gelu": [{"approximate": "none"}, {"approximate": "tanh"}],
+    "selu": [{}],
+    "celu": [{"alpha": 0.7}],
+    "logsigmoid": [{}],
+    "mish": [{}],
+    "softsign": [{}],
+    "hardtanh": [{"min_val": -0.5, "max_val": 1.5}],
+    "hardsigmoid": [{}],
+    "hardswish": [{}],
+    "pow": [{"exponent": 2}, {"exponent": 3}, {"exponent": 0}],
 }
 ACTIVATIONS = [(name, attrs) for name, cases in ATTRS.items() for attrs in cases]
 IDS = [f"{n}-{'-'.join(str(v) for v in a.values())}" if a else n for n, a in ACTIVATIONS]
 
 
 # Piecewise-linear activations have no second derivative (no d2 rule, no residual term).
-PIECEWISE_LINEAR = {"relu", "leaky_relu"}
+PIECEWISE_LINEAR = {"relu", "leaky_relu", "hardtanh", "hardsigmoid"}
 DERIVATIVES = [(name, attrs, which) for name, attrs in ACTIVATIONS for which in ("d1", "d2")
                if not (which == "d2" and name in PIECEWISE_LINEAR)]
 

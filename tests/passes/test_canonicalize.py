@@ -158,6 +158,15 @@ SPELLINGS = {
     "avg_pool2d": ("avg_pool2d", {"pool": lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False)}, [
         lambda m, h: m.pool(h), lambda m, h: F.avg_pool2d(h, 3, 2, 1, False, False),
         lambda m, h: F.avg_pool2d(h, (3, 3), stride=(2, 2), padding=1, count_include_pad=False)]),
+    "adaptive_avg_pool2d": ("adaptive_avg_pool2d", {"pool": lambda: nn.AdaptiveAvgPool2d((3, None))}, [
+        lambda m, h: m.pool(h), lambda m, h: F.adaptive_avg_pool2d(h, (3, 5)),
+        lambda m, h: F.adaptive_avg_pool2d(h, output_size=[3, None])]),
+    # the running statistics are the module's buffers in every spelling (one constant each)
+    "batch_norm_eval": ("batch_norm_eval", {"bn": lambda: nn.BatchNorm2d(2, eps=1e-3).eval()}, [
+        lambda m, h: m.bn(h),
+        lambda m, h: F.batch_norm(h, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0.1, 1e-3),
+        lambda m, h: F.batch_norm(h, m.bn.running_mean, m.bn.running_var, weight=m.bn.weight, bias=m.bn.bias,
+                                  eps=1e-3)]),
     "pad": ("pad", {"pad": lambda: nn.ZeroPad2d((1, 0, 2, 1)), "cpad": lambda: nn.ConstantPad2d((1, 0, 2, 1), 0.0)}, [
         lambda m, h: m.pad(h), lambda m, h: m.cpad(h), lambda m, h: F.pad(h, (1, 0, 2, 1)),
         lambda m, h: F.pad(h, [1, 0, 2, 1], mode="constant", value=0.0)]),
@@ -181,6 +190,8 @@ def _canonical_ops(model: nn.Module, x: torch.Tensor) -> list[tuple]:
 
     def name(a):
         if isinstance(a, fx.Node):
+            if a.op == "get_attr":  # a constant: by the memory it reads (the module's buffer, not a copy)
+                return ("constant", getattr(canon.root, str(a.target)).data_ptr())
             return a.name if a.op == "placeholder" else position[a]
         return a
 

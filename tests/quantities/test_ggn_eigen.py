@@ -617,3 +617,35 @@ def test_custom_instances_survive_pickling():
     engine = pickle.loads(pickle.dumps(fxcurv.compile(model, loss_fn, quantities=(q,))))
     out = engine(x, y)["layers"]
     assert isinstance(out, BlockDiagonalEigen) and all(b.values.shape[0] <= 2 for _, b in out.items())
+
+
+def _batch_norm_net():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 2, 2), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 2, 3))
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.to(DT).eval(), torch.randn(4, 2, 4, 3, dtype=DT)
+
+
+def _embedding_net():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Embedding(5, 2, padding_idx=4), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2, 3))
+    return model.to(DT), torch.tensor([[0, 0, 4], [1, 2, 4], [3, 0, 0], [2, 2, 1]])
+
+
+@pytest.mark.parametrize("subsample", [None, [3, 0]], ids=["whole", "subsample"])
+@pytest.mark.parametrize("net", [_batch_norm_net, _embedding_net], ids=["batch_norm", "embedding"])
+def test_batch_norm_and_embedding_gram(net, subsample):
+    """The Gram rules of eval-mode batch norm and of embeddings (integer inputs); subsampling slices the
+    samples, never batch norm's running statistics."""
+    model, x = net()
+    y, loss_fn = torch.tensor([0, 2, 1, 2]), nn.CrossEntropyLoss()
+    names = list(reference.trainable(model))
+    if subsample is None:
+        _, e = compile_eigen(model, loss_fn, x, y)
+        check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), names)
+        return
+    _, e = compile_eigen(model, loss_fn, x, y, GGNEigen(subsample=subsample))
+    n, m = x.shape[0], len(subsample)
+    scale = reduction_scale(loss_fn, m) / reduction_scale(loss_fn, n)
+    check_eigenpairs(e, (n / m) * reference.ggn(model, loss_fn, x[subsample], y[subsample]) / scale, names)

@@ -82,9 +82,27 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "softplus": _SMOOTH,
     "silu": _SMOOTH,
     "gelu": _SMOOTH,
+    "selu": _SMOOTH,
+    "celu": _SMOOTH,
+    "logsigmoid": _SMOOTH,
+    "mish": _SMOOTH,
+    "softsign": _SMOOTH,
+    "hardswish": _SMOOTH,
+    "hardtanh": _PIECEWISE_LINEAR,
+    "hardsigmoid": _PIECEWISE_LINEAR,
+    "pow": _SMOOTH,
+    "scalar_affine": {**_LINEAR_MAP, DENSE: ("x",)},
     "reshape": {**_LINEAR_MAP, DENSE: ("x",)},
-    "max_pool2d": _LINEAR_MAP,
-    "avg_pool2d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)},
+    **{f"max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    **{f"avg_pool{nd}d": {**_LINEAR_MAP, DERIVED: ("inv_divisor",)} for nd in (1, 2, 3)},
+    **{f"adaptive_avg_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    **{f"adaptive_max_pool{nd}d": _LINEAR_MAP for nd in (1, 2, 3)},
+    # linear in x, w and b (running statistics are constants): no residual
+    "batch_norm_eval": {**_LINEAR_MAP, **{kind: ("weight", "bias") for kind in (
+        GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT, GRAM)}, DERIVED: ("x_hat",)},
+    # integer indices x carry no messages: parameter rules only
+    "embedding": {kind: ("weight",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT,
+                                                 GRAM)},
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
@@ -142,7 +160,7 @@ def module_call(mod: nn.Module, *xs: torch.Tensor) -> OpContext:
     nodes = tuple(_Traced(x) for x in xs)
     expected = mod(*xs)
     match = canon(_Traced(expected, nodes), mod)
-    return _context(op, match, {id(n): x for n, x in zip(nodes, xs)}, expected)
+    return _context(registry.matched_op(op, match), match, {id(n): x for n, x in zip(nodes, xs)}, expected)
 
 
 def module_call_output_size(mod: nn.Module, x: torch.Tensor, output_size: list[int]) -> OpContext:
@@ -174,7 +192,7 @@ def function_call(fn: Callable, *args: Any, **kwargs: Any) -> OpContext:
     expected = fn(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args(args, kwargs)
     match = canon(_Traced(expected, targs, fn), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> OpContext:
@@ -183,7 +201,7 @@ def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> Op
     expected = getattr(self_, name)(*args, **kwargs)
     targs, tkwargs, tensors = _trace_args((self_,) + args, kwargs)
     match = canon(_Traced(expected, targs, name), registry.Args(targs, tkwargs))
-    return _context(op, match, tensors, expected)
+    return _context(registry.matched_op(op, match), match, tensors, expected)
 
 
 def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -219,6 +237,26 @@ def _softplus_both_sides(beta: float, threshold: float, x: torch.Tensor) -> torc
 def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
     x = x.clone()
     x[index] = value
+    return x
+
+
+def _batch_norm(cls: type, channels: int, affine: bool = True) -> nn.Module:
+    """A batch norm in evaluation mode with random running statistics (and affine parameters)."""
+    bn = cls(channels, affine=affine).to(DT).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return bn
+
+
+def _tokens(vocab: int, *shape: int) -> torch.Tensor:
+    """Random indices ``[N, *positions]`` below ``vocab``; sample 0 reads row 0 at two positions (and the
+    padding row of the cases with ``padding_idx``) where it has two."""
+    x = torch.randint(0, vocab, shape)
+    if x[0].numel() > 1:
+        x.view(shape[0], -1)[0, :2] = 0
     return x
 
 
@@ -341,6 +379,23 @@ CASES: list[Case] = [
     Case("gelu", "gelu", lambda: module_call(nn.GELU(), randn(3, 2, 3, scale=2.0))),
     Case("gelu_tanh", "gelu", lambda: module_call(nn.GELU(approximate="tanh"), randn(3, 2, 3, scale=2.0))),
     Case("gelu_tanh_fn", "gelu", lambda: function_call(F.gelu, randn(3, 5, scale=2.0), approximate="tanh")),
+    Case("selu", "selu", lambda: module_call(nn.SELU(), randn(3, 2, 3, scale=2.0))),
+    Case("selu_fn", "selu", lambda: function_call(torch.selu, randn(3, 5, scale=2.0))),
+    Case("celu", "celu", lambda: module_call(nn.CELU(alpha=0.6), randn(3, 2, 3, scale=2.0))),
+    Case("celu_fn", "celu", lambda: function_call(F.celu, randn(3, 5, scale=2.0), 1.7)),
+    Case("logsigmoid", "logsigmoid", lambda: module_call(nn.LogSigmoid(), randn(3, 2, 3, scale=3.0))),
+    Case("logsigmoid_fn", "logsigmoid", lambda: function_call(F.logsigmoid, randn(3, 5, scale=3.0))),
+    Case("mish", "mish", lambda: module_call(nn.Mish(), randn(3, 2, 3, scale=3.0))),
+    Case("softsign", "softsign", lambda: module_call(nn.Softsign(), randn(3, 2, 3, scale=2.0))),
+    # hard activations: inputs on every piece (|x| > 3 for some entries)
+    Case("hardswish", "hardswish", lambda: module_call(nn.Hardswish(), randn(3, 2, 4, scale=4.0))),
+    Case("hardswish_fn", "hardswish", lambda: function_call(F.hardswish, randn(3, 6, scale=4.0))),
+    Case("hardtanh", "hardtanh", lambda: module_call(nn.Hardtanh(-0.5, 1.5), randn(3, 2, 3, scale=2.0))),
+    Case("hardtanh_fn", "hardtanh", lambda: function_call(F.hardtanh, randn(3, 5, scale=2.0), -2.0, 0.5)),
+    Case("relu6", "hardtanh", lambda: module_call(nn.ReLU6(), randn(3, 2, 3, scale=5.0))),
+    Case("relu6_fn", "hardtanh", lambda: function_call(F.relu6, randn(3, 5, scale=5.0))),
+    Case("hardsigmoid", "hardsigmoid", lambda: module_call(nn.Hardsigmoid(), randn(3, 2, 4, scale=4.0))),
+    Case("hardsigmoid_fn", "hardsigmoid", lambda: function_call(F.hardsigmoid, randn(3, 6, scale=4.0))),
     # max-pooling (the saved argmax indices are bound as `indices`)
     Case("max_k3s2_overlap", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2), randn(3, 2, 7, 5))),
     Case("max_ceil", "max_pool2d", lambda: module_call(nn.MaxPool2d(3, 2, ceil_mode=True), randn(3, 2, 6, 6))),
@@ -360,6 +415,53 @@ CASES: list[Case] = [
     Case("avg_divisor", "avg_pool2d", lambda: module_call(nn.AvgPool2d((2, 3), 1, divisor_override=4),
                                                           randn(3, 2, 4, 5))),
     Case("avg_fn", "avg_pool2d", lambda: function_call(F.avg_pool2d, randn(3, 2, 7, 6), 3, None, 1, True, False)),
+    # pooling in one and three dimensions (the same N-d code as above)
+    Case("max1d_k3s2", "max_pool1d", lambda: module_call(nn.MaxPool1d(3, 2), randn(3, 2, 9))),
+    Case("max1d_fn", "max_pool1d", lambda: function_call(F.max_pool1d, randn(3, 2, 8), 3, 2, 1, ceil_mode=True)),
+    Case("max1d_torch_dil", "max_pool1d", lambda: function_call(torch.max_pool1d, randn(3, 2, 8), 2, 1, 1, 2)),
+    Case("max3d", "max_pool3d", lambda: module_call(nn.MaxPool3d(2, 1, padding=1), randn(2, 2, 3, 4, 3))),
+    Case("max3d_fn", "max_pool3d", lambda: function_call(F.max_pool3d, randn(2, 2, 5, 4, 3), (3, 2, 2), 2,
+                                                         ceil_mode=True)),
+    Case("avg1d_pad_excl", "avg_pool1d", lambda: module_call(nn.AvgPool1d(3, 2, padding=1, count_include_pad=False),
+                                                             randn(3, 2, 8))),
+    Case("avg1d_ceil_fn", "avg_pool1d", lambda: function_call(F.avg_pool1d, randn(3, 2, 8), 3, 2, 1, True)),
+    Case("avg3d_divisor", "avg_pool3d", lambda: module_call(nn.AvgPool3d(2, 1, divisor_override=3),
+                                                            randn(2, 2, 3, 4, 3))),
+    Case("avg3d_ceil_excl_fn", "avg_pool3d", lambda: function_call(
+        F.avg_pool3d, randn(2, 2, 5, 4, 3), 3, 2, 1, True, False)),
+    # adaptive average pooling: windows that divide the input, that overlap, global pooling
+    Case("adaptive1d_overlap", "adaptive_avg_pool1d", lambda: module_call(nn.AdaptiveAvgPool1d(3), randn(3, 2, 7))),
+    Case("adaptive1d_fn", "adaptive_avg_pool1d", lambda: function_call(F.adaptive_avg_pool1d, randn(3, 2, 5), 4)),
+    Case("adaptive2d_keep_h", "adaptive_avg_pool2d", lambda: module_call(nn.AdaptiveAvgPool2d((None, 3)),
+                                                                         randn(3, 2, 4, 5))),
+    Case("adaptive2d_global", "adaptive_avg_pool2d", lambda: module_call(nn.AdaptiveAvgPool2d(1), randn(3, 2, 4, 3))),
+    Case("adaptive2d_divides_fn", "adaptive_avg_pool2d", lambda: function_call(F.adaptive_avg_pool2d,
+                                                                               randn(3, 2, 4, 6), (2, 3))),
+    Case("adaptive3d", "adaptive_avg_pool3d", lambda: module_call(nn.AdaptiveAvgPool3d((2, 1, 3)),
+                                                                  randn(2, 2, 3, 4, 5))),
+    # adaptive max-pooling (overlapping windows select an input twice)
+    Case("adaptive_max1d_overlap", "adaptive_max_pool1d", lambda: module_call(nn.AdaptiveMaxPool1d(4), randn(3, 2, 7))),
+    Case("adaptive_max2d_fn", "adaptive_max_pool2d", lambda: function_call(F.adaptive_max_pool2d, randn(3, 2, 5, 4),
+                                                                           (3, None))),
+    Case("adaptive_max3d", "adaptive_max_pool3d", lambda: module_call(nn.AdaptiveMaxPool3d((2, 1, 2)),
+                                                                      randn(2, 2, 3, 4, 3))),
+    # batch normalization in evaluation mode (running statistics: constants of the op)
+    Case("bn2d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3), randn(3, 3, 4, 2))),
+    Case("bn1d_features", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 4), randn(3, 4))),
+    Case("bn1d_sequence", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm1d, 2), randn(3, 2, 5))),
+    Case("bn3d", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm3d, 2), randn(2, 2, 3, 2, 3))),
+    Case("sync_bn", "batch_norm_eval", lambda: module_call(_batch_norm(nn.SyncBatchNorm, 2), randn(3, 2, 3))),
+    Case("bn2d_no_affine", "batch_norm_eval", lambda: module_call(_batch_norm(nn.BatchNorm2d, 3, affine=False),
+                                                                  randn(3, 3, 2, 2)), without=("weight", "bias")),
+    Case("bn_fn", "batch_norm_eval", lambda: function_call(
+        F.batch_norm, randn(3, 2, 4), randn(2), randn(2).exp(), param(2), param(2), False, 0.1, 1e-3)),
+    # embeddings: integer indices, rows read several times by one sample (summed before squaring)
+    Case("embedding", "embedding", lambda: module_call(nn.Embedding(6, 3).to(DT), _tokens(6, 3, 5))),
+    Case("embedding_padding", "embedding", lambda: module_call(nn.Embedding(6, 3, padding_idx=2).to(DT),
+                                                               _tokens(6, 3, 5))),
+    Case("embedding_one_token_fn", "embedding", lambda: function_call(F.embedding, _tokens(5, 4), param(5, 2),
+                                                                      padding_idx=-1)),
+    Case("embedding_positions_fn", "embedding", lambda: function_call(F.embedding, _tokens(4, 3, 2, 3), param(4, 2))),
     # constant padding: non-negative pads crop by a view, negative ones by a zero pad
     Case("pad_zero", "pad", lambda: module_call(nn.ZeroPad2d((0, 1, 2, 1)), randn(3, 2, 4, 3))),
     Case("pad_const", "pad", lambda: module_call(nn.ConstantPad2d(1, 0.5), randn(3, 2, 3, 3))),
@@ -374,6 +476,32 @@ CASES: list[Case] = [
     # add
     Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
     Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
+    # arithmetic with Python numbers: z = a x + c
+    Case("mul_number", "scalar_affine", lambda: function_call(operator.mul, randn(3, 2, 4), 0.5)),
+    Case("number_mul", "scalar_affine", lambda: function_call(operator.mul, -1.5, randn(3, 5))),
+    Case("div_number", "scalar_affine", lambda: function_call(operator.truediv, randn(3, 5), 3.0)),
+    Case("torch_div", "scalar_affine", lambda: function_call(torch.div, randn(3, 5), -4)),
+    Case("add_number", "scalar_affine", lambda: function_call(operator.add, randn(3, 5), 2.0)),
+    Case("number_add", "scalar_affine", lambda: function_call(operator.add, 0.25, randn(3, 2, 3))),
+    Case("torch_add_alpha", "scalar_affine", lambda: function_call(torch.add, randn(3, 5), 2.0, alpha=3)),
+    Case("sub_number", "scalar_affine", lambda: function_call(operator.sub, randn(3, 5), 1.0)),
+    Case("number_sub", "scalar_affine", lambda: function_call(operator.sub, 1.0, randn(3, 5))),
+    Case("torch_sub_alpha", "scalar_affine", lambda: function_call(torch.sub, randn(3, 5), 2.0, alpha=-2)),
+    Case("torch_rsub", "scalar_affine", lambda: function_call(torch.rsub, randn(3, 5), 2.0, alpha=3)),
+    Case("neg", "scalar_affine", lambda: function_call(operator.neg, randn(3, 5))),
+    Case("neg_method", "scalar_affine", lambda: method_call("neg", randn(3, 5))),
+    Case("mul_method", "scalar_affine", lambda: method_call("mul", randn(3, 5), 3)),
+    Case("div_method", "scalar_affine", lambda: method_call("div", randn(3, 5), 0.5)),
+    Case("add_method_number", "scalar_affine", lambda: method_call("add", randn(3, 5), -2.5)),
+    Case("sub_method", "scalar_affine", lambda: method_call("sub", randn(3, 5), 0.5, alpha=2)),
+    Case("rsub_method", "scalar_affine", lambda: method_call("__rsub__", randn(3, 5), 0.5)),
+    # powers with a number exponent
+    Case("square", "pow", lambda: function_call(operator.pow, randn(3, 2, 4), 2)),
+    Case("cube_method", "pow", lambda: method_call("pow", randn(3, 5), 3)),
+    Case("pow_half", "pow", lambda: function_call(torch.pow, randn(3, 5).abs() + 0.1, 0.5)),
+    Case("pow_negative", "pow", lambda: function_call(operator.pow, randn(3, 5).abs() + 0.5, -1.5)),
+    Case("torch_square", "pow", lambda: function_call(torch.square, randn(3, 5))),
+    Case("square_method", "pow", lambda: method_call("square", randn(3, 5))),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
@@ -603,16 +731,19 @@ def test_case_is_canonical_and_per_sample(case):
     every reference above assumes."""
     c = context(case.id)
     assert {k for k, v in c.inputs.items() if v is None} == set(case.without)
-    assert all(v.dtype == DT for v in c.inputs.values() if v is not None)
+    assert all(v.dtype == DT for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
+    assert all(not v.is_floating_point() for k, v in c.inputs.items() if v is not None and k in c.op.indices)
     for key, value in c.inputs.items():
-        if value is None or c.is_param(key):
+        if value is None or not c.op.is_batched(key):
             continue
         stacked = torch.stack([c.sample_forward(key, n)[0](value[n]) for n in range(c.n)])
         assert rel_error(stacked, c.out) < 1e-14
 
 
+# Constants (running statistics) and integer indices are never differentiated: no derivative to check.
 NO_RESIDUAL = [(case, key) for case in CASES if case.op != "generic" for key in registry.OPS[case.op].inputs
-               if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only]
+               if key not in case.without and key not in EXPECTED[case.op].get(RESIDUAL, ()) and not case.only
+               and key not in registry.OPS[case.op].constants and key not in registry.OPS[case.op].indices]
 
 
 @pytest.mark.parametrize("case, key", NO_RESIDUAL, ids=[f"{c.id}-{key}" for c, key in NO_RESIDUAL])
@@ -881,7 +1012,8 @@ def as_generic(c: OpContext) -> tuple[GenericContext, dict[str, str]]:
     present = [k for k in c.op.inputs if c.inputs.get(k) is not None]
     slot = {k: G.SLOTS[i] for i, k in enumerate(present)}
     args = tuple(G.Slot(present.index(k)) if k in slot else None for k in c.op.inputs)
-    kinds = tuple(G.SlotKind.PARAM if c.is_param(k) else G.SlotKind.DATA for k in present)
+    kinds = tuple(G.SlotKind.PARAM if c.is_param(k) else G.SlotKind.CONSTANT if k in c.op.constants
+                  else G.SlotKind.DATA for k in present)
     call = G.GenericCall(G.CallKind.FUNCTION, c.op.forward, args, dict(c.attrs), kinds, c.op.name)
     slots = tuple(c.inputs[k] for k in present)
     assert all(isinstance(s, torch.Tensor) for s in slots)
@@ -906,3 +1038,40 @@ def test_hand_rule_equals_generic_rule(case, kind, key, monkeypatch):
     hand = _rule(kind, case.op, key, *msgs, c=c)
     generic = call_rule(registry.TABLES[kind], "generic", slot[key], *msgs, **gc.bindings())
     assert_matches(hand, generic, f"{case.op}.{kind.value}[{key}] vs generic")
+
+
+# ---- calls without a hand rule ----------------------------------------------------------------------
+
+def _canonicalize_function(fn: Callable, *args: Any, **kwargs: Any) -> registry.Match | None:
+    targs, tkwargs, _ = _trace_args(args, kwargs)
+    _, canon = registry.FUNCTION_SOURCES[fn]
+    return canon(_Traced(None, targs, fn), registry.Args(targs, tkwargs))
+
+
+_NO_HAND_RULE = {
+    "tensor_times_tensor": lambda: _canonicalize_function(operator.mul, randn(3, 5), randn(3, 5)),
+    "number_over_tensor": lambda: _canonicalize_function(operator.truediv, 2.0, randn(3, 5)),
+    "over_zero": lambda: _canonicalize_function(operator.truediv, randn(3, 5), 0.0),
+    "broadcasting_sum": lambda: _canonicalize_function(operator.add, randn(3, 5), randn(5)),
+    "sum_with_alpha": lambda: _canonicalize_function(torch.add, randn(3, 5), randn(3, 5), alpha=2),
+    "tensor_constant": lambda: _canonicalize_function(operator.mul, randn(3, 5), torch.tensor(2.0, dtype=DT)),
+    "floor_division": lambda: _canonicalize_function(torch.div, randn(3, 5), 2.0, rounding_mode="floor"),
+    "number_to_the_tensor": lambda: _canonicalize_function(operator.pow, 2.0, randn(3, 5)),
+    "tensor_exponent": lambda: _canonicalize_function(torch.pow, randn(3, 5), randn(3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NO_HAND_RULE))
+def test_arithmetic_without_hand_rule_is_left_to_the_generic_rule(case):
+    """Products of two activations, broadcasting sums, tensor constants, ``c / x``, ``2 ** x``: the
+    canonicalizer returns ``None`` (the generic rule), never a wrong hand rule."""
+    assert _NO_HAND_RULE[case]() is None
+
+
+def test_sum_of_two_branches_stays_add_and_number_sum_is_affine():
+    """``operator.add`` dispatches on its arguments: two traced tensors of one shape are ``add``, a
+    tensor and a number ``scalar_affine``."""
+    two = _canonicalize_function(operator.add, randn(3, 5), randn(3, 5))
+    assert two is not None and two.op is None and set(two.inputs) == {"a", "b"}
+    one = _canonicalize_function(operator.add, randn(3, 5), 1.5)
+    assert one is not None and one.op is registry.OPS["scalar_affine"] and one.attrs == {"scale": 1.0, "shift": 1.5}

@@ -1,4 +1,6 @@
-"""max_pool2d and avg_pool2d: the rules against torch.func, and fxcurv.compile end to end (float64).
+"""Pooling: the rules against torch.func, and fxcurv.compile end to end (float64): max_pool2d and
+avg_pool2d in detail, the one- and three-dimensional and adaptive poolings end to end (against
+torch.func, the brute-force HesScale and BackPACK).
 
 Both poolings are linear per sample (max-pooling at its argmax), so each rule is checked against the
 explicit matrix from ``torch.func.jacrev``: ``J^T v`` column by column and the HesScale diagonal
@@ -12,7 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import call_rule, check_against_references, check_hesscale_exact_at_last_layer, rel_error
+from helpers import (
+    call_rule,
+    check_against_references,
+    check_hesscale_exact_at_last_layer,
+    check_layer_net,
+    rel_error,
+)
 from torch import nn
 from torch.func import jacrev, vjp
 
@@ -225,14 +233,24 @@ class _ModuleIndices(nn.Module):
         return self.pool(x)[0].flatten(1)
 
 
+class _AdaptiveIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveMaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        return self.pool(x)[0].flatten(1)
+
+
 class _FunctionalIndices(nn.Module):
     def forward(self, x):
         return F.max_pool2d(x, 2, return_indices=True)[0].flatten(1)
 
 
 @pytest.mark.parametrize("model, source", [(_ModuleIndices(), "nn.MaxPool2d"),
-                                           (_FunctionalIndices(), "max_pool2d_with_indices")],
-                         ids=["module", "functional"])
+                                           (_FunctionalIndices(), "max_pool2d_with_indices"),
+                                           (_AdaptiveIndices(), "nn.AdaptiveMaxPool2d")],
+                         ids=["module", "functional", "adaptive"])
 def test_return_indices_is_rejected(model, source):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 1, 1), model).to(DT)
@@ -241,3 +259,60 @@ def test_return_indices_is_rejected(model, source):
     msg = str(info.value)
     assert msg.startswith("node '") and source in msg.split(":")[0]
     assert "return_indices=True" in msg and "supported: return_indices=False" in msg
+
+
+# ---- one and three dimensions, adaptive average pooling -----------------------------------------
+
+# name: (net, input shape per sample, whether BackPACK computes it: its adaptive average pooling takes
+# output sizes that divide the input only, it has no adaptive max-pooling). Linear layers on the last
+# axis put parameters before the pools.
+ND_NETS = {
+    "pool1d": (lambda: nn.Sequential(
+        nn.Linear(9, 8), nn.Tanh(), nn.MaxPool1d(3, 2, padding=1), nn.AvgPool1d(2, ceil_mode=True),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2, 3)), (2, 9), True),
+    "pool1d_adaptive_overlap": (lambda: nn.Sequential(
+        nn.Linear(7, 7), nn.Sigmoid(), nn.AdaptiveMaxPool1d(5), nn.AdaptiveAvgPool1d(3), nn.Flatten(),
+        nn.Linear(6, 3)), (2, 7), False),
+    "pool3d": (lambda: nn.Sequential(
+        nn.Linear(5, 4), nn.Sigmoid(), nn.MaxPool3d(2, 1, padding=1), nn.AvgPool3d(2),
+        nn.AdaptiveAvgPool3d((1, 2, 1)), nn.Flatten(), nn.Linear(4, 3)), (2, 3, 4, 5), True),
+    "adaptive2d": (lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.AdaptiveAvgPool2d((2, None)), nn.Flatten(), nn.Linear(3 * 2 * 3, 3)),
+        (2, 6, 5), True),
+    "adaptive2d_overlap": (lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 2), nn.Tanh(), nn.AdaptiveMaxPool2d((4, 3)), nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(),
+        nn.Linear(3 * 3 * 2, 3)),
+        (2, 6, 4), False),
+}
+
+
+@pytest.mark.parametrize("net", sorted(ND_NETS))
+def test_nd_and_adaptive_pools_are_exact(net):
+    build, shape, backpack = ND_NETS[net]
+    torch.manual_seed(0)
+    model = build().to(DT)
+    x = torch.randn((3,) + shape, dtype=DT)
+    check_layer_net(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1]), backpack=backpack)
+
+
+class FunctionalPools(nn.Module):
+    """The functional spellings: ``F.max_pool1d``, ``F.adaptive_avg_pool2d``, ``F.avg_pool3d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.out = nn.Linear(2, 3)
+
+    def forward(self, x):  # x [N, 2, 3, 6]
+        h = torch.tanh(self.lin(x))
+        a = F.max_pool1d(h.flatten(1, 2), 3, 2, 1)  # [N, 6, 3]
+        b = F.adaptive_avg_pool2d(a.unflatten(1, (2, 3)), (1, 2))  # [N, 2, 1, 2]
+        c = F.avg_pool3d(b.reshape(b.shape[0], 1, 2, 1, 2), (2, 1, 1))  # [N, 1, 1, 1, 2]
+        return self.out(c.flatten(1))
+
+
+def test_functional_nd_pools_are_exact():
+    torch.manual_seed(1)
+    model = FunctionalPools().to(DT)
+    x = torch.randn(3, 2, 3, 6, dtype=DT)
+    check_end_to_end(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1]))

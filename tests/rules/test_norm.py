@@ -1,0 +1,176 @@
+"""Batch normalization in evaluation mode (``fxcurv/rules/norm.py``), end to end (float64).
+
+Its rules are checked one by one against torch.func in ``tests/rules/test_generic.py``; here nets
+containing it are compiled and every exact quantity is compared with an independent reference:
+``grad``, ``diag_ggn`` and ``diag_hessian`` with torch.func, ``hesscale`` / ``hesscale_gn`` with the
+brute-force HesScale, ``diag_ggn`` with BackPACK's DiagGGNExact. Batch normalization that couples the
+samples (training mode, no running statistics) and running statistics computed from a trainable
+parameter are refused with errors naming the node and what to do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_against_references, check_layer_net
+from torch import nn
+
+import fxcurv
+
+DT = torch.float64
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Random running statistics and affine parameters for every batch norm; evaluation mode."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2.0)
+            if mod.affine:
+                mod.weight.data.normal_()
+                mod.bias.data.normal_()
+    return model.eval()
+
+
+def _targets(n: int, loss_fn: nn.Module) -> torch.Tensor:
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return torch.arange(n) % 3
+    return torch.randn(n, 3, dtype=DT)
+
+
+# name: (model, input shape per sample, whether BackPACK computes it: BackPACK 1.7 implements batch
+# norm with affine=True only)
+NETS = {
+    # BatchNorm2d after a convolution, BatchNorm1d on features [N, C]
+    "conv_bn2d_bn1d": (lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 2, 4), nn.BatchNorm1d(4),
+        nn.Sigmoid(), nn.Linear(4, 3)), (2, 5, 4), True),
+    # BatchNorm1d on sequences [N, C, L] (on the input: only its parameters get messages)
+    "bn1d_sequence": (lambda: nn.Sequential(
+        nn.BatchNorm1d(2), nn.Linear(5, 4), nn.BatchNorm1d(2), nn.ELU(), nn.Flatten(), nn.Linear(8, 3)), (2, 5), True),
+    # no affine parameters: messages pass, nothing is collected
+    "bn_no_affine": (lambda: nn.Sequential(
+        nn.Linear(5, 4), nn.BatchNorm1d(2, affine=False), nn.Softplus(), nn.Flatten(), nn.Linear(8, 3)), (2, 5), False),
+    "bn3d": (lambda: nn.Sequential(
+        nn.Linear(4, 3), nn.BatchNorm3d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 2 * 3 * 3, 3)), (2, 2, 3, 4), True),
+}
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=["ce", "mse_sum"])
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_nets_with_batch_norm_are_exact(net, loss_fn):
+    build, shape, backpack = NETS[net]
+    torch.manual_seed(0)
+    model = _randomize(build().to(DT))
+    x = torch.randn((3,) + shape, dtype=DT)
+    check_layer_net(model, loss_fn, x, _targets(3, loss_fn), backpack=backpack)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """``F.batch_norm(..., training=False)`` with the module's own buffers and parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.weight = nn.Parameter(torch.randn(3))
+        self.bias = nn.Parameter(torch.randn(3))
+        self.register_buffer("mean", torch.randn(3))
+        self.register_buffer("var", torch.rand(3) + 0.5)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.batch_norm(self.lin(x), self.mean, self.var, self.weight, self.bias, training=False, eps=1e-3)
+        return self.out(torch.tanh(h))
+
+
+def test_functional_batch_norm_is_exact():
+    torch.manual_seed(1)
+    model = FunctionalBatchNorm().to(DT)
+    x = torch.randn(3, 4, dtype=DT)
+    check_against_references(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1]))
+
+
+def test_running_statistics_are_read_at_every_call():
+    """The running statistics are the module's buffers, not copies: a ``load_state_dict`` (in place)
+    between calls changes the results as it changes the model."""
+    torch.manual_seed(2)
+    model = _randomize(NETS["conv_bn2d_bn1d"][0]().to(DT))
+    loss_fn, x, y = nn.CrossEntropyLoss(), torch.randn(3, 2, 5, 4, dtype=DT), torch.tensor([0, 2, 1])
+    engine = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",))
+    engine(x, y)
+    with torch.no_grad():
+        model[1].running_mean.add_(0.5)
+        model[5].running_var.mul_(2.0)
+    import reference
+    from helpers import assert_close
+
+    out = engine(x, y)
+    assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn after the update")
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+def _compile_and_call(model, x):
+    fxcurv.compile(model.to(DT), nn.CrossEntropyLoss(), quantities=("diag_ggn",))(x, torch.tensor([0, 1]))
+
+
+def test_training_mode_is_refused_with_a_hint():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).train()
+    with pytest.raises(fxcurv.UnsupportedOpError) as info:
+        _compile_and_call(model, torch.randn(2, 3, dtype=DT))
+    msg = str(info.value)
+    assert msg.startswith("node '") and "BatchNorm1d" in msg.split(":")[0]
+    assert "couples the samples" in msg and "model.eval()" in msg
+
+
+def test_engine_notices_train_after_eval():
+    """A program built in evaluation mode is not reused after ``model.train()`` (guarded flag)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).to(DT).eval()
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    x, y = torch.randn(2, 3, dtype=DT), torch.tensor([0, 1])
+    engine(x, y)
+    model.train()
+    with pytest.raises(fxcurv.UnsupportedOpError, match="model.eval()"):
+        engine(x, y)
+
+
+def test_batch_statistics_without_running_ones_are_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 2)).eval()
+    with pytest.raises(fxcurv.UnsupportedOpError, match="track_running_stats=False") as info:
+        _compile_and_call(model, torch.randn(2, 3, dtype=DT))
+    assert "couples the samples" in str(info.value)
+
+
+class _TrainingFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.batch_norm(self.lin(x), None, None, training=True)
+
+
+class _TrainableStatistics(nn.Module):
+    """Running statistics that are trainable parameters: the op has no derivative for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.mean = nn.Parameter(torch.zeros(2))
+        self.register_buffer("var", torch.ones(2))
+
+    def forward(self, x):
+        return F.batch_norm(self.lin(x), self.mean, self.var)
+
+
+def test_functional_training_is_refused():
+    with pytest.raises(fxcurv.UnsupportedOpError, match="training mode") as info:
+        _compile_and_call(_TrainingFunctional(), torch.randn(2, 3, dtype=DT))
+    assert "batch_norm" in str(info.value).split(":")[0]
+
+
+def test_trainable_running_statistics_are_refused():
+    with pytest.raises(fxcurv.UnsupportedOpError, match="input 'running_mean' of batch_norm_eval"):
+        _compile_and_call(_TrainableStatistics(), torch.randn(2, 3, dtype=DT))
