@@ -242,7 +242,8 @@ def _node_record(node: Any) -> dict[str, Any]:
 def inspect(args: argparse.Namespace) -> int:
     problem = build_problem(args)
     model, x, y = problem.model, problem.x, problem.y
-    is_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    is_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                 nn.ConvTranspose3d)) for m in model.modules())
     spec = args.quantities or (_CONV_DEFAULT_QUANTITIES if is_conv else _DEFAULT_QUANTITIES)
     quantities = tuple(q.strip() for q in spec.split(",") if q.strip())
     unknown = [q for q in quantities if q not in QUANTITIES]

@@ -45,8 +45,9 @@ What the strategies cover
 
 What they leave out
 -------------------
-* Everything outside the vocabulary (no batch norm, attention, 1-d/3-d convs, other paddings
-  modes, transposed convs, ``torch.cat``, multiplication of two traced tensors, ``x + constant``),
+* 1-d, 3-d and transposed convolutions and non-zero padding modes (tests/rules/test_conv_family.py
+  covers them); everything outside the vocabulary (no batch norm, attention, ``torch.cat``,
+  multiplication of two traced tensors, ``x + constant``),
   training-mode dropout, and the error paths (tests/test_errors.py covers those).
 * Inputs where fxcurv's answer is legitimately undefined: exact ties of ReLU/max-pool at a kink
   beyond those the zero padding produces, ``ignore_index`` with every target ignored (torch gives

@@ -148,13 +148,12 @@ def _vocabulary(what: str) -> Gap:
 FXCURV_GAPS: dict[str, Gap] = {
     "act_selu": _vocabulary("nn.SELU"),
     "act_logsigmoid": _vocabulary("nn.LogSigmoid"),
-    **{name: _vocabulary("nn.Conv1d") for name in ("conv1d", "conv1d_nobias_dilated", "conv1d_grouped",
-                                                   "ce_multidim_conv1d")},
-    **{name: _vocabulary("nn.Conv3d") for name in ("conv3d", "conv3d_grouped")},
-    "conv_transpose1d": _vocabulary("nn.ConvTranspose1d"),
-    **{name: _vocabulary("nn.ConvTranspose2d") for name in ("conv_transpose2d", "conv_transpose2d_nobias",
-                                                            "conv_transpose2d_grouped")},
-    "conv_transpose3d": _vocabulary("nn.ConvTranspose3d"),
+    # BackPACK's KFLR/KFAC factors of a transposed convolution approximate the Hessian of
+    # weight.transpose(0, 1); fxcurv's Kronecker blocks factor weight.reshape(weight.shape[0], -1) and
+    # fxcurv registers no Kronecker rules for transposed convolutions (their other quantities:
+    # tests/rules/test_conv_family.py against BackPACK and torch.func)
+    **{name: Gap(UnsupportedOpError, "no Kronecker factors for transposed convolutions in fxcurv", _KRON)
+       for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose2d_nobias", "conv_transpose3d")},
     "maxpool1d": _vocabulary("nn.MaxPool1d"),
     "avgpool1d": _vocabulary("nn.AvgPool1d"),
     "maxpool3d": _vocabulary("nn.MaxPool3d"),

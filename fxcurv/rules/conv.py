@@ -1,49 +1,175 @@
-"""Two-dimensional convolution ``Z = W * X + b`` (``nn.Conv2d``, ``F.conv2d``): HBP Sec. D.3-D.4,
-HesScale App. B eq. 6-9.
+"""Convolutions ``Z = W * X + b`` and transposed convolutions over 1, 2 and 3 spatial dimensions
+(``nn.Conv1d/2d/3d``, ``F.conv1d/2d/3d``; ``nn.ConvTranspose1d/2d/3d``, ``F.conv_transpose1d/2d/3d``):
+HBP Sec. D.2-D.4, HesScale App. B eq. 6-9.
 
 HBP writes the convolution as ``Z = W [[X]] + b 1^T`` with the unfolded input ``[[X]]`` (im2col, an
-index map, Sec. D.2), so that it is a linear layer shared over the ``P`` output positions. Two
-consequences shape the rules below:
+index map, Sec. D.2), so that it is a linear layer shared over the ``P`` output positions; nothing in
+this depends on the number of spatial dimensions, so one set of rules serves ``conv1d``, ``conv2d``
+and ``conv3d`` (the dimension is read off the kernel, ``weight.dim() - 2``). Two consequences shape
+the rules below:
 
 * messages to the input are transposed convolutions (``J_X^T = [[.]]^T (I_P (x) W)^T``), computed by
-  torch's convolution backward with the square-root columns folded into the batch;
+  torch's transposed convolution with the square-root columns folded into the batch;
 * a sample's parameter Jacobian *sums* over the output positions, so the diagonal of
   ``J_W^T S S^T J_W`` is ``sum_k (J_W^T S_k)^2`` with the square taken *after* that sum. Squaring
   position by position (the Kronecker shortcut of the linear layer) would drop the cross terms between
-  output positions, which is exact only for a ``1 x 1`` output. The exact route below forms the
+  output positions, which is exact only for a single output position. The exact route below forms the
   per-sample ``J_W^T S_k`` (``[K, N, *W]``) and squares it.
 
 The HesScale stream ``d`` (a diagonal) needs no such care: for a diagonal ``H_Z`` the squares of the
 Jacobian entries suffice (HesScale eq. 8 and 9).
+
+**Transposed convolutions** (``conv_transpose1d/2d/3d``) are the adjoints: with ``C`` the convolution
+of stride ``s``, padding ``p``, dilation ``d`` and groups ``G`` whose kernel is the transposed
+convolution's weight ``W`` (``[C_in, C_out/G, *k]``, read as a convolution from ``C_out`` to ``C_in``
+channels), ``Z = C^T X + b 1^T`` (``output_padding`` only appends output positions that the
+convolution's windows do not start from). Hence
+
+* ``J_X^T v = C v``: the convolution of ``v`` with ``W``, cropped to ``X``'s positions, and
+  ``(J_X o J_X)^T d`` the convolution of ``d`` with ``W o W``;
+* per sample and group, ``J_W^T v = X [[v]]^T``: the roles of input and message swap, ``[[v]]`` being the
+  message unfolded by ``C``'s windows (``[C_out/G prod(k), P_X]``, one column per *input* position);
+  ``J_W^T S`` is thus formed from the unfolded columns of ``S``, block by block of samples.
+
+Kronecker factors (KFAC, KFLR, KFRA) are defined here for the convolutions only: a transposed
+convolution's weight ``[C_in, C_out/G, *k]`` does not split into an output factor over its leading axis
+and an input factor over the rest (its output channel is the *second* axis; BackPACK's factors refer to
+``weight.transpose(0, 1)``, a layout fxcurv's Kronecker blocks do not take), so ``conv_transpose*``
+registers no ``kron_*`` rules. Its Gram matrix (ViViT) is registered.
+
+Every op of the family registers its own copy of the shared rule functions (:func:`_own_copy`): the
+registry keys a rule by its function, one function per op.
+
+Configurations the rules do not cover canonicalize to ``None`` (the generic rule takes them):
+``padding_mode`` other than ``'zeros'`` and ``padding='same'`` that pads asymmetrically
+(``dilation * (kernel - 1)`` odd).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 
 from .. import gram as gram_products
 from ..errors import UnsupportedOpError
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
 from ..targets import SampleReduction
-from .registry import Match, define_op, example
+from .registry import Match, OpDef, RuleKind, define_op, example
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+# ---- the ops' forwards --------------------------------------------------------------------------
+
+def conv1d(x, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+    return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-op = define_op(
-    "conv2d", "conv", conv2d,
-    inputs=("x", "weight", "bias"), params=("weight", "bias"),
-    bilinear=(("x", "weight"),),
+def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_transpose1d(x, weight, bias=None, stride=(1,), padding=(0,), output_padding=(0,), dilation=(1,),
+                     groups=1):
+    return F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
+                     dilation=(1, 1), groups=1):
+    return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def conv_transpose3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), output_padding=(0, 0, 0),
+                     dilation=(1, 1, 1), groups=1):
+    return F.conv_transpose3d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+class ConvKind(Enum):
+    """The two op kinds of the family: a convolution, or its adjoint (transposed convolution)."""
+
+    CONV = "conv"
+    TRANSPOSED = "conv_transpose"
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """One op of the family: its kind, its number of spatial dimensions and its torch sources."""
+
+    kind: ConvKind
+    dims: int
+    forward: Callable[..., Any]
+    module: type
+    function: Callable[..., Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.value}{self.dims}d"
+
+
+FAMILY = (
+    ConvOp(ConvKind.CONV, 1, conv1d, nn.Conv1d, F.conv1d),
+    ConvOp(ConvKind.CONV, 2, conv2d, nn.Conv2d, F.conv2d),
+    ConvOp(ConvKind.CONV, 3, conv3d, nn.Conv3d, F.conv3d),
+    ConvOp(ConvKind.TRANSPOSED, 1, conv_transpose1d, nn.ConvTranspose1d, F.conv_transpose1d),
+    ConvOp(ConvKind.TRANSPOSED, 2, conv_transpose2d, nn.ConvTranspose2d, F.conv_transpose2d),
+    ConvOp(ConvKind.TRANSPOSED, 3, conv_transpose3d, nn.ConvTranspose3d, F.conv_transpose3d),
 )
+
+
+# ---- the shared rules, collected by kind and registered per op at the end of the file -----------
+
+@dataclass(frozen=True)
+class _RuleSpec:
+    kind: RuleKind
+    keys: tuple[str, ...]
+    fn: Callable[..., Any]
+    fusion: dict[str, Any] = field(default_factory=dict)
+
+
+_RULES: dict[ConvKind, list[_RuleSpec]] = {kind: [] for kind in ConvKind}
+_BOTH = tuple(ConvKind)
+
+
+def _rule(kind: RuleKind, *keys: str, ops: tuple[ConvKind, ...] = (ConvKind.CONV,),
+          **fusion: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Collect ``fn`` as the ``kind`` rule for ``keys`` of every op of the kinds ``ops``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for op_kind in ops:
+            _RULES[op_kind].append(_RuleSpec(kind, keys, fn, dict(fusion)))
+        return fn
+
+    return deco
+
+
+def _own_copy(fn: Callable[..., Any], op_name: str) -> Callable[..., Any]:
+    """A new function object with ``fn``'s code, signature and docstring, named ``<op>_<fn>``: the
+    registry and the listing key a rule by its function, so each op of the family registers its own
+    copy of the shared rule (no wrapper: the copy costs nothing per call)."""
+    assert isinstance(fn, types.FunctionType)
+    name = f"{op_name}_{fn.__name__.removeprefix('transposed_')}"
+    copy = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__doc__ = fn.__doc__
+    copy.__qualname__ = name
+    copy.__module__ = fn.__module__
+    copy.__annotations__ = dict(fn.__annotations__)
+    return copy
 
 
 # ---- canonicalization ---------------------------------------------------------------------------
@@ -54,151 +180,228 @@ def _shape_of(value):
     return None if val is None else tuple(val.shape)
 
 
-def _resolve_padding(padding, kernel_shape, dilation):
-    """Explicit symmetric ``(ph, pw)`` for ``padding`` given as ints or as ``'valid'``/``'same'``.
-
-    The rules (unfold, convolution backward) take symmetric padding only; ``'same'`` is symmetric
-    unless ``dilation * (kernel - 1)`` is odd, where torch pads one more on the bottom/right.
-    """
+def _resolve_padding(op: ConvOp, padding, kernel_shape, dilation) -> tuple[int, ...] | None:
+    """Explicit symmetric padding for ``padding`` given as ints or as ``'valid'``/``'same'``; ``None``
+    where ``'same'`` pads asymmetrically (``dilation * (kernel - 1)`` odd: torch pads one more at the
+    end), which the rules (unfold, transposed convolution) do not take."""
     if not isinstance(padding, str):
-        return _pair(padding)
+        return _ntuple(op.dims)(padding)
     if padding == "valid":
-        return (0, 0)
+        return (0,) * op.dims
     if padding != "same":
-        raise UnsupportedOpError(f"padding={padding!r} is not a conv2d padding; use ints, 'valid' or 'same'")
+        raise UnsupportedOpError(f"padding={padding!r} is not a {op.name} padding; use ints, 'valid' or 'same'")
     if kernel_shape is None:
         raise UnsupportedOpError("padding='same' needs the kernel's shape, which is unknown here; "
                                  "pass explicit integer padding")
-    out = []
-    for k, d in zip(kernel_shape[-2:], dilation):
-        total = d * (k - 1)
-        if total % 2:
-            raise UnsupportedOpError(
-                f"padding='same' with kernel {tuple(kernel_shape[-2:])} and dilation {tuple(dilation)} "
-                "pads asymmetrically, which is not supported; supported: integer padding, 'valid', and "
-                "'same' where dilation * (kernel_size - 1) is even (or an explicit F.pad before a "
-                "padding=0 convolution)"
-            )
-        out.append(total // 2)
-    return tuple(out)
+    totals = [d * (k - 1) for k, d in zip(kernel_shape[2:], dilation)]
+    if any(t % 2 for t in totals):
+        return None
+    return tuple(t // 2 for t in totals)
 
 
-def _canonical(x, weight, bias, stride, padding, dilation, groups):
+def _check_batched(op: ConvOp, x) -> None:
     x_shape = _shape_of(x)
-    if x_shape is not None and len(x_shape) != 4:
+    if x_shape is not None and len(x_shape) != 2 + op.dims:
         raise UnsupportedOpError(
-            f"conv2d of an input with shape {x_shape}: fxcurv takes batched inputs [N, C, H, W] "
-            "(dim 0 is the batch); add a batch dimension to unbatched inputs"
-        )
-    dilation = _pair(dilation)
-    padding = _resolve_padding(padding, _shape_of(weight), dilation)
-    attrs = {"stride": _pair(stride), "padding": padding, "dilation": dilation, "groups": int(groups)}
+            f"{op.name} of an input with shape {x_shape}: fxcurv takes batched inputs [N, C, *spatial] with "
+            f"{op.dims} spatial dims (dim 0 is the batch); add a batch dimension to unbatched inputs")
+
+
+def _canonical(op: ConvOp, x, weight, bias, stride, padding, dilation, groups) -> Match | None:
+    _check_batched(op, x)
+    tup = _ntuple(op.dims)
+    dilation = tup(dilation)
+    resolved = _resolve_padding(op, padding, _shape_of(weight), dilation)
+    if resolved is None:
+        return None
+    attrs = {"stride": tup(stride), "padding": resolved, "dilation": dilation, "groups": int(groups)}
     return Match({"x": x, "weight": weight, "bias": bias}, attrs)
 
 
-@op.module(nn.Conv2d)
-def _from_module(node, mod):
-    if mod.padding_mode != "zeros":
-        raise UnsupportedOpError(
-            f"nn.Conv2d with padding_mode={mod.padding_mode!r} is not supported; supported: "
-            "padding_mode='zeros' (the default)"
-        )
-    return _canonical(node.args[0], mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+def _output_padding_from_shapes(op: ConvOp, x, weight, out, stride, padding, dilation) -> tuple[int, ...] | None:
+    """The output padding a transposed convolution applied, from its input, kernel and output shapes
+    (``output_size=`` passed to the module); ``None`` where a shape is unknown."""
+    shapes = _shape_of(x), _shape_of(weight), _shape_of(out)
+    if any(s is None for s in shapes):
+        return None
+    xs, ws, zs = shapes
+    assert xs is not None and ws is not None and zs is not None
+    return tuple(zs[2 + i] - ((xs[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (ws[2 + i] - 1) + 1)
+                 for i in range(op.dims))
 
 
-@op.function(F.conv2d)
-def _from_function(node, a):
-    return _canonical(a(0, "input"), a(1, "weight"), a(2, "bias", None), a(3, "stride", 1),
-                      a(4, "padding", 0), a(5, "dilation", 1), a(6, "groups", 1))
+def _canonical_transposed(op: ConvOp, node, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                          output_size=None) -> Match | None:
+    _check_batched(op, x)
+    tup = _ntuple(op.dims)
+    stride, padding, dilation = tup(stride), tup(padding), tup(dilation)
+    if output_size is not None:
+        found = _output_padding_from_shapes(op, x, weight, node, stride, padding, dilation)
+        if found is None:
+            return None
+        output_padding = found
+    attrs = {"stride": stride, "padding": padding, "output_padding": tup(output_padding), "dilation": dilation,
+             "groups": int(groups)}
+    return Match({"x": x, "weight": weight, "bias": bias}, attrs)
+
+
+def _module_canonicalizer(op: ConvOp) -> Callable[..., Match | None]:
+    def canonicalize(node, mod):
+        if mod.padding_mode != "zeros":
+            return None  # reflect / replicate / circular padding: the generic rule
+        if op.kind is ConvKind.CONV:
+            return _canonical(op, node.args[0], mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation,
+                              mod.groups)
+        output_size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return _canonical_transposed(op, node, node.args[0], mod.weight, mod.bias, mod.stride, mod.padding,
+                                     mod.output_padding, mod.groups, mod.dilation, output_size)
+
+    return canonicalize
+
+
+def _function_canonicalizer(op: ConvOp) -> Callable[..., Match | None]:
+    def canonicalize(node, a):
+        if op.kind is ConvKind.CONV:
+            return _canonical(op, a(0, "input"), a(1, "weight"), a(2, "bias", None), a(3, "stride", 1),
+                              a(4, "padding", 0), a(5, "dilation", 1), a(6, "groups", 1))
+        return _canonical_transposed(op, node, a(0, "input"), a(1, "weight"), a(2, "bias", None), a(3, "stride", 1),
+                                     a(4, "padding", 0), a(5, "output_padding", 0), a(6, "groups", 1),
+                                     a(7, "dilation", 1))
+
+    return canonicalize
 
 
 # ---- derived quantities -------------------------------------------------------------------------
 
-@op.derived("weight_sq", pointwise=True, squares="weight")
-def conv2d_weight_sq(weight):
+@_rule(RuleKind.DERIVED, "weight_sq", ops=_BOTH, pointwise=True, squares="weight")
+def weight_sq(weight):
     return weight * weight
 
 
-@op.derived("x_sq", pointwise=True)
-def conv2d_x_sq(x):
+@_rule(RuleKind.DERIVED, "x_sq", ops=_BOTH, pointwise=True)
+def x_sq(x):
     return x * x
 
 
-@op.derived("x_cols")
-def conv2d_x_cols(x, weight, stride, padding, dilation, groups):
-    """The unfolded input ``[[X]]`` (HBP Sec. D.3), ``[N, groups, C_in/groups * K1 * K2, P]``; shared by
+@_rule(RuleKind.DERIVED, "x_cols")
+def x_cols(x, weight, stride, padding, dilation, groups):
+    """The unfolded input ``[[X]]`` (HBP Sec. D.3), ``[N, groups, C_in/groups * prod(k), P]``; shared by
     every square-root factor origin that reaches the weight."""
     return _unfold(x, weight.shape, stride, padding, dilation, groups)
 
 
-def _unfold(x, weight_shape, stride, padding, dilation, groups):
-    """``[[X]]`` as ``[N, groups, C_in/groups * K1 * K2, P]``, rows channel-major like ``F.unfold``.
+def _unfold(x, weight_shape, stride, padding, dilation, groups, positions=None):
+    """``[[X]]`` as ``[N, groups, C/groups * prod(k), P]``, rows channel-major like ``F.unfold``, for
+    ``x [N, C, *spatial]`` and a kernel of spatial size ``weight_shape[2:]``; ``positions``: keep the
+    first of each spatial dimension's window positions only (a transposed convolution's
+    ``output_padding`` can leave windows past its input).
 
     Built from strided views of the padded input and one copy: on the CPU this is several times
     faster than ``F.unfold``'s im2col (measured 0.5 vs 8.9 ms for the c3d3's first layer, N=128).
     """
-    k1, k2 = weight_shape[-2:]
-    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    span1, span2 = dilation[0] * (k1 - 1) + 1, dilation[1] * (k2 - 1) + 1
-    windows = xp.unfold(2, span1, stride[0]).unfold(3, span2, stride[1])  # [N, C, Y1, Y2, span1, span2]
-    windows = windows[..., :: dilation[0], :: dilation[1]]
-    n, c, y1, y2 = windows.shape[:4]
-    cols = windows.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, (c // groups) * k1 * k2, y1 * y2)
-    return cols
+    kernel = tuple(weight_shape[2:])
+    d = len(kernel)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    windows = x
+    for i in range(d):
+        windows = windows.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])  # [N, C, *Y, *span]
+    windows = windows[(Ellipsis,) + tuple(slice(None, None, step) for step in dilation)]
+    if positions is not None:
+        windows = windows[(slice(None), slice(None)) + tuple(slice(0, length) for length in positions)]
+    n, c = windows.shape[:2]
+    ys = windows.shape[2:2 + d]
+    order = (0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d))
+    return windows.permute(order).reshape(n, groups, (c // groups) * math.prod(kernel), math.prod(ys))
 
 
 # ---- messages to the input ----------------------------------------------------------------------
 
 def _conv_transpose(v, x, kernel, stride, padding, dilation, groups):
-    """``J_X^T v`` for ``v [*lead, N, C_out, Y1, Y2]`` with ``kernel`` in place of ``W``.
+    """``J_X^T v`` of a convolution for ``v [*lead, N, C_out, *Y]`` with ``kernel`` in place of ``W``.
 
-    Leading dims fold into the batch; torch's convolution backward picks the output padding that
-    restores ``x``'s spatial size (strided convolutions lose the remainder of the last window).
+    Leading dims fold into the batch; the output padding restores ``x``'s spatial size (strided
+    convolutions lose the remainder of the last window).
     """
-    batch = v.shape[:-3]
-    flat = v.reshape((-1,) + tuple(v.shape[-3:]))
+    d = kernel.dim() - 2
+    batch = v.shape[:v.dim() - 1 - d]
+    flat = v.reshape((-1,) + tuple(v.shape[v.dim() - 1 - d:]))
     # The transposed convolution maps Y back to (Y - 1) * stride - 2 * padding + span; a strided
     # convolution dropped the remainder of the last window, which output_padding restores.
     out_padding = tuple(
         x.shape[2 + i]
-        - ((v.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel.shape[2 + i] - 1) + 1)
-        for i in range(2))
-    # conv_transpose2d: measured 10-15% faster than aten's convolution_backward on this CPU.
-    out = F.conv_transpose2d(flat, kernel, None, stride, padding, out_padding, groups, dilation)
+        - ((v.shape[v.dim() - d + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel.shape[2 + i] - 1) + 1)
+        for i in range(d))
+    # the transposed convolution: measured 10-15% faster than aten's convolution_backward on this CPU.
+    out = _CONV_TRANSPOSE[d](flat, kernel, None, stride, padding, out_padding, groups, dilation)
     return out.reshape(batch + tuple(x.shape[1:]))
 
 
-@op.jac_t("x", fresh=True)
-def conv2d_jac_t_x(v, x, weight, stride, padding, dilation, groups):
+def _conv_adjoint(v, x, kernel, stride, padding, dilation, groups):
+    """``J_X^T v`` of a transposed convolution for ``v [*lead, N, C_out, *Z]``: the convolution of every
+    column with ``kernel``, cropped to ``x``'s positions (an ``output_padding`` of at least the stride
+    leaves window positions past them)."""
+    d = kernel.dim() - 2
+    batch = v.shape[:v.dim() - 1 - d]
+    flat = v.reshape((-1,) + tuple(v.shape[v.dim() - 1 - d:]))
+    out = _CONV[d](flat, kernel, None, stride, padding, dilation, groups)
+    if tuple(out.shape[2:]) != tuple(x.shape[2:]):
+        out = out[(slice(None), slice(None)) + tuple(slice(0, length) for length in x.shape[2:])]
+    return out.reshape(batch + tuple(x.shape[1:]))
+
+
+@_rule(RuleKind.JAC_T, "x", fresh=True)
+def jac_t_x(v, x, weight, stride, padding, dilation, groups):
     """HBP Sec. D.4 (with eq. S.8a for ``Z = W [[X]]`` and D.2 for the unfold): ``J_X^T v``, the
     transposed convolution of every column of ``v``; HesScale eq. 6 for the gradient."""
     return _conv_transpose(v, x, weight, stride, padding, dilation, groups)
 
 
-@op.diag("x", fresh=True)
-def conv2d_diag_x(d, x, weight_sq, stride, padding, dilation, groups):
+@_rule(RuleKind.DIAG, "x", fresh=True)
+def diag_x(d, x, weight_sq, stride, padding, dilation, groups):
     """HesScale eq. 8 (first term): ``d_X = (J_X o J_X)^T d``, the transposed convolution of ``d``
     with the squared kernel; the cross terms between output positions are dropped."""
     return _conv_transpose(d, x, weight_sq, stride, padding, dilation, groups)
 
 
+@_rule(RuleKind.JAC_T, "x", ops=(ConvKind.TRANSPOSED,), fresh=True)
+def transposed_jac_t_x(v, x, weight, stride, padding, dilation, groups):
+    """``J_X^T v = C v`` for ``Z = C^T X`` (the adjoint of HBP Sec. D.4's ``J_X^T``): the convolution of
+    every column of ``v`` with the weight."""
+    return _conv_adjoint(v, x, weight, stride, padding, dilation, groups)
+
+
+@_rule(RuleKind.DIAG, "x", ops=(ConvKind.TRANSPOSED,), fresh=True)
+def transposed_diag_x(d, x, weight_sq, stride, padding, dilation, groups):
+    """HesScale eq. 8 (first term) for ``Z = C^T X``: ``(J_X o J_X)^T d``, the convolution of ``d`` with
+    the squared weight (``J_X = C^T`` has the entries of ``W``)."""
+    return _conv_adjoint(d, x, weight_sq, stride, padding, dilation, groups)
+
+
 # ---- parameters ---------------------------------------------------------------------------------
 
-def _conv_weight_vjp(g, x, weight, stride, padding, dilation, groups):
-    # Only the kernel's shape is read.
+def _weight_vjp(g, x, weight, stride, padding, dilation, groups, output_padding=None):
+    """``sum_n J_W,n^T g_n`` by aten's convolution backward; ``output_padding`` given: of the transposed
+    convolution. Only the kernel's shape is read."""
     like = g.new_empty(()).expand(weight.shape)
+    transposed = output_padding is not None
     return torch.ops.aten.convolution_backward(
-        g, x, like, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [False, True, False])[1]
+        g, x, like, None, list(stride), list(padding), list(dilation), transposed,
+        list(output_padding) if transposed else [0] * (weight.dim() - 2), groups, [False, True, False])[1]
 
 
-# Elements of one block of per-sample products in conv2d_sample_reductions: small enough that squaring
+def _position_dims(v: torch.Tensor, stride) -> tuple[int, ...]:
+    """The spatial (position) dims of a message ``v [*lead, N, C, *spatial]``."""
+    return tuple(range(v.dim() - len(stride), v.dim()))
+
+
+# Elements of one block of per-sample products in sample_reductions: small enough that squaring
 # and summing a block reads it from cache (measured on the c3d3's convolutions: 1-2x faster than
 # blocks of _BLOCK_ELEMENTS, where the products' memory traffic dominates).
 _SAMPLE_BLOCK_ELEMENTS = 1 << 20
 
 
-def conv2d_sample_reductions(v, reduces, x, weight, stride, padding, dilation, groups):
+def sample_reductions(v, reduces, x, weight, stride, padding, dilation, groups):
     """Several reductions of the per-sample weight products ``J_W,n^T v_n = v_n [[X_n]]^T`` (HBP Sec. D.4)
     from one pass over them, block by block of samples: ``"sum"`` (the gradient, HesScale eq. 7),
     ``"squares"`` (``sum_n (J_W,n^T v_n)^2``) and ``"norms"`` (``|J_W,n^T v_n|^2``, ``[N]``), in the order of
@@ -210,11 +413,11 @@ def conv2d_sample_reductions(v, reduces, x, weight, stride, padding, dilation, g
     v_cols = v.reshape(n, g, o, -1).transpose(2, 3)  # [N, G, P, O], a view
     i, p = weight[0].numel(), v_cols.shape[2]
     if "squares" not in reduces and p * (o + i) < o * i:
-        # Few output positions: the norms by Gram matrices (conv2d_batch_l2_weight's route) and the
+        # Few output positions: the norms by Gram matrices (batch_l2_weight's route) and the
         # gradient by the convolution's backward cost less than forming the products.
         cols = _unfold(x, weight.shape, stride, padding, dilation, groups)
-        found = {"sum": lambda: conv2d_grad_weight(v, x, weight, stride, padding, dilation, groups),
-                 "norms": lambda: conv2d_batch_l2_weight(v, cols, weight, groups)}
+        found = {"sum": lambda: grad_weight(v, x, weight, stride, padding, dilation, groups),
+                 "norms": lambda: batch_l2_weight(v, cols, weight, groups)}
         return tuple(found[r]() for r in reduces)
     total = v.new_zeros(g, i, o) if "sum" in reduces else None
     squares = v.new_zeros(g, i, o) if "squares" in reduces else None
@@ -241,52 +444,66 @@ def conv2d_sample_reductions(v, reduces, x, weight, stride, padding, dilation, g
     return tuple(out)
 
 
-@op.grad("weight", sample_reduction=SampleReduction("sum", conv2d_sample_reductions))
-def conv2d_grad_weight(g, x, weight, stride, padding, dilation, groups):
+@_rule(RuleKind.GRAD, "weight", sample_reduction=SampleReduction("sum", sample_reductions))
+def grad_weight(g, x, weight, stride, padding, dilation, groups):
     """HesScale eq. 7: ``dL/dW`` sums ``g`` times the input patch over output positions and samples."""
-    return _conv_weight_vjp(g, x, weight, stride, padding, dilation, groups)
+    return _weight_vjp(g, x, weight, stride, padding, dilation, groups)
 
 
-@op.grad("bias")
-def conv2d_grad_bias(g):
+@_rule(RuleKind.GRAD, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_grad_weight(g, x, weight, stride, padding, output_padding, dilation, groups):
+    """``dL/dW = sum_n X_n [[g_n]]^T`` per group for ``Z = C^T X`` (HesScale eq. 7 with the roles of input
+    and message swapped), by the transposed convolution's backward."""
+    return _weight_vjp(g, x, weight, stride, padding, dilation, groups, output_padding)
+
+
+@_rule(RuleKind.GRAD, "bias", ops=_BOTH)
+def grad_bias(g):
     """HBP Sec. D.4 (bias): ``J_b = 1_P (x) I``, a sum over output positions (and samples)."""
-    return g.sum(dim=(0, 2, 3))
+    return g.sum(dim=(0,) + tuple(range(2, g.dim())))
 
 
-@op.diag_diag("weight")
-def conv2d_diag_diag_weight(d, x_sq, weight, stride, padding, dilation, groups):
+@_rule(RuleKind.DIAG_DIAG, "weight")
+def diag_diag_weight(d, x_sq, weight, stride, padding, dilation, groups):
     """HesScale eq. 9: ``d_W = sum_{n,p} d[n, p] [[X]]^2[n, :, p]``, the weight VJP of ``d`` with the
     squared input. Exact for a diagonal ``H_Z``: ``(J_W^T diag(d) J_W)_ii = sum_j d_j J_ji^2``."""
-    return _conv_weight_vjp(d, x_sq, weight, stride, padding, dilation, groups)
+    return _weight_vjp(d, x_sq, weight, stride, padding, dilation, groups)
 
 
-@op.diag_diag("bias")
-def conv2d_diag_diag_bias(d):
+@_rule(RuleKind.DIAG_DIAG, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_diag_diag_weight(d, x_sq, weight, stride, padding, output_padding, dilation, groups):
+    """HesScale eq. 9 for ``Z = C^T X``: each entry of ``J_W`` is an entry of ``X`` (or zero), so
+    ``(J_W o J_W)^T d`` is the weight VJP of ``d`` with the squared input."""
+    return _weight_vjp(d, x_sq, weight, stride, padding, dilation, groups, output_padding)
+
+
+@_rule(RuleKind.DIAG_DIAG, "bias", ops=_BOTH)
+def diag_diag_bias(d):
     """HesScale eq. 9 for the bias (``J_b`` entries are 0/1): ``d`` summed over samples and space."""
-    return d.sum(dim=(0, 2, 3))
+    return d.sum(dim=(0,) + tuple(range(2, d.dim())))
 
 
 def _per_sample_from_cols(v, cols, weight_shape, groups):
-    """``[*lead, N, *W]`` from ``v [*lead, N, C_out, Y1, Y2]`` and ``cols = [[X]]`` (grouped)."""
-    batch = v.shape[:-3]
+    """``[*lead, N, *W]`` from ``v [*lead, N, C_out, *Y]`` and ``cols = [[X]]`` (grouped)."""
+    batch = v.shape[:v.dim() - 1 - (len(weight_shape) - 2)]
     vg = v.reshape(batch + (groups, weight_shape[0] // groups, -1))
     # The sum over output positions p happens inside the contraction, before any square is taken.
     out = torch.einsum("...ngop,ngip->...ngoi", vg, cols)
     return out.reshape(batch + tuple(weight_shape))
 
 
-@op.per_sample("weight")
-def conv2d_per_sample_weight(v, x, weight, stride, padding, dilation, groups):
+@_rule(RuleKind.PER_SAMPLE, "weight")
+def per_sample_weight(v, x, weight, stride, padding, dilation, groups):
     """HBP Sec. D.4 (weight): per-sample ``J_W^T v = v [[X]]^T``, ``[*lead, N, *W]``, summed over the
     output positions."""
     cols = _unfold(x, weight.shape, stride, padding, dilation, groups)
     return _per_sample_from_cols(v, cols, weight.shape, groups)
 
 
-@op.per_sample("bias")
-def conv2d_per_sample_bias(v):
+@_rule(RuleKind.PER_SAMPLE, "bias", ops=_BOTH)
+def per_sample_bias(v, stride):
     """HBP Sec. D.4 (bias): per-sample ``(1_P (x) I)^T v``, ``[*lead, N, C_out]``."""
-    return v.sum(dim=(-2, -1))
+    return v.sum(dim=_position_dims(v, stride))
 
 
 # Elements of one block of per-sample weight factors: bounds the memory of the exact diagonal
@@ -307,11 +524,12 @@ def _signed_squared_products(S, sign, x_cols, weight, groups) -> Iterator[tuple[
     k, n = S.shape[0], S.shape[1]
     g, o, i = groups, weight.shape[0] // groups, x_cols.shape[2]
     p = x_cols.shape[3]
+    d = weight.dim() - 2
     # Per sample block, one copy of the message (even a crop's strided view) into [b, G, P, K*O];
     # each product is then [[X]] [I, P] @ S [P, K*O] with both operands in their natural layout
     # (measured up to 22% faster on this CPU than S @ [[X]]^T when I is small, e.g. I = 75 in the
     # c3d3's first conv). Blocks small enough for malloc to recycle avoid fresh page faults.
-    s_view = S.unflatten(2, (g, o)).permute(1, 2, 4, 5, 0, 3)  # [N, G, H, W, K, O], a view
+    s_view = S.unflatten(2, (g, o)).permute((1, 2) + tuple(range(4, 4 + d)) + (0, 3))  # [N, G, *Y, K, O], a view
     w = None if sign is None else sign.T.reshape(n, 1, 1, k, 1).to(S.dtype)
     block = max(1, _BLOCK_ELEMENTS // max(1, g * k * o * max(i, p)))
     for start in range(0, n, block):
@@ -323,8 +541,8 @@ def _signed_squared_products(S, sign, x_cols, weight, groups) -> Iterator[tuple[
         yield slice(start, stop), prod
 
 
-@op.diag_sqrt("weight", sample_reduction=SampleReduction("squares", conv2d_sample_reductions))
-def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
+@_rule(RuleKind.DIAG_SQRT, "weight", sample_reduction=SampleReduction("squares", sample_reductions))
+def diag_sqrt_weight(S, sign, x_cols, weight, groups):
     """``diag(sum_k sign_k J_W^T S_k S_k^T J_W)`` (HBP Sec. D.4, ``H_W`` from ``H_Z``) as
     ``sum_{k,n} sign[k, n] (J_W^T S[k, n])^2`` with the per-sample ``J_W^T`` summing over positions
     before squaring: exact for every output size. The squared products are reduced block by block
@@ -335,17 +553,18 @@ def conv2d_diag_sqrt_weight(S, sign, x_cols, weight, groups):
     return total.sum(2).transpose(1, 2).reshape(weight.shape)
 
 
-@op.diag_sqrt("bias")
-def conv2d_diag_sqrt_bias(S, sign):
+@_rule(RuleKind.DIAG_SQRT, "bias", ops=_BOTH)
+def diag_sqrt_bias(S, sign, stride):
     """HBP Sec. D.4 (bias): ``diag((1_P (x) I)^T H_B (1_P (x) I))`` from the columns, summed over
     positions before squaring."""
-    return signed_square_sum(conv2d_per_sample_bias(S), sign, S.dim() - 4)
+    per_sample = per_sample_bias(S, stride)
+    return signed_square_sum(per_sample, sign, per_sample.dim() - 2)
 
 
 # ---- per-sample reductions (BackPACK's first-order and per-sample quantities) -------------------
 
-@op.batch_l2("weight", sample_reduction=SampleReduction("norms", conv2d_sample_reductions))
-def conv2d_batch_l2_weight(g, x_cols, weight, groups):
+@_rule(RuleKind.BATCH_L2, "weight", sample_reduction=SampleReduction("norms", sample_reductions))
+def batch_l2_weight(g, x_cols, weight, groups):
     """``|J_W,n^T g_n|^2`` per sample (HBP Sec. D.4: ``J_W,n^T g_n = g_n [[X_n]]^T``, per group) without
     the ``[N, *W]`` per-sample gradients: by the Gram matrices over output positions,
     ``sum_{p,q} (g_p . g_q)([[x]]_p . [[x]]_q)``, or block by block from the products, whichever is cheaper
@@ -357,16 +576,16 @@ def conv2d_batch_l2_weight(g, x_cols, weight, groups):
     return norms.reshape(n, groups).sum(1)
 
 
-@op.batch_l2("bias")
-def conv2d_batch_l2_bias(g):
+@_rule(RuleKind.BATCH_L2, "bias", ops=_BOTH)
+def batch_l2_bias(g, stride):
     """``|J_b,n^T g_n|^2 = |sum_p g_np|^2`` per sample (HBP Sec. D.4, bias)."""
-    per_sample = conv2d_per_sample_bias(g)
+    per_sample = per_sample_bias(g, stride)
     return (per_sample * per_sample).sum(-1)
 
 
-@op.batch_diag_sqrt("weight")
-def conv2d_batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
-    """``sum_k sign_kn (J_W,n^T S_kn)^2`` per sample, ``[N, *W]``: :func:`conv2d_diag_sqrt_weight` before its
+@_rule(RuleKind.BATCH_DIAG_SQRT, "weight")
+def batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
+    """``sum_k sign_kn (J_W,n^T S_kn)^2`` per sample, ``[N, *W]``: :func:`diag_sqrt_weight` before its
     sum over samples, with the per-sample products (summed over positions, then squared) formed block by
     block (:func:`_signed_squared_products`) so that ``[K, N, *W]`` never exists."""
     n = S.shape[1]
@@ -376,13 +595,95 @@ def conv2d_batch_diag_sqrt_weight(S, sign, x_cols, weight, groups):
     return out.reshape((n,) + tuple(weight.shape))
 
 
-@op.batch_diag_sqrt("bias")
-def conv2d_batch_diag_sqrt_bias(S, sign):
+@_rule(RuleKind.BATCH_DIAG_SQRT, "bias", ops=_BOTH)
+def batch_diag_sqrt_bias(S, sign, stride):
     """``sum_k sign_kn (J_b,n^T S_kn)^2`` per sample (HBP Sec. D.4, bias): positions summed, then squared."""
-    return signed_column_squares(conv2d_per_sample_bias(S), sign)
+    return signed_column_squares(per_sample_bias(S, stride), sign)
+
+
+# ---- the transposed convolution's per-sample weight products ------------------------------------
+
+def _transposed_products(v, x, weight, stride, padding, dilation, groups) -> torch.Tensor:
+    """``J_W,n^T v_n = X_n [[v_n]]^T`` per group for ``Z = C^T X`` and messages ``v [*lead, N, C_out, *Z]``:
+    ``[*lead, N, G, C_in/G, C_out/G prod(k)]``, ``[[v]]`` unfolded by ``C``'s windows at ``X``'s positions.
+    (``dZ[o, q] / dW[i, o, k] = X[i, j]`` where the window of input position ``j`` puts kernel tap ``k`` on
+    output position ``q``: the sum over ``j`` is that of a convolution's weight gradient.)"""
+    d = weight.dim() - 2
+    n = x.shape[0]
+    batch = v.shape[:v.dim() - 2 - d]
+    flat = v.reshape((-1,) + tuple(v.shape[v.dim() - 1 - d:]))
+    cols = _unfold(flat, weight.shape, stride, padding, dilation, groups, positions=x.shape[2:])
+    cols = cols.reshape((-1, n) + tuple(cols.shape[1:]))  # [L, N, G, I', P]
+    xg = x.reshape(n, groups, x.shape[1] // groups, -1)  # [N, G, C_in/G, P]
+    out = torch.matmul(xg, cols.transpose(-1, -2))  # [L, N, G, C_in/G, I']
+    return out.reshape(batch + tuple(out.shape[1:]))
+
+
+def _transposed_blocks(S, x, weight, stride, padding, dilation, groups) -> Iterator[tuple[slice, torch.Tensor]]:
+    """:func:`_transposed_products` of ``S [K, N, ...]`` a block of samples at a time:
+    ``(rows, [K, b, G, C_in/G, I'])``, each block's tensor new."""
+    k, n = S.shape[0], S.shape[1]
+    i_out = weight[0].numel()
+    per_sample = k * groups * max(i_out * math.prod(x.shape[2:]), (x.shape[1] // groups) * i_out)
+    block = max(1, _BLOCK_ELEMENTS // max(1, per_sample))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        yield slice(start, stop), _transposed_products(S[:, start:stop], x[start:stop], weight, stride, padding,
+                                                       dilation, groups)
+
+
+def _signed(prod: torch.Tensor, sign, rows: slice) -> torch.Tensor:
+    """``sign[k, n] prod[k, n]^2`` in place, for a block ``prod [K, b, ...]`` of the samples ``rows``."""
+    prod.square_()
+    if sign is not None:
+        s = sign[:, rows].to(prod.dtype)
+        prod.mul_(s.reshape(s.shape + (1,) * (prod.dim() - 2)))
+    return prod
+
+
+@_rule(RuleKind.PER_SAMPLE, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_per_sample_weight(v, x, weight, stride, padding, dilation, groups):
+    """Per-sample ``J_W^T v = X [[v]]^T`` (per group) for ``Z = C^T X``, ``[*lead, N, *W]``."""
+    out = _transposed_products(v, x, weight, stride, padding, dilation, groups)
+    return out.reshape(out.shape[:-3] + tuple(weight.shape))
+
+
+@_rule(RuleKind.DIAG_SQRT, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_diag_sqrt_weight(S, sign, x, weight, stride, padding, dilation, groups):
+    """``sum_{k,n} sign[k, n] (J_W,n^T S[k, n])^2`` for ``Z = C^T X`` (the per-sample products summed over
+    positions, then squared), block by block of samples."""
+    total = S.new_zeros(weight.shape[0], weight[0].numel())  # [C_in, C_out/G prod(k)]
+    for rows, prod in _transposed_blocks(S, x, weight, stride, padding, dilation, groups):
+        total += _signed(prod, sign, rows).sum((0, 1)).reshape(total.shape)
+    return total.reshape(weight.shape)
+
+
+@_rule(RuleKind.BATCH_DIAG_SQRT, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_batch_diag_sqrt_weight(S, sign, x, weight, stride, padding, dilation, groups):
+    """``sum_k sign_kn (J_W,n^T S_kn)^2`` per sample for ``Z = C^T X``, ``[N, *W]``, block by block."""
+    n = S.shape[1]
+    out = S.new_empty((n,) + tuple(weight.shape))
+    for rows, prod in _transposed_blocks(S, x, weight, stride, padding, dilation, groups):
+        out[rows] = _signed(prod, sign, rows).sum(0).reshape((-1,) + tuple(weight.shape))
+    return out
+
+
+@_rule(RuleKind.BATCH_L2, "weight", ops=(ConvKind.TRANSPOSED,))
+def transposed_batch_l2_weight(g, x, weight, stride, padding, dilation, groups):
+    """``|J_W,n^T g_n|^2 = |X_n [[g_n]]^T|^2`` per sample (per group, summed) for ``Z = C^T X``, by the Gram
+    matrices over input positions or the products, whichever is cheaper
+    (:func:`fxcurv.factors.product_square_norms`)."""
+    n = g.shape[0]
+    cols = _unfold(g, weight.shape, stride, padding, dilation, groups, positions=x.shape[2:])  # [N, G, I', P]
+    p = cols.shape[-1]
+    a = x.reshape(n * groups, x.shape[1] // groups, p)
+    norms = product_square_norms(a, cols.reshape(n * groups, -1, p), _BLOCK_ELEMENTS)
+    return norms.reshape(n, groups).sum(1)
+
+
 # ---- ViViT's Gram matrix --------------------------------------------------------------------------
 
-# Which route conv2d_gram takes for the weight: None picks the cheaper by its flop count; "factors" or
+# Which route gram takes for the weight: None picks the cheaper by its flop count; "factors" or
 # "positions" force one (the tests check both on small convolutions).
 GRAM_ROUTE = None
 # The positions route's products contract over the P output positions (36 for the c3d3's third
@@ -392,7 +693,7 @@ _POSITIONS_EFFICIENCY = 0.5
 
 
 def _gram_flops(k: int, positions: int, i: int, o: int, groups: int) -> tuple[int, int]:
-    """Multiply-adds per pair of samples of the two weight routes (see conv2d_gram): the per-sample
+    """Multiply-adds per pair of samples of the two weight routes (see gram): the per-sample
     factors' product ``K^2 G O I``, and the positions' ``G (I P^2 + K O P^2 + K^2 O P)``."""
     return k * k * groups * o * i, groups * (i * positions**2 + k * o * positions**2 + k * k * o * positions)
 
@@ -430,8 +731,12 @@ def _position_gram_into(S, cols, groups, total, k, n):
     return total if total is not None else out.reshape(k * n, k * n)
 
 
-@op.gram("weight", "bias")
-def conv2d_gram(S, x, weight, stride, padding, dilation, groups, include=("weight", "bias"), total=None):
+def _bias_gram_into(S, stride, total, k, n):
+    return gram_into(per_sample_bias(S, stride).reshape(k * n, -1), total, k)
+
+
+@_rule(RuleKind.GRAM, "weight", "bias")
+def gram(S, x, weight, stride, padding, dilation, groups, include=("weight", "bias"), total=None):
     """ViViT eq. S.22-S.23 for a convolution: the Gram matrix of the per-sample weight factors
     ``J_W^T S_kn = S_kn [[X_n]]^T`` (HBP Sec. D.4, summed over output positions before the products) and
     of the bias's ``J_b^T S_kn = sum_p S_kn[:, p]``. The weight's share takes the cheaper of two routes
@@ -441,7 +746,7 @@ def conv2d_gram(S, x, weight, stride, padding, dilation, groups, include=("weigh
     shares are summed; ``total``: a running Gram matrix to add them into (in place)."""
     k, n = S.shape[0], S.shape[1]
     if "weight" in include:
-        positions = S.shape[-1] * S.shape[-2]
+        positions = math.prod(S.shape[3:])
         factors, by_positions = _gram_flops(k, positions, weight[0].numel(), weight.shape[0] // groups, groups)
         route = GRAM_ROUTE or ("positions" if by_positions < _POSITIONS_EFFICIENCY * factors else "factors")
         if route == "positions":
@@ -455,11 +760,29 @@ def conv2d_gram(S, x, weight, stride, padding, dilation, groups, include=("weigh
 
             total = blocked_gram_into(rows, total, k, n, k * weight.numel())
     if "bias" in include:
-        total = gram_into(conv2d_per_sample_bias(S).reshape(k * n, -1), total, k)
+        total = _bias_gram_into(S, stride, total, k, n)
     return total
 
 
-# ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------
+@_rule(RuleKind.GRAM, "weight", "bias", ops=(ConvKind.TRANSPOSED,))
+def transposed_gram(S, x, weight, stride, padding, dilation, groups, include=("weight", "bias"), total=None):
+    """ViViT eq. S.22-S.23 for ``Z = C^T X``: the Gram matrix of the per-sample weight factors
+    ``J_W^T S_kn = X_n [[S_kn]]^T`` (per group), formed a block of samples at a time
+    (:func:`fxcurv.gram.blocked_gram_into`), and of the bias's ``sum_p S_kn[:, p]``. ``include`` and
+    ``total`` as for :func:`gram`."""
+    k, n = S.shape[0], S.shape[1]
+    if "weight" in include:
+        def rows(start, stop):
+            prod = _transposed_products(S[:, start:stop], x[start:stop], weight, stride, padding, dilation, groups)
+            return prod.reshape(k * (stop - start), -1)
+
+        total = blocked_gram_into(rows, total, k, n, k * weight.numel())
+    if "bias" in include:
+        total = _bias_gram_into(S, stride, total, k, n)
+    return total
+
+
+# ---- the Kronecker-factored family (KFC, in BackPACK's convention; convolutions only) -----------
 
 def _check_ungrouped(groups: int) -> None:
     if groups != 1:
@@ -469,15 +792,15 @@ def _check_ungrouped(groups: int) -> None:
 
 
 def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
-    # [K, N, C_out]: the positions summed before the outer product (a reduction over both spatial
+    # [K, N, C_out]: the positions summed before the outer product (a reduction over all spatial
     # dims reads a strided message in place; flattening it first would copy it).
-    s = S.sum((-2, -1))
+    s = S.sum(tuple(range(3, S.dim())))
     w = s if sign is None else s * sign.unsqueeze(-1).to(s.dtype)
     return torch.einsum("kno,knp->op", w, s)
 
 
-@op.kron_out("weight", "bias")
-def conv2d_kron_out(S, sign, groups):
+@_rule(RuleKind.KRON_OUT, "weight", "bias")
+def kron_out(S, sign, groups):
     """KFLR / KFAC output factor of weight and bias in BackPACK's convention: ``sum_{k,n} sign (sum_p S)
     (sum_p S)^T``, the exact GGN of the bias (HBP Sec. D.4) -- KFC's ``Gamma`` times the number of output
     positions."""
@@ -485,12 +808,12 @@ def conv2d_kron_out(S, sign, groups):
     return _spatially_summed_gram(S, sign)
 
 
-@op.kron_in("weight")
-def conv2d_kron_in_weight(x_cols, groups):
+@_rule(RuleKind.KRON_IN, "weight")
+def kron_in_weight(x_cols, groups):
     """KFC input factor: ``(1/N) sum_{n,p} [[x]]_{n,p} [[x]]_{n,p}^T`` over the unfolded patches
-    (HBP Sec. D.3's ``[[X]]``), ``[C_in k1 k2, C_in k1 k2]``."""
+    (HBP Sec. D.3's ``[[X]]``), ``[C_in prod(k), C_in prod(k)]``."""
     _check_ungrouped(groups)
-    cols = x_cols[:, 0]  # [N, C_in k1 k2, P]
+    cols = x_cols[:, 0]  # [N, C_in prod(k), P]
     return torch.einsum("nip,njp->ij", cols, cols) / cols.shape[0]
 
 
@@ -499,9 +822,24 @@ def _channel_blocks_summed(m: torch.Tensor, channels: int) -> torch.Tensor:
     return m.reshape(channels, p, channels, p).sum((1, 3))
 
 
-@op.kron_dense("weight", "bias")
-def conv2d_kron_dense(m, weight, groups):
+@_rule(RuleKind.KRON_DENSE, "weight", "bias")
+def kron_dense(m, weight, groups):
     """KFRA output factor of weight and bias in BackPACK's convention: the batch-averaged matrix at the
     output summed over pairs of positions, ``(1_P (x) I)^T M (1_P (x) I)``, ``[C_out, C_out]``."""
     _check_ungrouped(groups)
     return _channel_blocks_summed(m, weight.shape[0])
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+
+def _define(spec: ConvOp) -> OpDef:
+    op = define_op(spec.name, "conv", spec.forward, inputs=("x", "weight", "bias"), params=("weight", "bias"),
+                   bilinear=(("x", "weight"),))
+    op.module(spec.module)(_module_canonicalizer(spec))
+    op.function(spec.function)(_function_canonicalizer(spec))
+    for rule in _RULES[spec.kind]:
+        op.rule(rule.kind, rule.keys[0], None, *rule.keys[1:], **rule.fusion)(_own_copy(rule.fn, spec.name))
+    return op
+
+
+CONV_OPS: dict[str, OpDef] = {spec.name: _define(spec) for spec in FAMILY}

@@ -255,13 +255,13 @@ def test_conv_sample_reductions_equal_the_rules(case, monkeypatch):
     ctx = dict(weight=conv.weight.detach(), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                groups=conv.groups)
     g = torch.randn_like(conv(x))
-    cols = conv_rules.conv2d_x_cols(x, **ctx)
-    want = {"sum": conv_rules.conv2d_grad_weight(g, x, **ctx),
-            "squares": conv_rules.conv2d_diag_sqrt_weight(g[None], None, cols, ctx["weight"], conv.groups),
-            "norms": conv_rules.conv2d_batch_l2_weight(g, cols, ctx["weight"], conv.groups)}
+    cols = conv_rules.x_cols(x, **ctx)
+    want = {"sum": conv_rules.grad_weight(g, x, **ctx),
+            "squares": conv_rules.diag_sqrt_weight(g[None], None, cols, ctx["weight"], conv.groups),
+            "norms": conv_rules.batch_l2_weight(g, cols, ctx["weight"], conv.groups)}
     # ("norms", "sum") with one output position takes the Gram route and the convolution's backward
     for reduces in (("sum", "squares", "norms"), ("norms", "sum"), ("squares", "sum")):
-        got = conv_rules.conv2d_sample_reductions(g, reduces, x, **ctx)
+        got = conv_rules.sample_reductions(g, reduces, x, **ctx)
         for r, value in zip(reduces, got):
             assert value.shape == want[r].shape and rel_error(value, want[r]) < 1e-12, (reduces, r)
 

@@ -16,7 +16,6 @@ from helpers import call_rule, check_against_references, check_hesscale_exact_at
 from torch import nn
 from torch.func import jacrev, vjp
 
-import fxcurv
 from fxcurv.rules import registry
 
 DT = torch.float64
@@ -257,28 +256,21 @@ def test_hesscale_runs_and_is_exact_at_last_layer(quantity):
     check_hesscale_exact_at_last_layer(model, loss_fn, x, y, quantity, last=("5.weight", "5.bias"))
 
 
-# ---- errors -------------------------------------------------------------------------------------
+# ---- configurations without a hand rule ---------------------------------------------------------
 
-def _compile_error(model, x, y):
-    with pytest.raises(fxcurv.UnsupportedOpError) as info:
-        fxcurv.compile(model, nn.CrossEntropyLoss())(x, y)
-    return str(info.value)
-
-
-def test_padding_mode_is_rejected():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
-                          nn.Linear(2 * 9, 2)).to(DT)
-    msg = _compile_error(model, torch.randn(2, 1, 3, 3, dtype=DT), torch.tensor([0, 1]))
-    assert msg.startswith("node '") and "nn.Conv2d at 0" in msg  # the node
-    assert "padding_mode='reflect'" in msg and "padding_mode='zeros'" in msg
+def test_padding_mode_is_left_to_the_generic_rule():
+    """No hand rule for reflect/replicate/circular padding: the canonicalizer answers ``None`` (the
+    generic rule's case; tests/rules/test_conv_family.py covers the other dimensions)."""
+    mod = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect").to(DT)
+    _, canon = registry.MODULE_SOURCES[nn.Conv2d]
+    assert canon(SimpleNamespace(args=(torch.randn(2, 1, 3, 3, dtype=DT),)), mod) is None
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_asymmetric_same_padding_is_rejected():
-    model = nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten(), nn.Linear(2 * 9, 2)).to(DT)
-    msg = _compile_error(model, torch.randn(2, 1, 3, 3, dtype=DT), torch.tensor([0, 1]))
-    assert msg.startswith("node '") and "nn.Conv2d at 0" in msg
-    assert "padding='same'" in msg and "supported" in msg
+def test_asymmetric_same_padding_is_left_to_the_generic_rule():
+    mod = nn.Conv2d(1, 2, 2, padding="same").to(DT)
+    _, canon = registry.MODULE_SOURCES[nn.Conv2d]
+    assert canon(SimpleNamespace(args=(torch.randn(2, 1, 3, 3, dtype=DT),)), mod) is None
 
 
 def test_same_padding_resolves_to_ints():

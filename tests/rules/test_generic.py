@@ -61,10 +61,19 @@ _PARAMETRIC = {JAC_T: ("x",), DIAG: ("x",), GRAD: ("weight", "bias"), DIAG_SQRT:
 _SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED: ("d1", "d2")}
 _PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
+_CONV = {**_PARAMETRIC, DERIVED: ("weight_sq", "x_sq", "x_cols")}
+# Transposed convolutions: no Kronecker factors (their weight's output channel is its second axis).
+_CONV_TRANSPOSE = {kind: keys for kind, keys in _PARAMETRIC.items() if kind not in (KRON_OUT, KRON_DENSE, KRON_IN)}
+_CONV_TRANSPOSE[DERIVED] = ("weight_sq", "x_sq")
 
 EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "linear": {**_PARAMETRIC, DENSE: ("x",), DERIVED: ("x_sq", "weight_sq")},
-    "conv2d": {**_PARAMETRIC, DERIVED: ("weight_sq", "x_sq", "x_cols")},
+    "conv1d": _CONV,
+    "conv2d": _CONV,
+    "conv3d": _CONV,
+    "conv_transpose1d": _CONV_TRANSPOSE,
+    "conv_transpose2d": _CONV_TRANSPOSE,
+    "conv_transpose3d": _CONV_TRANSPOSE,
     "relu": _PIECEWISE_LINEAR,
     "leaky_relu": _PIECEWISE_LINEAR,
     "sigmoid": _SMOOTH,
@@ -115,9 +124,9 @@ def _expected_triples() -> set[tuple[RuleKind, str, str]]:
 class _Traced:
     """Stands for a traced fx node: the example value shape propagation records (``meta["val"]``)."""
 
-    def __init__(self, val: Any, args: tuple = (), target: Any = None):
+    def __init__(self, val: Any, args: tuple = (), target: Any = None, kwargs: dict | None = None):
         self.meta = {"val": val}
-        self.args, self.target = args, target
+        self.args, self.target, self.kwargs = args, target, dict(kwargs or {})
 
 
 def _context(op: registry.OpDef, match: registry.Match, tensors: dict[int, torch.Tensor],
@@ -152,6 +161,15 @@ def module_call(mod: nn.Module, *xs: torch.Tensor) -> OpContext:
     expected = mod(*xs)
     match = canon(_Traced(expected, nodes), mod)
     return _context(registry.matched_op(op, match), match, {id(n): x for n, x in zip(nodes, xs)}, expected)
+
+
+def module_call_output_size(mod: nn.Module, x: torch.Tensor, output_size: list[int]) -> OpContext:
+    """``mod(x, output_size=output_size)`` (a transposed convolution) through the module canonicalizer."""
+    op, canon = registry.MODULE_SOURCES[type(mod)]
+    node = _Traced(x)
+    expected = mod(x, output_size=output_size)
+    match = canon(_Traced(expected, (node,), kwargs={"output_size": output_size}), mod)
+    return _context(op, match, {id(node): x}, expected)
 
 
 def _trace_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, torch.Tensor]]:
@@ -286,6 +304,61 @@ CASES: list[Case] = [
          patches=((conv_rules, "GRAM_ROUTE", "positions"), *_GRAM_BLOCKS), only=(GRAM,)),
     Case("conv_gram_factors", "conv2d", lambda: module_call(nn.Conv2d(2, 3, (4, 3)).to(DT), randn(3, 2, 4, 3)),
          patches=((conv_rules, "GRAM_ROUTE", "factors"),), only=(GRAM,)),
+    # conv1d / conv3d: the same rules over one and three spatial dims
+    Case("conv1d", "conv1d", lambda: module_call(nn.Conv1d(2, 3, 3).to(DT), randn(3, 2, 7))),
+    Case("conv1d_s2_p1_dil2_nobias", "conv1d", lambda: module_call(
+        nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2, bias=False).to(DT), randn(3, 2, 8)), without=("bias",)),
+    Case("conv1d_groups2", "conv1d", lambda: module_call(nn.Conv1d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                         randn(3, 4, 5))),
+    Case("conv1d_same_fn", "conv1d", lambda: function_call(F.conv1d, randn(2, 2, 6), param(3, 2, 3), param(3), 1,
+                                                           "same", 2, 1)),
+    Case("conv1d_out1", "conv1d", lambda: module_call(nn.Conv1d(2, 3, 5).to(DT), randn(3, 2, 5))),
+    Case("conv1d_blocked", "conv1d", lambda: module_call(nn.Conv1d(4, 4, 3, padding=1, groups=2).to(DT),
+                                                         randn(3, 4, 5)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT, BATCH_L2, BATCH_DIAG_SQRT)),
+    Case("conv1d_gram_positions", "conv1d", lambda: module_call(nn.Conv1d(4, 4, 3, stride=2, groups=2).to(DT),
+                                                                randn(3, 4, 7)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"), *_GRAM_BLOCKS), only=(GRAM,)),
+    Case("conv1d_gram_factors", "conv1d", lambda: module_call(nn.Conv1d(2, 3, 3).to(DT), randn(3, 2, 6)),
+         patches=((conv_rules, "GRAM_ROUTE", "factors"), *_GRAM_BLOCKS), only=(GRAM,)),
+    Case("conv3d", "conv3d", lambda: module_call(nn.Conv3d(2, 3, 2).to(DT), randn(2, 2, 3, 4, 3))),
+    Case("conv3d_s_p_groups2", "conv3d", lambda: module_call(
+        nn.Conv3d(2, 4, (3, 2, 2), stride=(2, 1, 2), padding=1, groups=2).to(DT), randn(3, 2, 4, 3, 4))),
+    Case("conv3d_dil_fn_nobias", "conv3d", lambda: function_call(
+        F.conv3d, randn(2, 2, 4, 4, 3), param(3, 2, 2, 2, 2), None, 1, (1, 0, 1), (2, 1, 1)), without=("bias",)),
+    Case("conv3d_blocked", "conv3d", lambda: module_call(nn.Conv3d(2, 3, 2, padding=1).to(DT), randn(2, 2, 2, 3, 2)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT, BATCH_L2, BATCH_DIAG_SQRT)),
+    Case("conv3d_gram_positions", "conv3d", lambda: module_call(nn.Conv3d(2, 3, 2).to(DT), randn(3, 2, 3, 3, 2)),
+         patches=((conv_rules, "GRAM_ROUTE", "positions"),), only=(GRAM,)),
+    # transposed convolutions (stride, padding, output_padding, dilation, groups)
+    Case("convT1d", "conv_transpose1d", lambda: module_call(nn.ConvTranspose1d(2, 3, 3).to(DT), randn(3, 2, 5))),
+    Case("convT1d_s2_p1_op1", "conv_transpose1d", lambda: module_call(
+        nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1).to(DT), randn(3, 2, 4))),
+    Case("convT1d_groups_dil_nobias", "conv_transpose1d", lambda: module_call(
+        nn.ConvTranspose1d(4, 4, 3, stride=2, dilation=2, groups=2, bias=False).to(DT), randn(3, 4, 4)),
+         without=("bias",)),
+    # output_padding >= stride (allowed below the dilation): the adjoint's windows pass the input's end
+    Case("convT1d_op_past_stride", "conv_transpose1d", lambda: module_call(
+        nn.ConvTranspose1d(2, 3, 3, dilation=3, output_padding=2).to(DT), randn(3, 2, 4))),
+    Case("convT1d_groups_fn", "conv_transpose1d", lambda: function_call(
+        F.conv_transpose1d, randn(3, 4, 4), param(4, 3, 2), param(6), 2, 0, 1, 2, 1)),
+    Case("convT1d_blocked", "conv_transpose1d", lambda: module_call(
+        nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, groups=2).to(DT), randn(3, 4, 4)),
+         patches=((conv_rules, "_BLOCK_ELEMENTS", 1),), only=(DIAG_SQRT, BATCH_L2, BATCH_DIAG_SQRT)),
+    Case("convT1d_gram_blocked", "conv_transpose1d", lambda: module_call(
+        nn.ConvTranspose1d(4, 4, 3, stride=2, groups=2).to(DT), randn(3, 4, 3)), patches=_GRAM_BLOCKS, only=(GRAM,)),
+    Case("convT2d", "conv_transpose2d", lambda: module_call(
+        nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0)).to(DT),
+        randn(3, 2, 3, 4))),
+    Case("convT2d_groups_dil", "conv_transpose2d", lambda: module_call(
+        nn.ConvTranspose2d(4, 2, 3, padding=1, groups=2, dilation=(1, 2)).to(DT), randn(2, 4, 3, 3))),
+    # output_size= picks the output padding at call time: read off the output's shape
+    Case("convT2d_output_size", "conv_transpose2d", lambda: module_call_output_size(
+        nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1).to(DT), randn(2, 2, 3, 2), [6, 4])),
+    Case("convT3d", "conv_transpose3d", lambda: module_call(
+        nn.ConvTranspose3d(2, 2, 2, stride=2, output_padding=(1, 0, 1)).to(DT), randn(2, 2, 2, 3, 2))),
+    Case("convT3d_groups_pad", "conv_transpose3d", lambda: module_call(
+        nn.ConvTranspose3d(2, 4, (2, 3, 2), padding=(0, 1, 0), groups=2).to(DT), randn(2, 2, 2, 3, 3))),
     Case("linear_mid_gram_blocked", "linear", lambda: module_call(nn.Linear(4, 3).to(DT), randn(3, 2, 4)),
          patches=_GRAM_BLOCKS, only=(GRAM,)),
     # activations (module, function and method forms; their attributes)
@@ -618,7 +691,7 @@ _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
 
 
 def _grouped(case: Case) -> bool:
-    return case.op == "conv2d" and context(case.id).attrs["groups"] != 1
+    return case.op in ("conv1d", "conv2d", "conv3d") and context(case.id).attrs["groups"] != 1
 
 
 # Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks and
