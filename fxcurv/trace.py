@@ -33,8 +33,27 @@ class Tracer(fx.Tracer):
 
     record_stack_traces = True
 
+    def __init__(self, leaves: frozenset[str] = frozenset()):
+        super().__init__()
+        self.leaves = leaves  # submodules kept whole because their forward cannot be traced
+        self.path: list[str] = []  # the submodules being traced into, outermost first
+        self.failed_in: list[str] | None = None  # the path where tracing failed
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in registry.MODULE_SOURCES or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaves or type(m) in registry.MODULE_SOURCES
+                or super().is_leaf_module(m, qualname))
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        self.path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.path)
+            raise
+        finally:
+            self.path.pop()
 
 
 class _Loss(nn.Module):
@@ -77,9 +96,25 @@ def user_location(node: fx.Node) -> str:
     return f" at {f['file']}:{f['line']} in {f['fn']}: `{f['code'].strip()}`"
 
 
+def _trace(root: nn.Module) -> fx.Graph:
+    """Trace ``root``; a submodule whose forward torch.fx cannot trace (Python logic on its inputs, an
+    ``isinstance`` check) is kept whole -- it runs eagerly in the program, a call the generic rule
+    differentiates -- and the trace is repeated. A failure in ``root``'s own forward is raised."""
+    leaves: frozenset[str] = frozenset()
+    while True:
+        tracer = Tracer(leaves)
+        try:
+            return tracer.trace(root)
+        except Exception:  # noqa: BLE001 - retried with the failing submodule whole, else re-raised
+            failed = tracer.failed_in
+            if not failed or failed[-1] in leaves:
+                raise
+            leaves = leaves | {failed[-1]}
+
+
 def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:
     try:
-        graph = Tracer().trace(root)
+        graph = _trace(root)
     except Exception as err:  # noqa: BLE001 - every tracing failure becomes a TraceError with context
         where = _user_frame(err)
         msg = str(err).split("\n")[0]

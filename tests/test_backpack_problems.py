@@ -46,7 +46,7 @@ from torch import nn
 
 import fxcurv
 import fxcurv.backpack
-from fxcurv.errors import TraceError, UnsupportedOpError
+from fxcurv.errors import UnsupportedOpError
 
 pytestmark = [pytest.mark.cpu_only(reason="float64 comparison with BackPACK, which runs on CPU tensors here"),
               pytest.mark.skipif(not br.available(), reason=br.SKIP_REASON)]
@@ -146,28 +146,12 @@ def _vocabulary(what: str) -> Gap:
 
 
 FXCURV_GAPS: dict[str, Gap] = {
-    "act_selu": _vocabulary("nn.SELU"),
-    "act_logsigmoid": _vocabulary("nn.LogSigmoid"),
     # BackPACK's KFLR/KFAC factors of a transposed convolution approximate the Hessian of
     # weight.transpose(0, 1); fxcurv's Kronecker blocks factor weight.reshape(weight.shape[0], -1) and
     # fxcurv registers no Kronecker rules for transposed convolutions (their other quantities:
     # tests/rules/test_conv_family.py against BackPACK and torch.func)
     **{name: Gap(UnsupportedOpError, "no Kronecker factors for transposed convolutions in fxcurv", _KRON)
        for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose2d_nobias", "conv_transpose3d")},
-    "maxpool1d": _vocabulary("nn.MaxPool1d"),
-    "avgpool1d": _vocabulary("nn.AvgPool1d"),
-    "maxpool3d": _vocabulary("nn.MaxPool3d"),
-    "avgpool3d": _vocabulary("nn.AvgPool3d"),
-    **{f"adaptive_avgpool{d}d": _vocabulary(f"nn.AdaptiveAvgPool{d}d") for d in (1, 2, 3)},
-    **{f"batchnorm{d}d_eval": _vocabulary(f"nn.BatchNorm{d}d") for d in (1, 2, 3)},
-    **{name: _vocabulary("nn.Embedding") for name in ("embedding", "embedding_sequence")},
-    "scale": _vocabulary("x * c (operator.mul by a constant; BackPACK's ScaleModule)"),
-    "slicing": _vocabulary("x[...] (operator.getitem; BackPACK's Slicing)"),
-    "ce_multidim_permute": _vocabulary("Tensor.permute (BackPACK's Permute)"),
-    **{name: Gap(TraceError, "BackPACK's SumModule checks isinstance(input, Tensor), which torch.fx's proxies fail")
-       for name in ("residual_linear", "residual_conv")},
-    **{name: Gap(UnsupportedOpError, "diag_ggn_mc / kfac have no sampler for BCEWithLogitsLoss", frozenset(SAMPLED))
-       for name in ("bce_mean", "bce_sum")},
 }
 
 

@@ -488,7 +488,9 @@ def bce_sqrt_hessian_mc(probs, reduction, mc_samples, generator):
     ``1/2`` so that sampling never fails), as every other quantity propagates NaN."""
     finite = torch.isfinite(probs)
     draw_from = torch.where(finite, probs, 0.5).unsqueeze(0).expand((mc_samples,) + probs.shape)
-    draws = torch.bernoulli(draw_from, generator=generator)
+    # Bernoulli(s) as Binomial(1, s) (torch.binomial): the draws BackPACK's sampler makes from the same
+    # generator state, so that sampled quantities can be compared with BackPACK's draw for draw.
+    draws = torch.binomial(torch.ones_like(draw_from), draw_from, generator=generator)
     scale = (_bce_weight(probs, reduction) / max(mc_samples, 1)) ** 0.5
     return torch.where(finite, (probs.unsqueeze(0) - draws) * scale, torch.nan)
 
