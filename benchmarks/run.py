@@ -86,6 +86,7 @@ class Modern:
     backpack: str | None
     asdl: str | None
     backpack_converter: bool = False  # extend(model, use_converter=True): residual additions as modules
+    hesscale: str | None = None  # why fxcurv's hesscale is skipped here, if it is
 
 
 _NO_BACKPACK_ATTENTION = ("not applicable: BackPACK has no extension for nn.TransformerEncoderLayer / "
@@ -93,9 +94,16 @@ _NO_BACKPACK_ATTENTION = ("not applicable: BackPACK has no extension for nn.Tran
 _NO_ASDL_ATTENTION = ("not applicable: ASDL's Fisher covers the modules it knows (Linear, Conv2d, LayerNorm, "
                       "Embedding), not the attention's in_proj parameters or the raw position embedding")
 _RESNET = Modern(backpack=None, asdl=None, backpack_converter=True)
-_TRANSFORMER = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION)
-MODERN = {"resnet18": _RESNET, "resnet_tiny": _RESNET, "vit_small": _TRANSFORMER, "vit_tiny": _TRANSFORMER,
-          "text_transformer": _TRANSFORMER, "text_tiny": _TRANSFORMER}
+# The encoder layers are generic nodes (fxcurv/rules/generic.py): their HesScale diagonal takes one VJP per
+# output feature of a sample (64 tokens x 128 = 8192 for the text transformer) plus as many Hessian-vector
+# products for the residual -- minutes per call until LayerNorm, softmax and attention's batched products
+# get hand rules (README, Limits).
+_GENERIC_HESSCALE = ("infeasible here: the encoder layers take the generic rule, whose HesScale diagonal needs one "
+                     "VJP and one Hessian-vector product per output feature of a sample (8192 for 64 tokens x 128)")
+_TRANSFORMER = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION, hesscale=_GENERIC_HESSCALE)
+_TRANSFORMER_TINY = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION)
+MODERN = {"resnet18": _RESNET, "resnet_tiny": _RESNET, "vit_small": _TRANSFORMER, "vit_tiny": _TRANSFORMER_TINY,
+          "text_transformer": _TRANSFORMER, "text_tiny": _TRANSFORMER_TINY}
 MODERN_QUANTITIES = ("grad", "diag_ggn", "diag_ggn_mc", "hesscale")
 FLOOR_SKIP = ("not applicable: the floor reference handles nn.Sequential nets of Linear, Conv2d, pooling, "
               "padding and activation layers")
@@ -271,7 +279,8 @@ def modern_methods(modern: Modern, model, net, x, y, args, engines: dict) -> lis
     loss_fn = nn.CrossEntropyLoss()
     methods: list = [Autograd(model, loss_fn, x, y)]
     for b in args.backends:
-        methods += [Fxcurv(engines, model, loss_fn, x, y, (q,), b) for q in MODERN_QUANTITIES]
+        methods += [Fxcurv(engines, model, loss_fn, x, y, (q,), b, skip=modern.hesscale if q == "hesscale" else None)
+                    for q in MODERN_QUANTITIES]
     if not args.no_backpack:
         holder: dict = {}
         methods += [Backpack(model, x, y, q, skip=modern.backpack, bp_model=holder,
