@@ -512,6 +512,7 @@ def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...]) -> Gene
             _per_sample(params[0], g[:1].unsqueeze(0).expand((1,) + tuple(g.shape)), inputs, call, out)
         except RuntimeError:  # no batching rule, or in-place updates of a state created inside the call
             call.vmap_samples = False
+        call.shared.clear()  # the probe's results hold the example batch
     data = tuple(i for i in call.data if inputs[i].is_floating_point())
     call.smooth_data = bool(data) and nonzero_hvp(data)
     call.smooth_params = frozenset(i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM
