@@ -376,7 +376,8 @@ class GGNEigen(Quantity):
             return (self._group_of(info(value).param or value.name) == group
                     and registry.GRAM.get((op.name, name)) is rule)
 
-        joint = tuple(n for n in op.inputs if n in op.params and joins(n))
+        # Every input of a generic op may be a parameter (``joins`` checks which are).
+        joint = tuple(n for n in op.inputs if (op.variadic or n in op.params) and joins(n))
         return joint if joint and joint[0] == use.input else ()
 
     def _samples(self, batch: int) -> tuple[None | slice | list[int], int]:

@@ -473,6 +473,18 @@ for _i in range(MAX_SLOTS):
     _register_slot(_i)
 
 
+@op.gram(*SLOTS)
+def generic_gram(S, inputs, call, out, include=(), total=None):
+    """ViViT eq. S.23: the Gram matrix ``[K N, K N]`` of the per-sample factors ``a_kn = J_n^T S_kn`` of the
+    parameter slots ``include`` (side by side), ``k``-major rows, added in place into ``total`` where given.
+    It reads the op's output, so a subset of samples (ggn_eigen's ``subsample=``) is refused upstream."""
+    from ..gram import gram_into
+
+    k, n = S.shape[0], S.shape[1]
+    parts = [_per_sample(SLOTS.index(key), S, inputs, call, out).reshape(k * n, -1) for key in include]
+    return gram_into(torch.cat(parts, 1), total, k)
+
+
 @op.residual_sqrt(*SLOTS)
 def generic_residual_sqrt(g, inputs, call):
     """The joint signed factor of the op's second-order term over its data slots."""

@@ -649,3 +649,28 @@ def test_batch_norm_and_embedding_gram(net, subsample):
     n, m = x.shape[0], len(subsample)
     scale = reduction_scale(loss_fn, m) / reduction_scale(loss_fn, n)
     check_eigenpairs(e, (n / m) * reference.ggn(model, loss_fn, x[subsample], y[subsample]) / scale, names)
+
+
+def test_through_generic_ops():
+    """A LayerNorm (generic node, two parameters in one Gram call) and ``x.mean(1)`` between linear
+    layers: the Gram matrix of the generic node's per-sample factors joins the others' (ViViT eq. S.23)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.norm(self.lin(x))).mean(1))
+
+    torch.manual_seed(7)
+    model = Net().to(DT)
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x, y = torch.randn(3, 2, 3, dtype=DT), torch.tensor([0, 2, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    _, e = compile_eigen(model, loss_fn, x, y)
+    check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))

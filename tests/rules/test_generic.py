@@ -111,7 +111,7 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     # one factory, fxcurv.rules.generic._register_slot).
     "generic": {kind: generic_op.SLOTS for kind in (JAC_T, DIAG, RESIDUAL, GRAD, PER_SAMPLE, DIAG_SQRT,
                                                     DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT, RESIDUAL_SQRT,
-                                                    PARAM_RESIDUAL)},
+                                                    PARAM_RESIDUAL, GRAM)},
 }
 
 
@@ -898,7 +898,7 @@ GENERIC_CASES = [
 GENERIC_BY_ID = {c.id: c for c in GENERIC_CASES}
 
 _DATA_KINDS = (JAC_T, DIAG)
-_PARAM_KINDS = (GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT)
+_PARAM_KINDS = (GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT, GRAM)
 
 
 def _generic_checks(case: GenericCase) -> list[tuple[RuleKind, str]]:
@@ -982,8 +982,23 @@ def check_param_residual(case: Any, c: OpContext, key: str) -> None:
                    f"param_residual[{key}]")
 
 
+def check_generic_gram(case: Any, c: OpContext, key: str) -> None:
+    """ViViT eq. S.23 for one parameter slot, for all of them at once, and added into a total."""
+    gen = messages(case.id, f"gram[{key}]")
+    s = rand_like((K,) + tuple(c.out.shape), gen)
+    want = ref.gram(c, key, s)
+    assert_matches(_rule(GRAM, "generic", key, s, c=c, include=(key,)), want, f"gram[{key}]")
+    params = tuple(k for k in c.inputs if c.is_param(k))
+    both = sum(ref.gram(c, p, s) for p in params)
+    total = rand_like(want.shape, gen)
+    expected = total + both
+    got = _rule(GRAM, "generic", key, s, c=c, include=params, total=total)
+    assert got is total, "gram with a total must add into it in place"
+    assert_matches(got, expected, f"gram[{','.join(params)}] into a total")
+
+
 GENERIC_CHECKS = {**CHECKS, RESIDUAL: check_generic_residual, RESIDUAL_SQRT: check_residual_sqrt,
-                  PARAM_RESIDUAL: check_param_residual}
+                  PARAM_RESIDUAL: check_param_residual, GRAM: check_generic_gram}
 
 
 @pytest.mark.parametrize("case, kind, key", GENERIC_PARAMS,
