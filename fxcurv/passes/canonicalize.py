@@ -160,15 +160,17 @@ class _Builder:
         """Remember a folded value that is the batch size (``x.size(0)``, ``x.shape[0]``) of a value
         carrying the batch, so that generic calls take it as :class:`~fxcurv.rules.generic.BatchSize`."""
         args = node.args
-        if node.op == "call_method" and node.target == "size" and len(args) == 1 and isinstance(args[0], fx.Node):
-            self.shapes[node] = args[0]
-        elif node.op == "call_function" and node.target is getattr and args[1] == "shape":
-            self.shapes[node] = args[0]
+        source = args[0] if args and isinstance(args[0], fx.Node) else None
+        if source is None:
+            return
+        if (node.op == "call_method" and node.target == "size" and len(args) == 1) or (
+                node.op == "call_function" and node.target is getattr and args[1] == "shape"):
+            self.shapes[node] = source  # x.size() / x.shape
         elif node.op == "call_method" and node.target == "size" and len(args) == 2 and args[1] == 0:
-            if self.is_batched(self.env.get(args[0])):
+            if self.is_batched(self.env.get(source)):
                 self.batch_sizes.add(node)
-        elif node.op == "call_function" and node.target is operator.getitem and args[0] in self.shapes and args[1] == 0:
-            if self.is_batched(self.env.get(self.shapes[args[0]])):
+        elif node.op == "call_function" and node.target is operator.getitem and source in self.shapes and args[1] == 0:
+            if self.is_batched(self.env.get(self.shapes[source])):
                 self.batch_sizes.add(node)
 
     # ---- the generic rule --------------------------------------------------------------------------
@@ -240,9 +242,11 @@ class _Builder:
         args, kwargs = fx.map_arg((tuple(node.args), dict(node.kwargs)), constant)
         args, kwargs = pytree.tree_map(leaf, (args, kwargs))
         module_params: tuple[tuple[str, int], ...] = ()
+        target: Any
         if node.op == "call_module":
-            kind, target = generic_rules.CallKind.MODULE, self.gm.get_submodule(str(node.target))
-            module_params = tuple((name, slot(p).index) for name, p in target.named_parameters())
+            module = self.gm.get_submodule(str(node.target))
+            kind, target = generic_rules.CallKind.MODULE, module
+            module_params = tuple((name, slot(p).index) for name, p in module.named_parameters())
         elif node.op == "call_method":
             kind, target = generic_rules.CallKind.METHOD, str(node.target)
         else:
@@ -319,7 +323,8 @@ class _Outputs:
         self.picked: dict[int, Any] = {}
 
     def pick(self, index: Any) -> Any:
-        fields = getattr(self.values, "_fields", None) or getattr(type(self.values), "__match_args__", ())
+        named: Any = getattr(self.values, "_fields", None) or getattr(type(self.values), "__match_args__", ())
+        fields: tuple[str, ...] = tuple(named)
         if isinstance(index, str) and index in fields:
             index = fields.index(index)  # a named tuple's field (torch.sort(x).values)
         if not isinstance(index, int):

@@ -53,9 +53,8 @@ class OpUse:
         self.position = self.op.inputs.index(spec.param_input)
         self.attrs = dict(spec.attrs)
         # Which inputs carry the batch: the op's data inputs, or a generic call's data slots.
-        call = self.attrs.get("call")
-        data = set(call.data) if self.op.variadic else {i for i, n in enumerate(self.op.inputs)
-                                                          if self.op.is_batched(n)}
+        data = set(self.attrs["call"].data) if self.op.variadic else {i for i, n in enumerate(self.op.inputs)
+                                                                        if self.op.is_batched(n)}
         self.batched = tuple(i in data and isinstance(v, torch.Tensor) for i, v in enumerate(self.inputs))
 
     @property

@@ -196,6 +196,11 @@ def generic_call(node: fx.Node) -> GenericCall:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
+def _pullback(fn: Callable[..., Any], *primals: Any) -> Callable[..., Any]:
+    """``torch.func.vjp``'s pullback of ``fn`` at ``primals``."""
+    return torch.func.vjp(fn, *primals)[1]
+
+
 def _replace(inputs: Sequence[Any], values: dict[int, Any]) -> tuple[Any, ...]:
     return tuple(values.get(i, v) for i, v in enumerate(inputs))
 
@@ -241,14 +246,14 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _jac_t(i: int, v: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall, out: torch.Tensor) -> torch.Tensor:
     """``J_i^T v`` for every column of ``v [*lead, N, *out]`` (HBP eq. S.6)."""
-    _, pull = torch.func.vjp(lambda x: call(*_replace(inputs, {i: x})), inputs[i])
+    pull = _pullback(lambda x: call(*_replace(inputs, {i: x})), inputs[i])
     return _over_columns(lambda c: pull(c)[0], v, _lead(v, out))
 
 
 def _diag(i: int, d: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall, out: torch.Tensor) -> torch.Tensor:
     """``d_x = sum_j (J_n)_{j.}^2 d_{n,j}`` (HesScale eq. 4 and 8 for a general block)."""
     x = inputs[i]
-    _, pull = torch.func.vjp(lambda x_: call(*_replace(inputs, {i: x_})), x)
+    pull = _pullback(lambda x_: call(*_replace(inputs, {i: x_})), x)
     n = out.shape[0]
     total = torch.zeros_like(x)
     weights = d.reshape(n, -1)
@@ -271,7 +276,7 @@ def _hessian_rows(g: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall, s
         return (g * call(*_replace(inputs, dict(zip(slots, values))))).sum()
 
     grads = torch.func.grad(scalar, argnums=tuple(range(len(slots))))
-    _, hvp = torch.func.vjp(grads, *xs)
+    hvp = _pullback(grads, *xs)
     n = g.shape[0]
     width = sum(x[0].numel() for x in xs)
     for j in directions:
@@ -350,7 +355,7 @@ def _grad(i: int, g: torch.Tensor, inputs: tuple[Any, ...], call: GenericCall) -
         def f(*ps: torch.Tensor) -> Any:
             return call(*_replace(inputs, dict(zip(slots, ps))))
 
-        _, pull = torch.func.vjp(f, *[inputs[j] for j in slots])
+        pull = _pullback(f, *[inputs[j] for j in slots])
         return dict(zip(slots, pull(g)))
 
     return _shared(call, "grad").get(i, (g, *inputs), call.trainable, compute)
@@ -373,7 +378,7 @@ def _per_sample(i: int, v: torch.Tensor, inputs: tuple[Any, ...], call: GenericC
             def single(*ps: torch.Tensor) -> torch.Tensor:
                 return call(*_replace(xs, dict(zip(slots, ps)))).squeeze(0)
 
-            _, pull = torch.func.vjp(single, *[xs[j] for j in slots])
+            pull = _pullback(single, *[xs[j] for j in slots])
             return torch.vmap(pull)(vn)
 
         if call.vmap_samples:
@@ -416,7 +421,7 @@ def _param_residual(i: int, g: torch.Tensor, inputs: tuple[Any, ...], call: Gene
     def scalar(q: torch.Tensor) -> torch.Tensor:
         return (g * call(*_replace(inputs, {i: q}))).sum()
 
-    _, hvp = torch.func.vjp(torch.func.grad(scalar), p)
+    hvp = _pullback(torch.func.grad(scalar), p)
     flat = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
     for idx, e in _one_hot_blocks(1, tuple(p.shape), p.numel(), p):
         rows = torch.vmap(lambda c: hvp(c)[0])(e[:, 0])  # [C, *p]
@@ -515,7 +520,7 @@ def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...]) -> Gene
             return (g * call(*_replace(inputs, dict(zip(slots, values))))).sum()
 
         grads = torch.func.grad(scalar, argnums=tuple(range(len(slots))))
-        _, hvp = torch.func.vjp(grads, *xs)
+        hvp = _pullback(grads, *xs)
         return any(bool((h != 0).any()) for h in hvp(tuple(rand_like(x) for x in xs)))
 
     params = [i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM and inputs[i].is_floating_point()]
