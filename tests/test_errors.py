@@ -291,3 +291,32 @@ def test_bad_mc_samples(mc_samples):
     with pytest.raises(ValueError) as exc:
         fxcurv.compile(mlp(), nn.CrossEntropyLoss(), quantities=("diag_ggn_mc",), mc_samples=mc_samples)
     assert_phrases(message(exc), "mc_samples", repr(mc_samples))
+
+
+class _HardGate(nn.Module):
+    """``x * hardsigmoid(x)`` in a forward torch.fx cannot trace (a check on the input's rank): kept
+    whole, a generic node; torch has no second derivative for hardsigmoid."""
+
+    def forward(self, x):
+        if x.dim() != 2:
+            raise ValueError("expects [N, features]")
+        return x * F.hardsigmoid(x)
+
+
+def test_op_without_derivative_names_node_and_line():
+    with pytest.raises(UnsupportedOpError) as exc:
+        run(WithLinear(lambda h: torch.igamma(h.abs() + 1, torch.ones_like(h))), nn.CrossEntropyLoss())
+    assert_phrases(message(exc), "'igamma'", "torch.igamma", "has no derivative in torch", f"{__file__}:")
+
+
+def test_op_without_second_derivative_serves_the_ggn_and_names_itself_for_the_hessian():
+    model = nn.Sequential(nn.Linear(3, 4), _HardGate(), nn.Linear(4, 3)).to(DTYPE)
+    out = run(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    import reference
+
+    want = reference.diag_ggn(model, nn.CrossEntropyLoss(), X, Y)
+    for name, value in want.items():
+        assert torch.allclose(out["diag_ggn"][name], value, rtol=1e-10, atol=1e-12)
+    with pytest.raises(UnsupportedOpError) as exc:
+        run(model, nn.CrossEntropyLoss(), quantities=("diag_hessian",))
+    assert_phrases(message(exc), "_HardGate", "no second derivative", "diag_hessian")

@@ -269,7 +269,7 @@ class _Builder:
         if generic_rules.SlotKind.DATA in kinds:
             generic_rules.check_samples_independent(call, tuple(examples), where)
             if trainable:
-                generic_rules.probe_curvature(call, tuple(examples))
+                generic_rules.probe_curvature(call, tuple(examples), where)
         attr = f"generic_{len(self.calls)}"
         self.calls.append(call)
         setattr(self.root, attr, call)

@@ -114,6 +114,8 @@ class GenericCall:
     # The parameter slots that are trainable (their rules run); the others are held constant.
     trainable: frozenset[int] = field(default_factory=frozenset)
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Why torch cannot differentiate the call twice (its first message), if it cannot.
+    no_second_derivative: str = ""
     # Whether one sample's call runs under vmap (a recurrent layer's in-place state updates do not):
     # per-sample parameter products then loop over the samples.
     vmap_samples: bool = True
@@ -175,6 +177,12 @@ SLOTS = tuple(f"x{i}" for i in range(MAX_SLOTS))
 def _applies(node: fx.Node, kind: RuleKind, key: str) -> bool:
     call = generic_call(node)
     i = SLOTS.index(key)
+    second = (RuleKind.RESIDUAL, RuleKind.RESIDUAL_SQRT, RuleKind.PARAM_RESIDUAL)
+    if kind in second and call.no_second_derivative:
+        raise UnsupportedOpError(
+            f"node '{node.name}' ({call.source}) has no second derivative in torch "
+            f"({call.no_second_derivative}); the Hessian quantities (diag_hessian, hesscale, ...) need it, "
+            "the GGN and first-order quantities do not")
     if kind in (RuleKind.RESIDUAL, RuleKind.RESIDUAL_SQRT):
         return call.smooth_data
     if kind is RuleKind.PARAM_RESIDUAL:
@@ -498,11 +506,13 @@ def generic_residual_sqrt(g, inputs, call):
 
 # ---- building a generic node ------------------------------------------------------------------------
 
-def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...]) -> GenericCall:
+def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...], where: str = "") -> GenericCall:
     """``call`` with ``smooth_data`` / ``smooth_params`` set: whether a Hessian-vector product of
     ``g . call`` at a random direction is nonzero, jointly over the data slots and per parameter slot.
     Autograd's second derivative of a linear, index or piecewise-linear map is exactly zero, so those
-    get no residual rules. The directions come from a private generator (the user's RNG is untouched)."""
+    get no residual rules. The directions come from a private generator (the user's RNG is untouched).
+    A call torch cannot differentiate is refused here, naming it (``where``); one it cannot
+    differentiate twice is refused where a Hessian quantity needs its second derivative."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand_like(t: torch.Tensor) -> torch.Tensor:
@@ -524,16 +534,24 @@ def probe_curvature(call: GenericCall, inputs: tuple[torch.Tensor, ...]) -> Gene
         return any(bool((h != 0).any()) for h in hvp(tuple(rand_like(x) for x in xs)))
 
     params = [i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM and inputs[i].is_floating_point()]
+    data = tuple(i for i in call.data if inputs[i].is_floating_point())
+    try:
+        _pullback(lambda *xs: call(*_replace(inputs, dict(zip(data + tuple(params), xs)))),
+                  *[inputs[i] for i in data + tuple(params)])(g)
+    except (RuntimeError, NotImplementedError) as err:
+        raise UnsupportedOpError(f"{where or call.source} has no derivative in torch: "
+                                 f"{str(err).splitlines()[0]}") from err
     if params:
         try:
             _per_sample(params[0], g[:1].unsqueeze(0).expand((1,) + tuple(g.shape)), inputs, call, out)
         except RuntimeError:  # no batching rule, or in-place updates of a state created inside the call
             call.vmap_samples = False
         call.shared.clear()  # the probe's results hold the example batch
-    data = tuple(i for i in call.data if inputs[i].is_floating_point())
-    call.smooth_data = bool(data) and nonzero_hvp(data)
-    call.smooth_params = frozenset(i for i, k in enumerate(call.kinds) if k is SlotKind.PARAM
-                                   and inputs[i].is_floating_point() and nonzero_hvp((i,)))
+    try:
+        call.smooth_data = bool(data) and nonzero_hvp(data)
+        call.smooth_params = frozenset(i for i in params if nonzero_hvp((i,)))
+    except (RuntimeError, NotImplementedError) as err:  # no double backward for some op inside the call
+        call.no_second_derivative = str(err).splitlines()[0]
     return call
 
 
