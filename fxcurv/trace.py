@@ -9,6 +9,7 @@ input signature, in :mod:`fxcurv.passes.canonicalize`.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import traceback
@@ -38,14 +39,24 @@ class Tracer(fx.Tracer):
         self.leaves = leaves  # submodules kept whole because their forward cannot be traced
         self.path: list[str] = []  # the submodules being traced into, outermost first
         self.failed_in: list[str] | None = None  # the path where tracing failed
+        self.expanding: set[int] = set()  # modules traced through their expansion (_EXPANSIONS)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if id(m) in self.expanding:
+            return False
         return (qualname in self.leaves or type(m) in registry.MODULE_SOURCES
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        self.path.append(self.path_of_module(m))
+        qualname = self.path_of_module(m)
+        self.path.append(qualname)
+        expansion = _EXPANSIONS.get(type(m))
+        expand = expansion is not None and qualname not in self.leaves and expansion.applies(*args, **kwargs)
+        if expand:
+            assert expansion is not None
+            forward = functools.partial(expansion.forward, m)
+            self.expanding.add(id(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -54,6 +65,64 @@ class Tracer(fx.Tracer):
             raise
         finally:
             self.path.pop()
+            self.expanding.discard(id(m))
+
+
+# ---- module expansions ---------------------------------------------------------------------------
+#
+# torch.nn modules whose forward torch.fx cannot trace (checks for fused fast paths) but whose math path
+# is a composition of modules fxcurv has rules for: traced through that path, so that their linear
+# layers, activations and residual sums are hand-written ops and only what has no hand rule (the
+# attention, the norms) is a generic node -- instead of the whole module being one.
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """``forward(module, *args, **kwargs)``: the module's math path; ``applies(*args, **kwargs)``: whether
+    this call takes it (else the module is traced as usual, kept whole if it cannot be)."""
+
+    forward: Callable[..., Any]
+    applies: Callable[..., bool]
+
+
+def _layer_call(src: Any, src_mask: Any = None, src_key_padding_mask: Any = None, is_causal: Any = False,
+                **rest: Any) -> bool:
+    # ``is_causal`` is a hint that ``src_mask`` is causal; without a mask torch refuses it.
+    return not rest and not (is_causal and src_mask is None)
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
+                   src_key_padding_mask: Any = None, is_causal: Any = False) -> Any:
+    """``nn.TransformerEncoderLayer.forward`` on its math path (Xiong et al. 2020, Fig. 1: post- or
+    pre-norm), what it computes when its fused fast path is off. The masks go to the attention as they
+    are (nn.MultiheadAttention canonicalizes them as the layer would); ``is_causal`` is only a hint that
+    the mask is causal, dropped."""
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder(encoder: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+             is_causal: Any = None) -> Any:
+    """``nn.TransformerEncoder.forward``: its layers in turn with the masks, then its norm."""
+    x = src
+    for layer in encoder.layers:
+        x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
+    return x if encoder.norm is None else encoder.norm(x)
+
+
+def _encoder_call(src: Any, mask: Any = None, src_key_padding_mask: Any = None, is_causal: Any = None,
+                  **rest: Any) -> bool:
+    return not rest and not (is_causal and mask is None)
+
+
+_EXPANSIONS: dict[type, Expansion] = {
+    nn.TransformerEncoderLayer: Expansion(_encoder_layer, _layer_call),
+    nn.TransformerEncoder: Expansion(_encoder, _encoder_call),
+}
 
 
 class _Loss(nn.Module):

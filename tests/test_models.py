@@ -119,6 +119,23 @@ class Functional(nn.Module):
         return h.mean(1) @ self.w2.t()
 
 
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` of pre-norm GELU layers with a final norm; with ``causal``, a causal mask
+    (then the encoder is kept whole, a generic node; without, it is traced through its math path)."""
+
+    def __init__(self, causal: bool, d: int = 6, tokens: int = 3, classes: int = 3):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 8, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(tokens) if causal else None)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.encoder(x, mask=self.mask) if self.mask is not None else self.encoder(x)
+        return self.head(h[:, -1])
+
+
 def sequence_net() -> nn.Module:
     return nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ELU(), nn.MaxPool1d(2), nn.Conv1d(3, 2, 2),
                          nn.Flatten(), nn.Linear(4, 3))
@@ -160,6 +177,10 @@ def _classes(n: int, c: int = 3, *rest: int) -> torch.Tensor:
 MODELS = {
     "transformer_text": (TextClassifier, lambda: torch.randint(0, 11, (3, 4)), lambda: _classes(3),
                          nn.CrossEntropyLoss()),
+    "transformer_encoder": (lambda: Encoder(causal=False), lambda: torch.randn(3, 3, 6, dtype=DT),
+                            lambda: _classes(3), nn.CrossEntropyLoss()),
+    "transformer_encoder_causal": (lambda: Encoder(causal=True), lambda: torch.randn(3, 3, 6, dtype=DT),
+                                   lambda: _classes(3), nn.CrossEntropyLoss()),
     "vit": (TinyViT, lambda: torch.randn(3, 2, 4, 4, dtype=DT), lambda: _classes(3), nn.CrossEntropyLoss()),
     "resnet_eval_bn": (lambda: _eval_bn(TinyResNet()), lambda: torch.randn(2, 2, 6, 6, dtype=DT),
                        lambda: _classes(2), nn.CrossEntropyLoss()),
@@ -212,7 +233,11 @@ def test_program_of_a_transformer_lists_generic_nodes():
     engine = fxcurv.compile(model, loss, quantities=("diag_ggn",))
     engine(x, y)
     listing = engine.listing()
-    assert "TransformerEncoderLayer" in listing and "Tensor.mean" in listing
+    # The encoder layer is traced through its math path: its feed-forward layers are hand-written linear
+    # ops, the attention and the norms generic nodes that name what they came from.
+    assert "MultiheadAttention" in listing and "LayerNorm" in listing and "Tensor.mean" in listing
+    assert "encoder.linear1" in listing and "encoder.linear2" in listing
+    assert "TransformerEncoderLayer" not in listing
 
 
 def test_block_ggn_through_generic_op():

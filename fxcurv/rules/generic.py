@@ -45,8 +45,9 @@ from torch.utils import _pytree as pytree
 from ..errors import UnsupportedOpError
 from .registry import RuleKind, define_op
 
-# The most tensor arguments one generic call may take (torch.cat of more tensors is refused).
-MAX_SLOTS = 16
+# The most tensor arguments one generic call may take, parameters of a module kept whole included
+# (torch.cat of more tensors is refused).
+MAX_SLOTS = 64
 # One-hot cotangents and Hessian-vector products are vectorized in blocks of this many elements
 # (columns x batch x features): 4 Mi elements = 32 MiB in float64 per block.
 _BLOCK_ELEMENTS = 1 << 22
