@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from ..errors import UnsupportedOpError
-from .registry import Match, define_op, example
+from .registry import Match, OpDef, define_op, example
 
 DIMS = (1, 2, 3)
 _SHAPES = {1: "[N, C, L]", 2: "[N, C, H, W]", 3: "[N, C, D, H, W]"}
@@ -76,6 +76,23 @@ def _scatter(v, x, indices, nd):
     # scatter_add, not scatter: overlapping windows may select one input position more than once.
     out = flat.new_zeros(batch + (plane,)).scatter_add_(-1, idx, flat)
     return out.reshape(batch + tuple(x.shape[-nd:]))
+
+
+def _argmax_rules(op: OpDef, name: str, nd: int) -> OpDef:
+    """A max-pooling's message rules, by its argmax index map ``Pi`` (HBP Sec. D.2): ``J^T v = Pi^T v``, and
+    HesScale eq. 8's ``(Pi o Pi)^T d = Pi^T d`` (``Pi`` is binary)."""
+
+    def jac_t(v, x, indices):
+        """HBP Sec. D.2: ``J^T v = Pi^T v`` for the argmax index map ``Pi``."""
+        return _scatter(v, x, indices, nd)
+
+    def diag(d, x, indices):
+        """HBP Sec. D.2 with HesScale eq. 8: ``diag(Pi^T diag(d) Pi) = Pi^T d`` (``Pi`` is binary)."""
+        return _scatter(d, x, indices, nd)
+
+    op.jac_t("x", fresh=True)(_named(jac_t, f"{name}_jac_t"))
+    op.diag("x", fresh=True)(_named(diag, f"{name}_diag"))
+    return op
 
 
 def _lift(nd, kernel_size, stride, padding):
@@ -156,17 +173,7 @@ def _define_max_pool(nd: int):
         return canonical(a(0, "input"), a(1, "kernel_size"), a(2, "stride", None), a(3, "padding", 0),
                          a(4, "dilation", 1), a(5, "ceil_mode", False), return_indices)
 
-    def jac_t(v, x, indices):
-        """HBP Sec. D.2: ``J^T v = Pi^T v`` for the argmax index map ``Pi``."""
-        return _scatter(v, x, indices, nd)
-
-    def diag(d, x, indices):
-        """HBP Sec. D.2 with HesScale eq. 8: ``diag(Pi^T diag(d) Pi) = Pi^T d`` (``Pi`` is binary)."""
-        return _scatter(d, x, indices, nd)
-
-    op.jac_t("x", fresh=True)(_named(jac_t, f"{name}_jac_t"))
-    op.diag("x", fresh=True)(_named(diag, f"{name}_diag"))
-    return op
+    return _argmax_rules(op, name, nd)
 
 
 # ---- average pooling ----------------------------------------------------------------------------
@@ -333,17 +340,7 @@ def _define_adaptive_max_pool(nd: int):
         return_indices = a(2, "return_indices", False) or getattr(node, "target", None) is with_indices
         return canonical(a(0, "input"), a(1, "output_size"), return_indices)
 
-    def jac_t(v, x, indices):
-        """HBP Sec. D.2: ``J^T v = Pi^T v`` for the argmax index map ``Pi`` of the adaptive windows."""
-        return _scatter(v, x, indices, nd)
-
-    def diag(d, x, indices):
-        """HesScale eq. 8: ``(Pi o Pi)^T d = Pi^T d`` (``Pi`` is binary)."""
-        return _scatter(d, x, indices, nd)
-
-    op.jac_t("x", fresh=True)(_named(jac_t, f"{name}_jac_t"))
-    op.diag("x", fresh=True)(_named(diag, f"{name}_diag"))
-    return op
+    return _argmax_rules(op, name, nd)
 
 
 MAX_POOLS = {nd: _define_max_pool(nd) for nd in DIMS}
