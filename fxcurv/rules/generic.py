@@ -1,10 +1,10 @@
 """The generic exact rule: every op without a hand-written one, differentiated by torch.func.
 
 Any traced call outside the hand-written vocabulary -- a module (``nn.LayerNorm``,
-``nn.TransformerEncoderLayer``), a function (``torch.cat``, ``torch.softmax``) or a tensor method
-(``x.mean(1)``, ``x.transpose(1, 2)``) -- becomes one ``generic`` node: its tensor arguments are the
-node's inputs (*slots*: data, parameters or constants), everything else is kept in a
-:class:`GenericCall` that rebuilds the call. The rules below read nothing but that call and are exact
+``nn.MultiheadAttention``, a module torch.fx cannot trace), a function (``torch.cat``,
+``torch.softmax``) or a tensor method (``x.mean(1)``, ``x.transpose(1, 2)``) -- becomes one
+``generic`` node: its tensor arguments are the node's inputs (*slots*: data, parameters or constants),
+everything else is kept in a :class:`GenericCall` that rebuilds the call. The rules below read nothing but that call and are exact
 for any op that treats samples independently (checked when the node is built,
 :func:`check_samples_independent`), by the block-diagonal structure of its batched Jacobian
 ``J = diag(J_1, ..., J_N)``:
@@ -20,7 +20,8 @@ for any op that treats samples independently (checked when the node is built,
 * parameter rules: ``grad`` by one VJP; the per-sample ``J_n^T v`` (``per_sample``, and from it
   ``diag_sqrt``, ``batch_l2``, ``batch_diag_sqrt``) by a VJP inside ``vmap`` over the samples;
   ``diag_diag`` from the per-sample parameter Jacobian's rows; ``param_residual``, the diagonal of
-  ``sum_n d2(g_n . z_n)/dp^2``, by Hessian-vector products.
+  ``sum_n d2(g_n . z_n)/dp^2``, by Hessian-vector products; ``gram`` (ViViT eq. S.23) from the per-sample
+  products. The products of all trainable parameters of a node are computed in one pass (:class:`_Shared`).
 
 Which second-order rules apply is decided per node when it is built (:func:`probe_curvature`): a call
 whose Hessian-vector product is exactly zero at a random direction (linear maps, index maps,
@@ -39,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedOpError
@@ -588,7 +588,3 @@ def check_samples_independent(call: GenericCall, inputs: tuple[torch.Tensor, ...
                 "the batch (or it is random). Curvature is defined per sample: BatchNorm must be in eval "
                 "mode (model.eval()), dropout in eval mode or p=0, and no op may reduce over the batch")
 
-
-def module_slots(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """A module's parameters by name, as a generic call passes them (its buffers stay inside)."""
-    return list(mod.named_parameters())
