@@ -4,8 +4,8 @@ Any traced call outside the hand-written vocabulary -- a module (``nn.LayerNorm`
 ``nn.MultiheadAttention``, a module torch.fx cannot trace), a function (``torch.cat``,
 ``torch.softmax``) or a tensor method (``x.mean(1)``, ``x.transpose(1, 2)``) -- becomes one
 ``generic`` node: its tensor arguments are the node's inputs (*slots*: data, parameters or constants),
-everything else is kept in a :class:`GenericCall` that rebuilds the call. The rules below read nothing but that call and are exact
-for any op that treats samples independently (checked when the node is built,
+everything else is kept in a :class:`GenericCall` that rebuilds the call. The rules below read nothing
+but that call and are exact for any op that treats samples independently (checked when the node is built,
 :func:`check_samples_independent`), by the block-diagonal structure of its batched Jacobian
 ``J = diag(J_1, ..., J_N)``:
 
