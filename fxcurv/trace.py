@@ -15,6 +15,7 @@ import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -230,13 +231,39 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
-def trace(model: nn.Module, loss_fn: Callable) -> Traced:
-    """Trace ``loss_fn(model(x), y)`` into one graph."""
+class Capture(Enum):
+    """How the model is captured: ``FX`` by torch.fx with nn layers kept whole (at compile time), ``ATEN``
+    by ``torch.export`` as ATen ops with a symbolic batch size (at the first call, on its input:
+    :mod:`fxcurv.capture_aten`). The loss is traced by torch.fx in both."""
+
+    FX = "fx"
+    ATEN = "aten"
+
+
+def parse_capture(value: Any) -> Capture:
+    try:
+        return Capture(value)
+    except ValueError:
+        choices = ", ".join(repr(c.value) for c in Capture)
+        raise ValueError(f"unknown capture {value!r}; choose from {choices}") from None
+
+
+def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
+          x: torch.Tensor | None = None) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph; with ``Capture.ATEN`` the model is exported on the
+    example input ``x`` (any batch size: the batch is symbolic)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (e.g. torch.nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
-    model_gm = symbolic_trace(model, "model")
+    if capture is Capture.ATEN:
+        from .capture_aten import capture as capture_aten
+
+        if x is None:
+            raise ValueError("capture='aten' exports the model on an example input: pass x")
+        model_gm = capture_aten(model, x)
+    else:
+        model_gm = symbolic_trace(model, "model")
     loss_gm = symbolic_trace(_Loss(loss_fn), "loss")
 
     model_inputs = [n for n in model_gm.graph.nodes if n.op == "placeholder"]
