@@ -27,6 +27,7 @@ naming the user's file and line.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections.abc import Iterable
@@ -139,13 +140,25 @@ def _export(model: nn.Module, x: torch.Tensor) -> Any:
                          f"{str(err).splitlines()[0]}") from err
 
 
-def _refuse_batch_norm_training(node: fx.Node) -> None:
+def location(node: fx.Node) -> str:
+    """`` at file:line ...`` of the user's code that produced ``node`` (:func:`~fxcurv.trace.user_location`),
+    else `` in module <path> (<type>)``: the innermost module whose forward produced it (export's
+    ``nn_module_stack``), or ``""``."""
     from .trace import user_location
 
+    found = user_location(node)
+    stack = node.meta.get("nn_module_stack") or {}
+    if found or not stack:
+        return found
+    path, kind = list(stack.values())[-1]
+    return f" in module {path or '(the model)'} ({str(kind).rsplit('.', 1)[-1]})"
+
+
+def _refuse_batch_norm_training(node: fx.Node) -> None:
     training = node.target is not _aten.batch_norm.default or bool(node.args[5])
     if node.target in _BATCH_NORMS and training:
         raise UnsupportedOpError(
-            f"node '{node.name}' ({node.target}){user_location(node)}: batch normalization in training mode "
+            f"node '{node.name}' ({node.target}){location(node)}: batch normalization in training mode "
             "normalizes with the statistics of the batch, which couples the samples; call model.eval() before "
             "compiling (batch normalization then uses its running statistics)")
 
@@ -269,6 +282,8 @@ def _regions(graph: fx.Graph) -> list[list[fx.Node]]:
         read = [a for a in node.all_input_nodes if a in moved]
         if node in moved or read:
             members.add(node)
+            if not isinstance(node.meta.get("val"), torch.Tensor):
+                moved.add(node)  # several outputs (unbind, chunk): their picks join the region too
             sets.find(node)
             for a in read:
                 sets.union(node, a)
@@ -316,8 +331,6 @@ def _group_regions(gm: fx.GraphModule) -> None:
 
 
 def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> None:
-    from .trace import user_location
-
     graph = gm.graph
     inside = set(nodes)
     sub = fx.Graph()
@@ -327,7 +340,7 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
         for a in node.all_input_nodes:
             if a not in inside and a not in inputs and isinstance(a.meta.get("val"), torch.Tensor):
                 inputs.append(a)
-    where = f"the region of '{nodes[0].name}' ... '{nodes[-1].name}'{user_location(nodes[0])}"
+    where = f"the region of '{nodes[0].name}' ... '{nodes[-1].name}'{location(nodes[0])}"
     leading = [a for a in inputs if layout(a) is Layout.LEADING]
     if not leading:
         raise UnsupportedOpError(f"{where} reads no value with the batch at dim 0; fxcurv cannot tell its samples")
@@ -342,7 +355,7 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
             return env[a]
         kind = layout(a)
         val = a.meta.get("val")
-        if kind is SymLayout.STATIC:
+        if kind is SymLayout.STATIC and isinstance(val, (int, torch.SymInt)):
             env[a] = int(val)
         elif a.op == "call_function" and a.target in SHAPE_QUERIES and a.args[0] in env:
             env[a] = sub.call_function(a.target, tuple(fx.map_arg(a.args, arg)), {})
@@ -366,12 +379,12 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
     for e in exits:
         if layout(e) is not Layout.LEADING:
             raise UnsupportedOpError(
-                f"{where}: node '{e.name}'{user_location(e)} is read outside the region but its value "
-                f"{tuple(e.meta['val'].shape)} does not hold the batch alone at dim 0")
+                f"{where}: node '{e.name}'{location(e)} is read outside the region but its value "
+                f"{_shape(e)} does not hold the batch alone at dim 0")
     sub.output(env[exits[0]] if len(exits) == 1 else tuple(env[e] for e in exits))
     region_gm = fx.GraphModule(gm, sub, f"region_{index}")
-    ops = tuple(dict.fromkeys(str(n.target).removeprefix("aten.").split(".")[0] for n in nodes))
-    region = Region(region_gm, f"region_{index}", ops)
+    ops = tuple(dict.fromkeys(_op_name(n.target) for n in nodes))
+    region = Region(region_gm, f"region_{index}({', '.join(ops)})", ops)
     later = _downstream(nodes)  # read the region's values, placed before its last node: moved after it
     with graph.inserting_after(nodes[-1]):
         call = graph.call_function(region, tuple(inputs))
@@ -380,7 +393,7 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
     call.meta[LAYOUT] = Layout.LEADING
     if len(exits) == 1:
         call.meta["val"] = exits[0].meta.get("val")
-        exits[0].replace_all_uses_with(call, delete_user_cb=lambda u: u not in inside)
+        exits[0].replace_all_uses_with(call, delete_user_cb=functools.partial(_outside, inside))
     else:
         call.meta["val"] = tuple(e.meta.get("val") for e in exits)
         for i, e in enumerate(exits):
@@ -389,12 +402,28 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
             anchor = pick
             pick.meta.update(val=e.meta.get("val"), stack_trace=e.meta.get("stack_trace"))
             pick.meta[LAYOUT] = Layout.LEADING
-            e.replace_all_uses_with(pick, delete_user_cb=lambda u: u not in inside and u is not pick)
+            e.replace_all_uses_with(pick, delete_user_cb=functools.partial(_outside, inside | {pick}))
     for n in later:
         anchor.append(n)
         anchor = n
     for node in reversed(nodes):
         graph.erase_node(node)
+
+
+def _outside(inside: set[fx.Node], user: fx.Node) -> bool:
+    return user not in inside
+
+
+def _op_name(target: Any) -> str:
+    """``linear`` for ``aten.linear.default``, ``getitem`` for ``operator.getitem``."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target).removeprefix("aten.").split(".")[0]
+    return getattr(target, "__name__", str(target))
+
+
+def _shape(node: fx.Node) -> Any:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
 
 
 def _first_user_trace(nodes: Iterable[fx.Node]) -> str | None:

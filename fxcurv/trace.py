@@ -249,9 +249,9 @@ def parse_capture(value: Any) -> Capture:
 
 
 def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
-          x: torch.Tensor | None = None) -> Traced:
+          example: torch.Tensor | None = None) -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph; with ``Capture.ATEN`` the model is exported on the
-    example input ``x`` (any batch size: the batch is symbolic)."""
+    input ``example`` (any batch size: the batch is symbolic)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -259,9 +259,9 @@ def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
     if capture is Capture.ATEN:
         from .capture_aten import capture as capture_aten
 
-        if x is None:
-            raise ValueError("capture='aten' exports the model on an example input: pass x")
-        model_gm = capture_aten(model, x)
+        if example is None:
+            raise ValueError("capture='aten' exports the model on an example input: pass example=x")
+        model_gm = capture_aten(model, example)
     else:
         model_gm = symbolic_trace(model, "model")
     loss_gm = symbolic_trace(_Loss(loss_fn), "loss")

@@ -24,13 +24,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .. import capture_aten
 from ..data import LossScale
 from ..errors import InputError, TraceError, UnsupportedOpError
 from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_value
 from ..rules import generic as generic_rules
 from ..rules import registry
 from ..rules.losses import check_general_loss, general_loss
-from .. import capture_aten
 from ..trace import Traced, user_location
 from .shape_prop import describe, propagate_shapes
 
