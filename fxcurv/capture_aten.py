@@ -28,8 +28,11 @@ naming the user's file and line.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import os
+import sysconfig
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -102,18 +105,62 @@ class _Batch:
         return Layout.NONE
 
 
+_UNKNOWN = "an unknown location"
+
+
 def _user_frame(err: BaseException) -> str:
     """``file:line in function: `code``` of the innermost frame outside torch and fxcurv where the
     export failed."""
-    import traceback
-
     frames = [f for f in traceback.extract_tb(err.__traceback__)
               if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
     if not frames:
-        return "an unknown location"
+        return _UNKNOWN
     f = frames[-1]
     code = (f.line or "").strip()
     return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
+
+
+class _GuardSites(logging.Handler):
+    """Records, for every shape guard export adds (``[guard added]``, ``set_replacement``), the user's
+    frame it was added from: the innermost frame outside torch, fxcurv and the standard library."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.sites: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "[guard added]" not in message and not message.startswith("set_replacement"):
+            return
+        skip = (_TORCH_DIR, _FXCURV_DIR, sysconfig.get_paths()["stdlib"])
+        frames = [f for f in traceback.extract_stack() if not f.filename.startswith(skip)]
+        if frames:
+            f = frames[-1]
+            code = (f.line or "").strip()
+            self.sites.append((message, f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")))
+
+
+def _where_batch_is_fixed(model: nn.Module, example: torch.Tensor, batch: Any) -> str:
+    """Where the forward fixes the batch size (a constraint violation of export names no frame of the
+    user's): export once more, recording the user's frame of every shape guard, and take the one that
+    replaced the batch symbol by a number (else the last guard)."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    recorder = _GuardSites()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(recorder)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # recorded, not printed
+    try:
+        torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except UserError:
+        pass  # the failure being located
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    pinned = [site for message, site in recorder.sites if message.startswith("set_replacement")]
+    sites = pinned or [site for _, site in recorder.sites]
+    return sites[-1] if sites else _UNKNOWN
 
 
 def _export(model: nn.Module, x: torch.Tensor) -> Any:
@@ -129,10 +176,14 @@ def _export(model: nn.Module, x: torch.Tensor) -> Any:
             "values (if/while on x.sum() > 0, .item(), .tolist()) cannot be captured: the branch taken "
             "depends on the data. Rewrite it with tensor ops (torch.where) or use capture='fx'.") from err
     except UserError as err:
-        msg = str(err).split("\n")
-        detail = " ".join(line.strip() for line in msg[:3] if line.strip())
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        violations = [line[2:].split(" If you're")[0] for line in lines if line.startswith("- ")]
+        detail = " ".join(violations) if violations else lines[0]
+        where = _user_frame(err)
+        if where == _UNKNOWN:
+            where = _where_batch_is_fixed(model, example, batch)
         raise TraceError(
-            f"cannot capture the model with torch.export at {_user_frame(err)}: {detail}. fxcurv exports with "
+            f"cannot capture the model with torch.export at {where}: {detail} fxcurv exports with "
             "the batch size (dim 0 of x) symbolic; a forward that fixes it (view(8, -1)) or branches on "
             "tensor values cannot be captured.") from err
     except Unsupported as err:

@@ -153,7 +153,7 @@ def test_folded_batch_is_one_region_exact_for_every_batch_size_from_one_export()
     with _exports() as exports:
         engine = fxcurv.compile(model, loss, quantities=("diag_ggn", "diag_hessian"), capture="aten")
         assert exports.call_count == 0  # captured at the first call
-        for n in (3, 5, 1):
+        for n in (1, 3, 5):  # a first batch of one: exported on two copies (export would fix a size of 1)
             x, y = torch.randn(n, 3, 4, dtype=DT), torch.randint(0, 2, (n,))
             out = engine(x, y)
             for quantity, values in _references(model, loss, x, y).items():
@@ -226,6 +226,15 @@ class DataDependent(nn.Module):
         return self.lin(-x)
 
 
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x.view(4, -1))
+
+
 class MixesSamples(nn.Module):
     def __init__(self):
         super().__init__()
@@ -247,6 +256,7 @@ class TrainBatchNorm(nn.Module):
 
 @pytest.mark.parametrize("model, error, text, hint", [
     (DataDependent, fxcurv.TraceError, "if x.sum() > 0:", "control flow"),
+    (FixedBatch, fxcurv.TraceError, "return self.lin(x.view(4, -1))", "specialized it to be a constant (4)"),
     (MixesSamples, fxcurv.UnsupportedOpError, "return h - h.mean(0)", "mixes samples"),
     (TrainBatchNorm, fxcurv.UnsupportedOpError, "return self.bn(self.lin(x))", "model.eval()"),
 ])
