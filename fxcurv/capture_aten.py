@@ -288,7 +288,7 @@ class Region:
         return self.gm(*inputs)
 
     def __repr__(self) -> str:
-        return f"Region({self.__name__}: {', '.join(self.ops)})"
+        return f"Region({self.__name__})"
 
 
 def _in_region(node: fx.Node) -> bool:
@@ -375,10 +375,46 @@ def _downstream(nodes: list[fx.Node], feeding_only: bool = False) -> list[fx.Nod
     return [n for n in order if n in feeding]
 
 
+_RESHAPES = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default})
+
+
 def _group_regions(gm: fx.GraphModule) -> None:
     graph = gm.graph
-    for i, nodes in enumerate(_regions(graph)):
-        _replace_region(gm, nodes, i)
+    index = 0
+    for nodes in _regions(graph):
+        if not _linear_on_folded_batch(graph, nodes):
+            _replace_region(gm, nodes, index)
+            index += 1
+
+
+def _linear_on_folded_batch(graph: fx.Graph, nodes: list[fx.Node]) -> bool:
+    """A region that is exactly ``reshape(x [N, *mid, d] -> [N*M, d])``, ``linear``, ``reshape(-> [N, *mid,
+    k])`` -- a linear layer on a sequence written with the batch folded into the tokens -- becomes the
+    hand-written linear op on ``x``: ``linear(x) [N, *mid, k]`` is the same function (the linear map acts
+    on the last axis of every token alike), and the op takes extra per-sample axes."""
+    tensors = [n for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    if len(tensors) != len(nodes) or len(nodes) != 3:
+        return False
+    fold, lin, unfold = nodes
+    if fold.target not in _RESHAPES or lin.target is not _aten.linear.default or unfold.target not in _RESHAPES:
+        return False
+    if lin.args[0] is not fold or unfold.args[0] is not lin or len(fold.users) != 1 or len(lin.users) != 1:
+        return False
+    x = fold.args[0]
+    if not isinstance(x, fx.Node) or layout(x) is not Layout.LEADING or layout(unfold) is not Layout.LEADING:
+        return False
+    x_shape, out_shape = tuple(x.meta["val"].shape), tuple(unfold.meta["val"].shape)
+    folded = tuple(fold.meta["val"].shape)
+    if len(folded) != 2 or x_shape[-1] != folded[-1] or x_shape[:-1] != out_shape[:-1]:
+        return False  # not [N, *mid, d] -> [N*M, d] -> [N, *mid, k]
+    with graph.inserting_after(unfold):
+        new = graph.call_function(_aten.linear.default, (x,) + tuple(lin.args[1:]), dict(lin.kwargs))
+    new.meta.update(lin.meta)
+    new.meta["val"], new.meta[LAYOUT] = unfold.meta["val"], Layout.LEADING
+    unfold.replace_all_uses_with(new)
+    for node in reversed(nodes):
+        graph.erase_node(node)
+    return True
 
 
 def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> None:
@@ -435,7 +471,7 @@ def _replace_region(gm: fx.GraphModule, nodes: list[fx.Node], index: int) -> Non
     sub.output(env[exits[0]] if len(exits) == 1 else tuple(env[e] for e in exits))
     region_gm = fx.GraphModule(gm, sub, f"region_{index}")
     ops = tuple(dict.fromkeys(_op_name(n.target) for n in nodes))
-    region = Region(region_gm, f"region_{index}({', '.join(ops)})", ops)
+    region = Region(region_gm, f"region_{index}[{', '.join(ops)}]", ops)
     later = _downstream(nodes)  # read the region's values, placed before its last node: moved after it
     with graph.inserting_after(nodes[-1]):
         call = graph.call_function(region, tuple(inputs))

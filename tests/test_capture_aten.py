@@ -160,7 +160,29 @@ def test_folded_batch_is_one_region_exact_for_every_batch_size_from_one_export()
                 _assert_close(out[quantity], values, f"N={n}: {quantity}")
         assert exports.call_count == 1
     sources = _generic_sources(engine)
-    assert len(sources) == 1 and sources[0].startswith("region_0(reshape, linear, tanh"), sources
+    assert len(sources) == 1 and sources[0].startswith("region_0[reshape, linear, tanh"), sources
+
+
+class TokenLinear(nn.Module):
+    """``reshape(N*T, d) -> linear -> reshape(N, T, k)`` alone: the hand-written linear op on ``[N, T, d]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.head = nn.Linear(15, 2)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        h = self.lin(x.reshape(n * t, d)).view(n, t, -1)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def test_linear_on_folded_batch_is_the_hand_linear_op():
+    torch.manual_seed(0)
+    engine = _check_exact(TokenLinear().to(DT), nn.CrossEntropyLoss(), torch.randn(3, 3, 4, dtype=DT),
+                          torch.randint(0, 2, (3,)), same_graph_as_fx=False)
+    forward = str(engine.graph).split("# backward")[0]
+    assert "generic(" not in forward and forward.count("= linear(") == 2, forward
 
 
 def test_multihead_attention_is_one_region_batch_first_attention_op_by_op():
