@@ -298,3 +298,22 @@ def test_capture_is_validated():
 
 def test_models_table_covers_the_families():
     assert set(FAMILIES) <= set(MODELS)
+
+
+def test_inspect_command_takes_the_capture(capsys):
+    """``python -m fxcurv inspect ... --capture aten``: the same numbers as the default capture."""
+    import json
+
+    from fxcurv.__main__ import main
+
+    outs = []
+    for capture in ("fx", "aten"):
+        argv = ["inspect", "text_tiny", "-n", "3", "-q", "diag_ggn", "--json", "--repeats", "0", "--dtype",
+                "float64", "--capture", capture]
+        assert main(argv) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    fx_out, aten_out = outs
+    assert aten_out["capture"] == "aten" and aten_out["loss_value"] == pytest.approx(fx_out["loss_value"], rel=1e-12)
+    for name, values in fx_out["per_parameter"].items():
+        for quantity, value in values.items():
+            assert aten_out["per_parameter"][name][quantity] == pytest.approx(value, rel=1e-9), (name, quantity)
