@@ -252,11 +252,12 @@ class Engine:
         self._current = found
         return found
 
-    def traced(self) -> Traced:
+    def traced(self, x: torch.Tensor | None = None) -> Traced:
         """The trace of the model and loss as they are now: the graph every program of this engine is
         built from, traced anew where the guards say the model or loss changed (for code that runs the
-        captured model itself, such as :mod:`fxcurv.linops`)."""
-        return self._version().traced
+        captured model itself, such as :mod:`fxcurv.linops`). ``capture="aten"`` captures on inputs like
+        ``x`` (without ``x``: the current capture, if the model has not changed since)."""
+        return self._version(x).traced
 
     @property
     def quantity_names(self) -> tuple[str, ...]:

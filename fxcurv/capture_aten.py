@@ -221,19 +221,21 @@ def capture(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
     ep = _export(model, x)
     if not ep.call_spec.out_spec.is_leaf():
         raise TraceError("the model must return a single tensor (the model output fed to the loss)")
-    gm = ep.module()
-    graph = gm.graph
+    exported = ep.module()
+    graph = exported.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":  # export's input checks
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _ASSERTIONS:
             graph.erase_node(node)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
     out = graph.output_node()
     flat = out.args[0]
     if isinstance(flat, (tuple, list)):
         out.args = (flat[0],)
+    # A plain forward(x) -> tensor (no pytree flattening, no input-checking hooks), on the model's own
+    # parameter and buffer objects.
+    graph._codegen = fx.graph.CodeGen()
+    gm = fx.GraphModule(exported, graph, type(model).__name__)
     graph.eliminate_dead_code()
     for node in graph.nodes:
         if node.op == "call_function":
