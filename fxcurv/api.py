@@ -24,7 +24,7 @@ from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
-from .trace import Capture, Traced, parse_capture, trace, unwrap_parallel
+from .trace import Capture, Traced, check_callables, parse_capture, trace, unwrap_parallel
 from .writeback import write_grad
 
 QuantitySpec = str | Quantity | Iterable[str | Quantity]
@@ -216,6 +216,8 @@ class Engine:
         self._last: Program | None = None
         if self.capture is Capture.FX:
             self._version()  # trace now: errors at compile time (capture="aten": at the first call)
+        else:
+            check_callables(unwrap_parallel(model), loss_fn)
 
     # ---- the model as it is now ----------------------------------------------------------------
     def _version(self, x: torch.Tensor | None = None) -> _Version:

@@ -248,14 +248,19 @@ def parse_capture(value: Any) -> Capture:
         raise ValueError(f"unknown capture {value!r}; choose from {choices}") from None
 
 
-def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
-          example: torch.Tensor | None = None) -> Traced:
-    """Trace ``loss_fn(model(x), y)`` into one graph; with ``Capture.ATEN`` the model is exported on the
-    input ``example`` (any batch size: the batch is symbolic)."""
+def check_callables(model: Any, loss_fn: Any) -> None:
+    """TypeError unless ``model`` is a module and ``loss_fn`` callable."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (e.g. torch.nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
+
+
+def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
+          example: torch.Tensor | None = None) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph; with ``Capture.ATEN`` the model is exported on the
+    input ``example`` (any batch size: the batch is symbolic)."""
+    check_callables(model, loss_fn)
     if capture is Capture.ATEN:
         from .capture_aten import capture as capture_aten
 

@@ -306,6 +306,11 @@ def test_capture_errors_name_the_users_line(model, error, text, hint):
 def test_capture_is_validated():
     with pytest.raises(ValueError, match="'fx', 'aten'"):
         fxcurv.compile(nn.Linear(2, 2), nn.MSELoss(), capture="onnx")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fxcurv.compile(lambda x: x, nn.MSELoss(), capture="aten")  # what needs no input is checked at once
+    engine = fxcurv.compile(nn.Linear(2, 2), nn.MSELoss(), capture="aten")
+    with pytest.raises(RuntimeError, match="first call"):
+        engine.traced()  # nothing captured yet
 
 
 def test_models_table_covers_the_families():
