@@ -45,6 +45,7 @@ from torch._dynamo.exc import Unsupported, UserError
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import TraceError, UnsupportedOpError
+from .trace import UNKNOWN_LOCATION, frame_text, user_frame, user_location
 
 # The meta key of a node's :class:`Layout` (and of a SymInt's :class:`SymLayout`), set by :func:`capture`.
 LAYOUT = "fxcurv_layout"
@@ -105,21 +106,6 @@ class _Batch:
         return Layout.NONE
 
 
-_UNKNOWN = "an unknown location"
-
-
-def _user_frame(err: BaseException) -> str:
-    """``file:line in function: `code``` of the innermost frame outside torch and fxcurv where the
-    export failed."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
-    if not frames:
-        return _UNKNOWN
-    f = frames[-1]
-    code = (f.line or "").strip()
-    return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
-
-
 class _GuardSites(logging.Handler):
     """Records, for every shape guard export adds (``[guard added]``, ``set_replacement``), the user's
     frame it was added from: the innermost frame outside torch, fxcurv and the standard library."""
@@ -135,9 +121,7 @@ class _GuardSites(logging.Handler):
         skip = (_TORCH_DIR, _FXCURV_DIR, sysconfig.get_paths()["stdlib"])
         frames = [f for f in traceback.extract_stack() if not f.filename.startswith(skip)]
         if frames:
-            f = frames[-1]
-            code = (f.line or "").strip()
-            self.sites.append((message, f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")))
+            self.sites.append((message, frame_text(frames[-1])))
 
 
 def _where_batch_is_fixed(model: nn.Module, example: torch.Tensor, batch: Any) -> str:
@@ -160,7 +144,7 @@ def _where_batch_is_fixed(model: nn.Module, example: torch.Tensor, batch: Any) -
         logger.propagate = propagate
     pinned = [site for message, site in recorder.sites if message.startswith("set_replacement")]
     sites = pinned or [site for _, site in recorder.sites]
-    return sites[-1] if sites else _UNKNOWN
+    return sites[-1] if sites else UNKNOWN_LOCATION
 
 
 def _export(model: nn.Module, x: torch.Tensor) -> Any:
@@ -172,22 +156,22 @@ def _export(model: nn.Module, x: torch.Tensor) -> Any:
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except GuardOnDataDependentSymNode as err:
         raise TraceError(
-            f"cannot capture the model with torch.export at {_user_frame(err)}: Python control flow on tensor "
+            f"cannot capture the model with torch.export at {user_frame(err)}: Python control flow on tensor "
             "values (if/while on x.sum() > 0, .item(), .tolist()) cannot be captured: the branch taken "
             "depends on the data. Rewrite it with tensor ops (torch.where) or use capture='fx'.") from err
     except UserError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         violations = [line[2:].split(" If you're")[0] for line in lines if line.startswith("- ")]
         detail = " ".join(violations) if violations else lines[0]
-        where = _user_frame(err)
-        if where == _UNKNOWN:
+        where = user_frame(err)
+        if where == UNKNOWN_LOCATION:
             where = _where_batch_is_fixed(model, example, batch)
         raise TraceError(
             f"cannot capture the model with torch.export at {where}: {detail} fxcurv exports with "
             "the batch size (dim 0 of x) symbolic; a forward that fixes it (view(8, -1)) or branches on "
             "tensor values cannot be captured.") from err
     except Unsupported as err:
-        raise TraceError(f"cannot capture the model with torch.export at {_user_frame(err)}: "
+        raise TraceError(f"cannot capture the model with torch.export at {user_frame(err)}: "
                          f"{str(err).splitlines()[0]}") from err
 
 
@@ -195,8 +179,6 @@ def location(node: fx.Node) -> str:
     """`` at file:line ...`` of the user's code that produced ``node`` (:func:`~fxcurv.trace.user_location`),
     else `` in module <path> (<type>)``: the innermost module whose forward produced it (export's
     ``nn_module_stack``), or ``""``."""
-    from .trace import user_location
-
     found = user_location(node)
     stack = node.meta.get("nn_module_stack") or {}
     if found or not stack:
@@ -517,8 +499,6 @@ def _shape(node: fx.Node) -> Any:
 
 def _first_user_trace(nodes: Iterable[fx.Node]) -> str | None:
     """The stack trace of the first node traced from the user's code (the region's location)."""
-    from .trace import user_location
-
     for n in nodes:
         if user_location(n):
             return n.meta.get("stack_trace")

@@ -141,15 +141,21 @@ class _Loss(nn.Module):
         return fn(f, y)
 
 
-def _user_frame(err: BaseException) -> str:
-    """``file:line in function: code`` of the innermost frame outside torch, where tracing failed."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
-    if not frames:
-        return "an unknown location"
-    f = frames[-1]
+UNKNOWN_LOCATION = "an unknown location"
+
+
+def frame_text(f: traceback.FrameSummary) -> str:
+    """``file:line in function: `code```."""
     code = (f.line or "").strip()
     return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
+
+
+def user_frame(err: BaseException) -> str:
+    """``file:line in function: `code``` of the innermost frame outside torch and fxcurv where tracing
+    failed."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
+    return frame_text(frames[-1]) if frames else UNKNOWN_LOCATION
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
@@ -186,7 +192,7 @@ def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:
     try:
         graph = _trace(root)
     except Exception as err:  # noqa: BLE001 - every tracing failure becomes a TraceError with context
-        where = _user_frame(err)
+        where = user_frame(err)
         msg = str(err).split("\n")[0]
         hint = ""
         if "control flow" in msg or "iterated" in msg or "__bool__" in msg or "__len__" in msg:
