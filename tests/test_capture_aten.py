@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import reference as ref
 import torch
+import torch.nn.functional as F
 from architectures import random_cnn, random_mlp
 from helpers import rel_error
 from test_models import MODELS, _build, _references
@@ -108,6 +109,40 @@ def test_hand_ops_for_aten_linear_conv_relu():
         assert op in forward, op
     assert "generic(" not in forward
     assert "aten.conv2d.default" in forward  # the source: what the graph was captured from
+
+
+class Spellings(nn.Module):
+    """One call of each hand op's ATen spelling not covered by the model families."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 2, 2)
+        self.lin = nn.Linear(8, 6)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):  # [N, 2, 3, 3]
+        h = F.pad(self.up(x), (1, 1, 1, 1), value=0.5)  # [N, 2, 6, 6]
+        h = F.max_pool2d(F.avg_pool2d(h, 2), 2, 1).flatten(1)  # [N, 8]
+        h = self.drop(self.lin(h))
+        # (not F.hardsigmoid: torch.func's Hessian, the reference, has no forward derivative of its backward)
+        for act in (F.leaky_relu, F.silu, F.selu, F.celu, F.logsigmoid, F.mish, F.hardtanh, F.relu6, F.hardswish,
+                    F.softplus):
+            h = act(h) + 0.5 * h.contiguous().clone()
+        return (1 - (-h)) ** 2 / 3
+
+
+_SPELLED_OPS = ("conv_transpose2d", "pad", "avg_pool2d", "max_pool2d", "reshape", "linear", "leaky_relu", "silu",
+                "selu", "celu", "logsigmoid", "mish", "hardtanh", "hardswish", "softplus",
+                "scalar_affine", "add", "pow")
+
+
+def test_aten_spellings_become_the_hand_ops():
+    torch.manual_seed(0)
+    engine = _check_exact(Spellings().to(DT).eval(), nn.MSELoss(), torch.randn(3, 2, 3, 3, dtype=DT),
+                          torch.randn(3, 6, dtype=DT))
+    forward = str(engine.graph).split("# backward")[0]
+    missing = [op for op in _SPELLED_OPS if f"= {op}(" not in forward and f"= {op}+saved(" not in forward]
+    assert not missing and "generic(" not in forward, (missing, forward)
 
 
 # ---- sample structure: regions -----------------------------------------------------------------------

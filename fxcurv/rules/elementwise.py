@@ -468,6 +468,12 @@ def _relu6_from_function(node, a):
     return Match({"x": a(0, "input")}, {"min_val": 0.0, "max_val": 6.0})
 
 
+@hardtanh_op.function(torch.ops.aten.relu6.default)
+def _relu6_from_aten(node, a):
+    """The exported ``relu6(x) = hardtanh(x, 0, 6)`` (out of place)."""
+    return Match({"x": a(0, "self")}, {"min_val": 0.0, "max_val": 6.0})
+
+
 def hardsigmoid(x):
     # relu6(x + 3) / 6, as ATen computes it; torch has no double backward for F.hardsigmoid, which
     # the tests' torch.func references of this forward need.
