@@ -188,8 +188,12 @@ def location(node: fx.Node) -> str:
 
 
 def _refuse_batch_norm_training(node: fx.Node) -> None:
-    training = node.target is not _aten.batch_norm.default or bool(node.args[5])
-    if node.target in _BATCH_NORMS and training:
+    """Batch normalization in training mode (its ``training`` argument, 6th of every ATen spelling that
+    has one; ``_batch_norm_with_update`` always trains) is refused by name."""
+    if node.target not in _BATCH_NORMS:
+        return
+    flag = node.args[5] if len(node.args) > 5 else None
+    if not isinstance(flag, bool) or flag:
         raise UnsupportedOpError(
             f"node '{node.name}' ({node.target}){location(node)}: batch normalization in training mode "
             "normalizes with the statistics of the batch, which couples the samples; call model.eval() before "
@@ -253,6 +257,8 @@ def _mark_layouts(graph: fx.Graph) -> None:
 
 
 def layout(node: Any) -> Layout | SymLayout | None:
+    """The :class:`Layout` (a tensor) or :class:`SymLayout` (an integer) :func:`capture` found for a node
+    of the captured graph; ``None`` for other values and for nodes of other graphs."""
     return node.meta.get(LAYOUT) if isinstance(node, fx.Node) else None
 
 
