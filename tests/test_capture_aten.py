@@ -232,7 +232,9 @@ def test_linops_run_the_captured_model():
     assert rel_error(Hessian(engine, [(x, y)]).to_dense(), ref.full_hessian(model, loss, x, y)) < RTOL
 
 
-def test_multihead_attention_is_one_region_batch_first_attention_op_by_op():
+def test_multihead_attention_in_regions_batch_first_attention_op_by_op():
+    """nn.MultiheadAttention: its in-projection and head split, and its head merge and out-projection, are
+    regions (the batch moved to dim 1 or folded); the attention between them is on [N, H, T, hd]."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
 
