@@ -40,7 +40,7 @@ from .listing import node_line
 from .networks import NETWORKS, InputKind, LossKind
 from .node_info import info
 from .passes.canonicalize import unsupported_nodes
-from .trace import trace
+from .trace import Capture, trace
 
 _DEFAULT_QUANTITIES = "diag_ggn,diag_ggn_mc,diag_hessian,hesscale,hesscale_gn"
 # Exact Hessian diagonals push one column per activation entry; on convolutional nets that is
@@ -213,7 +213,7 @@ def compile_problem(problem: Problem, quantities: tuple[str, ...], args: argpars
     loss_fn = problem.loss.module()
     try:
         return compile(problem.model, loss_fn, quantities=quantities, mc_samples=args.mc_samples, seed=args.seed,
-                       backend=args.backend)
+                       backend=args.backend, capture=args.capture)
     except UnsupportedOpError as err:
         problems = tuple(unsupported_nodes(trace(problem.model, loss_fn)))
         if not problems:
@@ -285,7 +285,7 @@ def inspect(args: argparse.Namespace) -> int:
             "parameters": n_params, "input": {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")},
             "target": {"shape": list(y.shape), "dtype": str(y.dtype).replace("torch.", "")},
             "loss": problem.loss.value, "loss_value": out.loss.item(), "quantities": list(quantities),
-            "backend": args.backend,
+            "backend": args.backend, "capture": args.capture,
             "program": {"nodes": len(nodes), "backward_nodes": backward, "listing": str(graph).splitlines(),
                         "node_records": [_node_record(n) for n in nodes]},
             "memory": {"peak_bytes": memory.peak_bytes, "at": memory.at, "at_description": memory.at_description,
@@ -296,7 +296,7 @@ def inspect(args: argparse.Namespace) -> int:
 
     print(f"fxcurv {__version__} | {problem.name}: {problem.description} | {n_params:,} parameters")
     print(f"batch {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}, {type(loss_fn).__name__}, "
-          f"quantities: {', '.join(quantities)}, backend {args.backend}")
+          f"quantities: {', '.join(quantities)}, backend {args.backend}, capture {args.capture}")
     print(f"\n== curvature program: {len(nodes)} nodes, {backward} of them gradient/curvature ==")
     print(graph)
     print(f"\nestimated peak memory: {memory}")
@@ -352,6 +352,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--mc-samples", type=int, default=1)
     p.add_argument("--backend", choices=BACKENDS, default="fused")
+    p.add_argument("--capture", choices=tuple(c.value for c in Capture), default="fx",
+                   help="fx: torch.fx, nn layers kept whole (default); aten: torch.export to ATen ops with a "
+                        "symbolic batch (README, 'Operator-level capture')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported); 0: no timing")
     p.add_argument("--dot", help="also write the program as a graphviz DOT file")

@@ -24,7 +24,7 @@ from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
 from .quantities import QUANTITIES, Quantity, resolve
 from .rules import registry
-from .trace import Traced, trace, unwrap_parallel
+from .trace import Capture, Traced, check_callables, parse_capture, trace, unwrap_parallel
 from .writeback import write_grad
 
 QuantitySpec = str | Quantity | Iterable[str | Quantity]
@@ -195,7 +195,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,
                  mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
-                 memory_budget: float | None = None):
+                 memory_budget: float | None = None, capture: str = "fx"):
+        self.capture = parse_capture(capture)
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         if backend not in BACKENDS:
@@ -213,19 +214,32 @@ class Engine:
         self._current: _Version | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._last: Program | None = None
-        self._version()  # trace now: errors at compile time
+        if self.capture is Capture.FX:
+            self._version()  # trace now: errors at compile time (capture="aten": at the first call)
+        else:
+            check_callables(unwrap_parallel(model), loss_fn)
 
     # ---- the model as it is now ----------------------------------------------------------------
-    def _version(self) -> _Version:
-        """The trace of the model and loss as they are now (guarded: traced anew when they changed)."""
+    def _version(self, x: torch.Tensor | None = None) -> _Version:
+        """The trace of the model and loss as they are now (guarded: traced anew when they changed).
+
+        ``capture="aten"`` exports the model on ``x``: one export serves every batch size (the batch is
+        symbolic), a new per-sample shape, dtype or device of ``x`` exports anew."""
         model = unwrap_parallel(self.model)
         fp = fingerprint(model, self.loss_fn)
+        if self.capture is Capture.ATEN:
+            if x is None:
+                if self._current is not None and self._current.fingerprint[:2] == fp:
+                    return self._current
+                raise RuntimeError("capture='aten' captures the model at the first call: call the engine "
+                                   "(engine(x, y)) or engine.program(x, y) first")
+            fp = fp + ((tuple(x.shape[1:]), x.dtype, x.device),)
         current = self._current
         if current is not None and current.fingerprint == fp:
             return current
         found = self._versions.get(fp)
         if found is None:
-            traced = trace(model, self.loss_fn)
+            traced = trace(model, self.loss_fn, self.capture, x)
             problems = unsupported_nodes(traced)
             if problems:
                 raise UnsupportedOpError(
@@ -240,11 +254,12 @@ class Engine:
         self._current = found
         return found
 
-    def traced(self) -> Traced:
+    def traced(self, x: torch.Tensor | None = None) -> Traced:
         """The trace of the model and loss as they are now: the graph every program of this engine is
         built from, traced anew where the guards say the model or loss changed (for code that runs the
-        captured model itself, such as :mod:`fxcurv.linops`)."""
-        return self._version().traced
+        captured model itself, such as :mod:`fxcurv.linops`). ``capture="aten"`` captures on inputs like
+        ``x`` (without ``x``: the current capture, if the model has not changed since)."""
+        return self._version(x).traced
 
     @property
     def quantity_names(self) -> tuple[str, ...]:
@@ -262,7 +277,7 @@ class Engine:
     def program(self, x: torch.Tensor, y: Any) -> Program:
         """The program for inputs like ``(x, y)``, built on first use."""
         _check_call(x, y)
-        version = self._version()
+        version = self._version(x)
         key = self.signature(version, x, y)
         prog = version.programs.get(key)
         if prog is None:
@@ -303,8 +318,8 @@ class Engine:
     def memory_estimate(self, x: torch.Tensor, y: Any) -> MemoryEstimate:
         """The estimated peak memory of the program for inputs like ``(x, y)`` (see
         :mod:`fxcurv.passes.memory`), without running it."""
-        version = self._version()
         _check_call(x, y)
+        version = self._version(x)
         key = self.signature(version, x, y)
         prog = version.programs.get(key)
         if prog is not None:
@@ -399,7 +414,7 @@ class Engine:
         quantities = tuple(q.name if QUANTITIES.get(q.name) is q else q for q in self.quantities)
         return {"model": self.model, "loss_fn": self.loss_fn, "quantities": quantities,
                 "mc_samples": self.mc_samples, "seed": self.seed, "backend": self.backend,
-                "memory_budget": self.memory_budget}
+                "memory_budget": self.memory_budget, "capture": self.capture.value}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         model, loss_fn = state.pop("model"), state.pop("loss_fn")
@@ -452,7 +467,7 @@ def _check_call(x: Any, y: Any) -> None:
 
 def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,  # noqa: A001
             mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
-            memory_budget: float | None = None) -> Engine:
+            memory_budget: float | None = None, capture: str = "fx") -> Engine:
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
     ``quantities``: names (or configured :class:`fxcurv.quantities.Quantity` objects such as
@@ -466,6 +481,11 @@ def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantityS
     ``backend``: ``"fused"`` (default), ``"eager"`` (unfused, op by op) or ``"inductor"``
     (``torch.compile``); all give the same numbers. ``memory_budget``: bytes the program's values may
     take at their peak (estimated before it runs); default: the memory available when it is built.
+    ``capture``: ``"fx"`` (default) traces the model with torch.fx, nn layers kept whole, now: tracing
+    errors are raised here. ``"aten"`` captures it with ``torch.export`` as ATen ops with a symbolic batch
+    size (:mod:`fxcurv.capture_aten`) at the first call, on its input -- so capture errors (data-dependent
+    control flow, train-mode BatchNorm) are raised by the first call, not here; one capture serves every
+    batch size. The loss is traced by torch.fx in both.
     """
     return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed, backend=backend,
-                  memory_budget=memory_budget)
+                  memory_budget=memory_budget, capture=capture)

@@ -15,6 +15,7 @@ import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -140,15 +141,21 @@ class _Loss(nn.Module):
         return fn(f, y)
 
 
-def _user_frame(err: BaseException) -> str:
-    """``file:line in function: code`` of the innermost frame outside torch, where tracing failed."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
-    if not frames:
-        return "an unknown location"
-    f = frames[-1]
+UNKNOWN_LOCATION = "an unknown location"
+
+
+def frame_text(f: traceback.FrameSummary) -> str:
+    """``file:line in function: `code```."""
     code = (f.line or "").strip()
     return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{code}`" if code else "")
+
+
+def user_frame(err: BaseException) -> str:
+    """``file:line in function: `code``` of the innermost frame outside torch and fxcurv where tracing
+    failed."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _FXCURV_DIR))]
+    return frame_text(frames[-1]) if frames else UNKNOWN_LOCATION
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
@@ -185,7 +192,7 @@ def symbolic_trace(root: nn.Module, what: str) -> fx.GraphModule:
     try:
         graph = _trace(root)
     except Exception as err:  # noqa: BLE001 - every tracing failure becomes a TraceError with context
-        where = _user_frame(err)
+        where = user_frame(err)
         msg = str(err).split("\n")[0]
         hint = ""
         if "control flow" in msg or "iterated" in msg or "__bool__" in msg or "__len__" in msg:
@@ -230,13 +237,44 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
-def trace(model: nn.Module, loss_fn: Callable) -> Traced:
-    """Trace ``loss_fn(model(x), y)`` into one graph."""
+class Capture(Enum):
+    """How the model is captured: ``FX`` by torch.fx with nn layers kept whole (at compile time), ``ATEN``
+    by ``torch.export`` as ATen ops with a symbolic batch size (at the first call, on its input:
+    :mod:`fxcurv.capture_aten`). The loss is traced by torch.fx in both."""
+
+    FX = "fx"
+    ATEN = "aten"
+
+
+def parse_capture(value: Any) -> Capture:
+    try:
+        return Capture(value)
+    except ValueError:
+        choices = ", ".join(repr(c.value) for c in Capture)
+        raise ValueError(f"unknown capture {value!r}; choose from {choices}") from None
+
+
+def check_callables(model: Any, loss_fn: Any) -> None:
+    """TypeError unless ``model`` is a module and ``loss_fn`` callable."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (e.g. torch.nn.CrossEntropyLoss()), got {type(loss_fn).__name__}")
-    model_gm = symbolic_trace(model, "model")
+
+
+def trace(model: nn.Module, loss_fn: Callable, capture: Capture = Capture.FX,
+          example: torch.Tensor | None = None) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph; with ``Capture.ATEN`` the model is exported on the
+    input ``example`` (any batch size: the batch is symbolic)."""
+    check_callables(model, loss_fn)
+    if capture is Capture.ATEN:
+        from .capture_aten import capture as capture_aten
+
+        if example is None:
+            raise ValueError("capture='aten' exports the model on an example input: pass example=x")
+        model_gm = capture_aten(model, example)
+    else:
+        model_gm = symbolic_trace(model, "model")
     loss_gm = symbolic_trace(_Loss(loss_fn), "loss")
 
     model_inputs = [n for n in model_gm.graph.nodes if n.op == "placeholder"]

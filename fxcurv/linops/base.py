@@ -38,10 +38,10 @@ DEFAULT_CHUNK = 1
 Batch = tuple[Any, Any]
 
 
-def traced_of(engine: Engine) -> Traced:
+def traced_of(engine: Engine, x: Any = None) -> Traced:
     """The trace of the engine's model and loss as they are now (traced anew where the guards say the
-    model or loss changed, :mod:`fxcurv.guards`)."""
-    return engine.traced()
+    model or loss changed, :mod:`fxcurv.guards`; ``capture="aten"`` captures on inputs like ``x``)."""
+    return engine.traced(x)
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,16 @@ class LinearOperator(CurvatureOperator):
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         self.engine = engine
-        self.space = select_parameters(traced_of(engine), params)
-        super().__init__((self.space.numel,), self.space.dtype, self.space.device, type(self).__name__)
         self.data = DataSet(engine, data, reduction)
+        self.space = select_parameters(traced_of(engine, self._example()), params)
+        super().__init__((self.space.numel,), self.space.dtype, self.space.device, type(self).__name__)
         self.chunk = chunk
+
+    def _example(self) -> Any:
+        """The first batch's input (what ``capture="aten"`` captures the model on), ``None`` without data."""
+        for x, _ in self.data.data:
+            return x
+        return None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -208,7 +214,7 @@ class LinearOperator(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``sum_b w_b A_b V`` for ``V [P, K]``, ``chunk`` columns per pass over the data."""
-        traced = traced_of(self.engine)
+        traced = traced_of(self.engine, self._example())
         values = self.space.current(traced)
         model = traced.root.get_submodule("model")
         # The traced model's name of each parameter it reads (a tied weight has several; any one serves

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .. import capture_aten
 from ..data import LossScale
 from ..errors import InputError, TraceError, UnsupportedOpError
 from ..node_info import INPUT, TARGET, info, param_placeholder, set_info, set_value
@@ -55,6 +56,8 @@ def _is_shape_query(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
         return False
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
         return True
+    if node.op == "call_function" and node.target in capture_aten.SHAPE_QUERIES:
+        return True  # aten.sym_size.int(x, d) of an exported graph
     if node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
         return True
     if node.op == "call_function" and node.target in _INT_FUNCTIONS:
@@ -162,6 +165,9 @@ class _Builder:
         args = node.args
         source = args[0] if args and isinstance(args[0], fx.Node) else None
         if source is None:
+            return
+        if capture_aten.layout(node) is capture_aten.SymLayout.BATCH:
+            self.batch_sizes.add(node)  # exported: the batch symbol itself (aten.sym_size.int(x, 0))
             return
         if (node.op == "call_method" and node.target == "size" and len(args) == 1) or (
                 node.op == "call_function" and node.target is getattr and args[1] == "shape"):

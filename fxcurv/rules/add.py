@@ -41,7 +41,7 @@ def _canonical(a: Any, b: Any, alpha: Any = 1) -> Match | None:
     return binary_match(Arith.ADD, a, b, alpha)
 
 
-@op.function(operator.add, operator.iadd, torch.add)
+@op.function(operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar)
 def _from_function(node, a):
     return _canonical(a(0, "input"), a(1, "other"), a(2, "alpha", 1))
 

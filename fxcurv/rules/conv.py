@@ -836,7 +836,9 @@ def _define(spec: ConvOp) -> OpDef:
     op = define_op(spec.name, "conv", spec.forward, inputs=("x", "weight", "bias"), params=("weight", "bias"),
                    bilinear=(("x", "weight"),))
     op.module(spec.module)(_module_canonicalizer(spec))
-    op.function(spec.function)(_function_canonicalizer(spec))
+    # The exported (ATen) ops take F.conv*'s arguments in F.conv*'s order; ``.padding`` takes a string.
+    aten = getattr(torch.ops.aten, spec.name)
+    op.function(spec.function, *(getattr(aten, o) for o in aten.overloads()))(_function_canonicalizer(spec))
     for rule in _RULES[spec.kind]:
         op.rule(rule.kind, rule.keys[0], None, *rule.keys[1:], **rule.fusion)(_own_copy(rule.fn, spec.name))
     return op

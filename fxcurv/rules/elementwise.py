@@ -36,13 +36,16 @@ def define_activation(
     methods: tuple[str, ...] = (),
     attrs: dict[str, tuple[str, int | None, Any]] | None = None,
     inplace_index: int | None = None,
+    aten: tuple[Any, ...] = (),
 ) -> OpDef:
     """Register an activation from ``phi`` (``forward(x, **attrs)``), ``phi'`` and ``phi''``.
 
     ``d1``/``d2`` take any of ``x``, ``out`` and the attributes by name. ``d2=None`` marks a
     piecewise-linear activation (no residual term). ``attrs`` maps attribute name to
     ``(module attribute, functional positional index, default)``; ``inplace_index`` is the positional
-    index of the functional form's ``inplace`` flag (read by keyword where ``None``).
+    index of the functional form's ``inplace`` flag (read by keyword where ``None``). ``aten``: the
+    exported (ATen) ops of the activation, which take the attributes at the functional form's positions
+    and nothing else (further arguments, e.g. ``aten.elu``'s ``scale``, must be 1).
     """
     attrs = attrs or {}
     op = define_op(name, "elementwise", forward, inputs=("x",))
@@ -61,6 +64,14 @@ def define_activation(
         def _from_function(node, a):
             check_in_place(a(0, "input"), bool(a(inplace_index, "inplace", False)))
             return Match({"x": a(0, "input")}, _attrs_from_args(a))
+
+    if aten:
+        @op.function(*aten)
+        def _from_aten(node, a):
+            positional = sum(1 for _, idx, _ in attrs.values() if idx is not None)
+            if any(v != 1 for v in a.args[1 + positional:]):
+                return None  # ``aten.elu(x, alpha, scale, input_scale)`` with a scale: the generic rule
+            return Match({"x": a(0, "self")}, _attrs_from_args(a))
 
     if methods:
         @op.method(*methods)
@@ -162,7 +173,8 @@ def _relu_d1(x):
 
 
 define_activation("relu", relu, _relu_d1, None,
-                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",), inplace_index=1)
+                  modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",), inplace_index=1,
+                  aten=(torch.ops.aten.relu.default,))
 
 
 def leaky_relu(x, negative_slope=0.01):
@@ -175,7 +187,8 @@ def _leaky_relu_d1(x, negative_slope):
 
 define_activation("leaky_relu", leaky_relu, _leaky_relu_d1, None,
                   modules=(nn.LeakyReLU,), functions=(F.leaky_relu,),
-                  attrs={"negative_slope": ("negative_slope", 1, 0.01)}, inplace_index=2)
+                  attrs={"negative_slope": ("negative_slope", 1, 0.01)}, inplace_index=2,
+                  aten=(torch.ops.aten.leaky_relu.default,))
 
 
 def sigmoid(x):
@@ -191,7 +204,8 @@ def _sigmoid_d2(out):
 
 
 define_activation("sigmoid", sigmoid, _sigmoid_d1, _sigmoid_d2,
-                  modules=(nn.Sigmoid,), functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",))
+                  modules=(nn.Sigmoid,), functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",),
+                  aten=(torch.ops.aten.sigmoid.default,))
 
 
 def tanh(x):
@@ -207,7 +221,8 @@ def _tanh_d2(out):
 
 
 define_activation("tanh", tanh, _tanh_d1, _tanh_d2,
-                  modules=(nn.Tanh,), functions=(torch.tanh, F.tanh), methods=("tanh",))
+                  modules=(nn.Tanh,), functions=(torch.tanh, F.tanh), methods=("tanh",),
+                  aten=(torch.ops.aten.tanh.default,))
 
 
 def elu(x, alpha=1.0):
@@ -223,7 +238,8 @@ def _elu_d2(x, out, alpha):
 
 
 define_activation("elu", elu, _elu_d1, _elu_d2,
-                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)}, inplace_index=2)
+                  modules=(nn.ELU,), functions=(F.elu,), attrs={"alpha": ("alpha", 1, 1.0)}, inplace_index=2,
+                  aten=(torch.ops.aten.elu.default,))
 
 
 def softplus(x, beta=1.0, threshold=20.0):
@@ -243,7 +259,8 @@ def _softplus_d2(x, beta, threshold):
 
 define_activation("softplus", softplus, _softplus_d1, _softplus_d2,
                   modules=(nn.Softplus,), functions=(F.softplus,),
-                  attrs={"beta": ("beta", 1, 1.0), "threshold": ("threshold", 2, 20.0)})
+                  attrs={"beta": ("beta", 1, 1.0), "threshold": ("threshold", 2, 20.0)},
+                  aten=(torch.ops.aten.softplus.default,))
 
 
 def silu(x):
@@ -261,7 +278,7 @@ def _silu_d2(x):
 
 
 define_activation("silu", silu, _silu_d1, _silu_d2,
-                  modules=(nn.SiLU,), functions=(F.silu,), inplace_index=1)
+                  modules=(nn.SiLU,), functions=(F.silu,), inplace_index=1, aten=(torch.ops.aten.silu.default,))
 
 
 def gelu(x, approximate="none"):
@@ -299,7 +316,7 @@ def _gelu_d2(x, approximate):
 
 define_activation("gelu", gelu, _gelu_d1, _gelu_d2,
                   modules=(nn.GELU,), functions=(F.gelu,),
-                  attrs={"approximate": ("approximate", None, "none")})
+                  attrs={"approximate": ("approximate", None, "none")}, aten=(torch.ops.aten.gelu.default,))
 
 
 # ---- SELU, CELU: ELU's exponential branch, scaled -------------------------------------------------
@@ -324,7 +341,8 @@ def _selu_d2(x, out):
 
 
 define_activation("selu", selu, _selu_d1, _selu_d2,
-                  modules=(nn.SELU,), functions=(F.selu, torch.selu), inplace_index=1)
+                  modules=(nn.SELU,), functions=(F.selu, torch.selu), inplace_index=1,
+                  aten=(torch.ops.aten.selu.default,))
 
 
 def celu(x, alpha=1.0):
@@ -346,7 +364,7 @@ def _celu_d2(x, out, alpha):
 
 define_activation("celu", celu, _celu_d1, _celu_d2,
                   modules=(nn.CELU,), functions=(F.celu, torch.celu), attrs={"alpha": ("alpha", 1, 1.0)},
-                  inplace_index=2)
+                  inplace_index=2, aten=(torch.ops.aten.celu.default,))
 
 
 # ---- LogSigmoid, Mish, Softsign -----------------------------------------------------------------------
@@ -367,7 +385,7 @@ def _logsigmoid_d2(x):
 
 
 define_activation("logsigmoid", logsigmoid, _logsigmoid_d1, _logsigmoid_d2,
-                  modules=(nn.LogSigmoid,), functions=(F.logsigmoid,))
+                  modules=(nn.LogSigmoid,), functions=(F.logsigmoid,), aten=(torch.ops.aten.log_sigmoid.default,))
 
 
 def mish(x):
@@ -397,7 +415,8 @@ def _mish_d2(x):
     return s * sech2 * (2 + x * q - 2 * x * s * t)
 
 
-define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,), inplace_index=1)
+define_activation("mish", mish, _mish_d1, _mish_d2, modules=(nn.Mish,), functions=(F.mish,), inplace_index=1,
+                  aten=(torch.ops.aten.mish.default,))
 
 
 def softsign(x):
@@ -438,7 +457,8 @@ def _hardtanh_d1(x, min_val, max_val):
 
 hardtanh_op = define_activation(
     "hardtanh", hardtanh, _hardtanh_d1, None, modules=(nn.Hardtanh, nn.ReLU6), functions=(F.hardtanh,),
-    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)}, inplace_index=3)
+    attrs={"min_val": ("min_val", 1, -1.0), "max_val": ("max_val", 2, 1.0)}, inplace_index=3,
+    aten=(torch.ops.aten.hardtanh.default,))
 
 
 @hardtanh_op.function(F.relu6)
@@ -446,6 +466,12 @@ def _relu6_from_function(node, a):
     """``relu6(x) = hardtanh(x, 0, 6)``."""
     check_in_place(a(0, "input"), bool(a(1, "inplace", False)))
     return Match({"x": a(0, "input")}, {"min_val": 0.0, "max_val": 6.0})
+
+
+@hardtanh_op.function(torch.ops.aten.relu6.default)
+def _relu6_from_aten(node, a):
+    """The exported ``relu6(x) = hardtanh(x, 0, 6)`` (out of place)."""
+    return Match({"x": a(0, "self")}, {"min_val": 0.0, "max_val": 6.0})
 
 
 def hardsigmoid(x):
@@ -459,7 +485,8 @@ def _hardsigmoid_d1(x):
 
 
 define_activation("hardsigmoid", hardsigmoid, _hardsigmoid_d1, None,
-                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), inplace_index=1)
+                  modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,), inplace_index=1,
+                  aten=(torch.ops.aten.hardsigmoid.default,))
 
 
 def hardswish(x):
@@ -477,4 +504,5 @@ def _hardswish_d2(x):
 
 
 define_activation("hardswish", hardswish, _hardswish_d1, _hardswish_d2,
-                  modules=(nn.Hardswish,), functions=(F.hardswish,), inplace_index=1)
+                  modules=(nn.Hardswish,), functions=(F.hardswish,), inplace_index=1,
+                  aten=(torch.ops.aten.hardswish.default,))

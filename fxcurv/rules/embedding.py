@@ -68,6 +68,15 @@ def _from_function(node, a):
                       a(5, "scale_grad_by_freq", False))
 
 
+@op.function(torch.ops.aten.embedding.default)
+def _from_aten(node, a):
+    """``aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq, sparse)``: the weight first,
+    and ``-1`` for no padding row (``F.embedding`` resolves a negative ``padding_idx`` before calling it)."""
+    padding_idx = a(2, "padding_idx", -1)
+    return _canonical(a(1, "indices"), a(0, "weight"), None if padding_idx == -1 else padding_idx, None,
+                      a(3, "scale_grad_by_freq", False))
+
+
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _without_padding(t: torch.Tensor, padding_idx: int | None, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _from_module(node, mod):
     return Match({"x": node.args[0], "weight": mod.weight, "bias": mod.bias})
 
 
-@op.function(F.linear)
+@op.function(F.linear, torch.ops.aten.linear.default)
 def _from_function(node, a):
     return Match({"x": a(0, "input"), "weight": a(1, "weight"), "bias": a(2, "bias", None)})
 

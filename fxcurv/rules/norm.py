@@ -79,6 +79,13 @@ def _from_function(node, a):
                       a(2, "running_var"), a(7, "eps", 1e-5), a(5, "training", False))
 
 
+@op.function(torch.ops.aten.batch_norm.default)
+def _from_aten(node, a):
+    """``aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``."""
+    return _canonical(a(0, "input"), a(1, "weight"), a(2, "bias"), a(3, "running_mean"), a(4, "running_var"),
+                      a(7, "eps"), a(5, "training"))
+
+
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

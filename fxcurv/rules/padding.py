@@ -9,6 +9,7 @@ transpose pads with zeros.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,6 +54,17 @@ def _from_function(node, a):
             "nn.ZeroPad2d / nn.ConstantPad2d)"
         )
     return _canonical(a(0, "input"), a(1, "pad"), a(3, "value", None))
+
+
+@op.function(torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default)
+def _from_aten(node, a):
+    """Exported padding: ``constant_pad_nd(x, pad, value)``, or ``pad(x, pad, mode, value)`` whose other
+    modes (reflect, replicate, circular) take the generic rule."""
+    if node.target is torch.ops.aten.constant_pad_nd.default:
+        return _canonical(a(0, "self"), a(1, "pad"), a(2, "value", 0.0))
+    if a(2, "mode", "constant") != "constant":
+        return None
+    return _canonical(a(0, "self"), a(1, "pad"), a(3, "value", None))
 
 
 def _crop(v, pad):

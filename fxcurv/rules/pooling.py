@@ -53,6 +53,11 @@ def _stride(stride, kernel_size, nd):
         else tup(stride)
 
 
+def _aten_op(name: str):
+    """The exported (ATen) op ``aten.<name>.default``, which takes F.<name>'s arguments in its order."""
+    return getattr(torch.ops.aten, name).default
+
+
 def _fn(name: str, nd: int):
     return getattr(F, f"{name}{nd}d")
 
@@ -165,7 +170,7 @@ def _define_max_pool(nd: int):
     # F.max_pool<n>d dispatches on return_indices: torch.fx records the dispatcher, or, where
     # return_indices=True is passed by keyword, max_pool<n>d_with_indices itself (registered to reject
     # it with a clear message).
-    @op.function(_fn("max_pool", nd), with_indices, getattr(torch, name))
+    @op.function(_fn("max_pool", nd), with_indices, getattr(torch, name), _aten_op(name))
     def from_function(node, a):
         return_indices = a(6, "return_indices", False)
         if getattr(node, "target", None) is with_indices:
@@ -203,7 +208,7 @@ def _define_avg_pool(nd: int):
         return canonical(node.args[0], mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                          mod.count_include_pad, getattr(mod, "divisor_override", None))
 
-    @op.function(_fn("avg_pool", nd))
+    @op.function(_fn("avg_pool", nd), _aten_op(name))
     def from_function(node, a):
         return canonical(a(0, "input"), a(1, "kernel_size"), a(2, "stride", None), a(3, "padding", 0),
                          a(4, "ceil_mode", False), a(5, "count_include_pad", True),
@@ -288,7 +293,7 @@ def _define_adaptive_avg_pool(nd: int):
     def from_module(node, mod):
         return canonical(node.args[0], mod.output_size)
 
-    @op.function(_fn("adaptive_avg_pool", nd))
+    @op.function(_fn("adaptive_avg_pool", nd), _aten_op(name))
     def from_function(node, a):
         return canonical(a(0, "input"), a(1, "output_size"))
 

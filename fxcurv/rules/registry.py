@@ -435,11 +435,13 @@ def define_op(name: str, family: str, forward: Callable[..., Any], inputs: Any, 
 
 
 def source_name(fn: Any) -> str:
-    """How users spell a function: ``F.linear``, ``torch.tanh``, ``operator.add``."""
+    """How users spell a function: ``F.linear``, ``torch.tanh``, ``operator.add``, ``aten.linear.default``."""
     import operator
 
     import torch.nn.functional as nnf
 
+    if isinstance(fn, torch._ops.OpOverload):
+        return str(fn)  # an exported op: aten.linear.default
     name = getattr(fn, "__name__", str(fn))
     for prefix, namespace in (("F.", nnf), ("torch.", torch), ("operator.", operator)):
         if getattr(namespace, name, None) is fn:

@@ -49,6 +49,17 @@ def _from_method(node, a):
     return _canonical(node, a(0, "self"))
 
 
+_aten = torch.ops.aten
+
+
+@op.function(_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.flatten.using_ints,
+             _aten.unflatten.int)
+def _from_aten(node, a):
+    """Exported reshapes: the batch kept at dim 0 (where it is not, the node is inside a region,
+    :mod:`fxcurv.capture_aten`)."""
+    return _canonical(node, a(0, "self"))
+
+
 def _reshape_back(v, shape, in_shape):
     lead = v.dim() - 1 - len(shape)
     return v.reshape(v.shape[: lead + 1] + tuple(in_shape))

@@ -93,7 +93,12 @@ def binary_match(kind: Arith, a: Any, b: Any, alpha: Any = 1) -> Match | None:
 _FUNCTIONS = {operator.mul: Arith.MUL, operator.imul: Arith.MUL, torch.mul: Arith.MUL,
               operator.truediv: Arith.DIV, operator.itruediv: Arith.DIV, torch.div: Arith.DIV,
               torch.true_divide: Arith.DIV, operator.sub: Arith.SUB, operator.isub: Arith.SUB,
-              torch.sub: Arith.SUB, torch.rsub: Arith.RSUB}
+              torch.sub: Arith.SUB, torch.rsub: Arith.RSUB,
+              # The exported (ATen) spellings: ``alpha`` and ``rounding_mode`` keyword-only, as in torch.
+              torch.ops.aten.mul.Tensor: Arith.MUL, torch.ops.aten.mul.Scalar: Arith.MUL,
+              torch.ops.aten.div.Tensor: Arith.DIV, torch.ops.aten.div.Scalar: Arith.DIV,
+              torch.ops.aten.div.Tensor_mode: Arith.DIV, torch.ops.aten.sub.Tensor: Arith.SUB,
+              torch.ops.aten.sub.Scalar: Arith.SUB, torch.ops.aten.rsub.Scalar: Arith.RSUB}
 # No in-place methods (``h.mul_(2)``): they mutate ``h`` for every later user of ``h`` in eager
 # PyTorch, while the traced graph's later users of ``h`` read the node before the call.
 _METHODS = {"mul": Arith.MUL, "__mul__": Arith.MUL, "__rmul__": Arith.MUL,
@@ -126,7 +131,7 @@ def _from_method(node, a: Args) -> Match | None:
     return binary_match(kind, a(0, "self"), a(1, "other"), alpha)
 
 
-@affine.function(operator.neg, torch.neg, torch.negative)
+@affine.function(operator.neg, torch.neg, torch.negative, torch.ops.aten.neg.default)
 def _neg_from_function(node, a: Args) -> Match | None:
     x = a(0, "input")
     return _affine(x, -1.0, 0.0) if is_traced(x) else None
@@ -187,7 +192,7 @@ def _power_match(x: Any, exponent: Any) -> Match | None:
     return None
 
 
-@pow_op.function(operator.pow, operator.ipow, torch.pow)
+@pow_op.function(operator.pow, operator.ipow, torch.pow, torch.ops.aten.pow.Tensor_Scalar)
 def _pow_from_function(node, a: Args) -> Match | None:
     return _power_match(a(0, "input"), a(1, "exponent"))
 
@@ -197,7 +202,7 @@ def _pow_from_method(node, a: Args) -> Match | None:
     return _power_match(a(0, "self"), a(1, "exponent"))
 
 
-@pow_op.function(torch.square)
+@pow_op.function(torch.square, torch.ops.aten.square.default)
 def _square_from_function(node, a: Args) -> Match | None:
     return _power_match(a(0, "input"), 2)
 
