@@ -108,6 +108,7 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     # second derivatives that couple a row's features: the diagonal for HesScale, the joint factor for the rest
     "softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
     "log_softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
+    "permute": _LINEAR_MAP,
     # bilinear in two activations: a zero Hessian diagonal (no residual), a joint factor over (a, b)
     "matmul": {JAC_T: ("a", "b"), DIAG: ("a", "b"), RESIDUAL_SQRT: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
@@ -522,6 +523,17 @@ CASES: list[Case] = [
                                                                   2)),
     Case("log_softmax_aten_private", "log_softmax", lambda: function_call(torch.ops.aten._log_softmax.default,
                                                                           randn(3, 4), 1, False)),
+    # permutations of the per-sample axes (attention's head split and k^T)
+    Case("transpose_method", "permute", lambda: method_call("transpose", randn(3, 2, 4), 1, 2)),
+    Case("transpose_negative", "permute", lambda: method_call("transpose", randn(2, 2, 3, 4), -2, -1)),
+    Case("transpose_fn", "permute", lambda: function_call(torch.transpose, randn(3, 2, 4, 2), 1, 3)),
+    Case("swapaxes_fn", "permute", lambda: function_call(torch.swapaxes, randn(3, 2, 4), 2, 1)),
+    Case("permute_method", "permute", lambda: method_call("permute", randn(2, 3, 2, 4), 0, 2, 3, 1)),
+    Case("permute_method_tuple", "permute", lambda: method_call("permute", randn(2, 3, 2, 4), (0, 3, 1, -2))),
+    Case("permute_fn", "permute", lambda: function_call(torch.permute, randn(2, 3, 2, 4), [0, 2, 1, 3])),
+    Case("transpose_aten", "permute", lambda: function_call(torch.ops.aten.transpose.int, randn(3, 2, 4), 1, 2)),
+    Case("permute_aten", "permute", lambda: function_call(torch.ops.aten.permute.default, randn(2, 3, 4),
+                                                          [0, 2, 1])),
     # the product of two activations (attention's q k^T and attn v)
     Case("matmul_op", "matmul", lambda: function_call(operator.matmul, randn(3, 2, 4), randn(3, 4, 3))),
     Case("matmul_heads", "matmul", lambda: function_call(torch.matmul, randn(2, 2, 3, 4), randn(2, 2, 4, 2))),
@@ -1126,6 +1138,10 @@ _NO_HAND_RULE = {
     "softmax_batch_axis": lambda: _canonicalize_function(torch.softmax, randn(3, 5), 0),
     "softmax_cast": lambda: _canonicalize_function(F.softmax, randn(3, 5), dim=1, dtype=torch.float32),
     "softmax_implicit_axis": lambda: _canonicalize_function(F.softmax, randn(3, 5, 2)),
+    # permutations that move the batch axis, or none
+    "transpose_batch": lambda: _canonicalize_function(torch.transpose, randn(3, 4, 2), 0, 1),
+    "permute_batch": lambda: _canonicalize_function(torch.permute, randn(3, 4, 2), (2, 0, 1)),
+    "transpose_same_axis": lambda: _canonicalize_function(torch.transpose, randn(3, 4, 2), 1, 1),
     "log_softmax_batch_axis": lambda: _canonicalize_function(F.log_softmax, randn(3, 5), -2),
 }
 
