@@ -110,6 +110,12 @@ def _from_method_r(node, a):
     return _canonical(a(1, "other"), a(0, "self"))  # x.__rmatmul__(y) = y @ x
 
 
+def _diagonal(t: torch.Tensor, a0: int, a1: int, b0: int, b1: int) -> torch.Tensor:
+    """A writable view of ``t``'s entries with equal indices on axes ``(a0, a1)`` and then on ``(b0, b1)``
+    (axis numbers of the view after the first diagonal, whose axis is appended last)."""
+    return torch.diagonal(torch.diagonal(t, dim1=a0, dim2=a1), dim1=b0, dim2=b1)
+
+
 # ---- message rules ---------------------------------------------------------------------------------
 
 @op.jac_t("a")
@@ -151,16 +157,17 @@ def matmul_residual_sqrt(g, a, b):
     scale = (sigma / 2).sqrt().unsqueeze(-2)  # [N, L, 1, R]
     su = u * scale  # [N, L, I, R]
     sv = vh.transpose(-1, -2) * scale  # [N, L, J, R]
-    eye_l = torch.eye(blocks, dtype=g.dtype, device=g.device)
-    eye_k = torch.eye(k_dim, dtype=g.dtype, device=g.device)
-    # part_a[l, r, k, n, l', i, k'] = delta_ll' delta_kk' su[n, l, i, r]; part_b likewise with sv.
-    part_a = torch.einsum("lm,ke,nlir->lrknmie", eye_l, eye_k, su)
-    part_b = torch.einsum("lm,ke,nljr->lrknmej", eye_l, eye_k, sv)
     cols = blocks * rank * k_dim * 2
-    plus_minus = torch.tensor([1.0, -1.0], dtype=g.dtype, device=g.device)
-    part_a = part_a.unsqueeze(3).expand(blocks, rank, k_dim, 2, n, blocks, i_dim, k_dim)
-    part_b = part_b.unsqueeze(3) * plus_minus.reshape(1, 1, 1, 2, 1, 1, 1, 1)
+    # part_a[l, r, k, +-, n, l', i, k'] = delta_ll' delta_kk' su[n, l, i, r]; part_b likewise with +-sv: zeros
+    # with the two Kronecker deltas' diagonals filled in place (no product with identity matrices).
+    part_a = g.new_zeros(blocks, rank, k_dim, 2, n, blocks, i_dim, k_dim)
+    part_b = g.new_zeros(blocks, rank, k_dim, 2, n, blocks, k_dim, j_dim)
+    # diagonal over (l, l') then over (k, k'): [R, +-, N, I, L, K] and [R, +-, N, J, L, K]
+    _diagonal(part_a, 0, 5, 1, 5).copy_(su.permute(3, 0, 2, 1).reshape(rank, 1, n, i_dim, blocks, 1))
+    _diagonal(part_b, 0, 5, 1, 4).copy_(sv.permute(3, 0, 2, 1).reshape(rank, 1, n, j_dim, blocks, 1))
+    part_b[:, :, :, 1].neg_()
     part_a = part_a.reshape((cols, n) + lead + (i_dim, k_dim))
     part_b = part_b.reshape((cols, n) + lead + (k_dim, j_dim))
+    plus_minus = torch.tensor([1.0, -1.0], dtype=g.dtype, device=g.device)
     sign = plus_minus.repeat(cols // 2).unsqueeze(1).expand(cols, n).contiguous()
     return (part_a, part_b), sign

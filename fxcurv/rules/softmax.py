@@ -142,8 +142,8 @@ def _columns_of_rows(factor: torch.Tensor, sign: torch.Tensor, out: torch.Tensor
     for s in rows_shape:
         r *= s
     flat = factor.reshape(n, r, d, d)
-    eye = torch.eye(r, dtype=out.dtype, device=out.device)
-    cols = torch.einsum("rq,nrik->rknqi", eye, flat)  # [R, D(k), N, R, D(i)]
+    cols = out.new_zeros(r, d, n, r, d)  # [R, D(k), N, R', D(i)], zero unless R = R'
+    torch.diagonal(cols, dim1=0, dim2=3).copy_(flat.permute(3, 0, 2, 1))  # the view is [D(k), N, D(i), R]
     cols = cols.reshape((r * d, n) + rows_shape + (d,)).movedim(-1, dim + 1)
     signs = sign.reshape(n, r * d).T.contiguous()
     return (cols,), signs
