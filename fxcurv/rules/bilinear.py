@@ -5,7 +5,9 @@ and the ATen overloads ``aten.matmul.default``, ``aten.bmm.default``.
 Both operands carry the batch: ``a [N, *L, I, K]``, ``b [N, *L, K, J]`` with the same leading dims
 ``[N, *L]`` (no broadcasting), ``z [N, *L, I, J]``; every sample and leading index ``l`` is one matrix
 product ``z_l = a_l b_l``. Where one side is a parameter or a constant (``x @ W``) the call is linear in
-its data and stays with the generic rule, as do broadcasting products: the canonicalizer returns ``None``.
+its data and stays with the generic rule, as do broadcasting products and ``a @ a`` (one value used as both
+operands: the generic rule's HesScale diagonal of that one-input call keeps the cross terms of the two
+uses, which a two-input op would drop): the canonicalizer returns ``None``.
 
 Per block ``l`` (HBP eq. S.6 with ``dz_ij/da_ik = b_kj``, ``dz_ij/db_kj = a_ik``):
 
@@ -71,6 +73,10 @@ def _canonical(a: Any, b: Any) -> Match | None:
     (``L`` possibly empty, at least one matrix axis pair), floating point, of one dtype; ``None`` (the
     generic rule) for anything else."""
     va, vb = example(a), example(b)
+    if a is b:
+        # a @ a: the generic rule takes it as one call of one input, whose HesScale diagonal keeps the cross
+        # terms between the two uses; the hand op would pass them as two uses summed (a fan-out).
+        return None
     if va is None or vb is None or not (computed_from_input(a) and computed_from_input(b)):
         return None
     if va.dim() < 3 or va.dim() != vb.dim() or va.shape[:-2] != vb.shape[:-2] or va.shape[-1] != vb.shape[-2]:
