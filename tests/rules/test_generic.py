@@ -105,6 +105,12 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
                                                  GRAM)},
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
+    # second derivatives that couple a row's features: the diagonal for HesScale, the joint factor for the rest
+    "softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
+    "log_softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
+    "permute": _LINEAR_MAP,
+    # bilinear in two activations: a zero Hessian diagonal (no residual), a joint factor over (a, b)
+    "matmul": {JAC_T: ("a", "b"), DIAG: ("a", "b"), RESIDUAL_SQRT: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
     # The generic rule: every slot has the data and the parameter rules (which apply is per node);
     # GENERIC_CASES below exercise them, one slot per kind suffices (the rules of all slots come from
@@ -502,6 +508,42 @@ CASES: list[Case] = [
     Case("pow_negative", "pow", lambda: function_call(operator.pow, randn(3, 5).abs() + 0.5, -1.5)),
     Case("torch_square", "pow", lambda: function_call(torch.square, randn(3, 5))),
     Case("square_method", "pow", lambda: method_call("square", randn(3, 5))),
+    # softmax and log_softmax over a per-sample axis (last, middle, of a [N, C] output)
+    Case("softmax_module", "softmax", lambda: module_call(nn.Softmax(dim=-1), randn(3, 2, 4, scale=2.0))),
+    Case("softmax_fn_middle", "softmax", lambda: function_call(F.softmax, randn(3, 4, 2, scale=2.0), dim=1)),
+    Case("softmax_torch", "softmax", lambda: function_call(torch.softmax, randn(2, 2, 3, 3, scale=2.0), 2)),
+    Case("softmax_method", "softmax", lambda: method_call("softmax", randn(3, 5, scale=2.0), -1)),
+    Case("softmax_aten", "softmax", lambda: function_call(torch.ops.aten.softmax.int, randn(3, 2, 4), -1)),
+    Case("softmax_aten_private", "softmax", lambda: function_call(torch.ops.aten._softmax.default,
+                                                                  randn(3, 4, 2), 1, False)),
+    Case("log_softmax_module", "log_softmax", lambda: module_call(nn.LogSoftmax(1), randn(3, 5, scale=2.0))),
+    Case("log_softmax_fn_middle", "log_softmax", lambda: function_call(F.log_softmax, randn(3, 4, 2), dim=1)),
+    Case("log_softmax_method", "log_softmax", lambda: method_call("log_softmax", randn(2, 2, 3, 3), dim=-1)),
+    Case("log_softmax_aten", "log_softmax", lambda: function_call(torch.ops.aten.log_softmax.int, randn(3, 2, 4),
+                                                                  2)),
+    Case("log_softmax_aten_private", "log_softmax", lambda: function_call(torch.ops.aten._log_softmax.default,
+                                                                          randn(3, 4), 1, False)),
+    # permutations of the per-sample axes (attention's head split and k^T)
+    Case("transpose_method", "permute", lambda: method_call("transpose", randn(3, 2, 4), 1, 2)),
+    Case("transpose_negative", "permute", lambda: method_call("transpose", randn(2, 2, 3, 4), -2, -1)),
+    Case("transpose_fn", "permute", lambda: function_call(torch.transpose, randn(3, 2, 4, 2), 1, 3)),
+    Case("swapaxes_fn", "permute", lambda: function_call(torch.swapaxes, randn(3, 2, 4), 2, 1)),
+    Case("permute_method", "permute", lambda: method_call("permute", randn(2, 3, 2, 4), 0, 2, 3, 1)),
+    Case("permute_method_tuple", "permute", lambda: method_call("permute", randn(2, 3, 2, 4), (0, 3, 1, -2))),
+    Case("permute_fn", "permute", lambda: function_call(torch.permute, randn(2, 3, 2, 4), [0, 2, 1, 3])),
+    Case("transpose_aten", "permute", lambda: function_call(torch.ops.aten.transpose.int, randn(3, 2, 4), 1, 2)),
+    Case("permute_aten", "permute", lambda: function_call(torch.ops.aten.permute.default, randn(2, 3, 4),
+                                                          [0, 2, 1])),
+    # the product of two activations (attention's q k^T and attn v)
+    Case("matmul_op", "matmul", lambda: function_call(operator.matmul, randn(3, 2, 4), randn(3, 4, 3))),
+    Case("matmul_heads", "matmul", lambda: function_call(torch.matmul, randn(2, 2, 3, 4), randn(2, 2, 4, 2))),
+    Case("matmul_wide", "matmul", lambda: function_call(torch.matmul, randn(2, 3, 2), randn(2, 2, 4))),
+    Case("bmm", "matmul", lambda: function_call(torch.bmm, randn(3, 3, 2), randn(3, 2, 2))),
+    Case("matmul_method", "matmul", lambda: method_call("matmul", randn(2, 3, 3), randn(2, 3, 2))),
+    Case("bmm_method", "matmul", lambda: method_call("bmm", randn(2, 2, 3), randn(2, 3, 3))),
+    Case("matmul_aten", "matmul", lambda: function_call(torch.ops.aten.matmul.default, randn(2, 2, 3),
+                                                        randn(2, 3, 2))),
+    Case("bmm_aten", "matmul", lambda: function_call(torch.ops.aten.bmm.default, randn(2, 3, 2), randn(2, 2, 3))),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "case ids must be unique"
@@ -574,6 +616,8 @@ def check_residual(case: Case, c: OpContext, key: str) -> None:
     hessians = ref.residual_hessians(c, key, g)  # [N, P, P]
     diagonal = torch.diagonal(hessians, dim1=1, dim2=2).reshape(c.inputs[key].shape)
     assert_matches(got, diagonal, f"residual[{key}] (Hessian diagonal)")
+    if (case.op, key) in registry.RESIDUAL_SQRT:
+        return  # the whole Hessian is carried by the op's joint factor (check_residual_sqrt)
     # The compiler holds the residual as diag(r): the per-sample Hessian must be diagonal.
     assert_matches(torch.diag_embed(got.reshape(c.n, -1)), hessians, f"residual[{key}] (whole Hessian)")
 
@@ -964,7 +1008,7 @@ def _joint_hessians(c: OpContext, data: tuple[str, ...], g: torch.Tensor) -> tor
 def check_residual_sqrt(case: Any, c: OpContext, key: str) -> None:
     """``sum_k sign_k s_k s_k^T`` of the joint factor is each sample's Hessian over all data inputs."""
     g = rand_like(tuple(c.out.shape), messages(case.id, "residual_sqrt"))
-    parts, sign = _rule(RESIDUAL_SQRT, "generic", key, g, c=c)
+    parts, sign = _rule(RESIDUAL_SQRT, case.op, key, g, c=c)
     data = tuple(k for k in c.inputs if not c.is_param(k))
     assert all(p is None for k, p in zip(c.inputs, parts) if k not in data)
     s = torch.cat([parts[list(c.inputs).index(k)].flatten(2) for k in data], dim=2)  # [K, N, D]
@@ -997,6 +1041,7 @@ def check_generic_gram(case: Any, c: OpContext, key: str) -> None:
     assert_matches(got, expected, f"gram[{','.join(params)}] into a total")
 
 
+CHECKS[RESIDUAL_SQRT] = check_residual_sqrt  # hand ops with a joint factor (softmax, matmul)
 GENERIC_CHECKS = {**CHECKS, RESIDUAL: check_generic_residual, RESIDUAL_SQRT: check_residual_sqrt,
                   PARAM_RESIDUAL: check_param_residual, GRAM: check_generic_gram}
 
@@ -1018,7 +1063,8 @@ def test_generic_probe_finds_the_second_derivatives(case):
 
 # ---- every hand-written rule equals the generic rule ---------------------------------------------------
 
-_AS_GENERIC = (JAC_T, DIAG, RESIDUAL, GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT)
+_AS_GENERIC = (JAC_T, DIAG, RESIDUAL, GRAD, PER_SAMPLE, DIAG_SQRT, DIAG_DIAG, BATCH_L2, BATCH_DIAG_SQRT,
+               RESIDUAL_SQRT)
 HAND = [(case, kind, key) for case, kind, key in PARAMS if kind in _AS_GENERIC]
 
 
@@ -1052,7 +1098,15 @@ def test_hand_rule_equals_generic_rule(case, kind, key, monkeypatch):
         msgs = (rand_like(tuple(c.out.shape), gen),)
     hand = _rule(kind, case.op, key, *msgs, c=c)
     generic = call_rule(registry.TABLES[kind], "generic", slot[key], *msgs, **gc.bindings())
+    if kind is RESIDUAL_SQRT:  # factors are unique up to rotations: compare sum_k sign_k s_k s_k^T
+        hand, generic = _signed_outer(*hand), _signed_outer(*generic)
     assert_matches(hand, generic, f"{case.op}.{kind.value}[{key}] vs generic")
+
+
+def _signed_outer(parts: tuple[torch.Tensor | None, ...], sign: torch.Tensor) -> torch.Tensor:
+    """``sum_k sign_k s_k s_k^T`` per sample, ``[N, D, D]``, of a joint factor (its parts side by side)."""
+    s = torch.cat([p.flatten(2) for p in parts if p is not None], dim=2)
+    return torch.einsum("kn,kni,knj->nij", sign, s, s)
 
 
 # ---- calls without a hand rule ----------------------------------------------------------------------
@@ -1073,6 +1127,22 @@ _NO_HAND_RULE = {
     "floor_division": lambda: _canonicalize_function(torch.div, randn(3, 5), 2.0, rounding_mode="floor"),
     "number_to_the_tensor": lambda: _canonicalize_function(operator.pow, 2.0, randn(3, 5)),
     "tensor_exponent": lambda: _canonicalize_function(torch.pow, randn(3, 5), randn(3, 5)),
+    # a product with a parameter or a constant is linear in its data: it stays with the generic rule
+    "matmul_parameter": lambda: _canonicalize_function(operator.matmul, randn(3, 2, 4), param(4, 3)),
+    "parameter_matmul": lambda: _canonicalize_function(torch.matmul, param(2, 3), randn(3, 3, 4)),
+    # [N, K] @ [K', J] of two activations mixes samples; broadcasting leading dims
+    "matmul_flat": lambda: _canonicalize_function(operator.matmul, randn(3, 4), randn(4, 3)),
+    "matmul_broadcast": lambda: _canonicalize_function(torch.matmul, randn(3, 2, 2, 4), randn(3, 1, 4, 3)),
+    "matmul_vector": lambda: _canonicalize_function(torch.matmul, randn(3, 2, 4), randn(3, 4)),
+    # softmax over the batch axis, with a cast, with the legacy implicit axis
+    "softmax_batch_axis": lambda: _canonicalize_function(torch.softmax, randn(3, 5), 0),
+    "softmax_cast": lambda: _canonicalize_function(F.softmax, randn(3, 5), dim=1, dtype=torch.float32),
+    "softmax_implicit_axis": lambda: _canonicalize_function(F.softmax, randn(3, 5, 2)),
+    # permutations that move the batch axis, or none
+    "transpose_batch": lambda: _canonicalize_function(torch.transpose, randn(3, 4, 2), 0, 1),
+    "permute_batch": lambda: _canonicalize_function(torch.permute, randn(3, 4, 2), (2, 0, 1)),
+    "transpose_same_axis": lambda: _canonicalize_function(torch.transpose, randn(3, 4, 2), 1, 1),
+    "log_softmax_batch_axis": lambda: _canonicalize_function(F.log_softmax, randn(3, 5), -2),
 }
 
 
