@@ -29,8 +29,7 @@ mode as well.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -271,10 +270,10 @@ def batch_norm_eval_gram(S, x, running_mean, running_var, eps, include=("weight"
 #   squaring (HBP eq. S.8b-c); HesScale eq. 5 squares first: ``sum d y^2`` (``sum d``).
 
 
-@dataclass(frozen=True)
-class Trailing:
+class Trailing(NamedTuple):
     """LayerNorm / RMSNorm: the trailing dims ``shape`` (``normalized_shape``) of a sample form a group;
-    the sample's other dims index the groups (tokens). ``w``, ``b`` have the shape ``shape``."""
+    the sample's other dims index the groups (tokens). ``w``, ``b`` have the shape ``shape``. (A named tuple:
+    torch.fx writes it into the generated code of a program as its constructor call.)"""
 
     shape: tuple[int, ...]
 
@@ -292,8 +291,7 @@ class Trailing:
         return t.sum(dim=dims) if dims else t
 
 
-@dataclass(frozen=True)
-class ChannelGroups:
+class ChannelGroups(NamedTuple):
     """GroupNorm over ``x [N, C, *spatial]``: ``groups`` groups of ``C / groups`` consecutive channels, each
     over all positions. ``w``, ``b`` are ``[C]``."""
 

@@ -1,4 +1,5 @@
-"""Batch normalization in evaluation mode (``fxcurv/rules/norm.py``), end to end (float64).
+"""Normalization layers (``fxcurv/rules/norm.py``), end to end (float64): batch normalization in evaluation
+mode, and the per-sample normalizations LayerNorm, RMSNorm and GroupNorm (hand rules since issue #9).
 
 Its rules are checked one by one against torch.func in ``tests/rules/test_generic.py``; here nets
 containing it are compiled and every exact quantity is compared with an independent reference:
@@ -174,3 +175,117 @@ def test_functional_training_is_refused():
 def test_trainable_running_statistics_are_refused():
     with pytest.raises(fxcurv.UnsupportedOpError, match="input 'running_mean' of batch_norm_eval"):
         _compile_and_call(_TrainableStatistics(), torch.randn(2, 3, dtype=DT))
+
+
+# ---- LayerNorm, RMSNorm, GroupNorm ------------------------------------------------------------------
+#
+# Nonlinear in their input: diag_hessian reads their exact joint residual factor (residual_sqrt),
+# hesscale its diagonal (residual), hesscale_gn and diag_ggn the closed-form jac_t / diag; their affine
+# parameters take the parameter rules. BackPACK has no extension for them (no BackPACK comparison).
+
+def _random_affine(model: nn.Module) -> nn.Module:
+    """Random affine parameters for every LayerNorm / RMSNorm / GroupNorm (their defaults are 1 and 0)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
+                for p in mod.parameters():
+                    p.normal_()
+    return model
+
+
+class PreNormBlock(nn.Module):
+    """``h + W2 tanh(W1 LN(h))``: a pre-norm residual block (fan-out around the LayerNorm)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.inner = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+
+    def forward(self, h):
+        return h + self.inner(self.norm(h))
+
+
+class FunctionalNorms(nn.Module):
+    """``F.layer_norm``, ``F.rms_norm`` and ``F.group_norm`` with the module's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.ln_w, self.ln_b = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+        self.rms_w = nn.Parameter(torch.randn(6))
+        self.gn_w, self.gn_b = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(F.layer_norm(self.lin(x), (6,), self.ln_w, self.ln_b, 1e-3))
+        h = torch.sigmoid(F.rms_norm(h, (6,), self.rms_w))
+        h = F.group_norm(h, 2, self.gn_w, self.gn_b)  # [N, C = 2 tokens, 6 positions]
+        return self.out(h.flatten(1))
+
+
+# name: (model, input shape per sample, whether the brute-force HesScale reference applies: an
+# nn.Sequential of layers it knows, not a block of several ops)
+NORM_NETS = {
+    # LayerNorm over the features of two tokens
+    "layer_norm_tokens": (lambda: nn.Sequential(
+        nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3)), (2, 4), True),
+    # LayerNorm over two trailing dims, without bias; on the input (only its parameters get messages)
+    "layer_norm_two_dims": (lambda: nn.Sequential(
+        nn.LayerNorm(4), nn.Linear(4, 3), nn.LayerNorm((2, 3), bias=False), nn.Sigmoid(), nn.Flatten(),
+        nn.Linear(6, 3)), (2, 4), True),
+    # a pre-norm residual block and a final LayerNorm without affine parameters
+    "pre_norm_residual": (lambda: nn.Sequential(
+        nn.Linear(4, 5), PreNormBlock(5), nn.LayerNorm(5, elementwise_affine=False), nn.Flatten(),
+        nn.Linear(10, 3)), (2, 4), False),
+    "rms_norm": (lambda: nn.Sequential(
+        nn.Linear(4, 5), nn.RMSNorm(5), nn.GELU(), nn.RMSNorm(5, eps=1e-3, elementwise_affine=False), nn.Flatten(),
+        nn.Linear(10, 3)), (2, 4), True),
+    # GroupNorm after a convolution (two groups of two channels over 3 x 2 positions), and on sequences
+    "group_norm_conv": (lambda: nn.Sequential(
+        nn.Conv2d(2, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 2, 3)), (2, 4, 3), True),
+    "group_norm_sequence": (lambda: nn.Sequential(
+        nn.Conv1d(2, 6, 2), nn.GroupNorm(3, 6, affine=False), nn.ELU(), nn.GroupNorm(6, 6), nn.Flatten(),
+        nn.Linear(6 * 3, 3)), (2, 4), True),
+    "functional": (FunctionalNorms, (2, 4), False),
+}
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=["ce", "mse_sum"])
+@pytest.mark.parametrize("net", sorted(NORM_NETS))
+def test_nets_with_per_sample_norms_are_exact(net, loss_fn):
+    """grad, diag_ggn, diag_hessian (torch.func), hesscale and hesscale_gn (brute-force HesScale, where it
+    applies)."""
+    build, shape, layerwise = NORM_NETS[net]
+    torch.manual_seed(4)
+    model = _random_affine(build().to(DT))
+    x, y = torch.randn((3,) + shape, dtype=DT), _targets(3, loss_fn)
+    if layerwise:
+        check_layer_net(model, loss_fn, x, y)
+    else:
+        check_against_references(model, loss_fn, x, y)
+
+
+def test_per_sample_norms_are_hand_ops():
+    """LayerNorm, RMSNorm and GroupNorm compile to their hand ops, not to generic nodes."""
+    model = NORM_NETS["functional"][0]().to(DT)
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("diag_ggn",))
+    engine(torch.randn(3, 2, 4, dtype=DT), torch.tensor([0, 2, 1]))
+    listing = engine.listing()
+    for op in ("layer_norm", "rms_norm", "group_norm"):
+        assert op in listing
+    assert "generic" not in listing
+
+
+class _NormalizesTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.layer_norm(self.lin(x), (2, 2))
+
+
+def test_layer_norm_over_the_batch_is_refused():
+    with pytest.raises(fxcurv.UnsupportedOpError, match="normalizes across samples") as info:
+        _compile_and_call(_NormalizesTheBatch(), torch.randn(2, 3, dtype=DT))
+    assert "layer_norm" in str(info.value).split(":")[0]
