@@ -14,10 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_against_references, check_layer_net
+from helpers import assert_close, check_against_references, check_layer_net
 from torch import nn
 
 import fxcurv
+from fxcurv.rules import registry
 
 DT = torch.float64
 
@@ -104,7 +105,6 @@ def test_running_statistics_are_read_at_every_call():
         model[1].running_mean.add_(0.5)
         model[5].running_var.mul_(2.0)
     import reference
-    from helpers import assert_close
 
     out = engine(x, y)
     assert_close(out["diag_ggn"], reference.diag_ggn(model, loss_fn, x, y), what="diag_ggn after the update")
@@ -263,6 +263,33 @@ def test_nets_with_per_sample_norms_are_exact(net, loss_fn):
         check_layer_net(model, loss_fn, x, y)
     else:
         check_against_references(model, loss_fn, x, y)
+
+
+_NORM_SOURCES = ((registry.MODULE_SOURCES, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)),
+                 (registry.FUNCTION_SOURCES, (F.layer_norm, F.rms_norm, F.group_norm)))
+
+
+@pytest.mark.parametrize("net", ["pre_norm_residual", "functional", "group_norm_sequence"])
+def test_hesscale_equals_the_generic_rule(net, monkeypatch):
+    """Where no brute-force HesScale applies (a residual block, functional calls), ``hesscale`` and
+    ``hesscale_gn`` through the hand rules equal those through the generic rule (the norms' sources
+    removed, so that they become generic nodes; tests/rules/test_generic.py checks the generic rule)."""
+    build, shape, _ = NORM_NETS[net]
+    torch.manual_seed(5)
+    model = _random_affine(build().to(DT))
+    x, y, loss_fn = torch.randn((3,) + shape, dtype=DT), torch.tensor([0, 2, 1]), nn.CrossEntropyLoss()
+    quantities = ("hesscale", "hesscale_gn")
+    hand = fxcurv.compile(model, loss_fn, quantities=quantities)
+    out = hand(x, y)
+    assert "generic" not in hand.listing()
+    for table, sources in _NORM_SOURCES:
+        for source in sources:
+            monkeypatch.delitem(table, source)
+    generic = fxcurv.compile(model, loss_fn, quantities=quantities)
+    want = generic(x, y)
+    assert "generic" in generic.listing()
+    for q in quantities:
+        assert_close(out[q], want[q], rtol=1e-10, what=f"{q} vs the generic rule")
 
 
 def test_per_sample_norms_are_hand_ops():
