@@ -316,3 +316,31 @@ def test_layer_norm_over_the_batch_is_refused():
     with pytest.raises(fxcurv.UnsupportedOpError, match="normalizes across samples") as info:
         _compile_and_call(_NormalizesTheBatch(), torch.randn(2, 3, dtype=DT))
     assert "layer_norm" in str(info.value).split(":")[0]
+
+
+class _NormTwice(nn.Module):
+    """One normalization module applied to its own (activated) output: its weight computes its input."""
+
+    def __init__(self, norm: nn.Module, width: int):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(4, width), norm, nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.norm(self.lin(x)))).flatten(1))
+
+
+_NORMS_OF_TWO_BY_FIVE = {"layer_norm": lambda: nn.LayerNorm(5), "rms_norm": lambda: nn.RMSNorm(5),
+                         "group_norm": lambda: nn.GroupNorm(1, 2), "batch_norm": lambda: nn.BatchNorm1d(2)}
+
+
+@pytest.mark.parametrize("norm", list(_NORMS_OF_TWO_BY_FIVE.values()), ids=list(_NORMS_OF_TWO_BY_FIVE))
+def test_norm_weight_computing_its_own_input_is_refused_for_the_hessian(norm):
+    """``d2z / (dx dw) != 0`` and not bilinear: the Hessian's mixed term has no rule, so diag_hessian is
+    refused (naming the node and the parameter) instead of dropping it; the GGN needs no mixed term."""
+    torch.manual_seed(6)
+    model = _randomize(_random_affine(_NormTwice(norm(), 5).to(DT)))
+    x, y, loss_fn = torch.randn(3, 2, 4, dtype=DT), torch.tensor([0, 2, 1]), nn.CrossEntropyLoss()
+    with pytest.raises(fxcurv.UnsupportedOpError, match="mixed second derivative") as info:
+        fxcurv.compile(model, loss_fn, quantities=("diag_hessian",))(x, y)
+    assert "norm.weight" in str(info.value) and str(info.value).startswith("node '")
+    check_against_references(model, loss_fn, x, y, quantities=("diag_ggn",))
