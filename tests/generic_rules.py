@@ -314,10 +314,10 @@ def averaging_weights(c: OpContext) -> torch.Tensor:
 
 
 def normalized_input(c: OpContext) -> torch.Tensor:
-    """``x_hat``: a batch norm's output with unit weight and zero bias (its derivative by the weight)."""
-    x = c.inputs["x"]
-    assert x is not None
-    unit = {"weight": torch.ones(x.shape[1], dtype=x.dtype), "bias": torch.zeros(x.shape[1], dtype=x.dtype)}
+    """``x_hat``: a normalization's output with unit weight and zero bias (its derivative by the weight),
+    or without them where the op has none."""
+    w, b = c.inputs.get("weight"), c.inputs.get("bias")
+    unit = {"weight": None if w is None else torch.ones_like(w), "bias": None if b is None else torch.zeros_like(b)}
     args = {**c.inputs, **unit}
     return c.op.forward(*[args[k] for k in c.op.inputs], **c.attrs)
 

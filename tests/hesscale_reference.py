@@ -18,7 +18,11 @@ Independent of fxcurv's rule tables: nothing here is imported from ``fxcurv``. T
   and every parameter ``P`` of the layer gets (eq. 5 / 9), with its explicit per-sample Jacobian
   ``J_P,n = d out[n] / d P``,
 
-      diag_P += sum_n (J_P,n o J_P,n)^T d_out[n].
+      diag_P += sum_n (J_P,n o J_P,n)^T d_out[n];
+
+* or a **normalization nonlinear in its input** (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, linear in
+  its affine parameters): as a linear layer, plus eq. 4's second term for a general op, the diagonal of
+  the per-sample Hessian of ``g_out[n] . layer(x_n)`` (``torch.func.jacrev`` twice; HesScaleGN drops it).
 
 The backward pass starts at the model output from the **exact** diagonal of the loss Hessian
 (HesScale Sec. 3 / App. A.1: ``p - p^2`` for softmax cross-entropy, ``2`` for squared error, each
@@ -37,6 +41,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.ELU, nn.Softplus, nn.SiLU, nn.GELU, nn.LeakyReLU)
+NONLINEAR_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 
 # ---- the loss: exact output Hessian diagonal and gradient -------------------------------------
@@ -108,6 +113,12 @@ def input_jacobian(layer: nn.Module, xn: torch.Tensor) -> torch.Tensor:
     return jac.reshape(out.numel(), xn.numel())
 
 
+def input_hessian_diag(layer: nn.Module, xn: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """The diagonal of ``d2 (g_out . layer(x)) / dx^2`` at one sample ``xn`` (no batch axis), flat."""
+    hess = jacrev(jacrev(lambda t: (g_out * layer(t.unsqueeze(0))[0].reshape(-1)).sum()))(xn)
+    return torch.diagonal(hess.reshape(xn.numel(), xn.numel()))
+
+
 def param_jacobians(layer: nn.Module, xn: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: [out_numel, P_numel]}``: per-sample Jacobians of the layer output w.r.t. its own
     parameters (``recurse=False``)."""
@@ -160,7 +171,10 @@ def hesscale(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: torch.
             if xin.is_floating_point():  # integer inputs (embedding indices) have no derivative
                 jac = input_jacobian(layer, xin[i])  # [out, in]
                 new_g.append((jac.T @ g_out).reshape(xin[i].shape))
-                new_d.append(((jac * jac).T @ d_out).reshape(xin[i].shape))  # eq. 4 / 8: (J o J)^T d
+                d_in = (jac * jac).T @ d_out  # eq. 4 / 8: (J o J)^T d
+                if isinstance(layer, NONLINEAR_NORMS) and not gn:
+                    d_in = d_in + input_hessian_diag(layer, xin[i], g_out)  # eq. 4, second term
+                new_d.append(d_in.reshape(xin[i].shape))
             for k, jp in param_jacobians(layer, xin[i]).items():
                 key = f"{name}.{k}"
                 if key in out:
@@ -175,4 +189,5 @@ def hesscale_gn(model: nn.Sequential, loss_fn: Callable, x: torch.Tensor, y: tor
 
 
 __all__ = ["hesscale", "hesscale_gn", "loss_hessian_diag", "loss_hessian_diag_autodiff", "output_hessian_diag",
-           "activation_derivatives", "input_jacobian", "param_jacobians", "ELEMENTWISE"]
+           "activation_derivatives", "input_jacobian", "input_hessian_diag", "param_jacobians", "ELEMENTWISE",
+           "NONLINEAR_NORMS"]

@@ -240,11 +240,23 @@ def test_program_of_a_transformer_lists_generic_nodes():
     assert "TransformerEncoderLayer" not in listing
 
 
-def test_block_ggn_through_generic_op():
+class _GenericAffine(nn.Module):
+    """``b + h o w`` by ``torch.addcmul``: a call without a hand rule (one generic node, two parameters)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, h):
+        return torch.addcmul(self.bias, h, self.weight)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, _GenericAffine], ids=["layer_norm", "generic_affine"])
+def test_block_ggn_through_generic_op(norm):
     """The exact per-parameter GGN blocks (matrix-free products with the ops' own JVPs and VJPs) take a
-    generic op's parameters too (LayerNorm's affine weight and bias here)."""
+    generic op's parameters too (``torch.addcmul``'s weight and bias), and the hand layer_norm op's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(4, 5), norm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     with torch.no_grad():
         model[1].weight.normal_()
         model[1].bias.normal_()

@@ -274,6 +274,15 @@ class Propagator:
                         "generic op and also computes its data input; the mixed second derivative this needs for "
                         "the Hessian (diag_hessian, block_hessian) is not supported through a generic op. The GGN "
                         "quantities are exact here")
+        for data, param in op.mixed_without_rule:
+            weight = inputs.get(param)
+            if data == name and isinstance(weight, fx.Node) and target in self.descendants.get(weight, ()):
+                shared = info(weight).param or weight.name
+                raise UnsupportedOpError(
+                    f"node '{node.name}' ({info(node).source or op.name}): parameter {shared} is its {param} and "
+                    f"also computes its input '{name}'; the mixed second derivative d2z/(d{name} d{param}) this "
+                    f"needs for the Hessian (diag_hessian, block_hessian) has no rule for {op.name}. The GGN "
+                    "quantities are exact here")
         for data, param in op.bilinear:
             weight = inputs.get(param)
             if data != name or not isinstance(weight, fx.Node) or target not in self.descendants.get(weight, ()):

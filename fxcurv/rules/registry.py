@@ -250,6 +250,10 @@ class OpDef:
     # (data input, parameter input) pairs in which the op is bilinear: the mixed second derivative
     # couples them, which matters for the exact Hessian of a weight used more than once.
     bilinear: tuple[tuple[str, str], ...] = ()
+    # (data input, parameter input) pairs with a nonzero mixed second derivative d2z / (dx dp) that is not
+    # bilinear (a normalization's ``w o y(x)``): the op has no rule for it, so a parameter that also computes
+    # that data input is refused where the Hessian's mixed terms are needed.
+    mixed_without_rule: tuple[tuple[str, str], ...] = ()
     # Ops that are the identity (nn.Identity, dropout in eval mode) are folded away.
     alias: bool = False
     # Losses end the graph: inputs ("f", "y"), rules in the LOSS_* tables.

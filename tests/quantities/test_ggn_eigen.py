@@ -651,15 +651,28 @@ def test_batch_norm_and_embedding_gram(net, subsample):
     check_eigenpairs(e, (n / m) * reference.ggn(model, loss_fn, x[subsample], y[subsample]) / scale, names)
 
 
-def test_through_generic_ops():
-    """A LayerNorm (generic node, two parameters in one Gram call) and ``x.mean(1)`` between linear
-    layers: the Gram matrix of the generic node's per-sample factors joins the others' (ViViT eq. S.23)."""
+class _GenericAffine(nn.Module):
+    """``b + h o w`` by ``torch.addcmul``: a call without a hand rule (one generic node, two parameters)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, h):
+        return torch.addcmul(self.bias, h, self.weight)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, _GenericAffine], ids=["layer_norm", "generic_affine"])
+def test_through_generic_ops(norm):
+    """A generic node with two parameters in one Gram call (``torch.addcmul``) or the hand layer_norm op,
+    and ``x.mean(1)`` (generic) between linear layers: the Gram matrix of their per-sample factors joins
+    the others' (ViViT eq. S.23)."""
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(3, 4)
-            self.norm = nn.LayerNorm(4)
+            self.norm = norm(4)
             self.head = nn.Linear(4, 3)
 
         def forward(self, x):

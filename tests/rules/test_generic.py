@@ -100,6 +100,13 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     # linear in x, w and b (running statistics are constants): no residual
     "batch_norm_eval": {**_LINEAR_MAP, **{kind: ("weight", "bias") for kind in (
         GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT, GRAM)}, DERIVED: ("x_hat",)},
+    # per-sample normalizations: nonlinear in x (a residual coupling each group's entries: its diagonal and
+    # its exact joint factor), linear in w and b
+    **{name: {**{kind: ("x",) for kind in (JAC_T, DIAG, RESIDUAL, RESIDUAL_SQRT)},
+              **{kind: params for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT, GRAM)},
+              DERIVED: ("x_hat",)}
+       for name, params in (("layer_norm", ("weight", "bias")), ("rms_norm", ("weight",)),
+                            ("group_norm", ("weight", "bias")))},
     # integer indices x carry no messages: parameter rules only
     "embedding": {kind: ("weight",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2, BATCH_DIAG_SQRT,
                                                  GRAM)},
@@ -255,6 +262,15 @@ def _batch_norm(cls: type, channels: int, affine: bool = True) -> nn.Module:
         bn.weight.data.normal_()
         bn.bias.data.normal_()
     return bn
+
+
+def _affine(norm: nn.Module) -> nn.Module:
+    """A LayerNorm / RMSNorm / GroupNorm in float64 with random affine parameters (where it has them)."""
+    norm = norm.to(DT)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    return norm
 
 
 def _tokens(vocab: int, *shape: int) -> torch.Tensor:
@@ -461,6 +477,36 @@ CASES: list[Case] = [
                                                                   randn(3, 3, 2, 2)), without=("weight", "bias")),
     Case("bn_fn", "batch_norm_eval", lambda: function_call(
         F.batch_norm, randn(3, 2, 4), randn(2), randn(2).exp(), param(2), param(2), False, 0.1, 1e-3)),
+    # LayerNorm: over the last dim (two tokens), over two trailing dims (with and without token dims), without
+    # affine parameters, without bias; F.layer_norm and the ATen overload
+    Case("ln", "layer_norm", lambda: module_call(_affine(nn.LayerNorm(4)), randn(3, 2, 4))),
+    Case("ln_two_dims", "layer_norm", lambda: module_call(_affine(nn.LayerNorm((2, 3), eps=1e-3)), randn(3, 2, 2, 3))),
+    Case("ln_whole_sample", "layer_norm", lambda: module_call(_affine(nn.LayerNorm((2, 3))), randn(3, 2, 3))),
+    Case("ln_no_affine", "layer_norm", lambda: module_call(nn.LayerNorm(5, elementwise_affine=False).to(DT),
+                                                           randn(3, 2, 5)), without=("weight", "bias")),
+    Case("ln_no_bias", "layer_norm", lambda: module_call(_affine(nn.LayerNorm(4, bias=False)), randn(3, 4)),
+         without=("bias",)),
+    Case("ln_fn", "layer_norm", lambda: function_call(F.layer_norm, randn(3, 2, 4), (4,), param(4), param(4), 1e-2)),
+    Case("ln_aten", "layer_norm", lambda: function_call(torch.ops.aten.layer_norm.default, randn(3, 3, 4), [4],
+                                                        param(4), param(4), 1e-5)),
+    # RMSNorm: eps=None (the dtype's machine epsilon), two trailing dims, no weight; F.rms_norm and ATen
+    Case("rms", "rms_norm", lambda: module_call(_affine(nn.RMSNorm(4)), randn(3, 2, 4))),
+    Case("rms_two_dims", "rms_norm", lambda: module_call(_affine(nn.RMSNorm((2, 3), eps=1e-3)), randn(3, 2, 2, 3))),
+    Case("rms_no_affine", "rms_norm", lambda: module_call(nn.RMSNorm(5, elementwise_affine=False).to(DT),
+                                                          randn(3, 2, 5)), without=("weight",)),
+    Case("rms_fn", "rms_norm", lambda: function_call(F.rms_norm, randn(3, 2, 4), (4,), param(4), 1e-2)),
+    Case("rms_aten", "rms_norm", lambda: function_call(torch.ops.aten.rms_norm.default, randn(3, 4), [4], param(4))),
+    # GroupNorm over [N, C, *spatial] (two and one spatial dims, none), one group per channel, no affine
+    Case("gn", "group_norm", lambda: module_call(_affine(nn.GroupNorm(2, 4)), randn(3, 4, 3, 2))),
+    Case("gn_1d_three_groups", "group_norm", lambda: module_call(_affine(nn.GroupNorm(3, 6, eps=1e-3)),
+                                                                 randn(3, 6, 2))),
+    Case("gn_features", "group_norm", lambda: module_call(_affine(nn.GroupNorm(2, 6)), randn(3, 6))),
+    Case("gn_per_channel", "group_norm", lambda: module_call(_affine(nn.GroupNorm(3, 3)), randn(3, 3, 4))),
+    Case("gn_no_affine", "group_norm", lambda: module_call(nn.GroupNorm(2, 4, affine=False).to(DT),
+                                                           randn(3, 4, 3)), without=("weight", "bias")),
+    Case("gn_fn", "group_norm", lambda: function_call(F.group_norm, randn(3, 4, 3), 2, param(4), param(4), 1e-2)),
+    Case("gn_aten", "group_norm", lambda: function_call(torch.ops.aten.group_norm.default, randn(2, 4, 2, 2), 2,
+                                                        param(4), param(4), 1e-5, False)),
     # embeddings: integer indices, rows read several times by one sample (summed before squaring)
     Case("embedding", "embedding", lambda: module_call(nn.Embedding(6, 3).to(DT), _tokens(6, 3, 5))),
     Case("embedding_padding", "embedding", lambda: module_call(nn.Embedding(6, 3, padding_idx=2).to(DT),
@@ -617,8 +663,9 @@ def check_residual(case: Case, c: OpContext, key: str) -> None:
     diagonal = torch.diagonal(hessians, dim1=1, dim2=2).reshape(c.inputs[key].shape)
     assert_matches(got, diagonal, f"residual[{key}] (Hessian diagonal)")
     if (case.op, key) in registry.RESIDUAL_SQRT:
-        return  # the whole Hessian is carried by the op's joint factor (check_residual_sqrt)
-    # The compiler holds the residual as diag(r): the per-sample Hessian must be diagonal.
+        return  # a Hessian coupling entries: the whole of it is the joint factor's (check_residual_sqrt)
+    # The compiler holds the residual as diag(r) where the op has no joint factor: the per-sample Hessian
+    # must be diagonal.
     assert_matches(torch.diag_embed(got.reshape(c.n, -1)), hessians, f"residual[{key}] (whole Hessian)")
 
 
@@ -728,7 +775,7 @@ CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
     PER_SAMPLE: check_per_sample, DIAG_SQRT: check_diag_sqrt, DIAG_DIAG: check_diag_diag, DERIVED: check_derived,
     DENSE: check_dense, KRON_OUT: check_kron_out, KRON_DENSE: check_kron_dense, KRON_IN: check_kron_in,
     BATCH_L2: check_batch_l2, BATCH_DIAG_SQRT: check_batch_diag_sqrt,
-    GRAM: check_gram,
+    GRAM: check_gram, RESIDUAL_SQRT: lambda case, c, key: check_residual_sqrt(case, c, key),
 }
 
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
@@ -1008,9 +1055,9 @@ def _joint_hessians(c: OpContext, data: tuple[str, ...], g: torch.Tensor) -> tor
 def check_residual_sqrt(case: Any, c: OpContext, key: str) -> None:
     """``sum_k sign_k s_k s_k^T`` of the joint factor is each sample's Hessian over all data inputs."""
     g = rand_like(tuple(c.out.shape), messages(case.id, "residual_sqrt"))
-    parts, sign = _rule(RESIDUAL_SQRT, case.op, key, g, c=c)
-    data = tuple(k for k in c.inputs if not c.is_param(k))
-    assert all(p is None for k, p in zip(c.inputs, parts) if k not in data)
+    parts, sign = _rule(RESIDUAL_SQRT, c.op.name, key, g, c=c)
+    data = tuple(k for k, v in c.inputs.items() if v is not None and not c.is_param(k) and k not in c.op.constants)
+    assert len(parts) == len(c.inputs) and all(p is None for k, p in zip(c.inputs, parts) if k not in data)
     s = torch.cat([parts[list(c.inputs).index(k)].flatten(2) for k in data], dim=2)  # [K, N, D]
     got = torch.einsum("kn,kni,knj->nij", sign, s, s)
     assert_matches(got, _joint_hessians(c, data, g), "residual_sqrt (joint per-sample Hessian)")
