@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import TraceError
@@ -53,7 +54,7 @@ class Tracer(fx.Tracer):
         qualname = self.path_of_module(m)
         self.path.append(qualname)
         expansion = _EXPANSIONS.get(type(m))
-        expand = expansion is not None and qualname not in self.leaves and expansion.applies(*args, **kwargs)
+        expand = expansion is not None and qualname not in self.leaves and expansion.applies(m, *args, **kwargs)
         if expand:
             assert expansion is not None
             forward = functools.partial(expansion.forward, m)
@@ -79,15 +80,15 @@ class Tracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class Expansion:
-    """``forward(module, *args, **kwargs)``: the module's math path; ``applies(*args, **kwargs)``: whether
-    this call takes it (else the module is traced as usual, kept whole if it cannot be)."""
+    """``forward(module, *args, **kwargs)``: the module's math path; ``applies(module, *args, **kwargs)``:
+    whether this call takes it (else the module is traced as usual, kept whole if it cannot be)."""
 
     forward: Callable[..., Any]
     applies: Callable[..., bool]
 
 
-def _layer_call(src: Any, src_mask: Any = None, src_key_padding_mask: Any = None, is_causal: Any = False,
-                **rest: Any) -> bool:
+def _layer_call(layer: nn.Module, src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
+                is_causal: Any = False, **rest: Any) -> bool:
     # ``is_causal`` is a hint that ``src_mask`` is causal; without a mask torch refuses it.
     return not rest and not (is_causal and src_mask is None)
 
@@ -115,12 +116,50 @@ def _encoder(encoder: nn.TransformerEncoder, src: Any, mask: Any = None, src_key
     return x if encoder.norm is None else encoder.norm(x)
 
 
-def _encoder_call(src: Any, mask: Any = None, src_key_padding_mask: Any = None, is_causal: Any = None,
-                  **rest: Any) -> bool:
+def _encoder_call(encoder: nn.Module, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                  is_causal: Any = None, **rest: Any) -> bool:
     return not rest and not (is_causal and mask is None)
 
 
+def _attention_call(m: nn.Module, query: Any, key: Any, value: Any, key_padding_mask: Any = None,
+                    need_weights: Any = True, attn_mask: Any = None, average_attn_weights: Any = True,
+                    is_causal: Any = False, **rest: Any) -> bool:
+    """Self-attention, batch first, with the packed in-projection and without masks or extra key/value
+    rows: the configuration :func:`_attention` spells out. Anything else keeps the module whole (one
+    generic node: exact, slower)."""
+    assert isinstance(m, nn.MultiheadAttention)
+    return (not rest and m.batch_first and m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None
+            and not m.add_zero_attn and query is key and key is value and key_padding_mask is None
+            and attn_mask is None and is_causal is False and average_attn_weights is True)
+
+
+def _attention(m: nn.MultiheadAttention, query: Any, key: Any, value: Any, key_padding_mask: Any = None,
+               need_weights: Any = True, attn_mask: Any = None, average_attn_weights: Any = True,
+               is_causal: Any = False) -> Any:
+    """``nn.MultiheadAttention`` (Vaswani et al. 2017, Sec. 3.2) on ``x [N, T, E]``, ``H`` heads of width
+    ``d = E / H``, as ops with hand rules: the packed in-projection (linear), its split into ``q, k, v``
+    (slices), the heads (reshape ``[N, T, H, d]`` and permutation to ``[N, H, T, d]``), the scores
+    ``(q / sqrt(d)) k^T`` (scalar, product of two activations), softmax over the keys, the product with
+    ``v``, the heads merged back and the out-projection. The batch stays on dim 0 throughout, so every
+    op is per sample. Returns ``(out, weights)`` as the module does: the weights averaged over the heads
+    where ``need_weights``, else ``None``."""
+    x = query
+    n, t, e = x.size(0), x.size(1), m.embed_dim
+    h, d = m.num_heads, m.head_dim
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    q, k, v = qkv.chunk(3, dim=-1)
+    q = q.reshape(n, t, h, d).transpose(1, 2)
+    k = k.reshape(n, t, h, d).transpose(1, 2)
+    v = v.reshape(n, t, h, d).transpose(1, 2)
+    scores = (q * (float(d) ** -0.5)) @ k.transpose(-2, -1)
+    attn = F.dropout(scores.softmax(dim=-1), p=m.dropout, training=m.training)
+    out = (attn @ v).transpose(1, 2).reshape(n, t, e)
+    out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+    return out, (attn.mean(dim=1) if need_weights else None)
+
+
 _EXPANSIONS: dict[type, Expansion] = {
+    nn.MultiheadAttention: Expansion(_attention, _attention_call),
     nn.TransformerEncoderLayer: Expansion(_encoder_layer, _layer_call),
     nn.TransformerEncoder: Expansion(_encoder, _encoder_call),
 }

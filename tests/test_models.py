@@ -233,11 +233,15 @@ def test_program_of_a_transformer_lists_generic_nodes():
     engine = fxcurv.compile(model, loss, quantities=("diag_ggn",))
     engine(x, y)
     listing = engine.listing()
-    # The encoder layer is traced through its math path: its feed-forward layers are hand-written linear
-    # ops, the attention and the norms generic nodes that name what they came from.
-    assert "MultiheadAttention" in listing and "LayerNorm" in listing and "Tensor.mean" in listing
+    # The encoder layer is traced through its math path, its attention too: linear, norm, softmax and
+    # the products of activations are hand-written ops; the calls without one (the mean over tokens)
+    # generic nodes that name what they came from.
+    forward = listing.split("# backward")[0]
+    assert "= generic(" in forward and "Tensor.mean" in forward
+    for op in ("= matmul(", "= softmax(", "= layer_norm(", "= permute("):
+        assert op in forward, op
     assert "encoder.linear1" in listing and "encoder.linear2" in listing
-    assert "TransformerEncoderLayer" not in listing
+    assert "TransformerEncoderLayer" not in listing and "MultiheadAttention" not in listing
 
 
 class _GenericAffine(nn.Module):
@@ -265,3 +269,54 @@ def test_block_ggn_through_generic_op(norm):
     for name, block in ref.diagonal_blocks(ref.ggn(model, loss, x, y), model).items():
         dense = out["block_ggn"][name] @ torch.eye(block.shape[0], dtype=DT)
         assert rel_error(dense, block) < RTOL, name
+
+
+class _Attention(nn.Module):
+    """One attention block calling nn.MultiheadAttention the way ``call`` says (self or cross attention,
+    masks, the averaged weights used or not)."""
+
+    def __init__(self, call: str):
+        super().__init__()
+        self.call = call
+        self.embed = nn.Linear(3, 8)
+        self.other = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        if self.call == "self":
+            a = self.attn(h, h, h, need_weights=False)[0]
+        elif self.call == "weights_used":
+            a, w = self.attn(h, h, h)  # [N, T, E] and the weights averaged over heads [N, T, T]
+            a = a + w @ h
+        elif self.call == "cross":
+            c = torch.tanh(self.other(x))
+            a = self.attn(h, c, c, need_weights=False)[0]
+        else:  # causal
+            t = x.shape[1]
+            mask = torch.triu(torch.full((t, t), float("-inf"), dtype=x.dtype), diagonal=1)
+            a = self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return self.head((h + a).mean(1))
+
+
+@pytest.mark.parametrize("call, expanded", [("self", True), ("weights_used", True), ("cross", False),
+                                            ("causal", False)])
+def test_multihead_attention_expanded_into_hand_ops_or_kept_whole(call, expanded):
+    """Batch-first self-attention without masks is traced through its math path (linear, slices, heads,
+    matmul, softmax: no generic node for the attention); cross attention and masks keep the module whole
+    (one generic node). Both exact against torch.func."""
+    torch.manual_seed(0)
+    model, loss = _Attention(call).to(DT).eval(), nn.CrossEntropyLoss()
+    x, y = torch.randn(3, 4, 3, dtype=DT), torch.randint(0, 3, (3,))
+    engine = fxcurv.compile(model, loss, quantities=("diag_ggn", "diag_hessian"))
+    out = engine(x, y)
+    want = _references(model, loss, x, y)
+    for quantity, values in want.items():
+        got = out["grad"] if quantity == "grad" else out[quantity]
+        for pname, value in values.items():
+            err = rel_error(got[pname], value)
+            assert err < RTOL, f"{call}: {quantity}[{pname}] relative error {err:.2e}"
+    forward = engine.listing().split("# backward")[0]
+    assert ("MultiheadAttention" not in forward) == expanded, forward
+    assert ("= softmax(" in forward and "= matmul(" in forward) == expanded, forward
