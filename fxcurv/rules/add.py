@@ -1,4 +1,5 @@
-"""The sum of two branches, ``z = a + b`` (residual connections): HBP Sec. B.3.
+"""The sum of two branches, ``z = a + b`` (residual connections): HBP Sec. B.3; and ``z = x + p``, a
+trainable parameter broadcast over the batch (learned positions, a bias written by hand).
 
 Both Jacobians are identities, so every message passes unchanged to both summands. Where the
 branches meet again upstream (the fan-out of the residual block), the compiler sums the messages
@@ -16,7 +17,10 @@ import operator
 from typing import Any
 
 import torch
+from torch import nn
 
+from ..factors import signed_column_squares, signed_square_sum
+from ..gram import gram_into
 from .registry import Match, define_op, example
 from .scalar import Arith, binary_match, is_traced
 
@@ -33,6 +37,10 @@ def _canonical(a: Any, b: Any, alpha: Any = 1) -> Match | None:
     tensor and a number are ``scalar_affine`` (:func:`~fxcurv.rules.scalar.binary_match`); anything
     else -- a broadcasting sum, ``alpha != 1``, a tensor constant or buffer -- has no hand rule
     (``None``: the generic rule)."""
+    if is_traced(a) and is_parameter(b):
+        return _param_match(a, b, alpha)
+    if is_parameter(a) and is_traced(b):
+        return _param_match(b, a, alpha)
     if is_traced(a) and is_traced(b):
         va, vb = example(a), example(b)
         if va is None or vb is None or va.shape != vb.shape or alpha != 1:
@@ -85,3 +93,106 @@ def add_dense_a(m):
 @op.dense("b")
 def add_dense_b(m):
     return m
+
+
+# ---- a parameter broadcast over the batch ---------------------------------------------------------
+#
+# ``z = x + p`` with ``x [N, *s]`` and a trainable ``p`` that broadcasts to one sample's shape ``s``
+# (``[1, T, E]`` learned positions, ``[E]`` a bias): ``J_x = I`` and, per sample, ``J_p`` is the 0/1 matrix
+# that copies each entry of ``p`` to the positions it is broadcast over. So ``J_p^T v`` sums a message over
+# those positions (HBP eq. S.8b with ``J_b = I`` per position); the GGN diagonal of ``p`` squares the
+# per-sample sums of the factor columns, HesScale's (eq. 9) sums ``d`` over the positions (the diagonal of
+# ``J_p^T diag(d) J_p``: each entry of ``p`` reaches a position once). The op is linear in ``x`` and ``p``.
+
+
+def is_parameter(v: Any) -> bool:
+    """A parameter of the model: an ``nn.Parameter`` or a traced ``get_attr`` whose value is one."""
+    return isinstance(v, nn.Parameter) or isinstance(example(v), nn.Parameter)
+
+
+def add_param(x, p):
+    return x + p
+
+
+param_op = define_op("add_param", "add", add_param, inputs=("x", "p"), params=("p",))
+
+
+def _param_match(x: Any, p: Any, alpha: Any) -> Match | None:
+    """``x + p`` where ``p`` broadcasts to one sample of ``x`` without reaching the batch axis (``p`` of at
+    most ``x.dim()`` dims, its first of size 1 where it has as many); ``None`` (the generic rule) else."""
+    vx, vp = example(x), example(p)
+    if alpha != 1 or vx is None or vp is None or vx.dim() == 0 or vp.dim() > vx.dim():
+        return None
+    if vp.dim() == vx.dim() and vp.shape[0] != 1:
+        return None  # a parameter with a batch axis of its own
+    aligned = (1,) * (vx.dim() - 1 - _sample_dims(vp, vx)) + tuple(vp.shape[vp.dim() - _sample_dims(vp, vx):])
+    if any(a not in (1, b) for a, b in zip(aligned, vx.shape[1:])):
+        return None  # p does not broadcast to x (torch would broadcast x instead)
+    return Match({"x": x, "p": p}, op=param_op)
+
+
+def _sample_dims(vp: torch.Tensor, vx: torch.Tensor) -> int:
+    """How many trailing dims of ``p`` align with one sample's dims (all but a leading batch axis of 1)."""
+    return vp.dim() - 1 if vp.dim() == vx.dim() else vp.dim()
+
+
+def _per_sample_sum(v: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[*lead, N, *s] -> [*lead, N, *p.shape]``: a message summed over the positions ``p`` is broadcast
+    over (``J_p^T v`` per sample)."""
+    lead = v.dim() - x.dim()
+    k = _sample_dims(p, x)
+    aligned = (1,) * (x.dim() - 1 - k) + tuple(p.shape[p.dim() - k:])
+    summed = v.sum_to_size(tuple(v.shape[: lead + 1]) + aligned)
+    return summed.reshape(tuple(v.shape[: lead + 1]) + tuple(p.shape))
+
+
+@param_op.jac_t("x", view=True)
+def add_param_jac_t_x(v):
+    """``J_x = I``."""
+    return v
+
+
+@param_op.diag("x")
+def add_param_diag_x(d):
+    return d
+
+
+@param_op.grad("p")
+def add_param_grad_p(g, p, x):
+    """``dL/dp = sum_n J_p,n^T g_n``: ``g`` summed over the batch and the broadcast positions."""
+    return _per_sample_sum(g, p, x).sum(0)
+
+
+@param_op.per_sample("p")
+def add_param_per_sample_p(v, p, x):
+    return _per_sample_sum(v, p, x)
+
+
+@param_op.diag_sqrt("p")
+def add_param_diag_sqrt_p(S, sign, p, x):
+    """``diag(sum_{k,n} sign J_p,n^T S_kn S_kn^T J_p,n)``: the per-sample sums squared (HBP eq. S.8b)."""
+    return signed_square_sum(_per_sample_sum(S, p, x), sign, S.dim() - x.dim())
+
+
+@param_op.diag_diag("p")
+def add_param_diag_diag_p(d, p, x):
+    """HesScale eq. 9: ``(J_p o J_p)^T d`` = ``d`` summed over the positions (and the batch)."""
+    return _per_sample_sum(d, p, x).sum(0)
+
+
+@param_op.batch_l2("p")
+def add_param_batch_l2_p(g, p, x):
+    per_sample = _per_sample_sum(g, p, x)
+    return (per_sample * per_sample).flatten(1).sum(1)
+
+
+@param_op.batch_diag_sqrt("p")
+def add_param_batch_diag_sqrt_p(S, sign, p, x):
+    return signed_column_squares(_per_sample_sum(S, p, x), sign)
+
+
+@param_op.gram("p")
+def add_param_gram(S, p, x, include=("p",), total=None):
+    """ViViT eq. S.23: the Gram matrix of the per-sample factor columns ``J_p,n^T S_kn``."""
+    k, n = S.shape[0], S.shape[1]
+    return gram_into(_per_sample_sum(S, p, x).reshape(k * n, -1), total, k)

@@ -112,6 +112,10 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
                                                  GRAM)},
     "pad": _LINEAR_MAP,
     "add": {JAC_T: ("a", "b"), DIAG: ("a", "b"), DENSE: ("a", "b")},
+    # x + p, p a parameter broadcast over the batch (and positions): linear in both
+    "add_param": {**_LINEAR_MAP, **{kind: ("p",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2,
+                                                              BATCH_DIAG_SQRT, GRAM)}},
+    "reduce_sum": _LINEAR_MAP,
     # second derivatives that couple a row's features: the diagonal for HesScale, the joint factor for the rest
     "softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
     "log_softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
@@ -528,6 +532,17 @@ CASES: list[Case] = [
     # add
     Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
     Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
+    Case("add_positions", "add_param", lambda: function_call(operator.add, randn(3, 4, 2), param(1, 4, 2))),
+    Case("add_bias_last_axis", "add_param", lambda: function_call(operator.add, randn(3, 4, 2), param(2))),
+    Case("add_param_first", "add_param", lambda: function_call(operator.add, param(4, 1), randn(3, 2, 4, 5))),
+    Case("add_param_method", "add_param", lambda: method_call("add", randn(2, 3, 4), param(3, 1))),
+    Case("mean_tokens", "reduce_sum", lambda: method_call("mean", randn(3, 4, 5), 1)),
+    Case("sum_positions", "reduce_sum", lambda: method_call("sum", randn(2, 3, 4, 2), (2, -1))),
+    Case("mean_keepdim_fn", "reduce_sum", lambda: function_call(torch.mean, randn(3, 4, 2), dim=-1, keepdim=True)),
+    Case("sum_fn", "reduce_sum", lambda: function_call(torch.sum, randn(3, 4, 2), [1, 2])),
+    Case("mean_aten", "reduce_sum", lambda: function_call(torch.ops.aten.mean.dim, randn(3, 4, 2), [1])),
+    Case("sum_aten_keepdim", "reduce_sum", lambda: function_call(torch.ops.aten.sum.dim_IntList, randn(3, 4, 2),
+                                                                 [2], True)),
     # arithmetic with Python numbers: z = a x + c
     Case("mul_number", "scalar_affine", lambda: function_call(operator.mul, randn(3, 2, 4), 0.5)),
     Case("number_mul", "scalar_affine", lambda: function_call(operator.mul, -1.5, randn(3, 5))),
