@@ -23,11 +23,10 @@ with
 The GGN, EF and MC Fisher products are ``J_b^T (M_b (J_b V))`` with a per-sample matrix ``M_b`` at the
 output, one forward pass carrying a column's tangents and one reverse pass. Column by column (``chunk=1``)
 on a program of linear layers, activations and reshapes, the program's own ops run both passes
-(:mod:`fxcurv.linops.rop`, no autograd, parameter shares written into the result); elsewhere forward-mode
-autograd (``torch.autograd.forward_ad``) and ``torch.autograd.grad`` run them on the engine's traced model
-with its current parameters (``torch.func.functional_call``), and a chunk of columns goes through
-``torch.func.jvp`` vectorized with ``vmap`` inside one ``torch.func.vjp``; no graph outlives a product.
-The Hessian's products are forward-over-reverse, ``jvp`` of ``grad`` of the batch loss, or
+(:mod:`fxcurv.linops.rop`, no autograd, parameter shares written into the result); elsewhere
+``torch.func.jvp`` (vectorized over a chunk of columns with ``vmap``) inside one ``torch.func.vjp`` over
+the engine's traced model with its current parameters (``torch.func.functional_call``); no graph outlives
+a product. The Hessian's products are forward-over-reverse, ``jvp`` of ``grad`` of the batch loss, or
 reverse-over-reverse where an op has no forward-mode derivative in torch.
 """
 
@@ -38,7 +37,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from ..api import Engine, Program
@@ -60,11 +58,11 @@ _FORWARD_MODE_FAILURES = (NO_FORWARD_AD_MESSAGE, "ZeroTensors are immutable")
 class TangentWorkspace:
     """Buffers, one per parameter and shaped like it, that hold one column's tangents during a product.
 
-    Forward-mode AD (``torch.autograd.forward_ad.make_dual``) takes a tangent as it is only where it has
-    the primal's layout in storage of its own; a view into the vector ``v`` is copied into fresh memory
-    at every product. Copying into buffers kept from the previous product touches memory already mapped:
-    on the MNIST MLP (1.3M parameters, one thread) that copy takes 0.8 ms where a fresh one takes 4 ms
-    (page faults), a tenth of a GGN-vector product. The buffers cost ``P`` entries for the operator's
+    Forward-mode AD (``torch.func.jvp``) takes a tangent as it is only where it has the primal's layout
+    in storage of its own; a view into the vector ``v`` would be copied into fresh memory at every
+    product. Copying into buffers kept from the previous product touches memory already mapped:
+    on the MNIST MLP's 1.3M parameters (one thread) that copy takes 0.8 ms where a fresh one takes 4 ms
+    (page faults). The buffers cost ``P`` entries for the operator's
     lifetime; they are reallocated where a parameter changes shape, dtype or device."""
 
     def __init__(self) -> None:
@@ -84,17 +82,29 @@ class TangentWorkspace:
 def jacobian_sandwich(model: nn.Module, params: Params, x: Any, V: Params, middle: Any,
                       workspace: TangentWorkspace | None = None) -> Params:
     """``J^T middle(f, J V)`` for columns ``V {name: [K, *shape]}``: ``f`` and ``J V [K, N, *out]`` from one
-    forward pass with tangents, ``middle(f, JV) -> [K, N, *out]``, then one vectorized vector-Jacobian
-    product through the same pass. One column goes through :func:`jacobian_sandwich_one` (its tangent
-    copied into ``workspace`` where given)."""
+    forward pass with tangents (``torch.func.jvp``), ``middle(f, JV) -> [K, N, *out]``, then one
+    vectorized vector-Jacobian product through the same pass (``torch.func.vjp``). One column's tangents
+    are copied into ``workspace`` where given.
+
+    (Forward-mode autograd with ``torch.autograd.grad`` instead of the torch.func transforms was measured
+    too: faster on the MNIST MLP, which now takes :mod:`fxcurv.linops.rop`, but on the c3d3 net slower and
+    with 18% more peak memory, the tangents' operations being recorded for the reverse pass.)"""
     if not V:
         return {}
-    if _columns(V) == 1:
-        v = (workspace or TangentWorkspace()).fill(V)
-        return {name: t.unsqueeze(0) for name, t in jacobian_sandwich_one(model, params, x, v, middle).items()}
 
     def forward(p: Params) -> torch.Tensor:
         return torch.func.functional_call(model, p, (x,))
+
+    if _columns(V) == 1:  # one vector: no vmap
+        v = (workspace or TangentWorkspace()).fill(V)
+
+        def with_tangent(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+            primal_tangent: Any = torch.func.jvp(forward, (p,), (v,))
+            return primal_tangent[0], primal_tangent[1].unsqueeze(0)
+
+        f, pullback, JV = _vjp_with_aux(with_tangent, params)
+        (out,) = pullback(middle(f.detach(), JV)[0])
+        return {name: t.unsqueeze(0) for name, t in out.items()}
 
     def with_tangents(p: Params) -> Any:
         # The primal output does not depend on the (batched) tangents: vmap leaves it unbatched.
@@ -102,30 +112,6 @@ def jacobian_sandwich(model: nn.Module, params: Params, x: Any, V: Params, middl
 
     f, pullback, JV = _vjp_with_aux(with_tangents, params)
     return torch.func.vmap(pullback)(middle(f.detach(), JV))[0]
-
-
-def jacobian_sandwich_one(model: nn.Module, params: Params, x: Any, v: Params, middle: Any) -> Params:
-    """``J^T middle(f, J v)`` for one column ``v {name: [*shape]}`` (each tangent in storage of its own,
-    laid out like its parameter), with torch's autograd directly rather than torch.func's transforms:
-
-    * the R-op ``J v`` (Pearlmutter 1994) as the tangent of the output of one forward pass on dual
-      numbers ``theta + eps v`` (``torch.autograd.forward_ad``), whose primal part records the usual
-      reverse graph of ``f`` on leaves sharing the parameters' storage;
-    * ``J^T u`` with ``u = middle(f, J v)`` as one ``torch.autograd.grad`` through that graph.
-
-    Parameters the output does not depend on get no entry (zero rows of ``J``). Measured on the MNIST MLP
-    (N = 128, one thread, ``benchmarks/linops.py``): this path takes about 1.8x a plain forward+backward
-    where ``torch.func.vjp`` of ``torch.func.jvp`` took 2.3x (its functorch wrappers and copies)."""
-    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-    with fwAD.dual_level():
-        duals = {name: fwAD.make_dual(leaves[name], v[name]) if name in v else leaf for name, leaf in leaves.items()}
-        f, Jv = fwAD.unpack_dual(torch.func.functional_call(model, duals, (x,)))
-    if Jv is None or not f.requires_grad:  # the output does not depend on the parameters
-        return {}
-    u = middle(f.detach(), Jv.detach().unsqueeze(0))[0]
-    names = [name for name in v if name in leaves]
-    grads = torch.autograd.grad(f, [leaves[name] for name in names], u, allow_unused=True)
-    return {name: g for name, g in zip(names, grads) if g is not None}
 
 
 # vmap's out_dims for (primal output, tangents): the first unbatched (torch's annotation omits None in tuples).
