@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from .. import gram as gram_products
+from ..buffers import fresh
 from ..errors import UnsupportedOpError
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
@@ -491,9 +492,10 @@ def _per_sample_from_cols(v, cols, weight_shape, groups):
     """``[*lead, N, *W]`` from ``v [*lead, N, C_out, *Y]`` and ``cols = [[X]]`` (grouped)."""
     batch = v.shape[:v.dim() - 1 - (len(weight_shape) - 2)]
     vg = v.reshape(batch + (groups, weight_shape[0] // groups, -1))
-    # The sum over output positions p happens inside the contraction, before any square is taken.
-    out = torch.einsum("...ngop,ngip->...ngoi", vg, cols)
-    return out.reshape(batch + tuple(weight_shape))
+    # The sum over output positions p happens inside the contraction, before any square is taken; the
+    # result, N kernels, goes into one fresh buffer with huge pages advised (fxcurv.buffers).
+    out = fresh(vg.shape[:-1] + (cols.shape[-2],), torch.result_type(vg, cols), vg.device)
+    return torch.matmul(vg, cols.mT, out=out).reshape(batch + tuple(weight_shape))
 
 
 @_rule(RuleKind.PER_SAMPLE, "weight")
