@@ -226,13 +226,17 @@ def sandwich_into(p: Plan, x: torch.Tensor, params: dict[str, torch.Tensor], con
         f, Jf = value[p.output], tangent[p.output]
         if Jf is None:  # the output does not depend on the space's parameters
             return
+        # Which values carry a tangent (and so get a message back); the tangents themselves are dead.
+        carrying = {name for name, t in tangent.items() if t is not None}
+        tangent.clear()
         message: dict[str, torch.Tensor] = {p.output: middle(f, Jf.unsqueeze(0))[0]}
+        del Jf
         for step in reversed(p.steps):
             u = message.pop(step.node, None)
             if u is None:
                 continue
             _backward(step, {k: (None if n is None else value[n]) for k, n in step.inputs.items()},
-                      {k: (None if n is None else tangent.get(n) is not None) for k, n in step.inputs.items()},
+                      {k: n is not None and n in carrying for k, n in step.inputs.items()},
                       u, saved, step.inputs, p.params, message, out)
 
 
@@ -263,7 +267,7 @@ def _tangent(step: Step, args: dict[str, Any], tans: dict[str, Any], z: torch.Te
     return None if t is None else step.op.forward(t, **step.attrs)
 
 
-def _backward(step: Step, args: dict[str, Any], carries: dict[str, bool | None], u: torch.Tensor,
+def _backward(step: Step, args: dict[str, Any], carries: dict[str, bool], u: torch.Tensor,
               saved: dict[str, Any], inputs: dict[str, str | None], param_of: dict[str, str],
               message: dict[str, torch.Tensor], out: ParamSlices) -> None:
     """Pass ``u`` at the step's output to its inputs: messages to data inputs that carry a tangent,
