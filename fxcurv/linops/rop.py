@@ -30,8 +30,6 @@ Any other op (convolutions, pooling, generic nodes, residual additions) makes :f
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -179,25 +177,17 @@ class ParamSlices:
                 view.zero_()
 
 
-@functools.cache
-def _context(fn: Callable[..., Any], n_messages: int) -> tuple[tuple[str, bool], ...]:
-    """``(name, has a default)`` of ``fn``'s arguments after its ``n_messages`` messages (read once per
-    function: ``inspect.signature`` at every product cost more than the activations' arithmetic)."""
-    params = list(inspect.signature(fn).parameters.values())[n_messages:]
-    return tuple((p.name, p.default is not inspect.Parameter.empty) for p in params)
-
-
 def _bind(op: OpDef, kind: RuleKind, key: str, n_messages: int, values: dict[str, Any]) -> Callable[..., Any]:
-    """The op's ``kind`` rule for ``key`` with its context arguments bound from ``values`` by name (as
-    :func:`fxcurv.rules.registry.bind`: a name without a value takes its default, or is an error)."""
+    """The op's ``kind`` rule for ``key`` with its context arguments bound from ``values`` by name
+    (:func:`fxcurv.rules.registry.bind`)."""
     rule = registry.TABLES[kind][(op.name, key)]
-    kwargs: dict[str, Any] = {}
-    for name, has_default in _context(rule.fn, n_messages):
+
+    def resolve(name: str) -> Any:
         if name in values:
-            kwargs[name] = values[name]
-        elif not has_default:
-            raise Unresolved(f"rule {rule.label} needs '{name}', which is neither an input, attribute nor "
-                             "output of the op")
+            return values[name]
+        raise Unresolved(name)
+
+    kwargs = registry.bind(rule, resolve, n_messages)
     return lambda *messages: rule.fn(*messages, **kwargs)
 
 
