@@ -70,6 +70,8 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 def fresh(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized contiguous result buffer; huge pages advised where large (module docstring)."""
     t = torch.empty(tuple(shape), dtype=dtype, device=device)
-    if t.numel() * t.element_size() >= MIN_BYTES:
+    # Under torch.compile (the inductor backend) buffers are the compiler's: nothing to advise, and no
+    # system call to trace.
+    if not torch.compiler.is_compiling() and t.numel() * t.element_size() >= MIN_BYTES:
         advise_huge_pages(t)
     return t
