@@ -10,9 +10,11 @@ fresh buffer, 100 ms into a fresh buffer advised ``MADV_HUGEPAGE`` (one fault pe
 pages are ``madvise`` or ``always`` (``/sys/kernel/mm/transparent_hugepage/enabled``), advises the
 2 MiB-aligned interior of a buffer of at least :data:`MIN_BYTES` before anything touches it. The advice
 changes no value and no allocation size (only whole huge pages inside the buffer are advised); where it is
-unavailable or refused, the buffer is returned as it is. (torch's own switch for this,
-``THP_MEM_ALLOC_ENABLE=1``, applies to every allocation of the process and must be set before torch
-allocates anything, so a library cannot use it.)
+unavailable or refused, the buffer is returned as it is. Where the kernel's THP ``defrag`` setting is
+``madvise`` (the default), a fault in an advised range compacts memory when no free huge page is at hand,
+which can cost more than it saves on a fragmented machine: ``fxcurv.buffers.HUGE_PAGES = False`` turns the
+advice off. (torch's own switch for this, ``THP_MEM_ALLOC_ENABLE=1``, applies to every allocation of the
+process and must be set before torch allocates anything, so a library cannot use it.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 HUGE_PAGE = 2 << 20
+# Whether fresh() advises huge pages at all (module docstring).
+HUGE_PAGES = True
 # Below this a buffer has at most a few huge pages: not worth a system call.
 MIN_BYTES = 16 << 20
 _MADV_HUGEPAGE = 14  # linux/mman.h
@@ -72,6 +76,6 @@ def fresh(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tor
     t = torch.empty(tuple(shape), dtype=dtype, device=device)
     # Under torch.compile (the inductor backend) buffers are the compiler's: nothing to advise, and no
     # system call to trace.
-    if not torch.compiler.is_compiling() and t.numel() * t.element_size() >= MIN_BYTES:
+    if HUGE_PAGES and not torch.compiler.is_compiling() and t.numel() * t.element_size() >= MIN_BYTES:
         advise_huge_pages(t)
     return t

@@ -41,3 +41,14 @@ def test_fresh_buffers_and_the_advice():
     with FakeTensorMode():
         fake = torch.empty(buffers.MIN_BYTES, dtype=torch.uint8)
     assert not buffers.advise_huge_pages(fake)
+
+
+def test_the_advice_can_be_turned_off(monkeypatch):
+    given: list[int] = []
+    monkeypatch.setattr(buffers, "advise_huge_pages", lambda t: given.append(t.numel()) or True)
+    n = buffers.MIN_BYTES // 4
+    buffers.fresh((n,), torch.float32, torch.device("cpu"))
+    buffers.fresh((n - 1,), torch.float32, torch.device("cpu"))  # below the size: no advice
+    monkeypatch.setattr(buffers, "HUGE_PAGES", False)
+    buffers.fresh((n,), torch.float32, torch.device("cpu"))
+    assert given == [n]
