@@ -22,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's fxcurv, not the installed one
 
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402

@@ -30,9 +30,11 @@ from ..trace import Traced
 # Columns of a matrix ``V [P, K]`` multiplied in one vectorized pass over the data (torch.func.vmap over
 # columns): each column carries its own activation-sized tangents and cotangents through the network, so
 # memory grows with the chunk. Measured (benchmarks/linops.py --columns 16, one thread, N = 128): 16
-# columns at once take 0.69x the time of 16 single products on the MNIST MLP, but 1.45x on the c3d3, at
-# 6x the memory (1.46 GB against 0.24 GB: torch's vmap of a convolution with batched weight tangents).
-# Products column by column are the default; chunk=16 pays off on MLPs.
+# columns at once take 1.45x the time of 16 single products on the c3d3, at 6x the memory (1.46 GB
+# against 0.24 GB: torch's vmap of a convolution with batched weight tangents); on the MNIST MLP 0.69x
+# of torch.func's single products, and 0.79x of those by the program's own ops (fxcurv.linops.rop;
+# measured on a loaded machine). Products column by column are the default; chunk=16 pays off a little
+# on MLPs.
 DEFAULT_CHUNK = 1
 
 Batch = tuple[Any, Any]

@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from .. import gram as gram_products
+from ..buffers import fresh
 from ..errors import UnsupportedOpError
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
@@ -459,8 +460,12 @@ def transposed_grad_weight(g, x, weight, stride, padding, output_padding, dilati
 
 @_rule(RuleKind.GRAD, "bias", ops=_BOTH)
 def grad_bias(g):
-    """HBP Sec. D.4 (bias): ``J_b = 1_P (x) I``, a sum over output positions (and samples)."""
-    return g.sum(dim=(0,) + tuple(range(2, g.dim())))
+    """HBP Sec. D.4 (bias): ``J_b = 1_P (x) I``, a sum over output positions (and samples).
+
+    Positions first, over the contiguous inner dims, then samples: torch's one reduction over the
+    non-adjacent dims ``(0, 2, 3)`` took 6x as long (6 ms against 1 ms for c3d3's ``[128, 64, 28, 28]``,
+    one thread)."""
+    return g.sum(dim=tuple(range(2, g.dim()))).sum(0) if g.dim() > 2 else g.sum(0)
 
 
 @_rule(RuleKind.DIAG_DIAG, "weight")
@@ -487,9 +492,10 @@ def _per_sample_from_cols(v, cols, weight_shape, groups):
     """``[*lead, N, *W]`` from ``v [*lead, N, C_out, *Y]`` and ``cols = [[X]]`` (grouped)."""
     batch = v.shape[:v.dim() - 1 - (len(weight_shape) - 2)]
     vg = v.reshape(batch + (groups, weight_shape[0] // groups, -1))
-    # The sum over output positions p happens inside the contraction, before any square is taken.
-    out = torch.einsum("...ngop,ngip->...ngoi", vg, cols)
-    return out.reshape(batch + tuple(weight_shape))
+    # The sum over output positions p happens inside the contraction, before any square is taken; the
+    # result, N kernels, goes into one fresh buffer with huge pages advised (fxcurv.buffers).
+    out = fresh(vg.shape[:-1] + (cols.shape[-2],), torch.result_type(vg, cols), vg.device)
+    return torch.matmul(vg, cols.mT, out=out).reshape(batch + tuple(weight_shape))
 
 
 @_rule(RuleKind.PER_SAMPLE, "weight")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..buffers import fresh
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
 from ..targets import Left, Reduction
@@ -114,9 +115,15 @@ def linear_diag_diag_bias(d):
 
 @op.per_sample("weight")
 def linear_per_sample_weight(v, x):
-    """Per-sample ``J_W^T v``: ``[*lead, N, out, in]``, summed over ``mid``."""
+    """Per-sample ``J_W^T v``: ``[*lead, N, out, in]``, ``v_n^T x_n`` summed over ``mid`` (for ``[N, in]``
+    inputs the outer products ``v_n x_n^T``), written into one fresh buffer (:func:`fxcurv.buffers.fresh`:
+    the result is large, ``N`` weight matrices, and writing it costs more than computing it)."""
     lead = v.dim() - x.dim()
-    return torch.einsum("...nmo,nmi->...noi", _flat(v, lead), _flat(x, 0))
+    vf, xf = _flat(v, lead), _flat(x, 0)
+    out = fresh(vf.shape[:-2] + (vf.shape[-1], xf.shape[-1]), torch.result_type(vf, xf), vf.device)
+    if xf.shape[-2] == 1:  # one position: outer products
+        return torch.mul(vf.squeeze(-2).unsqueeze(-1), xf.squeeze(-2).unsqueeze(-2), out=out)
+    return torch.matmul(vf.transpose(-1, -2), xf, out=out)
 
 
 @op.per_sample("bias")

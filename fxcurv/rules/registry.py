@@ -35,6 +35,7 @@ table refuses a second registration under the same key.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,15 @@ class Rule:
 
     def context_names(self, n_messages: int) -> list[str]:
         """Names of the context arguments after the ``n_messages`` message arguments."""
-        return list(inspect.signature(self.fn).parameters)[n_messages:]
+        return list(signature(self.fn).parameters)[n_messages:]
+
+
+@functools.cache
+def signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, read once per rule function: binding rules by name at every call (the
+    loss rules in every product of :mod:`fxcurv.linops`) would otherwise spend more time in ``inspect``
+    than in the rules' arithmetic on small tensors."""
+    return inspect.signature(fn)
 
 
 # ---- tables ----------------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ def bind(rule: Rule, resolve: Callable[[str], Any], n_messages: int) -> dict[str
     """Keyword arguments of ``rule`` after its ``n_messages`` messages, each looked up by name with
     ``resolve`` (which raises :class:`Unresolved` for names it does not know); an unknown name takes
     the function's default or is an error. The compiler and the tests bind rules through this."""
-    params = inspect.signature(rule.fn).parameters
+    params = signature(rule.fn).parameters
     kwargs: dict[str, Any] = {}
     for name in rule.context_names(n_messages):
         try:

@@ -16,6 +16,7 @@ from torch import nn
 import fxcurv
 from fxcurv import linops
 from fxcurv.errors import InputError, UnsupportedOpError
+from fxcurv.linops import rop
 
 DT = torch.float64
 C = 3  # classes / output width
@@ -38,7 +39,17 @@ def tied() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), SharedTwice(5, "sigmoid"), nn.Linear(5, C))
 
 
+def sequence() -> nn.Module:
+    """Linear layers on ``[N, T, in]`` inputs, a bias-free layer, a frozen layer, an attribute-taking
+    activation: the program's own ops (:mod:`fxcurv.linops.rop`) with every case of their tangents."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.GELU(approximate="tanh"), nn.Linear(5, 3, bias=False), nn.Flatten(),
+                          nn.Softplus(beta=2.0), nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, C))
+    model[5].requires_grad_(False)
+    return model
+
+
 NETS = {"mlp": (mlp, (4,)), "cnn": (cnn, (2, 4, 4)), "residual": (residual, (4,)), "tied": (tied, (4,))}
+LINEAR_NETS = {"mlp": (mlp, (4,)), "tied": (tied, (4,)), "sequence": (sequence, (2, 4))}
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,7 @@ LOSSES = {
 
 
 def setup(net: str, loss: str, sizes=(4, 3), seed: int = 0):
-    build, in_shape = NETS[net]
+    build, in_shape = {**NETS, **LINEAR_NETS}[net]
     torch.manual_seed(seed)
     model = build().to(DT)
     g = torch.Generator().manual_seed(seed + 1)
@@ -147,6 +158,38 @@ def test_operators_on_unequal_batches_equal_the_concatenated_data_set(net, loss)
         assert op.shape == (P, P) and op.dtype == DT
         torch.testing.assert_close(op @ V, ref @ V, rtol=1e-10, atol=1e-12, msg=lambda m, c=cls: f"{c.__name__}: {m}")
         torch.testing.assert_close(op @ V[:, 0], ref @ V[:, 0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", sorted(LINEAR_NETS))
+def test_products_by_the_programs_own_ops_equal_the_dense_matrices(net):
+    """Nets of linear layers, activations and reshapes take :mod:`fxcurv.linops.rop` (the plan exists; a
+    convolution or a residual addition does not have one), column by column, over unequal batches, for
+    every parameter and a subset; GGN, EF and MC Fisher (whose products share the path) against dense
+    references. The frozen layer of ``sequence`` gets no tangent but passes messages."""
+    model, batches = setup(net, "ce_mean")
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss())
+    assert all(rop.plan(engine.program(x, y)) is not None for x, y in batches)
+    x, y = concatenated(batches)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    subset = names[-1:] + names[:2]
+    g = torch.Generator().manual_seed(4)
+    for params in (None, subset):
+        wanted = names if params is None else subset
+        P = sum(dict(model.named_parameters())[n].numel() for n in wanted)
+        V = torch.randn(P, 3, generator=g, dtype=DT)
+        for op, ref in ((linops.GGN(engine, batches, params=params), dense_ggn(model, nn.CrossEntropyLoss(), x, y,
+                                                                               wanted)),
+                        (linops.EmpiricalFisher(engine, batches, params=params), dense_ef(model, LOSSES["ce_mean"], x,
+                                                                                          y, wanted))):
+            torch.testing.assert_close(op @ V, ref @ V, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(op @ V[:, 1], ref @ V[:, 1], rtol=1e-10, atol=1e-12)
+    # The MC Fisher's draws are the same on both paths: chunk=2 runs the autograd path.
+    mc, mc_autograd = (linops.MCFisher(engine, batches, seed=3, chunk=c) for c in (1, 2))
+    V = torch.randn(mc.shape[0], 2, generator=g, dtype=DT)
+    torch.testing.assert_close(mc @ V, mc_autograd @ V, rtol=1e-10, atol=1e-12)
+    for other in ("cnn", "residual"):
+        model, batches = setup(other, "ce_mean")
+        assert rop.plan(fxcurv.compile(model, nn.CrossEntropyLoss()).program(*batches[0])) is None
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

@@ -316,3 +316,26 @@ def test_functional_nd_pools_are_exact():
     model = FunctionalPools().to(DT)
     x = torch.randn(3, 2, 3, 6, dtype=DT)
     check_end_to_end(model, nn.CrossEntropyLoss(), x, torch.tensor([0, 2, 1]))
+
+
+@pytest.mark.parametrize(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), [
+    (3, 2, 0, 1, False),  # the c3d3's pools
+    ((3, 2), (1, 2), 1, 1, False),
+    (2, 2, 0, 2, True),
+    (3, 2, 1, 1, True),
+])
+def test_max_pool2d_channels_last_route_equals_the_contiguous_kernel(kernel_size, stride, padding, dilation,
+                                                                      ceil_mode):
+    """The saving forward's channels-last route (CPU, >= 16 channels) gives the contiguous kernel's values
+    and indices exactly, on inputs full of ties (integers in {0, 1, 2} and -inf) where a different scan
+    order would pick another argmax."""
+    from fxcurv.rules import pooling
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (3, 16, 9, 11), generator=g).to(torch.float64)
+    x[:, :, ::4] = -float("inf")
+    assert pooling.channels_last_pays(x) and not pooling.channels_last_pays(x[:, :3].contiguous())
+    out, idx = pooling.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+    ref_out, ref_idx = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+    assert out.is_contiguous() and idx.is_contiguous()
