@@ -136,6 +136,10 @@ Canonicalizer = Callable[..., Optional["Match"]]
 MODULE_SOURCES: dict[type, tuple[OpDef, Canonicalizer]] = {}
 FUNCTION_SOURCES: dict[Any, tuple[OpDef, Canonicalizer]] = {}
 METHOD_SOURCES: dict[str, tuple[OpDef, Canonicalizer]] = {}
+# Calls returning several tensors whose outputs, picked one at a time (``q, k, v = h.chunk(3, -1)``), are
+# each one op node: torch source -> (op, canonicalizer ``canon(node, args, pick) -> Match | None``).
+OUTPUT_FUNCTION_SOURCES: dict[Any, tuple[OpDef, Canonicalizer]] = {}
+OUTPUT_METHOD_SOURCES: dict[str, tuple[OpDef, Canonicalizer]] = {}
 
 
 def _register(table: dict, key: Any, value: Any, what: str) -> None:
@@ -313,6 +317,28 @@ class OpDef:
 
         return deco
 
+    def output_function(self, *fns: Any) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args, pick: int) -> Match`` for output ``pick`` of ``call_function``
+        nodes returning several tensors (``torch.split``): each output its users pick is one op node."""
+
+        def deco(fn: Fn) -> Fn:
+            for f in fns:
+                _register(OUTPUT_FUNCTION_SOURCES, f, (self, fn), "output function source")
+            return fn
+
+        return deco
+
+    def output_method(self, *names: str) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args, pick: int) -> Match`` for output ``pick`` of ``call_method``
+        nodes returning several tensors (``h.chunk(3, -1)``); ``args(0)`` is the tensor."""
+
+        def deco(fn: Fn) -> Fn:
+            for n in names:
+                _register(OUTPUT_METHOD_SOURCES, n, (self, fn), "output method source")
+            return fn
+
+        return deco
+
     # ---- rules ---------------------------------------------------------------------------------
     def rule(self, kind: RuleKind, key: str, label: str | None = None, *also: str,
              **fusion: Any) -> Callable[[Fn], Fn]:
@@ -462,6 +488,10 @@ def supported_sources() -> str:
         by_op.setdefault(op.name, []).append(source_name(f))
     for m, (op, _) in METHOD_SOURCES.items():
         by_op.setdefault(op.name, []).append(f"Tensor.{m}")
+    for f, (op, _) in OUTPUT_FUNCTION_SOURCES.items():
+        by_op.setdefault(op.name, []).append(f"{source_name(f)}(...)[i]")
+    for m, (op, _) in OUTPUT_METHOD_SOURCES.items():
+        by_op.setdefault(op.name, []).append(f"Tensor.{m}(...)[i]")
     lines = [f"{name}: {', '.join(sorted(set(srcs)))}" for name, srcs in sorted(by_op.items())]
     return "\n  ".join(lines)
 
