@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 
@@ -64,7 +64,7 @@ class NewAxis(NamedTuple):
         return None
 
 
-Entry = Union[Span, Take, NewAxis]
+Entry = Span | Take | NewAxis
 
 
 def _torch_index(index: Sequence[Entry]) -> tuple[Any, ...]:
