@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import identity as identity_rules
 from . import reshape as reshape_rules
 from .bilinear import computed_from_input
 from .registry import Match, define_op, example
@@ -200,10 +201,15 @@ def _from_select_method(node, a):
 @op.function(_aten.slice.Tensor)
 def _from_aten_slice(node, a):
     """``aten.slice.Tensor(x, dim, start, end, step)`` (``end`` may be ``2**63 - 1``: to the end)."""
+    x, dim = a(0, "self"), a(1, "dim", 0)
     start, end, step = a(2, "start", None), a(3, "end", None), a(4, "step", 1)
     if not all(v is None or isinstance(v, int) for v in (start, end, step)):
         return None
-    return _along(a(0, "self"), a(1, "dim", 0), slice(start, end, step))
+    val = example(x)
+    whole = start in (None, 0) and step in (None, 1) and (end is None or (val is not None and end >= val.shape[0]))
+    if dim == 0 and val is not None and whole:
+        return Match({"x": x}, op=identity_rules.op)  # x[:] of the batch axis, as export writes ``x[:, 2:]``
+    return _along(x, dim, slice(start, end, step))
 
 
 # ---- unsqueeze / squeeze: reshapes of the per-sample axes -------------------------------------------

@@ -1,0 +1,159 @@
+"""Slicing, indexing, split/chunk/unbind and concatenation as hand ops (``index``, ``cat``; ``unsqueeze`` /
+``squeeze`` as ``reshape``) on tiny models, float64, exact against torch.func (``tests/reference.py``): an
+attention block whose ``q, k, v`` are the three chunks of one linear layer (one tensor sliced three times:
+the messages of the three picks are summed upstream) and whose class token ``h[:, 0]`` goes to the head,
+two branches concatenated and stacked, strided slices, ``split`` / ``narrow`` / ``unsqueeze``. HesScale
+through the hand ops equals HesScale with the same calls left to the generic rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import reference as ref
+import torch
+from torch import nn
+
+import fxcurv
+from fxcurv.rules import registry
+
+DT = torch.float64
+RTOL = 1e-9
+HAND_OPS = ("index", "cat")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class ChunkedAttention(nn.Module):
+    """``q, k, v = linear(x).chunk(3, -1)``, one attention head, the first token (``h[:, 0]``) to the head."""
+
+    def __init__(self, d: int = 4, classes: int = 3):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # [N, T, d]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.head((scores @ v)[:, 0])
+
+
+class Branches(nn.Module):
+    """Two branches concatenated (``torch.cat``) and stacked then unbound, strided and negative slices."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [N, 4]
+        a, b = torch.tanh(self.a(x)), torch.sigmoid(self.b(x))
+        joined = torch.cat([a, b], dim=1)  # [N, 12]
+        u, w = torch.stack([a, b], dim=1).unbind(1)  # [N, 6] each
+        mixed = torch.tanh(u + w)
+        return self.head(torch.cat([joined[:, ::3], mixed[..., -4:]], -1))  # [N, 4 + 4]
+
+
+class SplitNarrow(nn.Module):
+    """``torch.split`` by sizes, ``narrow``, ``select``, ``x[:, None]`` and ``unsqueeze`` / ``squeeze``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 7)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):  # [N, 2, 3]
+        p1, p2, p3 = torch.split(self.inp(x), [2, 3, 2], dim=2)  # [N, 2, 2], [N, 2, 3], [N, 2, 2]
+        h = torch.cat([torch.tanh(p1), p2.narrow(2, 1, 2), torch.sigmoid(p3)], dim=-1)  # [N, 2, 6]
+        h = torch.cat([h[:, None, 0], h.select(1, 1).unsqueeze(1)], dim=1).squeeze(1)  # [N, 2, 6]
+        return self.head(torch.tanh(h)[:, 1] + h[:, 0])
+
+
+MODELS = {
+    "chunked_attention": (ChunkedAttention, (3, 4, 4)),
+    "branches": (Branches, (3, 4)),
+    "split_narrow": (SplitNarrow, (3, 2, 3)),
+}
+# The hand ops each model's program must show.
+USES = {"chunked_attention": ("index",), "branches": ("index", "cat"), "split_narrow": ("index", "cat", "reshape")}
+
+
+def _uses_hand_ops(name: str, listing: str) -> None:
+    for op in USES[name]:
+        assert f"= {op}(" in listing, f"{name}: no {op} node"
+    assert "generic(" not in listing, f"{name}: a slicing call was left to the generic rule"
+
+
+def _build(name: str):
+    torch.manual_seed(sum(map(ord, name)))
+    make, shape = MODELS[name]
+    model = make().to(DT)
+    x = torch.randn(*shape, dtype=DT)
+    return model, x, torch.randint(0, 3 if name != "split_narrow" else 2, (shape[0],)), nn.CrossEntropyLoss()
+
+
+def _without_hand_ops(monkeypatch) -> None:
+    """Remove the sources of the slicing ops: their calls become generic nodes again."""
+    for table in (registry.FUNCTION_SOURCES, registry.METHOD_SOURCES, registry.OUTPUT_FUNCTION_SOURCES,
+                  registry.OUTPUT_METHOD_SOURCES):
+        for key, (op, _) in list(table.items()):
+            if op.name in HAND_OPS:
+                monkeypatch.delitem(table, key)
+
+
+def _assert_close(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        scale = float(value.abs().max())
+        assert scale > 0, f"{what}[{name}]: the reference vanishes"
+        err = float((got[name] - value).abs().max()) / scale
+        assert err < RTOL, f"{what}[{name}]: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_slicing_exact(name):
+    model, x, y, loss = _build(name)
+    engine = fxcurv.compile(model, loss, quantities=("diag_ggn", "diag_hessian"))
+    out = engine(x, y)
+    listing = engine.listing()
+    _uses_hand_ops(name, listing)
+    _assert_close(out.grad, ref.grad(model, loss, x, y), "grad")
+    _assert_close(out["diag_ggn"], ref.diag_ggn(model, loss, x, y), "diag_ggn")
+    _assert_close(out["diag_hessian"], ref.diag_hessian(model, loss, x, y), "diag_hessian")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_slicing_hesscale_equals_generic_rule(name, monkeypatch):
+    """HesScale through ``index`` / ``cat`` equals HesScale with those calls as generic nodes (both pass the
+    exact diagonal ``S^T d`` of an index map), and is exact on the last layer (HesScale's claim)."""
+    model, x, y, loss = _build(name)
+    hand = fxcurv.compile(model, loss, quantities=("hesscale",))(x, y)["hesscale"]
+    exact = ref.diag_hessian(model, loss, x, y)
+    _assert_close({k: hand[k] for k in ("head.weight", "head.bias")},
+                  {k: exact[k] for k in ("head.weight", "head.bias")}, "hesscale (last layer)")
+    _without_hand_ops(monkeypatch)
+    engine = fxcurv.compile(model, loss, quantities=("hesscale",))
+    generic = engine(x, y)["hesscale"]
+    assert "= index(" not in engine.listing() and "= cat(" not in engine.listing()
+    _assert_close(hand, generic, "hesscale (hand vs generic)")
+
+
+@pytest.mark.parametrize("name", ["chunked_attention", "branches"])
+def test_slicing_under_aten_capture(name):
+    """``capture="aten"``: ``aten.split``/``chunk`` + getitem, ``aten.select``, ``aten.slice``, ``aten.cat``,
+    ``aten.stack`` / ``aten.unbind`` are the same hand ops, exact."""
+    model, x, y, loss = _build(name)
+    engine = fxcurv.compile(model, loss, quantities=("diag_ggn",), capture="aten")
+    out = engine(x, y)
+    listing = engine.listing()
+    _uses_hand_ops(name, listing)
+    _assert_close(out.grad, ref.grad(model, loss, x, y), "grad")
+    _assert_close(out["diag_ggn"], ref.diag_ggn(model, loss, x, y), "diag_ggn")
