@@ -157,3 +157,35 @@ def test_slicing_under_aten_capture(name):
     _uses_hand_ops(name, listing)
     _assert_close(out.grad, ref.grad(model, loss, x, y), "grad")
     _assert_close(out["diag_ggn"], ref.diag_ggn(model, loss, x, y), "diag_ggn")
+
+
+def _tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a result's ``to_dict()``, by path."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    else:
+        return {}
+    found: dict[str, torch.Tensor] = {}
+    for key, item in items:
+        found.update(_tensors(item, f"{prefix}/{key}"))
+    return found
+
+
+@pytest.mark.parametrize("name", ["chunked_attention", "split_narrow"])
+def test_slicing_factor_quantities_equal_generic_rule(name, monkeypatch):
+    """Messages with leading axes (factor columns ``[K, N, ...]``, per-sample gradients) and the Kronecker
+    factors pass the hand ops as they pass the generic rule."""
+    model, x, y, loss = _build(name)
+    quantities = ("batch_grad", "sqrt_ggn", "kflr")
+    hand = _tensors(fxcurv.compile(model, loss, quantities=quantities)(x, y).to_dict())
+    _without_hand_ops(monkeypatch)
+    generic = _tensors(fxcurv.compile(model, loss, quantities=quantities)(x, y).to_dict())
+    assert set(hand) == set(generic) and len(hand) > 4
+    for path, value in generic.items():
+        scale = float(value.abs().max())
+        err = float((hand[path] - value).abs().max()) / max(scale, 1e-300)
+        assert err < RTOL or scale == 0 == float(hand[path].abs().max()), f"{name}: {path} error {err:.2e}"

@@ -154,6 +154,8 @@ class _Builder:
                     "buffer or a frozen tensor), shared by all samples")
         if op.alias:
             return args[0]
+        while op.drops_absent_tail and args and args[-1] is None:
+            args = args[:-1]
         new = self.graph.call_function(op.forward, args, dict(match.attrs))
         set_value(new, old.meta.get("val") if picked is None else picked)
         set_info(new, op=op.name, source=_source(old, self.gm))

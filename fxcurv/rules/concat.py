@@ -35,7 +35,7 @@ def cat(*xs, dim, sizes, stack):
     return torch.stack(parts, dim) if stack else torch.cat(parts, dim)
 
 
-op = define_op("cat", "concat", cat, inputs=INPUTS)
+op = define_op("cat", "concat", cat, inputs=INPUTS, drops_absent_tail=True)
 
 
 # ---- canonicalization ------------------------------------------------------------------------------

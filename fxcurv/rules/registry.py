@@ -276,6 +276,9 @@ class OpDef:
     # A variadic op (the generic rule) takes any number of tensor inputs, each of which may be data,
     # a parameter or a constant; which one is known per node, not per op.
     variadic: bool = False
+    # An op with a fixed list of input slots of which a node uses the first few (``cat``): its nodes leave out
+    # the absent inputs after the last present one, so that programs list only what the call joins.
+    drops_absent_tail: bool = False
     # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
     # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
     applies: Callable[[Any, RuleKind, str], bool] | None = None

@@ -48,6 +48,9 @@ class Span(NamedTuple):
     def torch_index(self) -> slice:
         return slice(self.start, self.stop, self.step)
 
+    def __repr__(self) -> str:  # how program listings show it
+        return f"{self.start}:{self.stop}" + (f":{self.step}" if self.step != 1 else "")
+
 
 class Take(NamedTuple):
     """An integer index of one per-sample axis (``select``): the axis disappears; ``position >= 0``."""
@@ -57,12 +60,18 @@ class Take(NamedTuple):
     def torch_index(self) -> int:
         return self.position
 
+    def __repr__(self) -> str:
+        return str(self.position)
+
 
 class NewAxis(NamedTuple):
     """``None`` in an index: a new axis of size one in the output; reads no axis of ``x``."""
 
     def torch_index(self) -> None:
         return None
+
+    def __repr__(self) -> str:
+        return "None"
 
 
 Entry = Span | Take | NewAxis
