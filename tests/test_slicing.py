@@ -9,6 +9,7 @@ through the hand ops equals HesScale with the same calls left to the generic rul
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import reference as ref
@@ -189,3 +190,59 @@ def test_slicing_factor_quantities_equal_generic_rule(name, monkeypatch):
         scale = float(value.abs().max())
         err = float((hand[path] - value).abs().max()) / max(scale, 1e-300)
         assert err < RTOL or scale == 0 == float(hand[path].abs().max()), f"{name}: {path} error {err:.2e}"
+
+
+class _Value:
+    """Stands for a traced value: its example (``meta["val"]``), computed from the input."""
+
+    def __init__(self, val: torch.Tensor):
+        self.meta = {"val": val}
+
+
+def _random_key(gen: random.Random, ndim: int) -> tuple:
+    """A basic index of ``[N, *s]`` that takes the batch whole: slices (steps, negative and out-of-range
+    bounds), integers (negative too), ``None``, at most one ``Ellipsis``."""
+    entries: list = []
+    for _ in range(ndim - 1):
+        kind = gen.choice(("slice", "slice", "int", "none", "skip"))
+        if kind == "slice":
+            entries.append(slice(gen.choice((None, -7, -2, 0, 1, 3)), gen.choice((None, -1, 2, 4, 9)),
+                                 gen.choice((None, 1, 2, 3))))
+        elif kind == "int":
+            entries.append(gen.choice((0, 1, -1, 2)))
+        elif kind == "none":
+            entries.append(None)
+    if gen.random() < 0.5:
+        entries.insert(gen.randrange(len(entries) + 1), Ellipsis)
+    return (slice(None), *entries)
+
+
+def test_random_basic_indices_equal_torch():
+    """Random basic indices: the canonical ``index`` op computes ``x[key]``, and its ``jac_t`` / ``diag`` equal
+    ``torch.func.vjp`` of ``x -> x[key]`` (the diagonal: of the squared Jacobian, ``S`` binary), with two leading
+    message axes."""
+    from torch.func import vjp
+
+    from fxcurv.rules import slicing
+
+    gen = random.Random(0)
+    x = torch.randn(2, 3, 4, 5, dtype=DT)
+    checked = 0
+    for _ in range(300):
+        key = _random_key(gen, x.dim())
+        try:
+            want = x[key]
+        except IndexError:
+            continue  # an integer out of range: torch refuses it
+        match = slicing._entries(_Value(x), key)
+        assert match is not None, key
+        got = slicing.index(x, **match.attrs)
+        assert torch.equal(got, want), key
+        v = torch.randn((2,) + tuple(want.shape), dtype=DT)
+        _, pull = vjp(lambda t: t[key], x)
+        expected = torch.stack([pull(v_k)[0] for v_k in v])
+        assert torch.equal(slicing.index_jac_t(v, **match.attrs), expected), key
+        assert torch.equal(slicing.index_diag(v.abs(), **match.attrs), torch.stack(
+            [pull(v_k)[0] for v_k in v.abs()])), key
+        checked += 1
+    assert checked > 200
