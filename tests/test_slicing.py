@@ -239,7 +239,7 @@ def test_random_basic_indices_equal_torch():
         got = slicing.index(x, **match.attrs)
         assert torch.equal(got, want), key
         v = torch.randn((2,) + tuple(want.shape), dtype=DT)
-        _, pull = vjp(lambda t: t[key], x)
+        _, pull = vjp(lambda t, k=key: t[k], x)
         expected = torch.stack([pull(v_k)[0] for v_k in v])
         assert torch.equal(slicing.index_jac_t(v, **match.attrs), expected), key
         assert torch.equal(slicing.index_diag(v.abs(), **match.attrs), torch.stack(
