@@ -21,7 +21,7 @@ from fxcurv.rules import registry
 
 DT = torch.float64
 RTOL = 1e-9
-HAND_OPS = ("index", "cat")
+HAND_OPS = ("index", "cat", "index_select")
 
 
 @pytest.fixture(autouse=True)
@@ -78,13 +78,30 @@ class SplitNarrow(nn.Module):
         return self.head(torch.tanh(h)[:, 1] + h[:, 0])
 
 
+class PickedTokens(nn.Module):
+    """``h[:, idx]`` and ``index_select`` with constant index vectors (buffers) that repeat and reorder."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.head = nn.Linear(9, 3)
+        self.register_buffer("tokens", torch.tensor([2, 0, 2]))
+        self.register_buffer("features", torch.tensor([3, 1, 1]))
+
+    def forward(self, x):  # [N, 3, 3]
+        h = torch.tanh(self.inp(x))[:, self.tokens]  # [N, 3, 4]
+        return self.head(torch.sigmoid(h.index_select(2, self.features)).flatten(1))
+
+
 MODELS = {
     "chunked_attention": (ChunkedAttention, (3, 4, 4)),
     "branches": (Branches, (3, 4)),
     "split_narrow": (SplitNarrow, (3, 2, 3)),
+    "picked_tokens": (PickedTokens, (3, 3, 3)),
 }
 # The hand ops each model's program must show.
-USES = {"chunked_attention": ("index",), "branches": ("index", "cat"), "split_narrow": ("index", "cat", "reshape")}
+USES = {"chunked_attention": ("index",), "branches": ("index", "cat"), "split_narrow": ("index", "cat", "reshape"),
+        "picked_tokens": ("index_select",)}
 
 
 def _uses_hand_ops(name: str, listing: str) -> None:
@@ -147,7 +164,7 @@ def test_slicing_hesscale_equals_generic_rule(name, monkeypatch):
     _assert_close(hand, generic, "hesscale (hand vs generic)")
 
 
-@pytest.mark.parametrize("name", ["chunked_attention", "branches"])
+@pytest.mark.parametrize("name", ["chunked_attention", "branches", "picked_tokens"])
 def test_slicing_under_aten_capture(name):
     """``capture="aten"``: ``aten.split``/``chunk`` + getitem, ``aten.select``, ``aten.slice``, ``aten.cat``,
     ``aten.stack`` / ``aten.unbind`` are the same hand ops, exact."""

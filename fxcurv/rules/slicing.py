@@ -16,8 +16,14 @@ entry), so (HBP Sec. D.2, the transpose of padding)
 * HesScale eq. 8, ``(J o J)^T d = (S o S)^T d = S^T d``: ``S`` is binary, so the diagonal is scattered alike;
 * no second-order term: ``z`` is linear in ``x`` (``d2 z / dx2 = 0``), so the op has no residual rule.
 
-An index that touches the batch axis (``x[0]``, ``x[1:]``), a step that is not positive, a tensor or boolean
-index (advanced indexing) is left to the generic rule (``None``), which refuses what mixes samples.
+A second op, ``index_select``, takes one constant integer vector along a per-sample axis (``x[:, idx]``,
+``x.index_select(d, idx)``, ATen ``aten.index_select.default`` / ``aten.index.Tensor``): ``S`` has one 1 per row,
+and a column per repetition of an input row, so ``J^T v = S^T v`` adds the picked slices back (an index-add)
+and, ``S`` being binary, the HesScale diagonal alike.
+
+An index that touches the batch axis (``x[0]``, ``x[1:]``), a step that is not positive, a boolean index, an
+index tensor computed from the input or several index tensors are left to the generic rule (``None``), which
+refuses what mixes samples.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx as fx
 
 from . import identity as identity_rules
 from . import reshape as reshape_rules
@@ -153,14 +160,29 @@ def _along(x: Any, dim: Any, entry: Any) -> Match | None:
     return _entries(x, key)
 
 
+def _getitem(x: Any, key: Any) -> Match | None:
+    """``x[key]``: basic indexing (:func:`_entries`), or one constant index vector at a per-sample axis with
+    every other axis whole (``x[:, idx]``: :func:`_select_rows`)."""
+    items = key if isinstance(key, tuple) else (key,)
+    tensors = [i for i, k in enumerate(items) if example(k) is not None]
+    if not tensors:
+        return _entries(x, key)
+    if len(tensors) != 1 or Ellipsis in items or None in items:
+        return None
+    at = tensors[0]
+    if any(not isinstance(k, slice) or k != slice(None) for i, k in enumerate(items) if i != at):
+        return None
+    return _select_rows(x, at, items[at])
+
+
 @op.function(operator.getitem)
 def _from_getitem(node, a):
-    return _entries(a(0, "a"), a(1, "b"))
+    return _getitem(a(0, "a"), a(1, "b"))
 
 
 @op.method("__getitem__")
 def _from_getitem_method(node, a):
-    return _entries(a(0, "self"), a(1, "key"))
+    return _getitem(a(0, "self"), a(1, "key"))
 
 
 def _narrow(x: Any, dim: Any, start: Any, length: Any) -> Match | None:
@@ -219,6 +241,77 @@ def _from_aten_slice(node, a):
     if dim == 0 and val is not None and whole:
         return Match({"x": x}, op=identity_rules.op)  # x[:] of the batch axis, as export writes ``x[:, 2:]``
     return _along(x, dim, slice(start, end, step))
+
+
+# ---- a constant index vector along one per-sample axis (advanced indexing) -------------------------------
+
+def _select_rows(x: Any, dim: Any, idx: Any) -> Match | None:
+    """``x.index_select(dim, idx)`` as an ``index_select`` match: ``idx`` a one-dimensional integer tensor that
+    is a constant (a buffer, a frozen or literal tensor; not computed from the input), ``dim`` a per-sample
+    axis; ``None`` (the generic rule) otherwise."""
+    val, ival = example(x), example(idx)
+    if val is None or ival is None or not computed_from_input(x) or computed_from_input(idx):
+        return None
+    if isinstance(idx, fx.Node) and idx.op != "get_attr":
+        return None  # computed in forward (from a parameter, a shape): the generic rule decides
+    if ival.dim() != 1 or ival.dtype not in (torch.int64, torch.int32) or not isinstance(dim, int):
+        return None
+    if not -val.dim() <= dim < val.dim() or dim % val.dim() == 0:
+        return None
+    axis = dim % val.dim()
+    return Match({"x": x, "idx": idx}, {"dim": axis - val.dim(), "in_size": int(val.shape[axis])},
+                 op=select_rows)
+
+
+def index_select(x, idx, dim, in_size):
+    return x.index_select(dim % x.dim(), idx)
+
+
+select_rows = define_op("index_select", "slicing", index_select, inputs=("x", "idx"), constants=("idx",))
+
+
+@select_rows.function(torch.index_select, _aten.index_select.default)
+def _from_index_select(node, a):
+    return _select_rows(a(0, "input" if node.target is torch.index_select else "self"), a(1, "dim"),
+                        a(2, "index"))
+
+
+@select_rows.method("index_select")
+def _from_index_select_method(node, a):
+    return _select_rows(a(0, "self"), a(1, "dim"), a(2, "index"))
+
+
+@select_rows.function(_aten.index.Tensor)
+def _from_aten_index(node, a):
+    """``aten.index.Tensor(x, [None, ..., idx])``: export's ``x[:, idx]``."""
+    indices = a(1, "indices")
+    if not isinstance(indices, (tuple, list)) or not indices or indices[-1] is None:
+        return None
+    if any(i is not None for i in indices[:-1]):
+        return None
+    return _select_rows(a(0, "self"), len(indices) - 1, indices[-1])
+
+
+def _scatter_rows(v: torch.Tensor, idx: torch.Tensor, dim: int, in_size: int) -> torch.Tensor:
+    """``S^T v`` for ``z = x.index_select(dim, idx)``: the slices of ``v [*lead, N, *z]`` along ``dim``
+    (negative) added into zeros at rows ``idx`` (a row picked twice receives both)."""
+    shape = list(v.shape)
+    shape[dim] = in_size
+    return v.new_zeros(shape).index_add_(dim % v.dim(), idx, v)
+
+
+@select_rows.jac_t("x", fresh=True)
+def index_select_jac_t(v, idx, dim, in_size):
+    """HBP Sec. D.2 for the selection ``S`` (one 1 per row, columns repeated where ``idx`` repeats):
+    ``J^T v = S^T v``, an index-add."""
+    return _scatter_rows(v, idx, dim, in_size)
+
+
+@select_rows.diag("x", fresh=True)
+def index_select_diag(d, idx, dim, in_size):
+    """HesScale eq. 8: ``S`` is binary, so ``(S o S)^T d = S^T d`` (a row picked twice receives both
+    diagonals)."""
+    return _scatter_rows(d, idx, dim, in_size)
 
 
 # ---- unsqueeze / squeeze: reshapes of the per-sample axes -------------------------------------------

@@ -119,6 +119,7 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "permute": _LINEAR_MAP,
     # index maps (basic indexing, concatenation): a 0/1 selection, no second derivative
     "index": _LINEAR_MAP,
+    "index_select": _LINEAR_MAP,
     "cat": {JAC_T: concat_rules.INPUTS, DIAG: concat_rules.INPUTS},
     # bilinear in two activations: a zero Hessian diagonal (no residual), a joint factor over (a, b)
     "matmul": {JAC_T: ("a", "b"), DIAG: ("a", "b"), RESIDUAL_SQRT: ("a", "b")},
@@ -559,6 +560,17 @@ CASES: list[Case] = [
                                                       9223372036854775807, 2)),
     Case("select_aten", "index", lambda: function_call(torch.ops.aten.select.int, randn(3, 4, 5), 1, 2)),
     Case("narrow_aten", "index", lambda: function_call(torch.ops.aten.narrow.default, randn(3, 4, 5), 2, 0, 4)),
+    # one constant index vector along a per-sample axis (rows picked twice, out of order)
+    Case("index_select_fn", "index_select", lambda: function_call(torch.index_select, randn(3, 4, 5), 2,
+                                                                  torch.tensor([4, 0, 4, 1]))),
+    Case("index_select_method", "index_select", lambda: method_call("index_select", randn(3, 5), 1,
+                                                                    torch.tensor([2, 2, 0]))),
+    Case("index_tensor_getitem", "index_select", lambda: function_call(
+        operator.getitem, randn(3, 4, 2), (slice(None), torch.tensor([3, 1, 3])))),
+    Case("index_select_aten", "index_select", lambda: function_call(torch.ops.aten.index_select.default,
+                                                                    randn(3, 4, 5), -1, torch.tensor([1, 1]))),
+    Case("index_tensor_aten", "index_select", lambda: function_call(
+        torch.ops.aten.index.Tensor, randn(3, 4, 5), [None, None, torch.tensor([0, 4, 0])])),
     # the outputs of chunk / split / unbind / tensor_split, one pick at a time
     Case("chunk_q", "index", lambda: pick_call("chunk", 0, randn(3, 2, 9), 3, -1)),
     Case("chunk_v", "index", lambda: pick_call("chunk", 2, randn(3, 2, 9), 3, dim=-1)),
@@ -891,7 +903,9 @@ def test_case_is_canonical_and_per_sample(case):
     every reference above assumes."""
     c = context(case.id)
     assert {k for k, v in c.inputs.items() if v is None} == set(case.without)
-    assert all(v.dtype == DT for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
+    # float64, but index inputs and integer constants (index_select's index vector)
+    assert all(v.dtype == DT or (k in c.op.constants and not v.is_floating_point())
+               for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
     assert all(not v.is_floating_point() for k, v in c.inputs.items() if v is not None and k in c.op.indices)
     for key, value in c.inputs.items():
         if value is None or not c.op.is_batched(key):
@@ -1271,8 +1285,11 @@ _NO_HAND_RULE = {
     "index_sample": lambda: _canonicalize_function(operator.getitem, randn(3, 5), 0),
     "index_batch_slice": lambda: _canonicalize_function(operator.getitem, randn(3, 5), (slice(1, None), 2)),
     "index_new_axis_first": lambda: _canonicalize_function(operator.getitem, randn(3, 5), None),
-    "index_tensor": lambda: _canonicalize_function(operator.getitem, randn(3, 5),
-                                                   (slice(None), torch.tensor([0, 2]))),
+    "index_tensor_batch": lambda: _canonicalize_function(operator.getitem, randn(3, 5), torch.tensor([0, 2])),
+    "index_two_tensors": lambda: _canonicalize_function(operator.getitem, randn(3, 5, 2),
+                                                        (slice(None), torch.tensor([0, 2]), torch.tensor([1, 0]))),
+    "index_traced_tensor": lambda: _canonicalize_function(operator.getitem, randn(3, 5),
+                                                          (slice(None), randn(2))),
     "index_bool": lambda: _canonicalize_function(operator.getitem, randn(3, 5), (slice(None), True)),
     "narrow_batch": lambda: _canonicalize_function(torch.narrow, randn(3, 5), 0, 0, 2),
     "select_batch": lambda: _canonicalize_function(torch.select, randn(3, 5), -2, 1),
