@@ -420,13 +420,14 @@ def _split(x: Any, split: Any, dim: Any, pick: int, how: Any) -> Match | None:
 @op.output_function(torch.split, _aten.split.Tensor, _aten.split_with_sizes.default)
 def _pick_split(node, a, pick):
     x = a(0, "tensor" if node.target is torch.split else "self")
-    return _split(x, a(1, "split_size_or_sections" if node.target is torch.split else "split_size"),
-                  a(2, "dim", 0), pick, _split_bounds)
+    name = {torch.split: "split_size_or_sections", _aten.split.Tensor: "split_size"}.get(node.target, "split_sizes")
+    return _split(x, a(1, name), a(2, "dim", 0), pick, _split_bounds)
 
 
 @op.output_method("split", "split_with_sizes")
 def _pick_split_method(node, a, pick):
-    return _split(a(0, "self"), a(1, "split_size"), a(2, "dim", 0), pick, _split_bounds)
+    name = "split_size" if node.target == "split" else "split_sizes"
+    return _split(a(0, "self"), a(1, name), a(2, "dim", 0), pick, _split_bounds)
 
 
 @op.output_function(torch.chunk, _aten.chunk.default)

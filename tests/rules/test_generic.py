@@ -577,6 +577,8 @@ CASES: list[Case] = [
     Case("chunk_uneven_fn", "index", lambda: pick_call(torch.chunk, 1, randn(3, 7, 2), 3, 1)),
     Case("split_size_fn", "index", lambda: pick_call(torch.split, 2, randn(3, 7), 3, dim=1)),
     Case("split_sizes_method", "index", lambda: pick_call("split", 1, randn(3, 2, 6), [1, 4, 1], 2)),
+    Case("split_with_sizes_kw", "index", lambda: pick_call("split_with_sizes", 2, randn(3, 6), split_sizes=[3, 1, 2],
+                                                           dim=1)),
     Case("unbind_method", "index", lambda: pick_call("unbind", 1, randn(3, 3, 4), 1)),
     Case("unbind_fn", "index", lambda: pick_call(torch.unbind, -1, randn(3, 4, 2), -1)),
     Case("tensor_split_sections", "index", lambda: pick_call(torch.tensor_split, 2, randn(3, 8), 3, 1)),
