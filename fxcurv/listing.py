@@ -24,6 +24,8 @@ def _label(target: Any) -> str:
 def _fmt(value: Any) -> str:
     if isinstance(value, fx.Node):
         return "%" + value.name
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return repr(value)  # a typed attribute (a named tuple: a norm's layout, an index entry) says what it is
     if isinstance(value, (tuple, list)):
         inner = ", ".join(_fmt(v) for v in value)
         if isinstance(value, tuple):

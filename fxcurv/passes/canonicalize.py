@@ -138,7 +138,7 @@ class _Builder:
             return self.constants[id(value)]
         return value
 
-    def emit(self, op: registry.OpDef, match: registry.Match, old: fx.Node) -> Any:
+    def emit(self, op: registry.OpDef, match: registry.Match, old: fx.Node, picked: Any = None) -> Any:
         missing = [k for k in match.inputs if k not in op.inputs]
         assert not missing, f"canonicalizer of {op.name} returned unknown inputs {missing}"
         if _contains_node(match.attrs):
@@ -154,8 +154,10 @@ class _Builder:
                     "buffer or a frozen tensor), shared by all samples")
         if op.alias:
             return args[0]
+        while op.drops_absent_tail and args and args[-1] is None:
+            args = args[:-1]
         new = self.graph.call_function(op.forward, args, dict(match.attrs))
-        set_value(new, old.meta.get("val"))
+        set_value(new, old.meta.get("val") if picked is None else picked)
         set_info(new, op=op.name, source=_source(old, self.gm))
         return new
 
@@ -287,6 +289,16 @@ class _Builder:
         set_info(new, op=generic_rules.op.name, source=call.source, call=call)
         return new
 
+    def emit_output(self, node: fx.Node, pick: int, value: Any) -> Any:
+        """Output ``pick`` of a call returning several tensors: a hand op where its source has an output
+        canonicalizer that takes it (``h.chunk(3, -1)[0]`` is an ``index`` node), else a generic node."""
+        found = None
+        if not any(isinstance(self.env.get(a), _ParamExpr) for a in node.all_input_nodes):
+            found = _match_output(node, self.gm, self.folded_args(node), pick)
+        if found is None:
+            return self.generic(node, pick=pick, value=value)
+        return self.emit(*found, node, picked=value)
+
     def folded_args(self, node: fx.Node) -> registry.Args:
         """The call's arguments with shape queries replaced by their values (``h.shape[2:]``)."""
         def fold(n: fx.Node) -> Any:
@@ -339,8 +351,7 @@ class _Outputs:
         index = index % len(self.values)
         if index not in self.picked:
             value = self.values[index]
-            self.picked[index] = (None if value is None
-                                  else self.builder.generic(self.node, pick=index, value=value))
+            self.picked[index] = (None if value is None else self.builder.emit_output(self.node, index, value))
         return self.picked[index]
 
     def all(self) -> list[Any]:
@@ -474,6 +485,21 @@ def _match(node: fx.Node, gm: fx.GraphModule, args: registry.Args
     op, canonicalizer = entry
     try:
         match = canonicalizer(node, mod) if node.op == "call_module" else canonicalizer(node, args)
+    except UnsupportedOpError as err:
+        raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
+    return None if match is None else (registry.matched_op(op, match), match)
+
+
+def _match_output(node: fx.Node, gm: fx.GraphModule, args: registry.Args, pick: int
+                  ) -> tuple[registry.OpDef, registry.Match] | None:
+    """The hand-written op for output ``pick`` of the multi-output call ``node``, or ``None``."""
+    entry = (registry.OUTPUT_FUNCTION_SOURCES.get(node.target) if node.op == "call_function" else
+             registry.OUTPUT_METHOD_SOURCES.get(str(node.target)) if node.op == "call_method" else None)
+    if entry is None:
+        return None
+    op, canonicalizer = entry
+    try:
+        match = canonicalizer(node, args, pick)
     except UnsupportedOpError as err:
         raise UnsupportedOpError(f"node {describe(node, gm)}{user_location(node)}: {err}") from err
     return None if match is None else (registry.matched_op(op, match), match)

@@ -145,6 +145,10 @@ Canonicalizer = Callable[..., Optional["Match"]]
 MODULE_SOURCES: dict[type, tuple[OpDef, Canonicalizer]] = {}
 FUNCTION_SOURCES: dict[Any, tuple[OpDef, Canonicalizer]] = {}
 METHOD_SOURCES: dict[str, tuple[OpDef, Canonicalizer]] = {}
+# Calls returning several tensors whose outputs, picked one at a time (``q, k, v = h.chunk(3, -1)``), are
+# each one op node: torch source -> (op, canonicalizer ``canon(node, args, pick) -> Match | None``).
+OUTPUT_FUNCTION_SOURCES: dict[Any, tuple[OpDef, Canonicalizer]] = {}
+OUTPUT_METHOD_SOURCES: dict[str, tuple[OpDef, Canonicalizer]] = {}
 
 
 def _register(table: dict, key: Any, value: Any, what: str) -> None:
@@ -281,6 +285,9 @@ class OpDef:
     # A variadic op (the generic rule) takes any number of tensor inputs, each of which may be data,
     # a parameter or a constant; which one is known per node, not per op.
     variadic: bool = False
+    # An op with a fixed list of input slots of which a node uses the first few (``cat``): its nodes leave out
+    # the absent inputs after the last present one, so that programs list only what the call joins.
+    drops_absent_tail: bool = False
     # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
     # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
     applies: Callable[[Any, RuleKind, str], bool] | None = None
@@ -318,6 +325,28 @@ class OpDef:
         def deco(fn: Fn) -> Fn:
             for n in names:
                 _register(METHOD_SOURCES, n, (self, fn), "method source")
+            return fn
+
+        return deco
+
+    def output_function(self, *fns: Any) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args, pick: int) -> Match`` for output ``pick`` of ``call_function``
+        nodes returning several tensors (``torch.split``): each output its users pick is one op node."""
+
+        def deco(fn: Fn) -> Fn:
+            for f in fns:
+                _register(OUTPUT_FUNCTION_SOURCES, f, (self, fn), "output function source")
+            return fn
+
+        return deco
+
+    def output_method(self, *names: str) -> Callable[[Fn], Fn]:
+        """Register ``canon(node, args: Args, pick: int) -> Match`` for output ``pick`` of ``call_method``
+        nodes returning several tensors (``h.chunk(3, -1)``); ``args(0)`` is the tensor."""
+
+        def deco(fn: Fn) -> Fn:
+            for n in names:
+                _register(OUTPUT_METHOD_SOURCES, n, (self, fn), "output method source")
             return fn
 
         return deco
@@ -471,6 +500,10 @@ def supported_sources() -> str:
         by_op.setdefault(op.name, []).append(source_name(f))
     for m, (op, _) in METHOD_SOURCES.items():
         by_op.setdefault(op.name, []).append(f"Tensor.{m}")
+    for f, (op, _) in OUTPUT_FUNCTION_SOURCES.items():
+        by_op.setdefault(op.name, []).append(f"{source_name(f)}(...)[i]")
+    for m, (op, _) in OUTPUT_METHOD_SOURCES.items():
+        by_op.setdefault(op.name, []).append(f"Tensor.{m}(...)[i]")
     lines = [f"{name}: {', '.join(sorted(set(srcs)))}" for name, srcs in sorted(by_op.items())]
     return "\n  ".join(lines)
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from fxcurv import gram as gram_products
 from fxcurv.errors import UnsupportedOpError
+from fxcurv.rules import concat as concat_rules
 from fxcurv.rules import conv as conv_rules
 from fxcurv.rules import generic as generic_op
 from fxcurv.rules import registry
@@ -120,6 +121,10 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
     "log_softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
     "permute": _LINEAR_MAP,
+    # index maps (basic indexing, concatenation): a 0/1 selection, no second derivative
+    "index": _LINEAR_MAP,
+    "index_select": _LINEAR_MAP,
+    "cat": {JAC_T: concat_rules.INPUTS, DIAG: concat_rules.INPUTS},
     # bilinear in two activations: a zero Hessian diagonal (no residual), a joint factor over (a, b)
     "matmul": {JAC_T: ("a", "b"), DIAG: ("a", "b"), RESIDUAL_SQRT: ("a", "b")},
     "identity": {},  # folded away at canonicalization (alias): no rules
@@ -197,6 +202,8 @@ def _trace_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, torch
             node = _Traced(v)
             tensors[id(node)] = v
             return node
+        if isinstance(v, (tuple, list)):  # torch.cat's sequence of tensors
+            return type(v)(map(standin, v))
         return v
 
     return tuple(map(standin, args)), {k: standin(v) for k, v in kwargs.items()}, tensors
@@ -219,6 +226,17 @@ def method_call(name: str, self_: torch.Tensor, *args: Any, **kwargs: Any) -> Op
     targs, tkwargs, tensors = _trace_args((self_,) + args, kwargs)
     match = canon(_Traced(expected, targs, name), registry.Args(targs, tkwargs))
     return _context(registry.matched_op(op, match), match, tensors, expected)
+
+
+def pick_call(fn: Any, pick: int, *args: Any, **kwargs: Any) -> OpContext:
+    """Output ``pick`` of the multi-output call ``fn(*args, **kwargs)`` (a function, or a method name with
+    the tensor first) through its output canonicalizer (``registry.OUTPUT_*_SOURCES``)."""
+    method = isinstance(fn, str)
+    op, canon = (registry.OUTPUT_METHOD_SOURCES if method else registry.OUTPUT_FUNCTION_SOURCES)[fn]
+    expected = getattr(args[0], fn)(*args[1:], **kwargs) if method else fn(*args, **kwargs)
+    targs, tkwargs, tensors = _trace_args(args, kwargs)
+    match = canon(_Traced(tuple(expected), targs, fn), registry.Args(targs, tkwargs), pick)
+    return _context(registry.matched_op(op, match), match, tensors, expected[pick])
 
 
 def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -529,6 +547,71 @@ CASES: list[Case] = [
     Case("flatten", "reshape", lambda: module_call(nn.Flatten(), randn(3, 2, 3, 2))),
     Case("unflatten", "reshape", lambda: module_call(nn.Unflatten(1, (2, 3)), randn(3, 6))),
     Case("view_method", "reshape", lambda: method_call("view", randn(3, 2, 3, 2), 3, 2, -1)),
+    # basic indexing of the per-sample axes (slices with steps, integers, None, Ellipsis)
+    Case("index_slice", "index", lambda: function_call(operator.getitem, randn(3, 4, 5), (slice(None), slice(1, 3)))),
+    Case("index_token", "index", lambda: function_call(operator.getitem, randn(3, 4, 5), (slice(None), 0))),
+    Case("index_last_token", "index", lambda: function_call(operator.getitem, randn(3, 4, 5), (slice(None), -1))),
+    Case("index_strided_ellipsis", "index", lambda: function_call(
+        operator.getitem, randn(3, 2, 3, 7), (Ellipsis, slice(1, None, 2)))),
+    Case("index_mixed", "index", lambda: function_call(
+        operator.getitem, randn(3, 4, 3, 5), (slice(None), None, slice(None, None, 3), 1, slice(-3, None)))),
+    Case("index_method", "index", lambda: method_call("__getitem__", randn(3, 6), (slice(None), slice(-4, 5)))),
+    Case("narrow_method", "index", lambda: method_call("narrow", randn(3, 4, 5), -1, 1, 3)),
+    Case("narrow_fn", "index", lambda: function_call(torch.narrow, randn(3, 4, 5), 1, -3, 2)),
+    Case("select_method", "index", lambda: method_call("select", randn(3, 4, 5), 2, -2)),
+    Case("select_fn", "index", lambda: function_call(torch.select, randn(3, 4, 5), 1, 3)),
+    Case("slice_aten", "index", lambda: function_call(torch.ops.aten.slice.Tensor, randn(3, 4, 6), 2, 1,
+                                                      9223372036854775807, 2)),
+    Case("select_aten", "index", lambda: function_call(torch.ops.aten.select.int, randn(3, 4, 5), 1, 2)),
+    Case("narrow_aten", "index", lambda: function_call(torch.ops.aten.narrow.default, randn(3, 4, 5), 2, 0, 4)),
+    # one constant index vector along a per-sample axis (rows picked twice, out of order)
+    Case("index_select_fn", "index_select", lambda: function_call(torch.index_select, randn(3, 4, 5), 2,
+                                                                  torch.tensor([4, 0, 4, 1]))),
+    Case("index_select_method", "index_select", lambda: method_call("index_select", randn(3, 5), 1,
+                                                                    torch.tensor([2, 2, 0]))),
+    Case("index_tensor_getitem", "index_select", lambda: function_call(
+        operator.getitem, randn(3, 4, 2), (slice(None), torch.tensor([3, 1, 3])))),
+    Case("index_select_aten", "index_select", lambda: function_call(torch.ops.aten.index_select.default,
+                                                                    randn(3, 4, 5), -1, torch.tensor([1, 1]))),
+    Case("index_tensor_aten", "index_select", lambda: function_call(
+        torch.ops.aten.index.Tensor, randn(3, 4, 5), [None, None, torch.tensor([0, 4, 0])])),
+    # the outputs of chunk / split / unbind / tensor_split, one pick at a time
+    Case("chunk_q", "index", lambda: pick_call("chunk", 0, randn(3, 2, 9), 3, -1)),
+    Case("chunk_v", "index", lambda: pick_call("chunk", 2, randn(3, 2, 9), 3, dim=-1)),
+    Case("chunk_uneven_fn", "index", lambda: pick_call(torch.chunk, 1, randn(3, 7, 2), 3, 1)),
+    Case("split_size_fn", "index", lambda: pick_call(torch.split, 2, randn(3, 7), 3, dim=1)),
+    Case("split_sizes_method", "index", lambda: pick_call("split", 1, randn(3, 2, 6), [1, 4, 1], 2)),
+    Case("split_with_sizes_kw", "index", lambda: pick_call("split_with_sizes", 2, randn(3, 6), split_sizes=[3, 1, 2],
+                                                           dim=1)),
+    Case("unbind_method", "index", lambda: pick_call("unbind", 1, randn(3, 3, 4), 1)),
+    Case("unbind_fn", "index", lambda: pick_call(torch.unbind, -1, randn(3, 4, 2), -1)),
+    Case("tensor_split_sections", "index", lambda: pick_call(torch.tensor_split, 2, randn(3, 8), 3, 1)),
+    Case("tensor_split_indices", "index", lambda: pick_call("tensor_split", 1, randn(3, 2, 8), [2, -3], 2)),
+    Case("split_aten", "index", lambda: pick_call(torch.ops.aten.split.Tensor, 1, randn(3, 7, 2), 3, 1)),
+    Case("split_sizes_aten", "index", lambda: pick_call(torch.ops.aten.split_with_sizes.default, 0, randn(3, 6),
+                                                        [2, 4], 1)),
+    Case("chunk_aten", "index", lambda: pick_call(torch.ops.aten.chunk.default, 1, randn(3, 2, 6), 2, -1)),
+    Case("unbind_aten", "index", lambda: pick_call(torch.ops.aten.unbind.int, 0, randn(3, 2, 3), 1)),
+    # concatenation and stacking of activations along a per-sample axis
+    Case("cat_two", "cat", lambda: function_call(torch.cat, [randn(3, 2, 4), randn(3, 3, 4)], dim=1),
+         without=concat_rules.INPUTS[2:]),
+    Case("cat_last_axis", "cat", lambda: function_call(torch.concatenate, (randn(3, 2, 1), randn(3, 2, 3)), -1),
+         without=concat_rules.INPUTS[2:]),
+    Case("cat_sixteen", "cat", lambda: function_call(torch.cat, [randn(3, i % 3 + 1, 2) for i in range(16)], 1)),
+    Case("stack_fn", "cat", lambda: function_call(torch.stack, [randn(3, 2, 4), randn(3, 2, 4), randn(3, 2, 4)], 2),
+         without=concat_rules.INPUTS[3:]),
+    Case("stack_last", "cat", lambda: function_call(torch.stack, [randn(3, 4), randn(3, 4)], dim=-1),
+         without=concat_rules.INPUTS[2:]),
+    Case("cat_aten", "cat", lambda: function_call(torch.ops.aten.cat.default, [randn(3, 2), randn(3, 5)], 1),
+         without=concat_rules.INPUTS[2:]),
+    Case("stack_aten", "cat", lambda: function_call(torch.ops.aten.stack.default, [randn(3, 2), randn(3, 2)], 1),
+         without=concat_rules.INPUTS[2:]),
+    # unsqueeze / squeeze of per-sample axes: reshapes
+    Case("unsqueeze_method", "reshape", lambda: method_call("unsqueeze", randn(3, 4), 1)),
+    Case("unsqueeze_fn", "reshape", lambda: function_call(torch.unsqueeze, randn(3, 4, 2), -1)),
+    Case("squeeze_method", "reshape", lambda: method_call("squeeze", randn(3, 1, 4), 1)),
+    Case("squeeze_all_fn", "reshape", lambda: function_call(torch.squeeze, randn(3, 1, 4, 1))),
+    Case("squeeze_aten", "reshape", lambda: function_call(torch.ops.aten.squeeze.dim, randn(3, 4, 1), -1)),
     # add
     Case("add", "add", lambda: function_call(operator.add, randn(3, 2, 4), randn(3, 2, 4))),
     Case("add_method", "add", lambda: method_call("add", randn(3, 5), randn(3, 5))),
@@ -837,7 +920,9 @@ def test_case_is_canonical_and_per_sample(case):
     every reference above assumes."""
     c = context(case.id)
     assert {k for k, v in c.inputs.items() if v is None} == set(case.without)
-    assert all(v.dtype == DT for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
+    # float64, but index inputs and integer constants (index_select's index vector)
+    assert all(v.dtype == DT or (k in c.op.constants and not v.is_floating_point())
+               for k, v in c.inputs.items() if v is not None and k not in c.op.indices)
     assert all(not v.is_floating_point() for k, v in c.inputs.items() if v is not None and k in c.op.indices)
     for key, value in c.inputs.items():
         if value is None or not c.op.is_batched(key):
@@ -1179,6 +1264,14 @@ def _canonicalize_function(fn: Callable, *args: Any, **kwargs: Any) -> registry.
     return canon(_Traced(None, targs, fn), registry.Args(targs, tkwargs))
 
 
+def _canonicalize_with_value(fn: Callable, *args: Any) -> registry.Match | None:
+    """As :func:`_canonicalize_function`, with the call's value recorded on its node (canonicalizers that read
+    the output's shape)."""
+    targs, tkwargs, _ = _trace_args(args, {})
+    _, canon = registry.FUNCTION_SOURCES[fn]
+    return canon(_Traced(fn(*args), targs, fn), registry.Args(targs, tkwargs))
+
+
 _NO_HAND_RULE = {
     "tensor_times_tensor": lambda: _canonicalize_function(operator.mul, randn(3, 5), randn(3, 5)),
     "number_over_tensor": lambda: _canonicalize_function(operator.truediv, 2.0, randn(3, 5)),
@@ -1205,6 +1298,22 @@ _NO_HAND_RULE = {
     "permute_batch": lambda: _canonicalize_function(torch.permute, randn(3, 4, 2), (2, 0, 1)),
     "transpose_same_axis": lambda: _canonicalize_function(torch.transpose, randn(3, 4, 2), 1, 1),
     "log_softmax_batch_axis": lambda: _canonicalize_function(F.log_softmax, randn(3, 5), -2),
+    # indexing that reads the batch axis, advanced (tensor, boolean) indexing; joins with constants, on the batch
+    "index_sample": lambda: _canonicalize_function(operator.getitem, randn(3, 5), 0),
+    "index_batch_slice": lambda: _canonicalize_function(operator.getitem, randn(3, 5), (slice(1, None), 2)),
+    "index_new_axis_first": lambda: _canonicalize_function(operator.getitem, randn(3, 5), None),
+    "index_tensor_batch": lambda: _canonicalize_function(operator.getitem, randn(3, 5), torch.tensor([0, 2])),
+    "index_two_tensors": lambda: _canonicalize_function(operator.getitem, randn(3, 5, 2),
+                                                        (slice(None), torch.tensor([0, 2]), torch.tensor([1, 0]))),
+    "index_traced_tensor": lambda: _canonicalize_function(operator.getitem, randn(3, 5),
+                                                          (slice(None), randn(2))),
+    "index_bool": lambda: _canonicalize_function(operator.getitem, randn(3, 5), (slice(None), True)),
+    "narrow_batch": lambda: _canonicalize_function(torch.narrow, randn(3, 5), 0, 0, 2),
+    "select_batch": lambda: _canonicalize_function(torch.select, randn(3, 5), -2, 1),
+    "unsqueeze_batch": lambda: _canonicalize_with_value(torch.unsqueeze, randn(3, 5), 0),
+    "squeeze_batch_of_one": lambda: _canonicalize_with_value(torch.squeeze, randn(1, 1, 5)),
+    "cat_batch": lambda: _canonicalize_function(torch.cat, [randn(3, 5), randn(2, 5)]),
+    "cat_parameter": lambda: _canonicalize_function(torch.cat, [randn(3, 5), param(3, 2)], 1),
 }
 
 
