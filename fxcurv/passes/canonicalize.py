@@ -399,8 +399,10 @@ def canonicalize(traced: Traced, x: torch.Tensor, y: Any) -> CanonicalGraph:
             # An output, by index or field name; one nobody reads (`h, _ = rnn(x)`) is not built.
             b.env[node] = b.env[node.args[0]].pick(node.args[1]) if node.users else None
             continue
-        nested = any(isinstance(b.env.get(a), _ParamExpr) for a in node.all_input_nodes)
-        found = None if nested else _match(node, gm, b.folded_args(node))
+        found = _match(node, gm, b.folded_args(node))
+        if found is not None and any(isinstance(b.env.get(v), _ParamExpr) for v in found[1].inputs.values()
+                                     if isinstance(v, fx.Node)):
+            found = None  # a hand op takes parameters, not computations on them: nested into a generic call
         b.env[node] = b.emit(*found, node) if found is not None else b.generic(node)
 
     f = b.env[traced.model_output]

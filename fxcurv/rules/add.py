@@ -37,10 +37,10 @@ def _canonical(a: Any, b: Any, alpha: Any = 1) -> Match | None:
     tensor and a number are ``scalar_affine`` (:func:`~fxcurv.rules.scalar.binary_match`); anything
     else -- a broadcasting sum, ``alpha != 1``, a tensor constant or buffer -- has no hand rule
     (``None``: the generic rule)."""
-    if is_traced(a) and is_parameter(b):
-        return _param_match(a, b, alpha)
-    if is_parameter(a) and is_traced(b):
-        return _param_match(b, a, alpha)
+    if is_traced(a) and is_parameter(b) and (found := _param_match(a, b, alpha)) is not None:
+        return found
+    if is_parameter(a) and is_traced(b) and (found := _param_match(b, a, alpha)) is not None:
+        return found
     if is_traced(a) and is_traced(b):
         va, vb = example(a), example(b)
         if va is None or vb is None or va.shape != vb.shape or alpha != 1:

@@ -11,8 +11,12 @@ per input). So (HBP Sec. D.2, for each input its own index selection)
 * no second-order term (the op is linear in every input).
 
 The op has a fixed number of input slots (:data:`MAX_INPUTS`, unused ones absent); a call with more inputs, a
-constant or parameter operand (``torch.cat([cls_token, x], 1)``), or an axis that is the batch is left to the
-generic rule (``None``).
+constant operand, or an axis that is the batch is left to the generic rule (``None``).
+
+``cat_param`` is the concatenation of one activation with a parameter expanded over the batch (ViT's class
+token, ``torch.cat([cls.expand(N, -1, -1), x], 1)``, or learned register/memory tokens): the same blocks, the
+parameter's per sample being ``P_p^T v`` (its block of the message), summed over the batch for its gradient
+(HBP eq. S.8b with ``J_p = P_p`` for every sample).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from typing import Any
 
 import torch
 
+from ..factors import signed_column_squares, signed_square_sum
+from ..gram import gram_into
+from .add import is_parameter
 from .bilinear import computed_from_input
 from .registry import Match, define_op, example
 
@@ -47,7 +54,11 @@ def _canonical(tensors: Any, dim: Any, stack: bool) -> Match | None:
     if not isinstance(tensors, (tuple, list)) or not 1 <= len(tensors) <= MAX_INPUTS or not isinstance(dim, int):
         return None
     vals = [example(t) for t in tensors]
-    if any(v is None for v in vals) or not all(computed_from_input(t) for t in tensors):
+    if any(v is None for v in vals):
+        return None
+    if not stack and any(_expanded_parameter(t) is not None for t in tensors):
+        return _learned_tokens(tensors, dim)
+    if not all(computed_from_input(t) for t in tensors):
         return None
     first = vals[0]
     assert first is not None
@@ -110,3 +121,112 @@ def _register_input(i: int) -> None:
 
 for _i in range(MAX_INPUTS):
     _register_input(_i)
+
+
+# ---- an activation and a parameter expanded over the batch (learned tokens) ----------------------------
+
+def cat_param(x, p, dim, p_first):
+    tokens = p.expand((x.shape[0],) + tuple(p.shape[1:]))
+    return torch.cat((tokens, x) if p_first else (x, tokens), dim)
+
+
+param_op = define_op("cat_param", "concat", cat_param, inputs=("x", "p"), params=("p",))
+
+_EXPANDS = ("expand",)
+
+
+def _expanded_parameter(t: Any) -> Any:
+    """The parameter ``p`` (of leading extent 1) that ``t`` expands over the batch (``p.expand(N, -1, ...)``,
+    ``aten.expand.default``), else ``None``."""
+    target = getattr(t, "target", None)
+    is_expand = (getattr(t, "op", None) == "call_method" and target in _EXPANDS) or target is _aten.expand.default
+    if not is_expand or not t.args or not is_parameter(t.args[0]):
+        return None
+    p, out = example(t.args[0]), example(t)
+    if p is None or out is None or p.dim() != out.dim() or p.shape[0] != 1 or p.shape[1:] != out.shape[1:]:
+        return None
+    return t.args[0]
+
+
+def _learned_tokens(tensors: Any, dim: int) -> Match | None:
+    """``cat([p.expand(N, ...), x], dim)`` or ``cat([x, p.expand(N, ...)], dim)`` along a per-sample axis."""
+    if len(tensors) != 2:
+        return None
+    for i in (0, 1):
+        p, x = _expanded_parameter(tensors[i]), tensors[1 - i]
+        vx, vp = example(x), example(p)
+        if p is None or vp is None or vx is None or not computed_from_input(x) or vx.dim() < 2:
+            continue
+        if not -vx.dim() <= dim < vx.dim() or dim % vx.dim() == 0 or vp.dtype != vx.dtype:
+            return None
+        return Match({"x": x, "p": p}, {"dim": dim % vx.dim() - vx.dim(), "p_first": i == 0}, op=param_op)
+    return None
+
+
+def _parts(v: torch.Tensor, p: torch.Tensor, dim: int, p_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x's block, p's block)`` of ``v [*lead, N, *z]`` along ``dim`` (negative): views."""
+    k = p.shape[dim]
+    rest = v.shape[dim] - k
+    if p_first:
+        return v.narrow(dim, k, rest), v.narrow(dim, 0, k)
+    return v.narrow(dim, 0, rest), v.narrow(dim, rest, k)
+
+
+def _per_sample_p(v: torch.Tensor, p: torch.Tensor, dim: int, p_first: bool) -> torch.Tensor:
+    """``[*lead, N, *p.shape]``: ``P_p^T v`` per sample (the parameter's leading axis of one kept)."""
+    block = _parts(v, p, dim, p_first)[1]
+    n_lead = v.dim() - p.dim()
+    return block.unsqueeze(n_lead + 1)
+
+
+@param_op.jac_t("x", view=True)
+def cat_param_jac_t_x(v, p, dim, p_first):
+    """HBP Sec. D.2: the activation's block of the message."""
+    return _parts(v, p, dim, p_first)[0]
+
+
+@param_op.diag("x", view=True)
+def cat_param_diag_x(d, p, dim, p_first):
+    """HesScale eq. 8 with a 0/1 selection: the activation's block of the diagonal."""
+    return _parts(d, p, dim, p_first)[0]
+
+
+@param_op.grad("p")
+def cat_param_grad_p(g, p, dim, p_first):
+    """``sum_n P_p^T g_n``: the parameter's block summed over the batch."""
+    return _per_sample_p(g, p, dim, p_first).sum(0)
+
+
+@param_op.per_sample("p")
+def cat_param_per_sample_p(v, p, dim, p_first):
+    return _per_sample_p(v, p, dim, p_first)
+
+
+@param_op.diag_sqrt("p")
+def cat_param_diag_sqrt_p(S, sign, p, dim, p_first):
+    """HBP eq. S.8b: the signed squares of the parameter's block of the columns, summed over columns and batch."""
+    return signed_square_sum(_per_sample_p(S, p, dim, p_first), sign, S.dim() - p.dim())
+
+
+@param_op.diag_diag("p")
+def cat_param_diag_diag_p(d, p, dim, p_first):
+    """HesScale eq. 9: the parameter's block of ``d`` summed over the batch."""
+    return _per_sample_p(d, p, dim, p_first).sum(0)
+
+
+@param_op.batch_l2("p")
+def cat_param_batch_l2_p(g, p, dim, p_first):
+    per_sample = _per_sample_p(g, p, dim, p_first)
+    return (per_sample * per_sample).flatten(1).sum(1)
+
+
+@param_op.batch_diag_sqrt("p")
+def cat_param_batch_diag_sqrt_p(S, sign, p, dim, p_first):
+    return signed_column_squares(_per_sample_p(S, p, dim, p_first), sign)
+
+
+@param_op.gram("p")
+def cat_param_gram(S, p, dim, p_first, include=("p",), total=None):
+    """ViViT eq. S.23: the Gram matrix of the per-sample factor columns ``P_p^T S_kn``."""
+    k, n = S.shape[0], S.shape[1]
+    return gram_into(_per_sample_p(S, p, dim, p_first).reshape(k * n, -1), total, k)

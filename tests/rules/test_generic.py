@@ -117,6 +117,9 @@ EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "add_param": {**_LINEAR_MAP, **{kind: ("p",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2,
                                                               BATCH_DIAG_SQRT, GRAM)}},
     "reduce_sum": _LINEAR_MAP,
+    # cat([p.expand(N, ...), x]): a block of the message for x, the parameter's block per sample for p
+    "cat_param": {**_LINEAR_MAP, **{kind: ("p",) for kind in (GRAD, DIAG_SQRT, DIAG_DIAG, PER_SAMPLE, BATCH_L2,
+                                                              BATCH_DIAG_SQRT, GRAM)}},
     # second derivatives that couple a row's features: the diagonal for HesScale, the joint factor for the rest
     "softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
     "log_softmax": {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), RESIDUAL_SQRT: ("x",)},
@@ -237,6 +240,19 @@ def pick_call(fn: Any, pick: int, *args: Any, **kwargs: Any) -> OpContext:
     targs, tkwargs, tensors = _trace_args(args, kwargs)
     match = canon(_Traced(tuple(expected), targs, fn), registry.Args(targs, tkwargs), pick)
     return _context(registry.matched_op(op, match), match, tensors, expected[pick])
+
+
+def learned_tokens_call(p: nn.Parameter, x: torch.Tensor, dim: int, p_first: bool) -> OpContext:
+    """``torch.cat([p.expand(N, ...), x], dim)`` (or ``[x, p.expand(...)]``) through the cat canonicalizer,
+    the expansion a traced ``Tensor.expand`` of the parameter."""
+    tokens = _Traced(p.expand((x.shape[0],) + tuple(p.shape[1:])), (p,), "expand")
+    tokens.op = "call_method"  # type: ignore[attr-defined]
+    node = _Traced(x)
+    parts = [tokens, node] if p_first else [node, tokens]
+    expected = torch.cat([tokens.meta["val"], x] if p_first else [x, tokens.meta["val"]], dim)
+    op, canon = registry.FUNCTION_SOURCES[torch.cat]
+    match = canon(_Traced(expected, (parts, dim), torch.cat), registry.Args((parts, dim), {}))
+    return _context(registry.matched_op(op, match), match, {id(node): x}, expected)
 
 
 def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -619,6 +635,10 @@ CASES: list[Case] = [
     Case("add_bias_last_axis", "add_param", lambda: function_call(operator.add, randn(3, 4, 2), param(2))),
     Case("add_param_first", "add_param", lambda: function_call(operator.add, param(4, 1), randn(3, 2, 4, 5))),
     Case("add_param_method", "add_param", lambda: method_call("add", randn(2, 3, 4), param(3, 1))),
+    Case("class_token", "cat_param", lambda: learned_tokens_call(param(1, 1, 3), randn(3, 4, 3), 1, True)),
+    Case("tokens_appended", "cat_param", lambda: learned_tokens_call(param(1, 2, 3), randn(2, 4, 3), -2, False)),
+    Case("channels_appended", "cat_param", lambda: learned_tokens_call(param(1, 2, 3, 2), randn(3, 4, 3, 2), 1,
+                                                                        False)),
     Case("mean_tokens", "reduce_sum", lambda: method_call("mean", randn(3, 4, 5), 1)),
     Case("sum_positions", "reduce_sum", lambda: method_call("sum", randn(2, 3, 4, 2), (2, -1))),
     Case("mean_keepdim_fn", "reduce_sum", lambda: function_call(torch.mean, randn(3, 4, 2), dim=-1, keepdim=True)),
