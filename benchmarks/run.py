@@ -95,13 +95,9 @@ _NO_BACKPACK_ATTENTION = ("not applicable: BackPACK has no extension for nn.Tran
 _NO_ASDL_ATTENTION = ("not applicable: ASDL's Fisher covers the modules it knows (Linear, Conv2d, LayerNorm, "
                       "Embedding), not the attention's in_proj parameters or the raw position embedding")
 _RESNET = Modern(backpack=None, asdl=None, backpack_converter=True)
-# The encoder layers' attention is a generic node (fxcurv/rules/generic.py; the norms have hand rules): its
-# HesScale diagonal takes one VJP per output feature of a sample (64 tokens x 128 = 8192 for the text
-# transformer) plus as many Hessian-vector products for the residual -- over 10 minutes per call (text
-# transformer, N=8, one thread) until softmax and attention's batched products get hand rules (README, Limits).
-_GENERIC_HESSCALE = ("infeasible here: attention takes the generic rule, whose HesScale diagonal needs one VJP and "
-                     "one Hessian-vector product per output feature of a sample (8192 for 64 tokens x 128)")
-_TRANSFORMER = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION, hesscale=_GENERIC_HESSCALE)
+# The transformers are hand ops throughout (nn.MultiheadAttention traced through its math path: linear, slices,
+# heads, matmul, softmax; LayerNorm, positions, class token, mean over tokens), so hesscale runs on them too.
+_TRANSFORMER = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION)
 _TRANSFORMER_TINY = Modern(backpack=_NO_BACKPACK_ATTENTION, asdl=_NO_ASDL_ATTENTION)
 MODERN = {"resnet18": _RESNET, "resnet_tiny": _RESNET, "vit_small": _TRANSFORMER, "vit_tiny": _TRANSFORMER_TINY,
           "text_transformer": _TRANSFORMER, "text_tiny": _TRANSFORMER_TINY}
