@@ -44,10 +44,16 @@ from ..passes.memory import MemoryEstimate
 _INT_BYTES = 4
 
 
-def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None) -> int:
+def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None,
+                        packed: bool = False, keep_gram: bool = True) -> int:
     """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix on ``device`` (``None``: a copy
     assumed) allocates besides the matrix; eigenvalues alone (``vectors=False``) where computed in place
-    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy."""
+    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy. From ``packed`` storage
+    (:func:`fxcurv.operators.gram_eigen.packed_eigenvalues`): workspace ``2 M``, eigenvalues ``M``, one
+    integer, and with ``keep_gram`` a copy of the packed matrix (``M (M + 1) / 2``)."""
+    if packed and not vectors:
+        copy = gram_products.packed_numel(m) if keep_gram else 0
+        return itemsize * (copy + 3 * m + 1) + _INT_BYTES
     if vectors:
         # eigenvectors (a copy of the matrix) + workspace + eigenvalues
         return itemsize * (m * m + (1 + 6 * m + 2 * m * m) + m) + _INT_BYTES * (3 + 5 * m)
@@ -112,8 +118,10 @@ class GramMemory:
 
     @classmethod
     def of(cls, estimate: MemoryEstimate, graph: fx.Graph, targets: tuple[type, ...], gram_sizes: list[int],
-           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None) -> GramMemory:
-        decomposition = max((decomposition_bytes(m, itemsize, vectors, device) for m in gram_sizes), default=0)
+           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None, packed: bool = False,
+           keep_gram: bool = True) -> GramMemory:
+        decomposition = max((decomposition_bytes(m, itemsize, vectors, device, packed, keep_gram)
+                             for m in gram_sizes), default=0)
         return cls(estimate.peak_bytes, estimate.output_bytes, rule_temporary_bytes(graph, targets), decomposition,
                    estimate.input_bytes, setting)
 
