@@ -490,6 +490,7 @@ def test_backends_agree():
 @pytest.mark.parametrize("kwargs, match", [
     ({"top_k": 0}, "top_k"), ({"groups": "module"}, "groups"), ({"subsample": 1.5}, "fraction"),
     ({"groups": [["0.weight"], ["0.weight"]]}, "two groups"), ({"min_value": -1.0}, "min_value"),
+    ({"keep_gram": False}, "vectors=False"),
 ])
 def test_option_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
