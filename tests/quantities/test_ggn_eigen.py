@@ -726,15 +726,18 @@ def test_packed_gram(case, chunks, monkeypatch):
     eigenvalues (LAPACK's ?spevd) are the dense GGN's, ``.gram`` unpacks to the square Gram matrix of
     ``vectors=True``; ``keep_gram=False`` consumes it (``.gram`` after ``.values`` is refused)."""
     from fxcurv import gram
+    from fxcurv.kernels import matmul
     from fxcurv.operators import gram_eigen
     from fxcurv.quantities.ggn_eigen import FactorGramInto, GramInto
 
     monkeypatch.setattr(gram_eigen, "IN_PLACE_BYTES", 0)
     if not gram_eigen.packed_lapack(torch.device("cpu"), DT):
         pytest.skip("SciPy is not installed: no packed eigensolver")
-    if chunks:
+    if chunks:  # and the CPU matmul epilogues (an activation's derivative) a row at a time
         monkeypatch.setattr(gram, "GRAM_ROW_ELEMENTS", 1)
         monkeypatch.setattr(gram, "GRAM_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(matmul, "EPILOGUE_WHOLE_BYTES", 0)
+        monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 1)
     model, x, y = _packed_cases()[case]
     loss_fn = nn.CrossEntropyLoss()
     engine = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False),))
