@@ -187,12 +187,12 @@ class GGNEigen(Quantity):
     ``subsample``: the samples whose columns enter ``V``: a fraction (the first ``ceil(f N)`` samples) or
     indices; their columns are scaled by ``sqrt(N / N_s)`` (see the module docstring). ``vectors``: keep
     what eigenvectors, directional derivatives and Newton steps need (default); ``False`` gives the Gram
-    matrix and eigenvalues only, the Gram matrix accumulated in packed storage (its upper triangle,
-    half the memory) where :func:`fxcurv.operators.gram_eigen.packed_storage` allows. ``keep_gram``
-    (with ``vectors=False``): ``False`` computes the eigenvalues in the packed Gram matrix's own storage,
-    which consumes it (``.gram`` must be read before ``.values``), instead of in a copy of it -- the
-    eigenvalues at the memory of the Gram matrix's upper triangle, as ViViT's ``EigvalshComputation``
-    returns eigenvalues alone. ``min_value``: also drop eigenvalues of magnitude at or below it.
+    matrix and eigenvalues only. ``keep_gram=False`` (with ``vectors=False``): the eigenvalues at the
+    least memory, as ViViT's ``EigvalshComputation`` returns eigenvalues alone -- the Gram matrix is
+    accumulated in packed storage (its upper triangle, half the memory) where
+    :func:`fxcurv.operators.gram_eigen.packed_storage` allows, and its eigenvalues are computed in that
+    storage by LAPACK's unblocked ``?spevd`` (slower than ``?syevd``), which consumes it: ``.gram`` must
+    be read before ``.values``. ``min_value``: also drop eigenvalues of magnitude at or below it.
     """
 
     per_parameter = False
@@ -295,7 +295,7 @@ class GGNEigen(Quantity):
             if k is not None:
                 m = k * n_sub
                 dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
-                packed = not self.vectors and packed_storage(x.device, dtype, m)
+                packed = not self.keep_gram and packed_storage(x.device, dtype, m)
                 floor = (decomposition_bytes(m, _itemsize(x), self.vectors, x.device, packed, self.keep_gram)
                          + _itemsize(x) * (packed_numel(m) if packed else m * m))
                 if floor > self.memory_budget:
@@ -439,10 +439,11 @@ class GGNEigen(Quantity):
         if state.per_sample:
             summed = end.sum(state.per_sample, message="J^T S", shaped=False)
             args = (summed,) if total is None else (total, summed)
-            total = end.node(FactorGramInto(total is None, packed=not self.vectors), args, message="gram", shaped=False)
+            factor_target = FactorGramInto(total is None, packed=not self.keep_gram)
+            total = end.node(factor_target, args, message="gram", shaped=False)
         for op, key, s, kwargs in state.grams:
             args = (s,) if total is None else (total, s)
-            target = GramInto(op, key, total is None, packed=not self.vectors)
+            target = GramInto(op, key, total is None, packed=not self.keep_gram)
             total = end.node(target, args, message="gram", shaped=False, kwargs=kwargs)
         assert total is not None
         network.total[group] = total

@@ -16,10 +16,10 @@ outside its values and are added here in closed form:
   least ``IN_PLACE_BYTES``), no copy: the workspace, the eigenvalues, a copy of the diagonal and the
   restoring block's temporaries (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
 
-With ``vectors=False`` above :data:`fxcurv.operators.gram_eigen.IN_PLACE_BYTES` (CPU, SciPy) the Gram
+With ``keep_gram=False`` above :data:`fxcurv.operators.gram_eigen.IN_PLACE_BYTES` (CPU, SciPy) the Gram
 matrix is packed (:class:`fxcurv.gram.PackedGram`, ``M (M + 1) / 2`` entries, what the program's
-estimate then counts) and ``?spevd`` needs ``3 M + 1`` reals and one integer besides it, plus a copy of
-the packed matrix unless ``keep_gram=False``.
+estimate then counts) and ``?spevd`` in it needs ``3 M + 1`` reals and one integer besides it (plus a
+copy of the packed matrix where a packed block keeps its Gram matrix).
 
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 

@@ -536,12 +536,12 @@ def test_memory_estimate_matches_the_measured_peak(vectors, keep_gram):
     engine = fxcurv.compile(model, loss_fn, quantities=(q,))
     estimate = q.memory(engine, x, y)
     m = 9 * 256
-    if vectors or not (lapack_in_place(x.device, x.dtype, m) or packed_storage(x.device, x.dtype, m)):
+    packed = not keep_gram and packed_storage(x.device, x.dtype, m)
+    if vectors or not (lapack_in_place(x.device, x.dtype, m) or packed):
         assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
-    elif packed_storage(x.device, x.dtype, m):  # the upper triangle; ?spevd on a copy of it or on it
-        copy = m * (m + 1) // 2 if keep_gram else 0
-        assert estimate.outputs >= m * (m + 1) // 2 * 4 and estimate.outputs < m * m * 4
-        assert (copy + 3 * m) * 4 <= estimate.decomposition < (copy + 4 * m) * 4
+    elif packed:  # the upper triangle, ?spevd in it
+        assert m * (m + 1) // 2 * 4 <= estimate.outputs < m * m * 4
+        assert 3 * m * 4 <= estimate.decomposition < 4 * m * 4
     else:  # eigenvalues in place: no copy of the Gram matrix, its O(M) workspace and one restoring block
         assert 4 * m * 4 <= estimate.decomposition < m * m * 4 / 4
     engine(x, y)  # built and warm
@@ -720,11 +720,11 @@ def _packed_cases():
 @pytest.mark.parametrize("chunks", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", ["mlp", "small_cnn", "random_cnn", "tied", "batch_norm", "embedding"])
 def test_packed_gram(case, chunks, monkeypatch):
-    """``vectors=False`` above the packing threshold (set to 0 here) accumulates the Gram matrix's upper
+    """``keep_gram=False`` above the packing threshold (set to 0 here) accumulates the Gram matrix's upper
     triangle alone (a 1-D program value; every Gram rule's way of adding: row chunks, blocks of samples,
     convolutions' position products, a weight used three times, embeddings' square shares): its
-    eigenvalues (LAPACK's ?spevd) are the dense GGN's, ``.gram`` unpacks to the square Gram matrix of
-    ``vectors=True``; ``keep_gram=False`` consumes it (``.gram`` after ``.values`` is refused)."""
+    eigenvalues (LAPACK's ?spevd in its storage) are the dense GGN's; ``.gram`` read first unpacks to the
+    square Gram matrix of ``vectors=True``; after ``.values`` it is consumed (refused)."""
     from fxcurv import gram
     from fxcurv.kernels import matmul
     from fxcurv.operators import gram_eigen
@@ -740,21 +740,23 @@ def test_packed_gram(case, chunks, monkeypatch):
         monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 1)
     model, x, y = _packed_cases()[case]
     loss_fn = nn.CrossEntropyLoss()
-    engine = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False),))
+    engine = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False, keep_gram=False),))
     grams = [n for n in engine.program(x, y).gm.graph.nodes if isinstance(n.target, (GramInto, FactorGramInto))]
     assert grams and all(len(info(n).shape) == 1 for n in grams), "the Gram values are not packed"
-    e = engine(x, y)["ggn_eigen"]
     want = nonzero_eigenvalues(reference.ggn(model, loss_fn, x, y))
+    e = engine(x, y)["ggn_eigen"]
     assert e.values.shape == want.shape
     assert rel_error(e.values, want) < 1e-9
-    _, square = compile_eigen(model, loss_fn, x, y)
-    assert torch.equal(e.gram, e.gram.T)
-    assert rel_error(e.gram, square.gram) < 1e-12
-    consumed = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False, keep_gram=False),))(x, y)
-    c = consumed["ggn_eigen"]
-    assert rel_error(c.values, want) < 1e-9
     with pytest.raises(gram_eigen.GramConsumedError, match="keep_gram"):
-        _ = c.gram
+        _ = e.gram
+    first = engine(x, y)["ggn_eigen"]
+    _, square = compile_eigen(model, loss_fn, x, y)
+    assert torch.equal(first.gram, first.gram.T)
+    assert rel_error(first.gram, square.gram) < 1e-12
+    assert rel_error(first.values, want) < 1e-9  # from the unpacked matrix
+    kept = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False),))
+    assert all(len(info(n).shape) == 2 for n in kept.program(x, y).gm.graph.nodes
+               if isinstance(n.target, (GramInto, FactorGramInto))), "keep_gram=True packs"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -768,7 +770,7 @@ def test_packed_helpers(dtype):
         pytest.skip("SciPy is not installed: no packed eigensolver")
     torch.manual_seed(14)
     m = 37
-    a = torch.randn(m, 20, dtype=dtype)
+    a = torch.randn(m, 60, dtype=dtype)  # full rank: every eigenvalue well above rounding
     g = a @ a.T
     g = (g + g.T) / 2
     packed = PackedGram.zeros(m, g)
@@ -786,5 +788,14 @@ def test_packed_helpers(dtype):
     values = gram_eigen.packed_eigenvalues(PackedGram.of(packed.data.clone()))
     expect = torch.linalg.eigvalsh(packed.full().double())
     assert rel_error(values.double(), expect) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # A block that keeps its packed Gram matrix (positive semi-definite) computes in a copy: .gram
+    # afterwards is the matrix
+    psd = PackedGram.zeros(m, g)
+    add_square(psd.data, g)
+    square = psd.full()
+    e = GramEigen(psd, columns=1, keep_gram=True)
+    assert rel_error(e.values.double(), nonzero_eigenvalues(square.double())) < (1e-5 if dtype == torch.float32
+                                                                                  else 1e-12)
+    assert torch.equal(e.gram, square)
     with pytest.raises(ValueError, match="packed storage"):
         PackedGram.of(torch.zeros(5, dtype=dtype))
