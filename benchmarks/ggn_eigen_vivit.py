@@ -15,7 +15,7 @@ batch, MC = one Monte Carlo sample, ViViT B.1):
   with ViViT's ``ViViTGGNExact``/``ViViTGGNMC`` extension whose hook sums each parameter's Gram matrix
   and frees its buffers (what ``vivit.linalg.eigvalsh.EigvalshComputation`` does before its
   eigendecomposition); medians of ``--repeats`` interleaved runs;
-* time to the eigenvalues (fxcurv ``GGNEigen(vectors=False)`` then ``.values``; ViViT's
+* time to the eigenvalues (fxcurv ``GGNEigen(vectors=False, keep_gram=False)`` then ``.values``; ViViT's
   ``EigvalshComputation``) and to the eigenpairs (``GGNEigen(top_k=k)`` then ``.values`` and every
   parameter's eigenvectors; ViViT's ``EighComputation`` with the ``k`` largest);
 * the CPU allocator's peak during each (torch.profiler's memory events, ``measure.peak_memory``: the
@@ -160,7 +160,9 @@ class Fxcurv:
     def __init__(self, model: nn.Module, setting: str, k: int):
         mc, frac = setting.startswith("mc"), setting.endswith("frac")
         options = dict(mc=mc, subsample=FRACTION if frac else None)
-        self.values_only = GGNEigen(vectors=False, **options)
+        # Eigenvalues alone, as ViViT's EigvalshComputation returns them: computed in the (packed) Gram
+        # matrix's own storage (keep_gram=False); .gram is read from results that never ask for .values.
+        self.values_only = GGNEigen(vectors=False, keep_gram=False, **options)
         self.pairs = GGNEigen(top_k=k, **options)
         loss_fn = nn.CrossEntropyLoss()
         self.engine = fxcurv.compile(model, loss_fn, quantities=(self.values_only,), mc_samples=MC_SAMPLES, seed=0)

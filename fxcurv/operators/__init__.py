@@ -22,11 +22,11 @@ from .base import (
     SingularOperatorError,
 )
 from .block import BlockOperator
-from .gram_eigen import BlockDiagonalEigen, Directional, GramEigen, NoVectorsError
+from .gram_eigen import BlockDiagonalEigen, Directional, GramConsumedError, GramEigen, NoVectorsError
 from .kronecker import FactoredApproxInverse, Kronecker, KroneckerInverse
 
 __all__ = [
     "CurvatureOperator", "DampedOperator", "Kronecker", "KroneckerInverse", "FactoredApproxInverse",
     "BlockOperator", "DenseSizeError", "SingularOperatorError", "DENSE_MAX_BYTES", "DENSE_CHUNK_COLUMNS",
-    "DIAG_MAX_COLUMNS", "GramEigen", "BlockDiagonalEigen", "Directional", "NoVectorsError",
+    "DIAG_MAX_COLUMNS", "GramEigen", "BlockDiagonalEigen", "Directional", "NoVectorsError", "GramConsumedError",
 ]

@@ -41,9 +41,9 @@ import torch.fx as fx
 from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import FactorSource, Needs, Origin
 from ..errors import InputError, MemoryBudgetError, UnsupportedOpError
-from ..gram import gram_into
+from ..gram import PackedGram, gram_into, packed_numel
 from ..node_info import Kind, info
-from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen
+from ..operators.gram_eigen import BlockDiagonalEigen, BudgetChoice, GramEigen, packed_storage
 from ..passes.memory import MemoryEstimate
 from ..rules import registry
 from ..rules.registry import Rule, RuleKind
@@ -89,6 +89,7 @@ class GramInto(LabeledTarget):
     op: str
     key: str
     first: bool
+    packed: bool = False  # the block's first share starts packed storage where packed_storage allows
 
     @property
     def info(self) -> TargetInfo:  # type: ignore[override]
@@ -99,9 +100,17 @@ class GramInto(LabeledTarget):
         fn = registry.GRAM[(self.op, self.key)].fn
         if self.first:
             (s,) = args
-            return fn(s, **ctx)
+            total = packed_total(s) if self.packed else None
+            return fn(s, **ctx) if total is None else fn(s, total=total, **ctx)
         total, s = args
         return fn(s, total=total, **ctx)
+
+
+def packed_total(s: torch.Tensor) -> torch.Tensor | None:
+    """Zeros in packed storage (1-D, :class:`fxcurv.gram.PackedGram`) for the Gram matrix of columns
+    ``s [K, N_s, ...]`` where :func:`fxcurv.operators.gram_eigen.packed_storage` allows, else ``None``."""
+    m = s.shape[0] * s.shape[1]
+    return s.new_zeros(packed_numel(m)) if packed_storage(s.device, s.dtype, m) else None
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class FactorGramInto(LabeledTarget):
     fresh for the block's first share (``first``)."""
 
     first: bool
+    packed: bool = False  # as GramInto's
 
     @property
     def info(self) -> TargetInfo:  # type: ignore[override]
@@ -118,7 +128,7 @@ class FactorGramInto(LabeledTarget):
                           Fusion(fresh=self.first, view=not self.first, impure=True))
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        total, a = (None, args[0]) if self.first else args
+        total, a = ((packed_total(args[0]) if self.packed else None), args[0]) if self.first else args
         return gram_into(a.reshape(a.shape[0] * a.shape[1], -1), total, a.shape[0])
 
 
@@ -177,7 +187,12 @@ class GGNEigen(Quantity):
     ``subsample``: the samples whose columns enter ``V``: a fraction (the first ``ceil(f N)`` samples) or
     indices; their columns are scaled by ``sqrt(N / N_s)`` (see the module docstring). ``vectors``: keep
     what eigenvectors, directional derivatives and Newton steps need (default); ``False`` gives the Gram
-    matrix and eigenvalues only. ``min_value``: also drop eigenvalues of magnitude at or below it.
+    matrix and eigenvalues only. ``keep_gram=False`` (with ``vectors=False``): the eigenvalues at the
+    least memory, as ViViT's ``EigvalshComputation`` returns eigenvalues alone -- the Gram matrix is
+    accumulated in packed storage (its upper triangle, half the memory) where
+    :func:`fxcurv.operators.gram_eigen.packed_storage` allows, and its eigenvalues are computed in that
+    storage by LAPACK's unblocked ``?spevd`` (slower than ``?syevd``), which consumes it: ``.gram`` must
+    be read before ``.values``. ``min_value``: also drop eigenvalues of magnitude at or below it.
     """
 
     per_parameter = False
@@ -186,7 +201,7 @@ class GGNEigen(Quantity):
 
     def __init__(self, *, top_k: int | None = None, groups: Groups = None, mc: bool = False,
                  subsample: Subsample = None, vectors: bool = True, min_value: float = 0.0,
-                 memory_budget: float | None = None, name: str | None = None):
+                 memory_budget: float | None = None, keep_gram: bool = True, name: str | None = None):
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise ValueError(f"GGNEigen: top_k must be a positive integer or None, got {top_k!r}")
         if isinstance(groups, str) and groups not in ("layer", "parameter"):
@@ -202,6 +217,10 @@ class GGNEigen(Quantity):
             raise ValueError("GGNEigen: memory_budget= chooses the subsample itself; pass one of memory_budget= and "
                              "subsample=")
         self.top_k, self.mc, self.subsample, self.vectors, self.min_value = top_k, mc, subsample, vectors, min_value
+        if not keep_gram and vectors:
+            raise ValueError("GGNEigen: keep_gram=False is for vectors=False (eigenvalues alone); the eigenvectors "
+                             "need the Gram matrix")
+        self.keep_gram = keep_gram
         self.memory_budget = memory_budget
         self.choice: BudgetChoice | None = None  # set on the copy specialize() configures for a budget
         self.groups = groups
@@ -231,7 +250,7 @@ class GGNEigen(Quantity):
 
     def _options(self) -> dict[str, Any]:
         return dict(top_k=self.top_k, groups=self.groups, mc=self.mc, subsample=self.subsample, vectors=self.vectors,
-                    min_value=self.min_value, name=self.name)
+                    min_value=self.min_value, keep_gram=self.keep_gram, name=self.name)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._options(), self.memory_budget))
@@ -251,10 +270,12 @@ class GGNEigen(Quantity):
 
     def _memory_of(self, estimate: MemoryEstimate, graph: fx.Graph, device: torch.device) -> GramMemory:
         grams = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, _GRAM_TARGETS)]
-        sizes = [info(n).shape[0] for n in grams if info(n).shape]  # type: ignore[index]
+        sizes = [_gram_size(shape) for n in grams if (shape := info(n).shape)]
+        packed = any(len(shape) == 1 for n in grams if (shape := info(n).shape))
         dtype = next((d for n in grams if (d := info(n).dtype) is not None), torch.float32)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, device)
+        return GramMemory.of(estimate, graph, _GRAM_TARGETS, sizes, itemsize, self.vectors, self.setting, device,
+                             packed=packed, keep_gram=self.keep_gram)
 
     def specialize(self, trial: Callable[[Quantity], Any], x: torch.Tensor, y: Any) -> Quantity:
         """With ``memory_budget``: the most accurate of ViViT's approximations (B.1) whose estimated peak
@@ -272,14 +293,17 @@ class GGNEigen(Quantity):
             candidate = GGNEigen(**{**self._options(), "mc": mc, "subsample": None if fraction == 1 else fraction})
             k = columns.get(mc)
             if k is not None:
-                floor = (decomposition_bytes(k * n_sub, _itemsize(x), self.vectors, x.device)
-                         + _itemsize(x) * (k * n_sub) ** 2)
+                m = k * n_sub
+                dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+                packed = not self.keep_gram and packed_storage(x.device, dtype, m)
+                floor = (decomposition_bytes(m, _itemsize(x), self.vectors, x.device, packed, self.keep_gram)
+                         + _itemsize(x) * (packed_numel(m) if packed else m * m))
                 if floor > self.memory_budget:
                     tried.append((candidate.setting, floor))
                     continue
             build = trial(candidate)
             memory = candidate._memory_of(build.memory, build.graph, x.device)
-            sizes = [shape[0] for n in build.graph.nodes if n.op == "call_function"
+            sizes = [_gram_size(shape) for n in build.graph.nodes if n.op == "call_function"
                      and isinstance(n.target, _GRAM_TARGETS) and (shape := info(n).shape)]
             if sizes:
                 columns[mc] = sizes[0] // n_sub
@@ -415,10 +439,12 @@ class GGNEigen(Quantity):
         if state.per_sample:
             summed = end.sum(state.per_sample, message="J^T S", shaped=False)
             args = (summed,) if total is None else (total, summed)
-            total = end.node(FactorGramInto(total is None), args, message="gram", shaped=False)
+            factor_target = FactorGramInto(total is None, packed=not self.keep_gram)
+            total = end.node(factor_target, args, message="gram", shaped=False)
         for op, key, s, kwargs in state.grams:
             args = (s,) if total is None else (total, s)
-            total = end.node(GramInto(op, key, total is None), args, message="gram", shaped=False, kwargs=kwargs)
+            target = GramInto(op, key, total is None, packed=not self.keep_gram)
+            total = end.node(target, args, message="gram", shaped=False, kwargs=kwargs)
         assert total is not None
         network.total[group] = total
         network.summary.last[group] = end.name
@@ -457,17 +483,18 @@ class GGNEigen(Quantity):
         like = params[names[0]]
         if holder is None:  # the loss's columns reach none of the group's parameters
             return GramEigen(like.new_zeros(0, 0), columns=0, names=names, setting=self.setting, choice=self.choice)
-        gram = values[holder][0]
+        value = values[holder][0]
+        gram = PackedGram.of(value) if value.dim() == 1 else value
         sign = next((values[n][1][3] for n in names if values[n][1][3] is not None), None)
         n_sub = _subset_size(summary)
-        columns = gram.shape[0] // n_sub
+        columns = (gram.size if isinstance(gram, PackedGram) else gram.shape[0]) // n_sub
         if sign is not None:
             sign = _subset(sign, summary.index, 1).reshape(-1)
         factor = None
         if self.vectors:
             factor = _Factor({n: (statics[n].uses, values[n][1]) for n in names}, params, summary, columns)
         return GramEigen(gram, columns=columns, sign=sign, factor=factor, top_k=self.top_k, choice=self.choice,
-                         min_value=self.min_value, names=names, setting=self.setting)
+                         min_value=self.min_value, names=names, setting=self.setting, keep_gram=self.keep_gram)
 
 
 def _membership(groups: Groups) -> dict[str, str]:
@@ -603,6 +630,13 @@ def _candidates(mc_only: bool, batch: int) -> list[tuple[bool, float]]:
         if math.ceil(fraction * batch) <= 1:
             return out
         fraction /= 2
+
+
+def _gram_size(shape: tuple[int, ...]) -> int:
+    """``M`` of a Gram value's shape: ``[M, M]``, or packed ``[M (M + 1) / 2]``."""
+    if len(shape) == 1:
+        return (math.isqrt(8 * shape[0] + 1) - 1) // 2
+    return shape[0]
 
 
 def _itemsize(x: torch.Tensor) -> int:

@@ -16,6 +16,11 @@ outside its values and are added here in closed form:
   least ``IN_PLACE_BYTES``), no copy: the workspace, the eigenvalues, a copy of the diagonal and the
   restoring block's temporaries (``4 M + 1 + 2 B_m^2``, ``B_m = min(M, MIRROR_BLOCK)``).
 
+With ``keep_gram=False`` above :data:`fxcurv.operators.gram_eigen.IN_PLACE_BYTES` (CPU, SciPy) the Gram
+matrix is packed (:class:`fxcurv.gram.PackedGram`, ``M (M + 1) / 2`` entries, what the program's
+estimate then counts) and ``?spevd`` in it needs ``3 M + 1`` reals and one integer besides it (plus a
+copy of the packed matrix where a packed block keeps its Gram matrix).
+
 So, in entries of the parameters' dtype, with ``L`` the layers and ``W_l`` their weights:
 
     peak ~ max(program + max_l [c M + c N_s + 2 min(B, K N_s |W_l|)],  outputs + 3 M^2 + 7 M)
@@ -44,10 +49,16 @@ from ..passes.memory import MemoryEstimate
 _INT_BYTES = 4
 
 
-def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None) -> int:
+def decomposition_bytes(m: int, itemsize: int, vectors: bool, device: torch.device | None = None,
+                        packed: bool = False, keep_gram: bool = True) -> int:
     """Bytes the eigendecomposition of an ``[m, m]`` Gram matrix on ``device`` (``None``: a copy
     assumed) allocates besides the matrix; eigenvalues alone (``vectors=False``) where computed in place
-    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy."""
+    (:func:`fxcurv.operators.gram_eigen.lapack_in_place`) without the copy. From ``packed`` storage
+    (:func:`fxcurv.operators.gram_eigen.packed_eigenvalues`): workspace ``2 M``, eigenvalues ``M``, one
+    integer, and with ``keep_gram`` a copy of the packed matrix (``M (M + 1) / 2``)."""
+    if packed and not vectors:
+        copy = gram_products.packed_numel(m) if keep_gram else 0
+        return itemsize * (copy + 3 * m + 1) + _INT_BYTES
     if vectors:
         # eigenvectors (a copy of the matrix) + workspace + eigenvalues
         return itemsize * (m * m + (1 + 6 * m + 2 * m * m) + m) + _INT_BYTES * (3 + 5 * m)
@@ -112,8 +123,10 @@ class GramMemory:
 
     @classmethod
     def of(cls, estimate: MemoryEstimate, graph: fx.Graph, targets: tuple[type, ...], gram_sizes: list[int],
-           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None) -> GramMemory:
-        decomposition = max((decomposition_bytes(m, itemsize, vectors, device) for m in gram_sizes), default=0)
+           itemsize: int, vectors: bool, setting: str, device: torch.device | None = None, packed: bool = False,
+           keep_gram: bool = True) -> GramMemory:
+        decomposition = max((decomposition_bytes(m, itemsize, vectors, device, packed, keep_gram)
+                             for m in gram_sizes), default=0)
         return cls(estimate.peak_bytes, estimate.output_bytes, rule_temporary_bytes(graph, targets), decomposition,
                    estimate.input_bytes, setting)
 

@@ -715,7 +715,8 @@ def _position_gram_into(S, cols, groups, total, k, n):
     s = S.reshape(k, n, groups, -1, positions)  # [K, N, G, O, P]
     o = s.shape[3]
     per_block = max(1, math.isqrt(max(1, gram_products.GRAM_BLOCK_ELEMENTS // (groups * positions * k * o))))
-    out = total.view(k, n, k, n) if total is not None else S.new_zeros(k, n, k, n)
+    packed = gram_products.PackedGram(total, k * n) if total is not None and total.dim() == 1 else None
+    out = None if packed is not None else total.view(k, n, k, n) if total is not None else S.new_zeros(k, n, k, n)
     for i in range(0, n, per_block):
         i_stop = min(n, i + per_block)
         b_i = i_stop - i
@@ -731,10 +732,17 @@ def _position_gram_into(S, cols, groups, total, k, n):
             u = torch.bmm(t, second).reshape(groups, b_j, b_i, positions, k, o)
             u = u.permute(2, 0, 5, 3, 4, 1).reshape(b_i, groups * o * positions, k * b_j)  # [a, (g, o, p), (m, b)]
             block = torch.bmm(first, u).reshape(b_i, k, k, b_j).permute(1, 0, 2, 3)  # [k, a, m, b]
+            if out is None:
+                assert packed is not None
+                gram_products.add_sample_blocks(packed, block, k, n, i, j)
+                continue
             out[:, i:i_stop, :, j:j_stop] += block
             if j != i:
                 out[:, j:j_stop, :, i:i_stop] += block.permute(2, 3, 0, 1)
-    return total if total is not None else out.reshape(k * n, k * n)
+    if total is not None:
+        return total
+    assert out is not None
+    return out.reshape(k * n, k * n)
 
 
 def _bias_gram_into(S, stride, total, k, n):

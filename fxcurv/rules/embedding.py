@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedOpError
+from ..gram import add_square
 from .registry import Match, define_op, example
 
 
@@ -206,4 +207,4 @@ def embedding_gram(S, x, weight, padding_idx, include=("weight",), total=None):
     gram = torch.einsum("apbq,pn,qm->anbm", products, of_sample, of_sample).reshape(k * n, k * n)
     if total is None:
         return gram
-    return total.add_(gram)
+    return add_square(total, gram)

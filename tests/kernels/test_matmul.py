@@ -210,3 +210,39 @@ def test_generated_matmul_kernels_compile_for_a_gpu():
                 sig.update({c: "constexpr" for c in consts})
                 compile_fn(load_source(matmul_source(ep, spec), "mm").kernel, sig, consts)
     """)
+
+
+@pytest.mark.parametrize("a_shape", [(4, 37, 19), (37, 19)], ids=["bundle", "2d"])
+def test_torch_path_in_row_chunks(a_shape, monkeypatch):
+    """Above EPILOGUE_WHOLE_BYTES (0 here) the torch path finishes the product a chunk of rows at a
+    time (5 rows: a partial last chunk): one and two extras, two outputs, equal to the whole product's
+    epilogue; the extras are read, never written."""
+    from fxcurv.kernels import matmul
+
+    whole_single = matmul_epilogue(_rand(*a_shape), _rand(19, 23, seed=1), _activation_linear_epilogue("tanh"),
+                                   [torch.tanh(_rand(37, 23, seed=2))], force="torch")
+    monkeypatch.setattr(matmul, "EPILOGUE_WHOLE_BYTES", 0)
+    lead = 4 if len(a_shape) == 3 else 1
+    monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 5 * 23 * lead)
+    a, W = _rand(*a_shape), _rand(19, 23, seed=1)
+    out, g = torch.tanh(_rand(37, 23, seed=2)), _rand(37, 23, seed=3)
+    kept = out.clone()
+    single = matmul_epilogue(a, W, _activation_linear_epilogue("tanh"), [out], force="torch")
+    _close(single, whole_single, rtol=1e-6, atol=1e-6)
+    _close(single, (a @ W) * (1 - out * out))
+    d = a.abs()
+    two = matmul_epilogue(d, W, _hesscale_epilogue("tanh"), [out, g], square_b=True, force="torch")
+    d1, d2 = R.DERIVED[("tanh", "d1")].fn(out), R.DERIVED[("tanh", "d2")].fn(out)
+    _close(two, (d @ (W * W)) * d1 * d1 + g * d2)
+    program = compose([
+        Step(R.DERIVED[("tanh", "d1")].fn, (), {"out": Input(1)}),
+        Step(R.DERIVED[("tanh", "d2")].fn, (), {"out": Input(1)}),
+        Step(R.JAC_T[("tanh", "x")].fn, (Input(0),), {"d1": StepResult(0)}),
+        Step(R.RESIDUAL[("tanh", "x")].fn, (Input(0),), {"d2": StepResult(1)}),
+    ], outputs=[StepResult(2), StepResult(3)], input_names=["acc", "out"])
+    got = matmul_epilogue(a, W, program, [out], force="torch")
+    assert isinstance(got, tuple) and len(got) == 2
+    gz = a @ W
+    _close(got[0], gz * (1 - out * out))
+    _close(got[1], gz * (-2 * out * (1 - out * out)))
+    assert out.equal(kept)

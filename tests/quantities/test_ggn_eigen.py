@@ -490,6 +490,7 @@ def test_backends_agree():
 @pytest.mark.parametrize("kwargs, match", [
     ({"top_k": 0}, "top_k"), ({"groups": "module"}, "groups"), ({"subsample": 1.5}, "fraction"),
     ({"groups": [["0.weight"], ["0.weight"]]}, "two groups"), ({"min_value": -1.0}, "min_value"),
+    ({"keep_gram": False}, "vectors=False"),
 ])
 def test_option_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -517,24 +518,30 @@ def memory_problem(n: int = 128):
     return model, nn.CrossEntropyLoss(), torch.randn(n, 30), torch.randint(0, 10, (n,))
 
 
-@pytest.mark.parametrize("vectors", [False, True])
-def test_memory_estimate_matches_the_measured_peak(vectors):
+@pytest.mark.parametrize("vectors, keep_gram", [(False, True), (False, False), (True, True)])
+def test_memory_estimate_matches_the_measured_peak(vectors, keep_gram):
     """The estimate before running (program + Gram temporaries, or outputs + eigendecomposition) against
     the CPU allocator's peak during a call and its eigendecomposition (the profiler, as the benchmarks
     measure it)."""
     import sys
     from pathlib import Path
 
+    from fxcurv.operators.gram_eigen import packed_storage
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from measure import peak_memory
 
     model, loss_fn, x, y = memory_problem(256)
-    q = GGNEigen(vectors=vectors)
+    q = GGNEigen(vectors=vectors, keep_gram=keep_gram)
     engine = fxcurv.compile(model, loss_fn, quantities=(q,))
     estimate = q.memory(engine, x, y)
     m = 9 * 256
-    if vectors or not lapack_in_place(x.device, x.dtype, m):
+    packed = not keep_gram and packed_storage(x.device, x.dtype, m)
+    if vectors or not (lapack_in_place(x.device, x.dtype, m) or packed):
         assert estimate.decomposition >= (3 if vectors else 1) * m * m * 4
+    elif packed:  # the upper triangle, ?spevd in it
+        assert m * (m + 1) // 2 * 4 <= estimate.outputs < m * m * 4
+        assert 3 * m * 4 <= estimate.decomposition < 4 * m * 4
     else:  # eigenvalues in place: no copy of the Gram matrix, its O(M) workspace and one restoring block
         assert 4 * m * 4 <= estimate.decomposition < m * m * 4 / 4
     engine(x, y)  # built and warm
@@ -687,3 +694,108 @@ def test_through_generic_ops(norm):
     loss_fn = nn.CrossEntropyLoss()
     _, e = compile_eigen(model, loss_fn, x, y)
     check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
+
+
+# ---- packed storage (vectors=False) ---------------------------------------------------------------
+
+def _packed_cases():
+    rng = random.Random(51)
+    torch.manual_seed(51)
+    cnn = random_cnn(rng, in_shape=(2, 5, 4), out_dim=3, depth=2)
+    torch.manual_seed(52)
+    tied = TiedThreeTimes(out_dim=4).to(DT)
+    bn, x_bn = _batch_norm_net()
+    emb, x_emb = _embedding_net()
+    return {
+        "mlp": (nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 4)).to(DT),
+                torch.randn(5, 3, dtype=DT), torch.tensor([0, 3, 1, 2, 2])),
+        "small_cnn": (small_cnn(), torch.randn(4, 2, 4, 4, dtype=DT), torch.tensor([0, 3, 1, 2])),
+        "random_cnn": (cnn, torch.randn(3, 2, 5, 4, dtype=DT), torch.tensor([0, 2, 1])),
+        "tied": (tied, torch.randn(3, 3, dtype=DT), torch.tensor([0, 3, 1])),
+        "batch_norm": (bn, x_bn, torch.tensor([0, 2, 1, 2])),
+        "embedding": (emb, x_emb, torch.tensor([0, 2, 1, 2])),
+    }
+
+
+@pytest.mark.parametrize("chunks", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("case", ["mlp", "small_cnn", "random_cnn", "tied", "batch_norm", "embedding"])
+def test_packed_gram(case, chunks, monkeypatch):
+    """``keep_gram=False`` above the packing threshold (set to 0 here) accumulates the Gram matrix's upper
+    triangle alone (a 1-D program value; every Gram rule's way of adding: row chunks, blocks of samples,
+    convolutions' position products, a weight used three times, embeddings' square shares): its
+    eigenvalues (LAPACK's ?spevd in its storage) are the dense GGN's; ``.gram`` read first unpacks to the
+    square Gram matrix of ``vectors=True``; after ``.values`` it is consumed (refused)."""
+    from fxcurv import gram
+    from fxcurv.kernels import matmul
+    from fxcurv.operators import gram_eigen
+    from fxcurv.quantities.ggn_eigen import FactorGramInto, GramInto
+
+    monkeypatch.setattr(gram_eigen, "IN_PLACE_BYTES", 0)
+    if not gram_eigen.packed_lapack(torch.device("cpu"), DT):
+        pytest.skip("SciPy is not installed: no packed eigensolver")
+    if chunks:  # and the CPU matmul epilogues (an activation's derivative) a row at a time
+        monkeypatch.setattr(gram, "GRAM_ROW_ELEMENTS", 1)
+        monkeypatch.setattr(gram, "GRAM_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(matmul, "EPILOGUE_WHOLE_BYTES", 0)
+        monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 1)
+    model, x, y = _packed_cases()[case]
+    loss_fn = nn.CrossEntropyLoss()
+    engine = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False, keep_gram=False),))
+    grams = [n for n in engine.program(x, y).gm.graph.nodes if isinstance(n.target, (GramInto, FactorGramInto))]
+    assert grams and all(len(info(n).shape) == 1 for n in grams), "the Gram values are not packed"
+    want = nonzero_eigenvalues(reference.ggn(model, loss_fn, x, y))
+    e = engine(x, y)["ggn_eigen"]
+    assert e.values.shape == want.shape
+    assert rel_error(e.values, want) < 1e-9
+    with pytest.raises(gram_eigen.GramConsumedError, match="keep_gram"):
+        _ = e.gram
+    first = engine(x, y)["ggn_eigen"]
+    _, square = compile_eigen(model, loss_fn, x, y)
+    assert torch.equal(first.gram, first.gram.T)
+    assert rel_error(first.gram, square.gram) < 1e-12
+    assert rel_error(first.values, want) < 1e-9  # from the unpacked matrix
+    kept = fxcurv.compile(model, loss_fn, quantities=(GGNEigen(vectors=False),))
+    assert all(len(info(n).shape) == 2 for n in kept.program(x, y).gm.graph.nodes
+               if isinstance(n.target, (GramInto, FactorGramInto))), "keep_gram=True packs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_helpers(dtype):
+    """PackedGram's storage and additions against the square matrix: a square share added whole, a
+    rectangle straddling the diagonal, and ?spevd's eigenvalues against torch.linalg.eigvalsh."""
+    from fxcurv.gram import PackedGram, add_square, packed_numel
+    from fxcurv.operators import gram_eigen
+
+    if not gram_eigen.packed_lapack(torch.device("cpu"), dtype):
+        pytest.skip("SciPy is not installed: no packed eigensolver")
+    torch.manual_seed(14)
+    m = 37
+    a = torch.randn(m, 60, dtype=dtype)  # full rank: every eigenvalue well above rounding
+    g = a @ a.T
+    g = (g + g.T) / 2
+    packed = PackedGram.zeros(m, g)
+    assert packed.data.numel() == packed_numel(m) == m * (m + 1) // 2
+    add_square(packed.data, g)
+    assert torch.equal(packed.full(), torch.triu(g) + torch.triu(g, 1).T)
+    rect = torch.randn(7, 11, dtype=dtype)  # rows 10..16, columns 8..18: straddles the diagonal
+    packed.add_(10, 8, rect)
+    want = g.clone()
+    upper = torch.zeros_like(g)
+    upper[10:17, 8:19] = rect
+    upper = torch.triu(upper)
+    want += upper + torch.triu(upper, 1).T
+    assert rel_error(packed.full().double(), torch.triu(want).double() + torch.triu(want, 1).T.double()) < 1e-6
+    values = gram_eigen.packed_eigenvalues(PackedGram.of(packed.data.clone()))
+    expect = torch.linalg.eigvalsh(packed.full().double())
+    assert rel_error(values.double(), expect) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # A block that keeps its packed Gram matrix (positive semi-definite) computes in a copy: .gram
+    # afterwards is the matrix
+    psd = PackedGram.zeros(m, g)
+    add_square(psd.data, g)
+    square = psd.full()
+    e = GramEigen(psd, columns=1, keep_gram=True)
+    assert rel_error(e.values.double(), nonzero_eigenvalues(square.double())) < (1e-5 if dtype == torch.float32
+                                                                                  else 1e-12)
+    assert torch.equal(e.gram, square)
+    with pytest.raises(ValueError, match="packed storage"):
+        PackedGram.of(torch.zeros(5, dtype=dtype))
