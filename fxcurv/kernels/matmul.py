@@ -162,6 +162,10 @@ EPILOGUE_WHOLE_BYTES = 16 << 20
 # from 123.2 to 128.9 MiB, this one lowers it to 122.6 MiB, and the Monte Carlo one at N = 4761 from
 # 136.2 to 120.5 MiB).
 EPILOGUE_CHUNK_ELEMENTS = 1 << 18
+# Chunks of fewer rows than this are not worth it: with many leading columns (diag_hessian's residual
+# bundles [K = 1000, N, D]) a chunk of one or two rows is a strided slice of every column, whose copies and
+# small products made the MNIST MLP's diag_hessian 4x slower; such products are formed whole.
+EPILOGUE_MIN_ROWS = 16
 
 
 def matmul_torch(a: torch.Tensor, b: torch.Tensor, epilogue: PointwiseProgram | None = None,
@@ -190,6 +194,8 @@ def _row_chunks(a: torch.Tensor, bb: torch.Tensor, extras: Sequence[Any]) -> boo
     if numel * a.element_size() <= EPILOGUE_WHOLE_BYTES:
         return False
     rows = a.shape[-2]
+    if _rows_per_chunk(a, bb) < EPILOGUE_MIN_ROWS:
+        return False
     for e in extras:
         if not isinstance(e, torch.Tensor):
             continue
@@ -200,14 +206,19 @@ def _row_chunks(a: torch.Tensor, bb: torch.Tensor, extras: Sequence[Any]) -> boo
     return True
 
 
+def _rows_per_chunk(a: torch.Tensor, bb: torch.Tensor) -> int:
+    """Rows (dim -2) of ``a @ bb`` per chunk: :data:`EPILOGUE_CHUNK_ELEMENTS` entries of the product."""
+    per_row = math.prod(a.shape[:-2]) * bb.shape[1]
+    return max(1, EPILOGUE_CHUNK_ELEMENTS // max(1, per_row))
+
+
 def _matmul_torch_rows(a: torch.Tensor, bb: torch.Tensor, epilogue: PointwiseProgram,
                        extras: Sequence[Any]) -> list[torch.Tensor]:
     """``epilogue(a @ bb, *extras)`` a chunk of rows ``r0:r1`` (dim -2 of the product and of the extras
     with two dims or more) at a time: each chunk's product is fresh (the epilogue may overwrite it)
     and its results are copied into the outputs, allocated on the first chunk."""
     rows = a.shape[-2]
-    per_row = math.prod(a.shape[:-2]) * bb.shape[1]
-    step = max(1, EPILOGUE_CHUNK_ELEMENTS // max(1, per_row))
+    step = _rows_per_chunk(a, bb)
     outs: list[torch.Tensor] = []
     for r0 in range(0, rows, step):
         r = slice(r0, min(rows, r0 + step))

@@ -224,6 +224,7 @@ def test_torch_path_in_row_chunks(a_shape, monkeypatch):
     monkeypatch.setattr(matmul, "EPILOGUE_WHOLE_BYTES", 0)
     lead = 4 if len(a_shape) == 3 else 1
     monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 5 * 23 * lead)
+    monkeypatch.setattr(matmul, "EPILOGUE_MIN_ROWS", 1)
     a, W = _rand(*a_shape), _rand(19, 23, seed=1)
     out, g = torch.tanh(_rand(37, 23, seed=2)), _rand(37, 23, seed=3)
     kept = out.clone()
@@ -246,3 +247,15 @@ def test_torch_path_in_row_chunks(a_shape, monkeypatch):
     _close(got[0], gz * (1 - out * out))
     _close(got[1], gz * (-2 * out * (1 - out * out)))
     assert out.equal(kept)
+
+
+def test_products_of_many_columns_are_formed_whole(monkeypatch):
+    """A bundle whose chunk would hold fewer than EPILOGUE_MIN_ROWS rows (many leading columns, as
+    diag_hessian's residual bundles) is not chunked; one with enough rows is."""
+    from fxcurv.kernels import matmul
+
+    monkeypatch.setattr(matmul, "EPILOGUE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(matmul, "EPILOGUE_CHUNK_ELEMENTS", 64 * 23)
+    W, out = _rand(19, 23, seed=1), _rand(37, 23, seed=2)
+    assert not matmul._row_chunks(_rand(8, 37, 19), W, [out])  # 8 rows per chunk
+    assert matmul._row_chunks(_rand(2, 37, 19), W, [out])  # 32 rows per chunk
