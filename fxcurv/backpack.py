@@ -10,6 +10,10 @@ fxcurv the call ``out = engine(x, y)`` computes them, and :func:`write` puts the
     with backpack(DiagGGNExact(), BatchGrad()):         out = engine(x, y); loss = out.loss
         loss.backward()                                 fxcurv.backpack.write(model, out)
 
+Or, changing only the imports, :func:`extend` and :func:`backpack` with the extensions of the table below
+(``from fxcurv.backpack import backpack, extend, DiagGGNExact, BatchGrad``) run that code as written: the
+block's end computes and writes the attributes (see "the drop-in front" below).
+
 ``write`` accumulates the gradient into ``p.grad`` as ``loss.backward()`` does
 (:meth:`fxcurv.Result.write_grad`) and sets each other per-parameter quantity as an attribute,
 replacing a previous value, as BackPACK's ``setattr`` does. The names and stored types, read from
@@ -44,9 +48,12 @@ quantities (``ggn_eigen``) belong to no parameter and stay in the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -161,4 +168,173 @@ def write(model: nn.Module, out: Result, *, grad: bool = True) -> None:
             setattr(params[name], attr, value)
 
 
-__all__ = ["FIELDS", "Field", "attribute_of", "attributes", "write"]
+# ---- the drop-in front: extend(...) and with backpack(...) ----------------------------------------------
+#
+# BackPACK code changes its imports only:
+#
+#     from fxcurv.backpack import backpack, extend, BatchGrad, DiagGGNExact   # was: from backpack import ...
+#     model, lossfunc = extend(model), extend(lossfunc)
+#     loss = lossfunc(model(x), y)
+#     with backpack(DiagGGNExact(), BatchGrad()):
+#         loss.backward()                     # autograd's p.grad, as before
+#     p.diag_ggn_exact, p.grad_batch          # written when the block ends, by a compiled engine
+#
+# ``extend`` records each call of the module (its inputs and output) in a short history; when the block ends,
+# the last call of an extended module whose first input is the output of another extended module's call is
+# the loss, that other call the model: the engine compiled for (model, loss, quantities) runs on its ``x``
+# and ``y`` and :func:`write` sets the attributes (not ``p.grad``, which ``backward`` wrote). The engine
+# recomputes the forward pass: a model must give the same output again (eval-mode dropout, no state that
+# a forward changes). Monte Carlo extensions draw from fxcurv's generator, not BackPACK's: their values
+# are other samples of the same estimator. Extend the whole model, as BackPACK's examples do (not its
+# layers one by one).
+
+
+class Extension:
+    """A BackPACK extension: the fxcurv quantity it asks for; ``mc_samples`` for the Monte Carlo ones."""
+
+    quantity: ClassVar[str]
+
+    def __init__(self, mc_samples: int = 1):
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class BatchGrad(Extension):
+    quantity = "batch_grad"
+
+
+class BatchL2Grad(Extension):
+    quantity = "batch_l2_grad"
+
+
+class SumGradSquared(Extension):
+    quantity = "sum_grad_squared"
+
+
+class Variance(Extension):
+    quantity = "variance"
+
+
+class DiagGGNExact(Extension):
+    quantity = "diag_ggn"
+
+
+class DiagGGNMC(Extension):
+    quantity = "diag_ggn_mc"
+
+
+class DiagHessian(Extension):
+    quantity = "diag_hessian"
+
+
+class BatchDiagGGNExact(Extension):
+    quantity = "batch_diag_ggn"
+
+
+class BatchDiagGGNMC(Extension):
+    quantity = "batch_diag_ggn_mc"
+
+
+class SqrtGGNExact(Extension):
+    quantity = "sqrt_ggn"
+
+
+class SqrtGGNMC(Extension):
+    quantity = "sqrt_ggn_mc"
+
+
+class KFAC(Extension):
+    quantity = "kfac"
+
+
+class KFLR(Extension):
+    quantity = "kflr"
+
+
+class KFRA(Extension):
+    quantity = "kfra"
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call of an extended module: the module and its output held weakly (an output nobody keeps is
+    not kept alive here), its inputs as they were passed."""
+
+    module: weakref.ReferenceType[nn.Module]
+    args: tuple[Any, ...]
+    output: Callable[[], Any]
+
+
+# The last calls of extended modules (model and loss of the last forward pass at least).
+_HISTORY_LENGTH = 8
+_calls: deque[_Call] = deque(maxlen=_HISTORY_LENGTH)
+_engines: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+_EXTENDED = "_fxcurv_backpack_extended"
+
+
+def _record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    held: Callable[[], Any] = weakref.ref(output) if isinstance(output, torch.Tensor) else (lambda: None)
+    _calls.append(_Call(weakref.ref(module), tuple(args), held))
+
+
+def extend(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """BackPACK's ``extend``: the module itself, its calls recorded for :func:`backpack` (BackPACK's options,
+    such as ``use_converter``, are accepted and have nothing to do here)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"extend takes a torch.nn.Module (the model or the loss), got {type(module).__name__}")
+    if not getattr(module, _EXTENDED, False):
+        module.register_forward_hook(_record)
+        setattr(module, _EXTENDED, True)
+    return module
+
+
+def _model_and_loss() -> tuple[nn.Module, Any, nn.Module, Any]:
+    """``(model, x, loss_fn, y)`` of the last recorded loss call (see the comment above)."""
+    calls = list(_calls)
+    for i in range(len(calls) - 1, -1, -1):
+        loss = calls[i]
+        if len(loss.args) < 2:
+            continue
+        for model in reversed(calls[:i]):
+            if model.output() is loss.args[0] and len(model.args) == 1:
+                m, fn = model.module(), loss.module()
+                if m is not None and fn is not None:
+                    return m, model.args[0], fn, loss.args[1]
+    raise InputError("with backpack(...): no call of an extended loss on the output of an extended model was "
+                     "recorded; extend both (model, lossfunc = extend(model), extend(lossfunc)) and compute "
+                     "loss = lossfunc(model(x), y) before the block")
+
+
+@contextlib.contextmanager
+def backpack(*extensions: Extension, **options: Any) -> Iterator[None]:
+    """BackPACK's ``with backpack(*extensions)``: when the block ends (after ``loss.backward()``), the
+    quantities of ``extensions`` for the last ``lossfunc(model(x), y)`` of extended modules are computed
+    by a compiled engine and written onto the parameters under BackPACK's names (:func:`write`)."""
+    for ext in extensions:
+        if not isinstance(ext, Extension):
+            raise TypeError(f"backpack takes fxcurv.backpack extensions (BatchGrad(), DiagGGNExact(), ...), got "
+                            f"{type(ext).__name__}")
+    yield
+    if not extensions:
+        return
+    from .api import Engine
+
+    model, x, loss_fn, y = _model_and_loss()
+    quantities = tuple(dict.fromkeys(ext.quantity for ext in extensions))
+    mc_samples = max(ext.mc_samples for ext in extensions)
+    key = (id(loss_fn), quantities, mc_samples)
+    cache = _engines.setdefault(model, {})
+    engine = cache.get(key)
+    if engine is None:
+        engine = cache[key] = Engine(model, loss_fn, quantities, mc_samples=mc_samples)
+    out = engine(x.detach(), y.detach() if isinstance(y, torch.Tensor) else y)
+    write(model, out, grad=False)
+
+
+__all__ = ["FIELDS", "Field", "attribute_of", "attributes", "write", "extend", "backpack", "Extension",
+           "BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance", "DiagGGNExact", "DiagGGNMC", "DiagHessian",
+           "BatchDiagGGNExact", "BatchDiagGGNMC", "SqrtGGNExact", "SqrtGGNMC", "KFAC", "KFLR", "KFRA"]

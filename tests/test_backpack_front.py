@@ -233,3 +233,58 @@ def test_backpack_loop_runs_unchanged_with_fxcurv():
                     err = rel_error(u, v)
                     assert err < RTOL, f"step {step} {name}.{attr}[{i}]: relative error {err:.2e}"
     params_close(mine, theirs, RTOL)
+
+
+# ---- the drop-in front: extend(...) and with backpack(...) ---------------------------------------------
+
+_DROP_IN = ("BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance", "DiagGGNExact", "DiagHessian", "KFLR",
+            "BatchDiagGGNExact")
+
+
+def _backpack_step(backpack_fn, extend_fn, extensions, model, x, y):
+    """A BackPACK training step as its users write it, with the given ``backpack``/``extend``."""
+    model, lossfunc = extend_fn(model), extend_fn(nn.CrossEntropyLoss())
+    loss = lossfunc(model(x), y)
+    with backpack_fn(*extensions):
+        loss.backward()
+    return loss
+
+
+def test_drop_in_front_gives_backpacks_attributes():
+    """The same step with ``from fxcurv.backpack import backpack, extend, ...`` in place of BackPACK's
+    imports: p.grad from autograd, every extension's attribute equal to BackPACK's (1e-10)."""
+    pytest.importorskip("backpack")
+    import backpack as bp_lib
+    import backpack.extensions as bp_ext
+
+    torch.manual_seed(0)
+    ours, theirs = mlp(), mlp()
+    theirs.load_state_dict(ours.state_dict())
+    x, y = batches(7, 1)[0]
+    _backpack_step(fxcurv.backpack.backpack, fxcurv.backpack.extend,
+                   [getattr(fxcurv.backpack, name)() for name in _DROP_IN], ours, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _backpack_step(bp_lib.backpack, bp_lib.extend, [getattr(bp_ext, name)() for name in _DROP_IN], theirs, x, y)
+    attributes = ["grad"] + [fxcurv.backpack.FIELDS[getattr(fxcurv.backpack, name).quantity].attribute
+                             for name in _DROP_IN]
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        for attr in attributes:
+            got, want = getattr(p, attr), getattr(q, attr)
+            pairs = zip(got, want) if isinstance(want, list) else [(got, want)]
+            for g, w in pairs:
+                assert rel_error(g, w) < RTOL, f"{name}.{attr}"
+
+
+def test_drop_in_front_needs_an_extended_model_and_loss():
+    """Without a recorded ``lossfunc(model(x), y)`` of extended modules the block's end says what to do;
+    an object that is not an extension is refused."""
+    model = mlp()
+    fxcurv.backpack._calls.clear()
+    loss = nn.CrossEntropyLoss()(model(torch.randn(3, 5, dtype=DT)), torch.tensor([0, 1, 2]))
+    with pytest.raises(InputError, match="extend both"):
+        with fxcurv.backpack.backpack(fxcurv.backpack.BatchGrad()):
+            loss.backward()
+    with pytest.raises(TypeError, match="extensions"):
+        with fxcurv.backpack.backpack("BatchGrad"):
+            pass
