@@ -110,3 +110,14 @@ def pytest_terminal_summary(terminalreporter, config):
                      for key, value in getattr(r, "user_properties", ()) if key == "ran_on"})
     terminalreporter.write_line(f"--device cuda: {len(on_cpu)} test(s) ran on CPU tensors"
                                 + "".join(f"\n  {line}" for line in on_cpu))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny tensors (faster, and much faster on a busy machine,
+    where idle threads spin); the previous setting is restored for the other modules. A module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -91,3 +91,15 @@ def check_layer_net(model, loss_fn, x, y, backpack: bool = False):
         want = backpack_reference.run_extension(model, loss_fn, x, y, DiagGGNExact())
         assert_close(out["diag_ggn"], want, rtol=1e-10, what="diag_ggn vs BackPACK")
     return out
+
+
+class GenericAffine(torch.nn.Module):
+    """``b + h o w`` by ``torch.addcmul``: a call without a hand rule (one generic node, two parameters)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+
+    def forward(self, h):
+        return torch.addcmul(self.bias, h, self.weight)

@@ -28,12 +28,7 @@ RTOL = 1e-8
 HAND_OPS = ("softmax", "log_softmax", "matmul", "permute")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: tests/conftest.py
 
 
 class SelfAttention(nn.Module):

@@ -31,12 +31,7 @@ RTOL = 1e-8
 QUANTITIES = ("diag_ggn", "diag_hessian", "hesscale")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: tests/conftest.py
 
 
 def _exports() -> mock._patch:

@@ -16,7 +16,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
-from helpers import rel_error
+from helpers import GenericAffine, rel_error
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -26,12 +26,7 @@ DT = torch.float64
 RTOL = 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: tests/conftest.py
 
 
 class TextClassifier(nn.Module):
@@ -245,18 +240,7 @@ def test_program_of_a_transformer_lists_generic_nodes():
     assert "TransformerEncoderLayer" not in listing and "MultiheadAttention" not in listing
 
 
-class _GenericAffine(nn.Module):
-    """``b + h o w`` by ``torch.addcmul``: a call without a hand rule (one generic node, two parameters)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
-
-    def forward(self, h):
-        return torch.addcmul(self.bias, h, self.weight)
-
-
-@pytest.mark.parametrize("norm", [nn.LayerNorm, _GenericAffine], ids=["layer_norm", "generic_affine"])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, GenericAffine], ids=["layer_norm", "generic_affine"])
 def test_block_ggn_through_generic_op(norm):
     """The exact per-parameter GGN blocks (matrix-free products with the ops' own JVPs and VJPs) take a
     generic op's parameters too (``torch.addcmul``'s weight and bias), and the hand layer_norm op's."""

@@ -24,12 +24,7 @@ RTOL = 1e-9
 HAND_OPS = ("index", "cat", "index_select")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: tests/conftest.py
 
 
 class ChunkedAttention(nn.Module):

@@ -19,7 +19,7 @@ import pytest
 import reference
 import torch
 from architectures import Residual, TiedThreeTimes, random_cnn, random_mlp
-from helpers import call_rule, rel_error
+from helpers import GenericAffine, call_rule, rel_error
 from torch import nn
 from torch.func import functional_call, jvp
 
@@ -658,18 +658,7 @@ def test_batch_norm_and_embedding_gram(net, subsample):
     check_eigenpairs(e, (n / m) * reference.ggn(model, loss_fn, x[subsample], y[subsample]) / scale, names)
 
 
-class _GenericAffine(nn.Module):
-    """``b + h o w`` by ``torch.addcmul``: a call without a hand rule (one generic node, two parameters)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
-
-    def forward(self, h):
-        return torch.addcmul(self.bias, h, self.weight)
-
-
-@pytest.mark.parametrize("norm", [nn.LayerNorm, _GenericAffine], ids=["layer_norm", "generic_affine"])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, GenericAffine], ids=["layer_norm", "generic_affine"])
 def test_through_generic_ops(norm):
     """A generic node with two parameters in one Gram call (``torch.addcmul``) or the hand layer_norm op,
     and ``x.mean(1)`` (generic) between linear layers: the Gram matrix of their per-sample factors joins
