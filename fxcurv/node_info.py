@@ -24,6 +24,18 @@ GENERATOR = "generator"
 _PARAM_PREFIX = "p_"
 
 
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def param_placeholder(name: str) -> str:
     """The placeholder of parameter ``name`` (``"1.weight"`` -> ``"p_1_weight"``)."""
     return _PARAM_PREFIX + name.replace(".", "_")

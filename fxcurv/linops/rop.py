@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from ..api import Program
-from ..node_info import INPUT, Kind, has_info, info
+from ..node_info import INPUT, Kind, ancestors, has_info, info
 from ..rules import linear as linear_rules
 from ..rules import registry
 from ..rules import reshape as reshape_rules
@@ -96,7 +96,7 @@ def plan(prog: Program) -> Plan | None:
                  and registry.OPS.get(info(n).op or "") is not None and registry.OPS[str(info(n).op)].is_loss), None)
     if loss is None or not isinstance(loss.args[0], fx.Node):
         return None
-    needed = _ancestors(loss.args[0])
+    needed = ancestors(loss.args[0])
     steps: list[Step] = []
     constants: dict[str, str] = {}
     for node in nodes:
@@ -132,18 +132,6 @@ def _inputs_fit(op: OpDef, inputs: dict[str, str | None], param_of: dict[str, st
     if data is None or data in param_of:
         return False
     return all(inputs.get(k) is None or inputs[k] in param_of or inputs[k] in constants for k in op.params)
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 class ParamSlices:

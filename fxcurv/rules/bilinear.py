@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..node_info import INPUT
+from ..node_info import INPUT, ancestors
 from .registry import Match, define_op, example
 
 
@@ -55,17 +55,7 @@ def computed_from_input(value: Any) -> bool:
     if not isinstance(value, fx.Node):
         val = example(value)
         return val is not None and not isinstance(value, torch.Tensor) and val.is_floating_point()
-    seen: set[fx.Node] = set()
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder" and node.name == INPUT:
-            return True
-        stack.extend(node.all_input_nodes)
-    return False
+    return any(n.op == "placeholder" and n.name == INPUT for n in ancestors(value))
 
 
 def _canonical(a: Any, b: Any) -> Match | None:
