@@ -53,6 +53,9 @@ class Result(Mapping):
 
     @property
     def grad(self) -> dict[str, torch.Tensor]:
+        if "grad" not in self._values:
+            raise KeyError("this result has no gradient: its engine was compiled with grad=False (curvature "
+                           f"only); it has {list(self._values)}")
         return self._values["grad"]
 
     def __getitem__(self, quantity: str) -> Any:
@@ -195,7 +198,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,
                  mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
-                 memory_budget: float | None = None, capture: str = "fx"):
+                 memory_budget: float | None = None, capture: str = "fx", grad: bool = True):
         self.capture = parse_capture(capture)
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
@@ -205,7 +208,10 @@ class Engine:
             raise ValueError(f"memory_budget must be a positive number of bytes (or None), got {memory_budget!r}")
         self.model = model
         self.loss_fn = loss_fn
-        self.quantities = resolve(quantities)
+        if not isinstance(grad, bool):
+            raise TypeError(f"grad must be True or False, got {grad!r}")
+        self.grad = grad
+        self.quantities = resolve(quantities, grad=grad)
         self.mc_samples = mc_samples
         self.seed = seed
         self.backend = backend
@@ -414,7 +420,7 @@ class Engine:
         quantities = tuple(q.name if QUANTITIES.get(q.name) is q else q for q in self.quantities)
         return {"model": self.model, "loss_fn": self.loss_fn, "quantities": quantities,
                 "mc_samples": self.mc_samples, "seed": self.seed, "backend": self.backend,
-                "memory_budget": self.memory_budget, "capture": self.capture.value}
+                "memory_budget": self.memory_budget, "capture": self.capture.value, "grad": self.grad}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         model, loss_fn = state.pop("model"), state.pop("loss_fn")
@@ -467,7 +473,7 @@ def _check_call(x: Any, y: Any) -> None:
 
 def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantitySpec = ("grad",), *,  # noqa: A001
             mc_samples: int = 1, seed: int | None = None, backend: str = "fused",
-            memory_budget: float | None = None, capture: str = "fx") -> Engine:
+            memory_budget: float | None = None, capture: str = "fx", grad: bool = True) -> Engine:
     """Compile ``loss_fn(model(x), y)`` into a curvature program computing ``quantities``.
 
     ``quantities``: names (or configured :class:`fxcurv.quantities.Quantity` objects such as
@@ -475,7 +481,10 @@ def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantityS
     ``diag_ggn_mc``, ``diag_hessian``, ``hesscale``, ``hesscale_gn``), the Kronecker and block family
     (``kflr``, ``kfac``, ``kfra``, ``hbp_*``, ``block_ggn``, ``block_hessian``), the per-sample family
     (``batch_grad``, ``batch_l2_grad``, ``sum_grad_squared``, ``variance``, ``batch_diag_ggn(_mc)``,
-    ``sqrt_ggn(_mc)``) and ``ggn_eigen(_mc)``; the gradient is always returned. ``mc_samples``
+    ``sqrt_ggn(_mc)``) and ``ggn_eigen(_mc)``; the gradient is returned too, unless ``grad=False``:
+    curvature only, the program then computes no weight gradients and, where no requested quantity reads
+    the gradient message ``g`` (``diag_ggn``, the Kronecker factors, ``ggn_eigen(vectors=False)``, ...),
+    does not backpropagate it either. ``mc_samples``
     columns are drawn for the Monte Carlo quantities; ``seed`` makes them reproducible (or pass
     ``generator=`` per call).
     ``backend``: ``"fused"`` (default), ``"eager"`` (unfused, op by op) or ``"inductor"``
@@ -488,4 +497,4 @@ def compile(model: nn.Module, loss_fn: Callable[..., Any], quantities: QuantityS
     batch size. The loss is traced by torch.fx in both.
     """
     return Engine(model, loss_fn, quantities, mc_samples=mc_samples, seed=seed, backend=backend,
-                  memory_budget=memory_budget, capture=capture)
+                  memory_budget=memory_budget, capture=capture, grad=grad)

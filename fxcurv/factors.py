@@ -73,6 +73,13 @@ def stack_columns(g: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
     return torch.cat((g.unsqueeze(0),) + factors, dim=0)
 
 
+@target(fresh=True)
+def stack_factors(*factors: torch.Tensor) -> torch.Tensor:
+    """The bundle ``[S_1; S_2; ...]`` of a program that does not carry the gradient (``compile(...,
+    grad=False)`` with GGN quantities only): ``[K_1 + K_2 + ..., N, ...]``, one product per op for all."""
+    return torch.cat(factors, dim=0)
+
+
 
 @target()
 def gradient_column(bundle: torch.Tensor) -> torch.Tensor:

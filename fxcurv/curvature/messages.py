@@ -3,7 +3,9 @@
 Backpropagation sends *messages* from each op's output to its inputs. Which messages exist is the
 union of what the requested quantities need (:class:`Needs`):
 
-* the **gradient** ``g [N, ...]`` -- always;
+* the **gradient** ``g [N, ...]`` -- where a quantity reads it (:attr:`Needs.gradient`: the gradient
+  itself, the per-sample gradients, the Hessian's residual terms) or nothing else would carry the
+  backward walk; a curvature-only program (``compile(..., grad=False)``) of GGN quantities has none;
 * **square-root factor columns** ``S [K, N, ...]`` (with signs where the curvature is indefinite),
   grouped by :class:`Origin`: where they start and what second-order term they carry
   (:class:`FactorSource`). ``sum_k sign_k S_k S_k^T`` is one origin's share of the per-sample curvature
@@ -16,7 +18,8 @@ union of what the requested quantities need (:class:`Needs`):
 
 The gradient and the columns that start at the loss (exact and Monte Carlo) pass every op alike, so
 they travel stacked as one *bundle* ``[g; S_loss; S_mc]`` (:class:`BundleLayout` says which rows are
-which): one ``W^T [...]`` product per linear layer moves all of them.
+which; without the gradient ``[S_loss; S_mc]``): one ``W^T [...]`` product per linear layer moves all
+of them.
 """
 
 from __future__ import annotations
@@ -104,10 +107,21 @@ class Needs:
     # and all ask for one fraction, the seed starts the columns on that prefix alone, outside the bundle
     # (see fxcurv.curvature.seed.prefix_samples); otherwise the source is carried on the whole batch.
     prefix: frozenset[tuple[FactorSource, float]] = frozenset()
+    # The quantity reads the gradient message g at its parameters' uses (ParamUse.g).
+    gradient: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(self.factors | other.factors, self.diagonals | other.diagonals, self.dense | other.dense,
-                     self.prefix | other.prefix)
+                     self.prefix | other.prefix, self.gradient or other.gradient)
+
+    @property
+    def carries_gradient(self) -> bool:
+        """Whether the program backpropagates ``g``: a quantity reads it, or a second-order residual
+        (``phi''(x) g``: the Hessian's factor columns, HesScale's diagonal, HBP's matrices) or a tied
+        weight's mixed term (``d2z/(dx dw)`` paired with ``g``) is built from it."""
+        return (self.gradient or bool({FactorSource.RESIDUAL, FactorSource.MIXED} & self.factors)
+                or any(s.residual for s in self.diagonals)
+                or any(s.residual is not Residual.NONE for s in self.dense))
 
     def wants(self, source: FactorSource) -> bool:
         """Whether some quantity needs ``source``'s columns, on the whole batch or on a prefix of it."""
@@ -130,15 +144,17 @@ class Columns:
 
 @dataclass(frozen=True)
 class BundleLayout:
-    """Rows of the bundle ``[g; S_loss; S_mc]``: row 0 is the gradient; ``rows[origin]`` the slice of an
-    origin's columns, ``signs[origin]`` their sign node (``None`` where positive)."""
+    """Rows of the bundle ``[g; S_loss; S_mc]``: row 0 is the gradient where it is carried
+    (``gradient``); ``rows[origin]`` the slice of an origin's columns, ``signs[origin]`` their sign
+    node (``None`` where positive)."""
 
     rows: dict[Origin, tuple[int, int]] = field(default_factory=dict)
     signs: dict[Origin, fx.Node | None] = field(default_factory=dict)
+    gradient: bool = True
 
     @property
     def width(self) -> int:
-        return 1 + sum(stop - start for start, stop in self.rows.values())
+        return int(self.gradient) + sum(stop - start for start, stop in self.rows.values())
 
 
 @dataclass
@@ -156,7 +172,16 @@ class Messages:
     """The summed messages at one forward node's output."""
 
     bundle: fx.Node
-    g: fx.Node
+    gradient: fx.Node | None  # None: the program does not carry g (Needs.carries_gradient)
     diagonals: dict[DiagonalStream, fx.Node]
     columns: dict[Origin, Columns]
     dense: dict[DenseStream, fx.Node] = field(default_factory=dict)
+
+    @property
+    def g(self) -> fx.Node:
+        """The gradient message; a quantity or rule reading it must say so (``Needs(gradient=True)``):
+        an error at build time, never a factor column read as the gradient."""
+        if self.gradient is None:
+            raise RuntimeError("the gradient message g is read, but this program does not carry it: the quantity "
+                               "reading it must declare Needs(gradient=True)")
+        return self.gradient

@@ -123,8 +123,8 @@ class Propagator:
             return None
         emit, shape = self.emit, info(node).shape
         bundle = emit.sum(box.bundles, kind=Kind.BUNDLE, of=node, message="[g; S]", at=node)
-        g = emit.node(factors.gradient_column, (bundle,), kind=Kind.GRAD, of=node, message="g", shape=shape,
-                      at=node)
+        g = (emit.node(factors.gradient_column, (bundle,), kind=Kind.GRAD, of=node, message="g", shape=shape,
+                       at=node) if self.layout.gradient else None)
         diagonals = {s: emit.sum(v, kind=Kind.DIAG, of=node, message="d", stream=s.label, shape=shape, at=node)
                      for s, v in box.diagonals.items()}
         columns: dict[Origin, Columns] = {}

@@ -70,8 +70,6 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
     assert isinstance(f, fx.Node)
     shape = info(f).shape
     assert shape is not None, "shapes are recorded before curvature insertion"
-    g = emit.rule(emit.find_rule(RuleKind.LOSS_GRAD, loss, "f"), (), loss, kind=Kind.GRAD, message="g",
-                  shape=shape, at=f)
     inbox = Inbox()
     if needs.diagonals:
         streams = sorted(needs.diagonals, key=lambda s: s.label)
@@ -84,6 +82,7 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
     rows: dict = {}
     signs: dict = {}
     columns: list[fx.Node] = []
+    # Rows after the gradient's; shifted down by one below where the bundle does not carry it.
     start = 1
     k = loss_columns(op, shape)
     batch = shape[0]
@@ -135,6 +134,15 @@ def seed(emit: Emitter, loss: fx.Node, needs: Needs, mc_samples: int,
             columns.append(drawn)
             signs[MC] = None
             rows[MC] = (start, start + mc_samples)
-    bundle = emit.node(factors.stack_columns, (g, *columns), kind=Kind.BUNDLE, of=loss, message="[g; S]", at=f)
+    # The gradient rides in row 0 where something reads it -- and where no column rides in the bundle, as
+    # the message that carries the backward walk (the diagonal and prefix streams travel beside it).
+    gradient = needs.carries_gradient or not columns
+    if gradient:
+        g = emit.rule(emit.find_rule(RuleKind.LOSS_GRAD, loss, "f"), (), loss, kind=Kind.GRAD, message="g",
+                      shape=shape, at=f)
+        bundle = emit.node(factors.stack_columns, (g, *columns), kind=Kind.BUNDLE, of=loss, message="[g; S]", at=f)
+    else:
+        rows = {origin: (first - 1, stop - 1) for origin, (first, stop) in rows.items()}
+        bundle = emit.node(factors.stack_factors, tuple(columns), kind=Kind.BUNDLE, of=loss, message="[g; S]", at=f)
     inbox.bundles.append(bundle)
-    return inbox, BundleLayout(rows, signs)
+    return inbox, BundleLayout(rows, signs, gradient)

@@ -37,11 +37,12 @@ GRAD = QUANTITIES["grad"]
 from .ggn_eigen import GGNEigen  # noqa: E402  (the class, for options: GGNEigen(top_k=5, groups="layer"))
 
 
-def resolve(quantities: str | Quantity | Iterable[str | Quantity]) -> tuple[Quantity, ...]:
-    """The requested quantities as objects, ``grad`` first, each once, in the order given."""
+def resolve(quantities: str | Quantity | Iterable[str | Quantity], *, grad: bool = True) -> tuple[Quantity, ...]:
+    """The requested quantities as objects, each once, in the order given, ``grad`` first -- unless
+    ``grad=False`` (curvature without the gradient: the program then has no weight-gradient products)."""
     if isinstance(quantities, (str, Quantity)):
         quantities = (quantities,)
-    out: list[Quantity] = [GRAD]
+    out: list[Quantity] = [GRAD] if grad else []
     for q in quantities:
         if isinstance(q, str):
             if q not in QUANTITIES:
@@ -49,8 +50,13 @@ def resolve(quantities: str | Quantity | Iterable[str | Quantity]) -> tuple[Quan
             q = QUANTITIES[q]
         elif not isinstance(q, Quantity):
             raise TypeError(f"a quantity is a name or a fxcurv.quantities.Quantity, got {type(q).__name__}")
+        if q is GRAD and not grad:
+            raise ValueError("quantities include 'grad' but grad=False: request the gradient or drop it, not both")
         if all(q.name != seen.name for seen in out):
             out.append(q)
+    if not out:
+        raise ValueError("nothing to compute: grad=False and no quantity requested; "
+                         f"fxcurv computes: {', '.join(n for n in QUANTITIES if n != 'grad')}")
     return tuple(out)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import Needs
 from .base import Quantity, register
 from .combine import Accumulator, Concatenated
 from .per_sample import per_sample_vjp, summed, zeros
@@ -18,6 +19,7 @@ class BatchGrad(Quantity):
     name = "batch_grad"
     description = "per-sample gradients [N, *param] (they sum to the gradient)"
     reference = "BackPACK BatchGrad; HBP eq. S.8 per sample"
+    needs = Needs(gradient=True)  # reads g at each use
     shaped_like_parameter = False
 
     def accumulator(self) -> Accumulator[Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import Needs
 from ..rules.registry import RuleKind
 from .base import Quantity, register
 from .combine import Accumulator, Concatenated
@@ -28,6 +29,7 @@ class BatchL2Grad(Quantity):
     name = "batch_l2_grad"
     description = "squared norms of the per-sample gradients [N]"
     reference = "BackPACK BatchL2Grad; Goodfellow (2015), per-example gradient norms"
+    needs = Needs(gradient=True)  # reads g at each use
     shaped_like_parameter = False
 
     def start(self) -> _State:

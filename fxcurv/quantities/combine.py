@@ -90,6 +90,8 @@ class Accumulator(Generic[V]):
     only), :meth:`result` at the end. ``distributable``: whether :meth:`reduce` exists."""
 
     distributable: ClassVar[bool] = True
+    # Other quantities of the same result that add() reads (share.result[name]).
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def add(self, value: V, share: BatchShare) -> None:
         raise NotImplementedError
@@ -173,6 +175,8 @@ class VarianceFromMoments(Accumulator[torch.Tensor]):
     ``G_b = sum_n g_n``: ``sum_n g_n^2 = N_b v_b + G_b^2 / N_b``; in the data set ``g_n`` is ``w_b`` times the
     batch's, so ``G = sum_b u_b G_b / Z``, ``S = sum_b u_b^2 (sum_n g_n^2)_b / Z^2`` and the variance is
     ``S / N - (G / N)^2``."""
+
+    reads = ("grad",)
 
     def __init__(self) -> None:
         self.grad = WeightedSum(1.0)

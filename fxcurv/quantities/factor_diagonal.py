@@ -42,7 +42,7 @@ class FactorDiagonal(Quantity):
         self.description = description
         self.reference = reference
         self.sources = sources
-        self.needs = Needs(factors=sources)
+        self.needs = Needs(factors=sources, gradient=FactorSource.RESIDUAL in sources)
 
     def start(self) -> _State:
         return _State()

@@ -229,8 +229,9 @@ class GGNEigen(Quantity):
         # A prefix fraction: the columns are propagated on the subset's samples alone where the program
         # allows (Needs.prefix); indices (or a program that needs the whole batch's columns) select them
         # at each parameter use instead.
-        self.needs = (Needs(prefix=frozenset({(self.source, subsample)})) if isinstance(subsample, float)
-                      else Needs(factors=frozenset({self.source})))
+        # With vectors, each use's g is kept (directional derivatives, Newton steps): the program carries it.
+        self.needs = (Needs(prefix=frozenset({(self.source, subsample)}), gradient=vectors)
+                      if isinstance(subsample, float) else Needs(factors=frozenset({self.source}), gradient=vectors))
         self.name = name or ("ggn_eigen_mc" if mc else "ggn_eigen")
         self.description = (f"GGN eigenpairs from the Gram matrix ({self.setting}"
                             f"{', per ' + str(groups) if isinstance(groups, str) else ''}"

@@ -21,7 +21,7 @@ class DiagonalBackprop(Quantity):
         self.description = description
         self.reference = reference
         self.stream = stream
-        self.needs = Needs(diagonals=frozenset({stream}))
+        self.needs = Needs(diagonals=frozenset({stream}), gradient=stream.residual)
 
     def collect(self, use: ParamUse, state: list[fx.Node]) -> None:
         state.append(use.rule(RuleKind.DIAG_DIAG, use.diagonals[self.stream], message="diag",

@@ -12,6 +12,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import Needs
 from ..node_info import Kind
 from ..rules.registry import RuleKind
 from .base import Quantity, register, sum_or_zeros
@@ -29,6 +30,7 @@ class SumGradSquared(Quantity):
     name = "sum_grad_squared"
     description = "sum over samples of the squared per-sample gradients"
     reference = "BackPACK SumGradSquared; HBP eq. S.8c with the gradient as the factor column"
+    needs = Needs(gradient=True)  # reads g at each use
 
     def start(self) -> _State:
         return _State()

@@ -11,6 +11,7 @@ from typing import Any
 import torch.fx as fx
 
 from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.messages import Needs
 from ..node_info import info
 from ..rules.registry import RuleKind
 from .base import Quantity, register, sum_or_zeros
@@ -30,6 +31,7 @@ class Variance(Quantity):
     name = "variance"
     description = "variance of the per-sample gradients over the batch"
     reference = "BackPACK Variance"
+    needs = Needs(gradient=True)  # reads g at each use
 
     def start(self) -> _State:
         return _State()
