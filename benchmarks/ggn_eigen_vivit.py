@@ -14,7 +14,9 @@ batch, MC = one Monte Carlo sample, ViViT B.1):
 * time to the Gram matrix: fxcurv's call (loss, gradient and the Gram matrix) against a backward pass
   with ViViT's ``ViViTGGNExact``/``ViViTGGNMC`` extension whose hook sums each parameter's Gram matrix
   and frees its buffers (what ``vivit.linalg.eigvalsh.EigvalshComputation`` does before its
-  eigendecomposition); medians of ``--repeats`` interleaved runs;
+  eigendecomposition); and fxcurv's Gram matrix alone (``compile(..., grad=False)``: loss and Gram
+  matrix, no gradient), which ViViT cannot give (its extension runs inside ``loss.backward()``, which
+  computes the gradient); medians of ``--repeats`` runs, the order of the calls shuffled per repeat;
 * time to the eigenvalues (fxcurv ``GGNEigen(vectors=False, keep_gram=False)`` then ``.values``; ViViT's
   ``EigvalshComputation``) and to the eigenpairs (``GGNEigen(top_k=k)`` then ``.values`` and every
   parameter's eigenvectors; ViViT's ``EighComputation`` with the ``k`` largest);
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -166,15 +169,22 @@ class Fxcurv:
         self.pairs = GGNEigen(top_k=k, **options)
         loss_fn = nn.CrossEntropyLoss()
         self.engine = fxcurv.compile(model, loss_fn, quantities=(self.values_only,), mc_samples=MC_SAMPLES, seed=0)
+        self.gram_only_engine = fxcurv.compile(model, loss_fn, quantities=(self.values_only,), mc_samples=MC_SAMPLES,
+                                               seed=0, grad=False)
         self.pairs_engine = fxcurv.compile(model, loss_fn, quantities=(self.pairs,), mc_samples=MC_SAMPLES, seed=0)
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Build (not run) the programs for this batch size: compile time is not what is measured."""
         self.engine.program(x, y)
+        self.gram_only_engine.program(x, y)
         self.pairs_engine.program(x, y)
 
     def gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.engine(x, y)[self.values_only.name].gram
+
+    def gram_only(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The Gram matrix without the gradient (grad=False)."""
+        return self.gram_only_engine(x, y)[self.values_only.name].gram
 
     def eigenvalues(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.engine(x, y)[self.values_only.name].values
@@ -195,10 +205,15 @@ def batch(net: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn((n,) + spec.input_shape, generator=gen), torch.randint(0, spec.classes, (n,), generator=gen)
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, seed: int = 0) -> dict[str, list[float]]:
+    """Times of ``repeats`` rounds of every call, in a shuffled order per round (a call that runs right
+    after another gains from its warm allocator and caches)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls.items())
+    rng = random.Random(seed)
     for _ in range(repeats):
-        for name, fn in calls.items():
+        rng.shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -284,6 +299,7 @@ def run_net(net: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
                 raise AssertionError(f"{net} {setting}: top eigenvalues differ by {diff:.2e} (relative)")
         calls = {
             "vivit gram": lambda: v.gram(x, y), "fxcurv gram": lambda: f.gram(x, y),
+            "fxcurv gram only": lambda: f.gram_only(x, y),
             "vivit eigenvalues": lambda: v.eigenvalues(x, y), "fxcurv eigenvalues": lambda: f.eigenvalues(x, y),
             "vivit eigenpairs": lambda: v.eigenpairs(x, y, args.top_k),
             "fxcurv eigenpairs": lambda: f.eigenpairs(x, y, args.top_k),
@@ -301,6 +317,7 @@ def run_net(net: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         row["fxcurv_estimate_mib"] = f.estimate(x, y) / 2**20
         for what in ("gram", "eigenvalues", "eigenpairs"):
             row[f"ratio_{what}"] = row["median_s"][f"fxcurv {what}"] / row["median_s"][f"vivit {what}"]
+        row["ratio_gram_only"] = row["median_s"]["fxcurv gram only"] / row["median_s"]["vivit gram"]
         if args.budget_mib and setting in args.critical_settings:
             budget = args.budget_mib * 2**20
             row["critical"] = {}
@@ -331,6 +348,7 @@ def _row_text(net: str, n: int, setting: str, row: dict[str, Any]) -> str:
         parts.append(f"{what} {med[f'fxcurv {what}'] * 1e3:.1f} vs {med[f'vivit {what}'] * 1e3:.1f} ms "
                      f"(x{row[f'ratio_{what}']:.2f}), peak {peak[f'fxcurv {what}']:.1f} vs "
                      f"{peak[f'vivit {what}']:.1f} MiB;")
+    parts.append(f"Gram without the gradient {med['fxcurv gram only'] * 1e3:.1f} ms (x{row['ratio_gram_only']:.2f});")
     parts.append(f"fxcurv estimate {row['fxcurv_estimate_mib']:.1f} MiB (eigenvalues)")
     if "critical" in row:
         c = row["critical"]
@@ -340,15 +358,16 @@ def _row_text(net: str, n: int, setting: str, row: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]], budget: float | None) -> str:
-    lines = ["| network (N) | setting | Gram: fxcurv / ViViT | eigenvalues | eigenpairs (top k) | peak MiB, "
-             "eigenvalues: fxcurv / ViViT (fxcurv's estimate) | critical N"
+    lines = ["| network (N) | setting | Gram: fxcurv / ViViT | Gram, fxcurv without the gradient | eigenvalues "
+             "| eigenpairs (top k) | peak MiB, eigenvalues: fxcurv / ViViT (fxcurv's estimate) | critical N"
              + (f" at {budget:g} MiB" if budget else "") + ": fxcurv / ViViT |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for setting, row in r["settings"].items():
             med, peak = row["median_s"], row["peak_mib"]
             cells = [f"{med[f'fxcurv {w}'] * 1e3:.0f} / {med[f'vivit {w}'] * 1e3:.0f} ms (x{row[f'ratio_{w}']:.2f})"
                      for w in ("gram", "eigenvalues", "eigenpairs")]
+            cells.insert(1, f"{med['fxcurv gram only'] * 1e3:.0f} ms (x{row['ratio_gram_only']:.2f})")
             crit = row.get("critical")
             crit_text = (f"{crit['fxcurv']['critical']} / {crit['vivit']['critical']} (x{row['critical_ratio']:.2f})"
                          if crit else "-")
