@@ -152,8 +152,8 @@ def accumulate(engine: Engine, loader: Iterable[Any], *, reduction: str | None =
 
     across = _distributed(distributed)
     kinds: dict[str, Accumulator[Any]] = {q.name: q.accumulator() for q in engine.quantities}  # refusals raise here
-    for name, acc in kinds.items():
-        missing = [r for r in acc.reads if r not in engine.quantity_names]
+    for name, kind in kinds.items():
+        missing = [r for r in kind.reads if r not in engine.quantity_names]
         if missing:
             raise NotCombinableError(f"{name} over a data set combines each batch's value with the batch's "
                                      f"{', '.join(missing)}, which this engine does not compute (grad=False): "
