@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..factors import signed_column_squares, signed_square_sum
-from ..gram import gram_into
 from .registry import Match, define_op, example
 from .scalar import Arith, binary_match, is_traced
+from .selection import define_selection_parameter
 
 
 def add(a, b):
@@ -136,9 +135,9 @@ def _sample_dims(vp: torch.Tensor, vx: torch.Tensor) -> int:
     return vp.dim() - 1 if vp.dim() == vx.dim() else vp.dim()
 
 
-def _per_sample_sum(v: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[*lead, N, *s] -> [*lead, N, *p.shape]``: a message summed over the positions ``p`` is broadcast
-    over (``J_p^T v`` per sample)."""
+def add_param_per_sample_p(v: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``J_p^T v`` per sample, ``[*lead, N, *s] -> [*lead, N, *p.shape]``: a message summed over the positions
+    ``p`` is broadcast over (HBP eq. S.8b with ``J_b = I`` per position)."""
     lead = v.dim() - x.dim()
     k = _sample_dims(p, x)
     aligned = (1,) * (x.dim() - 1 - k) + tuple(p.shape[p.dim() - k:])
@@ -157,42 +156,6 @@ def add_param_diag_x(d):
     return d
 
 
-@param_op.grad("p")
-def add_param_grad_p(g, p, x):
-    """``dL/dp = sum_n J_p,n^T g_n``: ``g`` summed over the batch and the broadcast positions."""
-    return _per_sample_sum(g, p, x).sum(0)
-
-
-@param_op.per_sample("p")
-def add_param_per_sample_p(v, p, x):
-    return _per_sample_sum(v, p, x)
-
-
-@param_op.diag_sqrt("p")
-def add_param_diag_sqrt_p(S, sign, p, x):
-    """``diag(sum_{k,n} sign J_p,n^T S_kn S_kn^T J_p,n)``: the per-sample sums squared (HBP eq. S.8b)."""
-    return signed_square_sum(_per_sample_sum(S, p, x), sign, S.dim() - x.dim())
-
-
-@param_op.diag_diag("p")
-def add_param_diag_diag_p(d, p, x):
-    """HesScale eq. 9: ``(J_p o J_p)^T d`` = ``d`` summed over the positions (and the batch)."""
-    return _per_sample_sum(d, p, x).sum(0)
-
-
-@param_op.batch_l2("p")
-def add_param_batch_l2_p(g, p, x):
-    per_sample = _per_sample_sum(g, p, x)
-    return (per_sample * per_sample).flatten(1).sum(1)
-
-
-@param_op.batch_diag_sqrt("p")
-def add_param_batch_diag_sqrt_p(S, sign, p, x):
-    return signed_column_squares(_per_sample_sum(S, p, x), sign)
-
-
-@param_op.gram("p")
-def add_param_gram(S, p, x, include=("p",), total=None):
-    """ViViT eq. S.23: the Gram matrix of the per-sample factor columns ``J_p,n^T S_kn``."""
-    k, n = S.shape[0], S.shape[1]
-    return gram_into(_per_sample_sum(S, p, x).reshape(k * n, -1), total, k)
+# grad, per_sample, diag_sqrt, diag_diag (``d`` summed over the positions: each entry of ``p`` reaches a
+# position once), batch_l2, batch_diag_sqrt, gram.
+define_selection_parameter(param_op, "p", add_param_per_sample_p)

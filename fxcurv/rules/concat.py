@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
-from ..factors import signed_column_squares, signed_square_sum
-from ..gram import gram_into
 from .add import is_parameter
 from .bilinear import computed_from_input
 from .registry import Match, define_op, example
+from .selection import define_selection_parameter
 
 MAX_INPUTS = 16
 INPUTS = tuple(f"x{i}" for i in range(MAX_INPUTS))
@@ -172,8 +171,9 @@ def _parts(v: torch.Tensor, p: torch.Tensor, dim: int, p_first: bool) -> tuple[t
     return v.narrow(dim, 0, rest), v.narrow(dim, rest, k)
 
 
-def _per_sample_p(v: torch.Tensor, p: torch.Tensor, dim: int, p_first: bool) -> torch.Tensor:
-    """``[*lead, N, *p.shape]``: ``P_p^T v`` per sample (the parameter's leading axis of one kept)."""
+def cat_param_per_sample_p(v: torch.Tensor, p: torch.Tensor, dim: int, p_first: bool) -> torch.Tensor:
+    """``P_p^T v`` per sample, ``[*lead, N, *p.shape]``: the parameter's block of the message (its leading axis
+    of one kept)."""
     block = _parts(v, p, dim, p_first)[1]
     n_lead = v.dim() - p.dim()
     return block.unsqueeze(n_lead + 1)
@@ -191,42 +191,5 @@ def cat_param_diag_x(d, p, dim, p_first):
     return _parts(d, p, dim, p_first)[0]
 
 
-@param_op.grad("p")
-def cat_param_grad_p(g, p, dim, p_first):
-    """``sum_n P_p^T g_n``: the parameter's block summed over the batch."""
-    return _per_sample_p(g, p, dim, p_first).sum(0)
-
-
-@param_op.per_sample("p")
-def cat_param_per_sample_p(v, p, dim, p_first):
-    return _per_sample_p(v, p, dim, p_first)
-
-
-@param_op.diag_sqrt("p")
-def cat_param_diag_sqrt_p(S, sign, p, dim, p_first):
-    """HBP eq. S.8b: the signed squares of the parameter's block of the columns, summed over columns and batch."""
-    return signed_square_sum(_per_sample_p(S, p, dim, p_first), sign, S.dim() - p.dim())
-
-
-@param_op.diag_diag("p")
-def cat_param_diag_diag_p(d, p, dim, p_first):
-    """HesScale eq. 9: the parameter's block of ``d`` summed over the batch."""
-    return _per_sample_p(d, p, dim, p_first).sum(0)
-
-
-@param_op.batch_l2("p")
-def cat_param_batch_l2_p(g, p, dim, p_first):
-    per_sample = _per_sample_p(g, p, dim, p_first)
-    return (per_sample * per_sample).flatten(1).sum(1)
-
-
-@param_op.batch_diag_sqrt("p")
-def cat_param_batch_diag_sqrt_p(S, sign, p, dim, p_first):
-    return signed_column_squares(_per_sample_p(S, p, dim, p_first), sign)
-
-
-@param_op.gram("p")
-def cat_param_gram(S, p, dim, p_first, include=("p",), total=None):
-    """ViViT eq. S.23: the Gram matrix of the per-sample factor columns ``P_p^T S_kn``."""
-    k, n = S.shape[0], S.shape[1]
-    return gram_into(_per_sample_p(S, p, dim, p_first).reshape(k * n, -1), total, k)
+# grad, per_sample, diag_sqrt, diag_diag (the parameter's block of ``d``), batch_l2, batch_diag_sqrt, gram.
+define_selection_parameter(param_op, "p", cat_param_per_sample_p)
