@@ -70,7 +70,7 @@ class AdaHesScale(CurvatureOptimizer):
                         eps=check_number(eps, "AdaHesScale: eps", positive=True))
         super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
 
-    def _updates(self, out: Result) -> dict[str, torch.Tensor]:
+    def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         diagonal = out[self.curvature_name]
         return {name: adahesscale_update(self.state[p], out.grad[name], diagonal[name], group["lr"],
                                          group["betas"], group["eps"])

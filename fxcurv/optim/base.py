@@ -62,8 +62,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: the engine, the parameter names, and the in-place step (see the module docstring).
 
     Subclasses implement :meth:`_updates`, the additive update ``{name: delta}`` of every parameter they
-    change (``theta <- theta + delta``) from the engine's result, reading their per-group hyperparameters
-    from the group each parameter is in (:meth:`_trainable`)."""
+    change (``theta <- theta + delta``) from the engine's result on the batch ``(x, y)``, reading their
+    per-group hyperparameters from the group each parameter is in (:meth:`_trainable`)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], defaults: dict[str, Any],
                  curvature: str | Quantity, *, engine: Engine | None, compile_options: Mapping[str, Any] | None):
@@ -118,8 +118,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                      "param groups is not a parameter of the model the engine was compiled for")
                 yield group, name, p
 
-    def _updates(self, out: Result) -> dict[str, torch.Tensor]:
-        """The additive update of each parameter this step changes, ``{name: delta}``."""
+    def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
+        """The additive update of each parameter this step changes, ``{name: delta}``, from the engine's
+        result ``out`` on the batch ``(x, y)``."""
         raise NotImplementedError
 
     def step(self, x: Any = None, y: Any = None) -> Result:  # type: ignore[override]
@@ -130,7 +131,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         out = self.engine(x, y)
         # Every update is computed before any parameter changes: lazy parts of the result (ggn_eigen's
         # eigenvectors, Newton steps) read the program's kept values at the current parameters.
-        updates = self._updates(out)
+        updates = self._updates(out, x, y)
         with torch.no_grad():
             for _, name, p in self._trainable():
                 delta = updates.get(name)

@@ -100,7 +100,7 @@ class DampedNewton(CurvatureOptimizer):
         defaults = dict(lr=check_number(lr, "DampedNewton: lr"))
         super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
 
-    def _updates(self, out: Result) -> dict[str, torch.Tensor]:
+    def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         eigen = out[self.curvature_name]
         damping: Any = (bootstrap_dampings(eigen, **self.bootstrap_options) if self.damping == BOOTSTRAP
                         else self.damping)

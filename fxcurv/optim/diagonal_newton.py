@@ -45,7 +45,7 @@ class DiagonalNewton(CurvatureOptimizer):
                         damping=check_number(damping, "DiagonalNewton: damping", positive=True))
         super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
 
-    def _updates(self, out: Result) -> dict[str, torch.Tensor]:
+    def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         diagonal = out[self.curvature_name]
         return {name: diagonal_newton_update(out.grad[name], diagonal[name], group["lr"], group["damping"])
                 for group, name, _ in self._trainable()}

@@ -87,16 +87,8 @@ class KroneckerNewton(CurvatureOptimizer):
                              "needs k = gamma + eta > 0 to be defined for singular factors)")
         defaults = dict(lr=check_number(lr, "KroneckerNewton: lr"), damping=gamma, weight_decay=eta, pi=pi)
         super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
-        self._batch: tuple[Any, Any] | None = None
 
-    def step(self, x: Any = None, y: Any = None) -> Result:  # type: ignore[override]
-        self._batch = (x, y)  # for the GGN-vector product of the quadratic step size
-        try:
-            return super().step(x, y)
-        finally:
-            self._batch = None
-
-    def _updates(self, out: Result) -> dict[str, torch.Tensor]:
+    def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         blocks = out[self.curvature_name]
         groups: dict[str, dict[str, Any]] = {}
         directions: dict[str, torch.Tensor] = {}
@@ -108,19 +100,18 @@ class KroneckerNewton(CurvatureOptimizer):
             directions[name] = damped_inverse_product(blocks[name], grads[name], group["damping"] + eta, group["pi"])
         if self.step_size == "fixed":
             return {name: d * -groups[name]["lr"] for name, d in directions.items()}
-        alpha = self._quadratic_alpha(directions, grads, groups)
+        alpha = self._quadratic_alpha(directions, grads, groups, (x, y))
         return {name: d * (-groups[name]["lr"] * alpha) for name, d in directions.items()}
 
     def _quadratic_alpha(self, directions: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                         groups: dict[str, dict[str, Any]]) -> torch.Tensor:
+                         groups: dict[str, dict[str, Any]], batch: tuple[Any, Any]) -> torch.Tensor:
         """Botev eq. 40-41's ``alpha`` over all trainable parameters, ``G_bar`` from one GGN-vector
         product on the batch."""
         etas = {g["weight_decay"] for g in groups.values()}
         if len(etas) != 1:
             raise ValueError("KroneckerNewton(step_size='quadratic'): eq. 41 damps the full GGN with tau + eta, one "
                              f"weight_decay for all parameters; the parameter groups have {sorted(etas)}")
-        assert self._batch is not None
-        ggn = GGN(self.engine, [self._batch], params=list(directions))
+        ggn = GGN(self.engine, [batch], params=list(directions))
         flat = torch.cat([d.reshape(-1) for d in directions.values()])
         g = torch.cat([grads[n].reshape(-1) for n in directions])
         return quadratic_step_size(flat, g, ggn @ flat, self.tau + etas.pop())
