@@ -70,8 +70,9 @@ class DampedNewton(CurvatureOptimizer):
     """ViViT's damped Newton step (see the module docstring). ``lr`` per parameter group; ``damping`` (a
     number ``>= 0``, ``> 0`` with ``restrict=False``, or ``"bootstrap"``), ``restrict`` and the bootstrap's
     ``grid``/``resamples``/``percentile``/``generator`` for the whole network (the eigenspace is the
-    network's or its blocks'). ``engine``/``compile_options``: see :mod:`fxcurv.optim.base`
-    (``compile_options={"mc_samples": 4, "seed": 0}`` for Monte Carlo columns)."""
+    network's or its blocks'). ``last_damping``: the damping of the latest step (with ``"bootstrap"`` the
+    per-direction tensor, by group with ``groups=``). ``engine``/``compile_options``: see
+    :mod:`fxcurv.optim.base` (``compile_options={"mc_samples": 4, "seed": 0}`` for Monte Carlo columns)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], *, lr: float,
                  damping: float | str = 1.0, restrict: bool = True, curvature: str | GGNEigen = "ggn_eigen",
@@ -79,17 +80,17 @@ class DampedNewton(CurvatureOptimizer):
                  percentile: float = BOOTSTRAP_PERCENTILE, generator: torch.Generator | None = None,
                  engine: Engine | None = None, compile_options: Mapping[str, Any] | None = None):
         _check_curvature(curvature, engine)
-        if damping == BOOTSTRAP:
+        if not isinstance(restrict, bool):
+            raise TypeError(f"DampedNewton: restrict must be True or False, got {restrict!r}")
+        if isinstance(damping, str):
+            if damping != BOOTSTRAP:
+                raise ValueError(f"DampedNewton: damping must be a number or 'bootstrap', got {damping!r}")
             if not restrict:
                 raise ValueError("DampedNewton: damping='bootstrap' chooses one damping per eigendirection, which "
                                  "needs restrict=True (the step in the eigenspace)")
             self.damping: float | str = BOOTSTRAP
-        elif isinstance(damping, str):
-            raise ValueError(f"DampedNewton: damping must be a number or 'bootstrap', got {damping!r}")
         else:
             self.damping = check_number(damping, "DampedNewton: damping", positive=not restrict)
-        if not isinstance(restrict, bool):
-            raise TypeError(f"DampedNewton: restrict must be True or False, got {restrict!r}")
         if not (isinstance(resamples, int) and not isinstance(resamples, bool) and resamples >= 1):
             raise ValueError(f"DampedNewton: resamples must be a positive integer, got {resamples!r}")
         if not 0 <= check_number(percentile, "DampedNewton: percentile") <= 100:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..api import Engine, Result
 from ..linops import GGN
-from ..operators import Kronecker
+from ..operators import Kronecker, SingularOperatorError
 from .base import CurvatureOptimizer, check_choice, check_number
 
 KRONECKER = ("kflr", "kfra", "kfac")
@@ -59,8 +59,16 @@ def damped_inverse_product(block: Kronecker, vector: torch.Tensor, damping: floa
 def quadratic_step_size(direction: torch.Tensor, grad: torch.Tensor, ggn_direction: torch.Tensor,
                         damping: float) -> torch.Tensor:
     """Botev eq. 40-41 for the step ``-alpha delta``: ``alpha = (delta . g) / (delta . G_bar delta +
-    damping delta . delta)`` (all flat over the parameters)."""
-    return direction @ grad / (direction @ ggn_direction + damping * (direction @ direction))
+    damping delta . delta)`` (all flat over the parameters); ``0`` for a zero direction (a zero
+    gradient). The denominator is the curvature along ``delta``: refused unless positive."""
+    curvature = direction @ ggn_direction + damping * (direction @ direction)
+    if not direction.any():
+        return torch.zeros((), dtype=direction.dtype, device=direction.device)
+    if not curvature > 0:
+        raise SingularOperatorError(
+            f"KroneckerNewton(step_size='quadratic'): the damped GGN's curvature along the step direction is "
+            f"{curvature.item():.3e}, not positive, so eq. 40's step size is undefined; use tau > 0")
+    return direction @ grad / curvature
 
 
 class KroneckerNewton(CurvatureOptimizer):

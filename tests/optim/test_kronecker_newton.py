@@ -15,9 +15,9 @@ from helpers import assert_close, rel_error
 from optim_problems import DT, PROBLEMS, flat, params, step_delta
 
 import fxcurv
-from fxcurv.operators import Kronecker
+from fxcurv.operators import Kronecker, SingularOperatorError
 from fxcurv.optim import KroneckerNewton
-from fxcurv.optim.kronecker_newton import damped_inverse_product
+from fxcurv.optim.kronecker_newton import damped_inverse_product, quadratic_step_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,3 +86,12 @@ def test_zero_block_is_damping_alone():
     v = torch.randn(3, 2, dtype=DT)
     assert torch.equal(damped_inverse_product(block, v, 0.25, "optimal"), v / 0.25)
     assert rel_error(block.inverse(0.25) @ v, v / 0.25) < 1e-12
+
+
+def test_quadratic_step_size_edge_cases():
+    """A zero direction takes no step; zero curvature along a nonzero direction is refused (not inf)."""
+    v, g = torch.tensor([1.0, -2.0], dtype=DT), torch.tensor([0.5, 0.5], dtype=DT)
+    assert quadratic_step_size(torch.zeros(2, dtype=DT), g, torch.zeros(2, dtype=DT), 0.0) == 0
+    assert quadratic_step_size(v, g, 3 * v, 0.5) == pytest.approx((0.5 - 1.0) / (3 * 5 + 0.5 * 5))
+    with pytest.raises(SingularOperatorError, match="tau > 0"):
+        quadratic_step_size(v, g, torch.zeros(2, dtype=DT), 0.0)
