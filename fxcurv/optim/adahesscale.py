@@ -16,7 +16,7 @@ diagonal). The state of each parameter is ``step`` (``t``), ``exp_avg`` (``M``) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -64,11 +64,16 @@ class AdaHesScale(CurvatureOptimizer):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = EPS, curvature: str = "hesscale",
-                 engine: Engine | None = None, compile_options: Mapping[str, Any] | None = None):
+                 params: Iterable[Any] | None = None, engine: Engine | None = None,
+                 compile_options: Mapping[str, Any] | None = None):
         check_choice(curvature, DIAGONALS, "AdaHesScale: curvature")
-        defaults = dict(lr=check_number(lr, "AdaHesScale: lr"), betas=_check_betas(betas),
-                        eps=check_number(eps, "AdaHesScale: eps", positive=True))
-        super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
+        super().__init__(model, loss_fn, dict(lr=lr, betas=betas, eps=eps), curvature, engine=engine,
+                         compile_options=compile_options, params=params)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["betas"] = _check_betas(group["betas"])
+        group["eps"] = check_number(group["eps"], "AdaHesScale: eps", positive=True)
 
     def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         diagonal = out[self.curvature_name]

@@ -4,10 +4,12 @@ place.
 
 Contract of every optimizer here:
 
-* ``Optimizer(model, loss_fn, *, lr, curvature=..., engine=None, compile_options=None, ...)``: the
-  parameters are ``model``'s trainable ones (``requires_grad``) in ``named_parameters()`` order, one
-  parameter group whose per-group hyperparameters (``lr`` and the optimizer's own) torch's LR
-  schedulers and ``add_param_group`` work with; ``state_dict()``/``load_state_dict()`` are torch's.
+* ``Optimizer(model, loss_fn, *, lr, curvature=..., params=None, engine=None, compile_options=None,
+  ...)``: the parameters are ``model``'s trainable ones (``requires_grad``) in one group, or ``params``
+  as torch optimizers take them (parameters, or groups ``{"params": [...], "lr": ...}`` with their own
+  hyperparameters), which must be the model's; the others are left alone. Per-group hyperparameters
+  (``lr`` and the optimizer's own) work with torch's LR schedulers and ``add_param_group``;
+  ``state_dict()``/``load_state_dict()`` are torch's.
 * The engine is ``fxcurv.compile(model, loss_fn, quantities=(curvature,), **compile_options)``, exposed
   as ``.engine``; an engine compiled elsewhere for the same model and loss and holding the curvature
   quantity may be passed as ``engine=`` instead (its programs are then shared).
@@ -23,7 +25,7 @@ Contract of every optimizer here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,24 +65,43 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Subclasses implement :meth:`_updates`, the additive update ``{name: delta}`` of every parameter they
     change (``theta <- theta + delta``) from the engine's result on the batch ``(x, y)``, reading their
-    per-group hyperparameters from the group each parameter is in (:meth:`_trainable`)."""
+    per-group hyperparameters from the group each parameter is in (:meth:`_trainable`), which
+    :meth:`_check_group` validated when the group was added (the constructor's defaults included)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], defaults: dict[str, Any],
-                 curvature: str | Quantity, *, engine: Engine | None, compile_options: Mapping[str, Any] | None):
+                 curvature: str | Quantity, *, engine: Engine | None, compile_options: Mapping[str, Any] | None,
+                 params: Iterable[Any] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters (requires_grad=True)")
-        super().__init__([p for _, p in named], defaults)
-        self.model = model
-        self.loss_fn = loss_fn
         # Each parameter object by its first name (a tied weight has one entry in the engine's results).
         self._names: dict[int, str] = {}
         for n, p in model.named_parameters():
             self._names.setdefault(id(p), n)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"{type(self).__name__}: the model has no trainable parameters (requires_grad=True)")
+        super().__init__(params, defaults)
+        self.model = model
+        self.loss_fn = loss_fn
         self.curvature_name = curvature.name if isinstance(curvature, Quantity) else curvature
         self.engine = self._engine(curvature, engine, compile_options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, refusing parameters that are not the model's (the engine computes the model's only)."""
+        params = param_group["params"]
+        tensors = [params] if isinstance(params, torch.Tensor) else list(params)
+        foreign = [tuple(p.shape) for p in tensors if id(p) not in self._names]
+        if foreign:
+            raise ValueError(f"{type(self).__name__}: parameters of shapes {foreign} are not parameters of the model "
+                             "the engine is compiled for")
+        super().add_param_group({**param_group, "params": tensors})
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate (and normalize in place) a new group's hyperparameters, the defaults filled in. The base
+        checks ``lr``; subclasses add their own."""
+        group["lr"] = check_number(group["lr"], f"{type(self).__name__}: lr")
 
     def _engine(self, curvature: str | Quantity, engine: Engine | None,
                 compile_options: Mapping[str, Any] | None) -> Engine:
@@ -112,11 +133,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
-                name = self._names.get(id(p))
-                if name is None:
-                    raise ValueError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} in the "
-                                     "param groups is not a parameter of the model the engine was compiled for")
-                yield group, name, p
+                yield group, self._names[id(p)], p
 
     def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         """The additive update of each parameter this step changes, ``{name: delta}``, from the engine's

@@ -23,7 +23,7 @@ no group are left unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -78,7 +78,8 @@ class DampedNewton(CurvatureOptimizer):
                  damping: float | str = 1.0, restrict: bool = True, curvature: str | GGNEigen = "ggn_eigen",
                  grid: torch.Tensor | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
                  percentile: float = BOOTSTRAP_PERCENTILE, generator: torch.Generator | None = None,
-                 engine: Engine | None = None, compile_options: Mapping[str, Any] | None = None):
+                 params: Iterable[Any] | None = None, engine: Engine | None = None,
+                 compile_options: Mapping[str, Any] | None = None):
         _check_curvature(curvature, engine)
         if not isinstance(restrict, bool):
             raise TypeError(f"DampedNewton: restrict must be True or False, got {restrict!r}")
@@ -98,8 +99,8 @@ class DampedNewton(CurvatureOptimizer):
         self.restrict = restrict
         self.bootstrap_options = dict(grid=grid, resamples=resamples, percentile=float(percentile), generator=generator)
         self.last_damping: float | torch.Tensor | dict[str, torch.Tensor] | None = None
-        defaults = dict(lr=check_number(lr, "DampedNewton: lr"))
-        super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
+        super().__init__(model, loss_fn, dict(lr=lr), curvature, engine=engine, compile_options=compile_options,
+                         params=params)
 
     def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         eigen = out[self.curvature_name]

@@ -15,7 +15,7 @@ zero curvature entry (a parameter the loss does not reach through its curvature)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,12 +38,15 @@ class DiagonalNewton(CurvatureOptimizer):
     :mod:`fxcurv.optim.base` (``compile_options={"mc_samples": 4, "seed": 0}`` for ``diag_ggn_mc``)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], *, lr: float, damping: float = 1e-4,
-                 curvature: str = "diag_ggn", engine: Engine | None = None,
+                 curvature: str = "diag_ggn", params: Iterable[Any] | None = None, engine: Engine | None = None,
                  compile_options: Mapping[str, Any] | None = None):
         check_choice(curvature, DIAGONALS, "DiagonalNewton: curvature")
-        defaults = dict(lr=check_number(lr, "DiagonalNewton: lr"),
-                        damping=check_number(damping, "DiagonalNewton: damping", positive=True))
-        super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
+        super().__init__(model, loss_fn, dict(lr=lr, damping=damping), curvature, engine=engine,
+                         compile_options=compile_options, params=params)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["damping"] = check_number(group["damping"], "DiagonalNewton: damping", positive=True)
 
     def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         diagonal = out[self.curvature_name]

@@ -32,7 +32,7 @@ Step size (``step_size``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -81,20 +81,24 @@ class KroneckerNewton(CurvatureOptimizer):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], *, lr: float, damping: float = 1e-3,
                  weight_decay: float = 0.0, curvature: str = "kflr", pi: float | str = "optimal",
-                 step_size: str = "fixed", tau: float = 0.0, engine: Engine | None = None,
-                 compile_options: Mapping[str, Any] | None = None):
+                 step_size: str = "fixed", tau: float = 0.0, params: Iterable[Any] | None = None,
+                 engine: Engine | None = None, compile_options: Mapping[str, Any] | None = None):
         check_choice(curvature, KRONECKER, "KroneckerNewton: curvature")
         self.step_size = check_choice(step_size, STEP_SIZES, "KroneckerNewton: step_size")
         self.tau = check_number(tau, "KroneckerNewton: tau")
-        if pi != "optimal":
-            check_number(pi, "KroneckerNewton: pi ('optimal' or a number)", positive=True)
-        gamma = check_number(damping, "KroneckerNewton: damping")
-        eta = check_number(weight_decay, "KroneckerNewton: weight_decay")
+        defaults = dict(lr=lr, damping=damping, weight_decay=weight_decay, pi=pi)
+        super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options,
+                         params=params)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if group["pi"] != "optimal":
+            group["pi"] = check_number(group["pi"], "KroneckerNewton: pi ('optimal' or a number)", positive=True)
+        gamma = group["damping"] = check_number(group["damping"], "KroneckerNewton: damping")
+        eta = group["weight_decay"] = check_number(group["weight_decay"], "KroneckerNewton: weight_decay")
         if gamma + eta == 0:
             raise ValueError("KroneckerNewton: damping + weight_decay must be > 0 (the factored inverse of eq. 36 "
                              "needs k = gamma + eta > 0 to be defined for singular factors)")
-        defaults = dict(lr=check_number(lr, "KroneckerNewton: lr"), damping=gamma, weight_decay=eta, pi=pi)
-        super().__init__(model, loss_fn, defaults, curvature, engine=engine, compile_options=compile_options)
 
     def _updates(self, out: Result, x: Any, y: Any) -> dict[str, torch.Tensor]:
         blocks = out[self.curvature_name]

@@ -144,3 +144,31 @@ def test_no_trainable_parameters():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         DiagonalNewton(model, loss_fn, lr=0.1)
+
+
+def test_param_groups_with_their_own_hyperparameters():
+    """``params=`` as torch takes it: per-group lr and damping enter each group's formula; a parameter in
+    no group is left alone."""
+    model, loss_fn, x, y = PROBLEMS["mlp-N4"]()
+    groups = [{"params": [model[0].weight], "lr": 0.2, "damping": 0.5}, {"params": [model[2].weight]}]
+    opt = DiagonalNewton(model, loss_fn, lr=0.1, damping=0.05, params=groups)
+    g, d = reference.grad(model, loss_fn, x, y), reference.diag_ggn(model, loss_fn, x, y)
+    delta = step_delta(opt, x, y)
+    want = {"0.weight": -0.2 * g["0.weight"] / (d["0.weight"] + 0.5),
+            "2.weight": -0.1 * g["2.weight"] / (d["2.weight"] + 0.05),
+            "0.bias": torch.zeros(4, dtype=DT), "2.bias": torch.zeros(3, dtype=DT)}
+    assert_close(delta, want, rtol=1e-10)
+
+
+def test_param_groups_are_validated():
+    model, loss_fn, x, y = PROBLEMS["mlp-N4"]()
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        DiagonalNewton(model, loss_fn, lr=0.1, params=[nn.Parameter(torch.zeros(2))])
+    opt = DiagonalNewton(model, loss_fn, lr=0.1, params=[model[0].weight])
+    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+        opt.add_param_group({"params": [model[0].bias], "damping": 0.0})
+    quadratic = KroneckerNewton(model, loss_fn, lr=1.0, step_size="quadratic",
+                                params=[{"params": [model[0].weight], "weight_decay": 0.1},
+                                        {"params": [model[2].weight]}])
+    with pytest.raises(ValueError, match="one weight_decay for all parameters"):
+        quadratic.step(x, y)
