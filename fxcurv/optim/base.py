@@ -122,10 +122,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                              f"{list(engine.quantity_names)}")
         return engine
 
-    def engine_quantity(self) -> Quantity:
-        """The engine's quantity this optimizer reads (by :attr:`curvature_name`)."""
-        return next(q for q in self.engine.quantities if q.name == self.curvature_name)
-
     # ---- the step -----------------------------------------------------------------------------------
     def _trainable(self) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
         """``(group, name, parameter)`` for every parameter of every group that is trainable now."""
