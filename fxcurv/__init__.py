@@ -5,7 +5,7 @@ the gradient and curvature backpropagation for each op, and returns an engine th
 the gradient and every requested quantity in one call.
 """
 
-from . import linops, operators, rules  # noqa: F401  (rules: registers the op vocabulary)
+from . import linops, operators, optim, rules  # noqa: F401  (rules: registers the op vocabulary)
 from .api import Engine, Program, Result, compile
 from .errors import FxcurvError, InputError, LossError, MemoryBudgetError, TraceError, UnsupportedOpError
 from .operators import BlockOperator, Kronecker
