@@ -157,10 +157,18 @@ def write(model: nn.Module, out: Result, *, grad: bool = True) -> None:
     shapes, shared attributes) runs before the first write, so a refused result changes nothing."""
     if not isinstance(out, Result):
         raise InputError(f"write takes the engine's result (fxcurv.Result), got {type(out).__name__}")
-    params = match_parameters(model, out.grad)
-    for name, p in params.items():
-        check_like(out.grad[name], p, name, "the gradient")
     values = attributes(out)
+    if "grad" in out:
+        params = match_parameters(model, out.grad)
+        for name, p in params.items():
+            check_like(out.grad[name], p, name, "the gradient")
+    elif grad:
+        raise InputError("the result has no gradient (its engine was compiled with grad=False): "
+                         "write(model, out, grad=False) writes its other quantities")
+    elif values:
+        params = match_parameters(model, next(iter(values.values())))
+    else:
+        raise InputError(f"the result has nothing to write: no gradient and no per-parameter quantity ({list(out)})")
     if grad:
         write_grad(model, out.grad)
     for attr, per_param in values.items():

@@ -103,7 +103,8 @@ class Backend(GGNInterface):
         if structure not in self._engines:
             self._engines[structure] = compile(
                 self.model, self.lossfunc, quantities=(structure.quantity(self.stochastic),),
-                mc_samples=self.num_samples, seed=self.seed, backend=self.engine_backend)
+                mc_samples=self.num_samples, seed=self.seed, backend=self.engine_backend,
+                grad=False)  # laplace reads the loss and the curvature: no weight gradients
         return self._engines[structure]
 
     def _run(self, structure: Structure, x: Any, y: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Result, str]:

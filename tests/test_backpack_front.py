@@ -166,6 +166,23 @@ def test_write_sets_every_per_parameter_quantity():
         fxcurv.backpack.write(model, two)
 
 
+def test_write_a_result_without_the_gradient():
+    """A curvature-only result (compile(..., grad=False)) writes its quantities with grad=False; asked to
+    write the gradient it has not, it refuses before writing anything."""
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    x, y = batches(count=1)[0]
+    out = fxcurv.compile(model, loss_fn, quantities=("diag_ggn",), grad=False)(x, y)
+    with pytest.raises(InputError, match="grad=False"):
+        fxcurv.backpack.write(model, out)
+    assert not any(hasattr(p, "diag_ggn_exact") for p in model.parameters())
+    fxcurv.backpack.write(model, out, grad=False)
+    for name, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p.diag_ggn_exact, out["diag_ggn"][name])
+    other = nn.Sequential(nn.Linear(5, 3)).to(DT)
+    with pytest.raises(InputError, match="another model"):
+        fxcurv.backpack.write(other, out, grad=False)
+
+
 def preconditioned_training(model: nn.Module, backward, data) -> list[dict[str, dict[str, object]]]:
     """A BackPACK-style loop: ``backward(model, x, y)`` leaves BackPACK's attributes on the parameters,
     the loop reads them (a damped diagonal-GGN step, the others recorded) and steps with SGD."""

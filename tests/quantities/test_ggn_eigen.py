@@ -146,6 +146,27 @@ def test_gram_in_row_chunks(rows, monkeypatch):
     check_eigenpairs(e, reference.ggn(model, loss_fn, x, y), list(reference.trainable(model)))
 
 
+@pytest.mark.parametrize("k, n", [(3, 5), (1, 6), (4, 2)])
+def test_gram_as_one_product_equals_the_blocked_products(k, n, monkeypatch):
+    """Few samples per column index: ``(A A^T) o W`` as one product equals the blocked upper-triangle
+    products mirrored (fresh and added into a total; weight as a matrix, as row chunks, none)."""
+    from fxcurv import gram
+
+    torch.manual_seed(15)
+    a, x = torch.randn(k * n, 7, dtype=DT), torch.randn(n, 4, dtype=DT)
+    square = x @ x.T
+    weights = (None, square, lambda start, stop: x[start:stop] @ x.T)
+    start = torch.randn(k * n, k * n, dtype=DT)
+    one = [gram.gram_into(a, None, k, w) for w in weights] + [gram.gram_into(a, start.clone(), k, square)]
+    monkeypatch.setattr(gram, "ONE_PRODUCT_SAMPLES", 0)  # the blocked loop
+    blocked = [gram.gram_into(a, None, k, w) for w in weights] + [gram.gram_into(a, start.clone(), k, square)]
+    want = (a @ a.T) * square.repeat(k, k)
+    for got, ref in zip(one, blocked, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(one[1], want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(one[3], start + want, rtol=1e-14, atol=1e-14)
+
+
 def test_indefinite_loss_hessian():
     """A loss whose Hessian w.r.t. the output is indefinite: signed columns, ``G = V D V^T`` with
     negative eigenvalues, from ``Lambda^1/2 Q^T D Q Lambda^1/2``."""
