@@ -8,13 +8,14 @@ the gradient and every requested quantity in one call.
 from . import linops, operators, optim, rules  # noqa: F401  (rules: registers the op vocabulary)
 from .api import Engine, Program, Result, compile
 from .errors import FxcurvError, InputError, LossError, MemoryBudgetError, TraceError, UnsupportedOpError
-from .operators import BlockOperator, Kronecker
+from .operators import BlockOperator, Kronecker, KroneckerLayout
 from .passes.memory import MemoryEstimate
 from .quantities import QUANTITIES, Quantity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate", "Kronecker", "BlockOperator",
+    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate", "Kronecker", "KroneckerLayout",
+    "BlockOperator",
     "FxcurvError", "TraceError", "UnsupportedOpError", "LossError", "InputError", "MemoryBudgetError",
 ]

@@ -18,7 +18,7 @@ from .errors import InputError, LossError, MemoryBudgetError, UnsupportedOpError
 from .guards import fingerprint
 from .listing import ProgramView, listing, to_dot
 from .node_info import GENERATOR, INPUT, TARGET, info
-from .operators import Kronecker
+from .operators import Kronecker, KroneckerLayout
 from .passes.canonicalize import loss_scale, target_check, unsupported_nodes
 from .passes.memory import MemoryEstimate
 from .passes.pipeline import BACKENDS, Build, run_pipeline
@@ -85,12 +85,14 @@ class Result(Mapping):
     def to_dict(self) -> dict[str, Any]:
         """``{"loss": tensor, quantity: {param name: value}}`` with plain values only: tensors, and for a
         Kronecker block the tuple of its factors (``(G, A)`` or ``(G,)``, BackPACK's order; rebuild with
-        ``fxcurv.Kronecker(factors, shape)``). Loads with ``torch.load(..., weights_only=True)`` anywhere."""
+        ``fxcurv.Kronecker(factors, shape, layout=...)``, ``KroneckerLayout.TRANSPOSED`` for a transposed
+        convolution's weight). Loads with ``torch.load(..., weights_only=True)`` anywhere."""
         return {"loss": self.loss, **{q: _plain(v, q, factors_only=True) for q, v in self._values.items()}}
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # torch.save(result): rebuilt by Result(loss, values); weights_only loading allows Result and
-        # Kronecker (torch.serialization.add_safe_globals below) and nothing else of fxcurv.
+        # torch.save(result): rebuilt by Result(loss, values); weights_only loading allows Result,
+        # Kronecker and its KroneckerLayout (torch.serialization.add_safe_globals below) and nothing else
+        # of fxcurv.
         return (Result, (self.loss, {q: _plain(v, q, factors_only=False) for q, v in self._values.items()}))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Result:
@@ -115,7 +117,7 @@ def _plain(value: Any, where: str, *, factors_only: bool) -> Any:
 
 
 # Results load with torch.load(..., weights_only=True): the two fxcurv types a saved result contains.
-torch.serialization.add_safe_globals([Result, Kronecker])
+torch.serialization.add_safe_globals([Result, Kronecker, KroneckerLayout])
 
 
 @dataclass

@@ -145,14 +145,7 @@ def _vocabulary(what: str) -> Gap:
     return Gap(UnsupportedOpError, f"{what} is outside fxcurv's op vocabulary")
 
 
-FXCURV_GAPS: dict[str, Gap] = {
-    # BackPACK's KFLR/KFAC factors of a transposed convolution approximate the Hessian of
-    # weight.transpose(0, 1); fxcurv's Kronecker blocks factor weight.reshape(weight.shape[0], -1) and
-    # fxcurv registers no Kronecker rules for transposed convolutions (their other quantities:
-    # tests/rules/test_conv_family.py against BackPACK and torch.func)
-    **{name: Gap(UnsupportedOpError, "no Kronecker factors for transposed convolutions in fxcurv", _KRON)
-       for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose2d_nobias", "conv_transpose3d")},
-}
+FXCURV_GAPS: dict[str, Gap] = {}
 
 
 def marks(name: str, quantities: tuple[str, ...]) -> list[Any]:
@@ -191,6 +184,8 @@ def run_backpack(problem: Problem, model: nn.Module, x: torch.Tensor, y: torch.T
             # the first layer's input is data: the full backward hook says it fires on outputs only
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             warnings.filterwarnings("ignore", message="Encountered node that may break second-order extensions")
+            # transposed convolutions: its factors describe weight.transpose(0, 1), as fxcurv's (KroneckerLayout)
+            warnings.filterwarnings("ignore", message="The Kronecker factors stored in the weight parameters of transpose")
             net = extend(net, use_converter=problem.converter)
             loss_fn = extend(loss_fn)
             loss = loss_fn(net(x), y)

@@ -4,6 +4,7 @@
 | --- | --- |
 | :class:`CurvatureOperator` | the common base: ``@``, ``to_dense``, ``diag``, ``trace``, ``damped`` |
 | :class:`Kronecker` | a Kronecker-factored block ``kron(G, A)`` / ``G`` (KFAC, KFLR, KFRA, HBP) |
+| :class:`KroneckerLayout` | which arrangement of the parameter its factors split (``ROWS``; ``TRANSPOSED`` for ``ConvTranspose``) |
 | :class:`KroneckerInverse` | its exact damped inverse (``Kronecker.inverse``) |
 | :class:`FactoredApproxInverse` | Botev's factored approximation of it (``Kronecker.inverse_factored``) |
 | :class:`BlockOperator` | an exact block known through products (``block_ggn``, ``block_hessian``) |
@@ -23,10 +24,10 @@ from .base import (
 )
 from .block import BlockOperator
 from .gram_eigen import BlockDiagonalEigen, Directional, GramConsumedError, GramEigen, NoVectorsError
-from .kronecker import FactoredApproxInverse, Kronecker, KroneckerInverse
+from .kronecker import FactoredApproxInverse, Kronecker, KroneckerInverse, KroneckerLayout
 
 __all__ = [
-    "CurvatureOperator", "DampedOperator", "Kronecker", "KroneckerInverse", "FactoredApproxInverse",
+    "CurvatureOperator", "DampedOperator", "Kronecker", "KroneckerInverse", "KroneckerLayout", "FactoredApproxInverse",
     "BlockOperator", "DenseSizeError", "SingularOperatorError", "DENSE_MAX_BYTES", "DENSE_CHUNK_COLUMNS",
     "DIAG_MAX_COLUMNS", "GramEigen", "BlockDiagonalEigen", "Directional", "NoVectorsError", "GramConsumedError",
 ]

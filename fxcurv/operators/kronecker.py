@@ -23,18 +23,74 @@ Inverses, with ``G = Q_G diag(g) Q_G^T`` and ``A = Q_A diag(a) Q_A^T`` (symmetri
 
 Products never form a ``[P, P]`` matrix: ``kron(G, A) @ vec_r(X) = vec_r(G X A^T)`` (EA-CG eq. 11a in
 row-major form), ``O^2 I + O I^2`` operations per column instead of ``O^2 I^2``.
+
+**Layouts** (:class:`KroneckerLayout`). The factors split a *factor layout* of the parameter: its own
+(``ROWS``: ``W.reshape(O, I)``, linear and convolution weights), or ``W.transpose(0, 1)``
+(``TRANSPOSED``: a transposed convolution's weight ``[C_in, C_out, *k]``, whose output channel is its
+*second* axis; BackPACK's factors of ``nn.ConvTranspose*`` describe ``weight.transpose(0, 1)``).
+Whatever the layout, a block is a matrix over the parameter's own ``W.reshape(-1)``: products take
+and return tensors shaped like the parameter, ``to_dense()`` and ``diag()`` are in the parameter's
+order, and the factors are kept as given. With ``Pi`` the permutation ``vec_r(W) -> vec_r(W^T01)``
+(``W^T01 = W.transpose(0, 1)``) the ``TRANSPOSED`` block is ``Pi^T kron(G, A) Pi``:
+
+    (K @ W) = (G @ W^T01.reshape(O, I) @ A^T).reshape(W^T01.shape).transpose(0, 1).
+
+Eigenvalues, traces, norms and log-determinants do not depend on the layout; inverses carry it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 
 import torch
 
 from .base import CurvatureOperator, SingularOperatorError
 
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors as columns)
+
+
+class KroneckerLayout(Enum):
+    """Which arrangement of a parameter ``W`` the factors ``(G, A)`` split (module docstring).
+
+    * ``ROWS``: ``W.reshape(W.shape[0], -1)``, ``G`` over ``W.shape[0]`` (linear and convolution weights,
+      biases);
+    * ``TRANSPOSED``: ``W.transpose(0, 1).reshape(W.shape[1], -1)``, ``G`` over ``W.shape[1]`` (a
+      transposed convolution's weight ``[C_in, C_out, *k]``: BackPACK's convention).
+    """
+
+    ROWS = "rows"
+    TRANSPOSED = "transposed"
+
+
+def factor_shape(param_shape: Sequence[int], layout: KroneckerLayout) -> torch.Size:
+    """The shape of the arrangement of a parameter of ``param_shape`` that ``layout``'s factors split."""
+    shape = torch.Size(param_shape)
+    if layout is KroneckerLayout.ROWS:
+        return shape
+    return torch.Size((shape[1], shape[0]) + tuple(shape[2:]))
+
+
+def to_factor_order(V: torch.Tensor, param_shape: torch.Size, layout: KroneckerLayout) -> torch.Tensor:
+    """Columns ``V [P, M]`` over ``W.reshape(-1)`` reordered to the factor layout's ``vec_r`` (``Pi V``)."""
+    if layout is KroneckerLayout.ROWS:
+        return V
+    return V.reshape(tuple(param_shape) + (-1,)).transpose(0, 1).reshape(V.shape)
+
+
+def from_factor_order(V: torch.Tensor, param_shape: torch.Size, layout: KroneckerLayout) -> torch.Tensor:
+    """Columns ``V [P, M]`` in the factor layout's ``vec_r`` reordered to ``W.reshape(-1)`` (``Pi^T V``)."""
+    if layout is KroneckerLayout.ROWS:
+        return V
+    return V.reshape(tuple(factor_shape(param_shape, layout)) + (-1,)).transpose(0, 1).reshape(V.shape)
+
+
+def in_param_order(T: torch.Tensor, param_shape: torch.Size, layout: KroneckerLayout) -> torch.Tensor:
+    """A tensor with one entry per parameter entry in the factor layout's order (``[O, I]`` or flat) shaped
+    like the parameter."""
+    arranged = T.reshape(factor_shape(param_shape, layout))
+    return arranged if layout is KroneckerLayout.ROWS else arranged.transpose(0, 1).contiguous()
 
 
 # ---- pure functions on factor tuples -------------------------------------------------------------
@@ -115,7 +171,10 @@ def symmetric_part(F: torch.Tensor, which: str) -> torch.Tensor:
 
 class Kronecker(CurvatureOperator):
     """One parameter's Kronecker-factored curvature block ``kron(G, A)`` (or ``G`` for a bias) over
-    ``param.reshape(-1)``; see the module docstring for the conventions.
+    ``param.reshape(-1)``; see the module docstring for the conventions. ``layout``: which arrangement of
+    the parameter the factors split (:class:`KroneckerLayout`); with ``TRANSPOSED`` (a transposed
+    convolution's weight) the block over ``param.reshape(-1)`` is ``Pi^T kron(G, A) Pi``, and
+    ``to_dense()``, ``diag()`` and products are in the parameter's own order.
 
     Factors are kept as given (not copied) and treated as immutable: eigendecompositions are computed
     on first need (``inverse``, ``eigvals``, ``logdet``) and cached on the object, so that inverses at
@@ -126,8 +185,12 @@ class Kronecker(CurvatureOperator):
     kind = "Kronecker-factored block"
     FACTOR_NAMES = ("G", "A")
 
-    def __init__(self, factors: Sequence[torch.Tensor], shape: Sequence[int] | None = None, *, label: str = ""):
+    def __init__(self, factors: Sequence[torch.Tensor], shape: Sequence[int] | None = None, *, label: str = "",
+                 layout: KroneckerLayout = KroneckerLayout.ROWS):
         factors = tuple(factors)
+        if not isinstance(layout, KroneckerLayout):
+            raise TypeError(f"Kronecker: layout must be a KroneckerLayout ({[m.name for m in KroneckerLayout]}); "
+                            f"got {layout!r}")
         if len(factors) not in (1, 2) or not all(isinstance(f, torch.Tensor) for f in factors):
             raise ValueError("Kronecker(factors): factors are (G, A) for a weight or (G,) for a bias, as tensors; "
                              f"got {len(factors)} of types {[type(f).__name__ for f in factors]}")
@@ -139,13 +202,20 @@ class Kronecker(CurvatureOperator):
                                  f"{factors[0].device}, {name} is {f.dtype} on {f.device}")
         sizes = sizes_of(factors)
         param_shape = torch.Size(sizes if shape is None else shape)
-        if math.prod(sizes) != param_shape.numel() or (len(sizes) == 2 and param_shape[:1] != sizes[:1]):
-            expected = ("[O, ...] with O = G's size and prod(shape[1:]) = A's size" if len(sizes) == 2
+        if layout is KroneckerLayout.TRANSPOSED and (len(sizes) != 2 or len(param_shape) < 2):
+            raise ValueError(f"Kronecker: layout TRANSPOSED swaps the parameter's first two axes; it needs two "
+                             f"factors (G, A) and a parameter with at least two axes, got {len(sizes)} factor(s) "
+                             f"for shape {list(param_shape)}")
+        arranged = factor_shape(param_shape, layout)
+        if math.prod(sizes) != param_shape.numel() or (len(sizes) == 2 and arranged[:1] != sizes[:1]):
+            axis = "[O, ...]" if layout is KroneckerLayout.ROWS else "[C_in, O, ...] (layout TRANSPOSED)"
+            expected = (f"{axis} with O = G's size and the other entries A's size" if len(sizes) == 2
                         else "with as many entries as G's size")
             raise ValueError(f"Kronecker: factors of sizes {list(sizes)} do not fit a parameter of shape "
                              f"{list(param_shape)} (expected {expected})")
         super().__init__(param_shape, factors[0].dtype, factors[0].device, label)
         self.factors: tuple[torch.Tensor, ...] = factors
+        self.layout = layout
         self._eigh: tuple[Eigh, ...] | None = None
 
     # ---- what it is -----------------------------------------------------------------------------
@@ -158,23 +228,41 @@ class Kronecker(CurvatureOperator):
         return ", ".join(f"{n} [{s}, {s}]" for n, s in zip(self.FACTOR_NAMES, self.sizes))
 
     def _describe(self) -> str:
-        return f"kron({self._factors_text()})" if len(self.factors) == 2 else self._factors_text()
+        if len(self.factors) == 1:
+            return self._factors_text()
+        if self.layout is KroneckerLayout.TRANSPOSED:
+            return f"kron({self._factors_text()}) over weight.transpose(0, 1)"
+        return f"kron({self._factors_text()})"
+
+    # ---- the layout -----------------------------------------------------------------------------
+    def to_factor_order(self, V: torch.Tensor) -> torch.Tensor:
+        """Columns ``[P, M]`` over ``param.reshape(-1)`` in the order the factors act on (``Pi V``)."""
+        return to_factor_order(V, self.param_shape, self.layout)
+
+    def from_factor_order(self, V: torch.Tensor) -> torch.Tensor:
+        """Columns ``[P, M]`` in the factors' order back in ``param.reshape(-1)``'s (``Pi^T V``)."""
+        return from_factor_order(V, self.param_shape, self.layout)
 
     # ---- products and dense ---------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return kron_matmat(self.factors, V)
+        return self.from_factor_order(kron_matmat(self.factors, self.to_factor_order(V)))
 
     def _dense(self, chunk: int = 0) -> torch.Tensor:
         # torch.kron (2.13) raises on transposed strides, which factors from einsum can have (its
         # opt_einsum path returns them): contiguous copies of the small factors first.
-        if len(self.factors) == 2:
-            return torch.kron(*(f.contiguous() for f in self.factors))
-        return self.factors[0].clone()
+        if len(self.factors) == 1:
+            return self.factors[0].clone()
+        full = torch.kron(*(f.contiguous() for f in self.factors))
+        if self.layout is KroneckerLayout.ROWS:
+            return full
+        # Pi^T kron(G, A) Pi: rows, then columns, back in the parameter's order
+        return self.from_factor_order(self.from_factor_order(full).T.contiguous()).T.contiguous()
 
     # ---- cheap exact summaries ------------------------------------------------------------------
     def diag(self) -> torch.Tensor:
-        """The diagonal of the block shaped like the parameter: ``outer(diag G, diag A)``."""
-        return kron_diag(self.factors).reshape(self.param_shape)
+        """The diagonal of the block shaped like the parameter: ``outer(diag G, diag A)`` (in the factor
+        layout, then arranged like the parameter)."""
+        return in_param_order(kron_diag(self.factors), self.param_shape, self.layout)
 
     def trace(self) -> torch.Tensor:
         """``tr(G) tr(A)``."""
@@ -280,8 +368,8 @@ class KroneckerInverse(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         Q = self._bases()
-        T = kron_matmat(tuple(q.mT for q in Q), V) * self._inv_eigvals[:, None]
-        return kron_matmat(Q, T)
+        T = kron_matmat(tuple(q.mT for q in Q), self.block.to_factor_order(V)) * self._inv_eigvals[:, None]
+        return self.block.from_factor_order(kron_matmat(Q, T))
 
     def _dense(self, chunk: int = 0) -> torch.Tensor:
         return self._matmat(torch.eye(self.numel, dtype=self.dtype, device=self.device))
@@ -290,7 +378,7 @@ class KroneckerInverse(CurvatureOperator):
         """``diag(Q diag(w) Q^T)_p = sum_k Q[p, k]^2 w_k`` with ``Q = kron(Q_G, Q_A)``, whose elementwise
         square is ``kron(Q_G^2, Q_A^2)``: one Kronecker product, no dense matrix."""
         squares = tuple(q * q for q in self._bases())
-        return kron_matmat(squares, self._inv_eigvals[:, None]).reshape(self.param_shape)
+        return in_param_order(kron_matmat(squares, self._inv_eigvals[:, None]), self.param_shape, self.block.layout)
 
     def trace(self) -> torch.Tensor:
         """``sum_ij 1 / (g_i a_j + d)``."""
@@ -331,7 +419,7 @@ class FactoredApproxInverse(Kronecker):
             root = math.sqrt(d)
             factors = (_damped_factor_inverse(of.factors[0], chosen * root, "G", what),
                        _damped_factor_inverse(of.factors[1], root / chosen, "A", what))
-        super().__init__(factors, of.param_shape, label=of.label)
+        super().__init__(factors, of.param_shape, label=of.label, layout=of.layout)
         self.approximates = of
         self.damping = d
         self.pi = chosen

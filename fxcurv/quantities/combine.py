@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 
 from ..errors import NotCombinableError
-from ..operators import BlockOperator, Kronecker
+from ..operators import BlockOperator, Kronecker, KroneckerLayout
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,10 @@ class KroneckerFactors(Accumulator[Kronecker]):
         self.a: torch.Tensor | None = None
         self.shape: torch.Size | None = None
         self.label = ""
+        self.layout = KroneckerLayout.ROWS
 
     def add(self, value: Kronecker, share: BatchShare) -> None:
-        self.shape, self.label = value.param_shape, value.label
+        self.shape, self.label, self.layout = value.param_shape, value.label, value.layout
         self.g.add(value.factors[0], share)
         if len(value.factors) == 2:
             part = value.factors[1] * share.samples
@@ -166,7 +167,7 @@ class KroneckerFactors(Accumulator[Kronecker]):
 
     def result(self, total: DataSetTotal) -> Kronecker:
         factors = (self.g.result(total),) + (() if self.a is None else (self.a / total.samples,))
-        return Kronecker(factors, self.shape, label=self.label)
+        return Kronecker(factors, self.shape, label=self.label, layout=self.layout)
 
 
 class VarianceFromMoments(Accumulator[torch.Tensor]):

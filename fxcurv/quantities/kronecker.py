@@ -9,7 +9,10 @@ a convolution) and an output factor ``G`` from
 * the batch-averaged matrix at the op's output, ``G = M`` -- KFRA's recursion (Botev eq. 29-31) and
   HBP's with its residual terms (HBP Sec. 3.2, S.11; EA-CG eq. 8b for the PCH variants).
 
-A bias has the single factor ``G``. A parameter used by more than one op has no such factorization
+A bias has the single factor ``G``. A transposed convolution's weight ``[C_in, C_out, *k]`` is split
+as ``weight.transpose(0, 1)`` (BackPACK's convention; the op declares it, ``OpDef.kron_layouts``): its
+block is a :class:`~fxcurv.operators.Kronecker` with ``layout=KroneckerLayout.TRANSPOSED``, still a
+matrix over ``weight.reshape(-1)``. A parameter used by more than one op has no such factorization
 (its block has cross terms between the uses): that is refused, naming the parameter and the node.
 All of them are exact for one sample (N = 1) on an MLP: ``kflr = kfra =`` the GGN block and
 ``hbp_hessian =`` the Hessian block.
@@ -23,10 +26,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..curvature.accumulate import ParamEnd, ParamUse
+from ..curvature.accumulate import Finalized, ParamEnd, ParamUse
 from ..curvature.messages import DenseStream, FactorSource, Needs, Origin
 from ..errors import UnsupportedOpError
-from ..operators import Kronecker
+from ..operators import Kronecker, KroneckerLayout
 from ..rules.registry import RuleKind
 from .base import Quantity
 from .combine import Accumulator, KroneckerFactors, refuse
@@ -35,6 +38,8 @@ from .combine import Accumulator, KroneckerFactors, refuse
 @dataclass
 class _State:
     factors: tuple[fx.Node, ...] | None = None
+    # the arrangement of the parameter the factors split, declared by the op that uses it
+    layout: KroneckerLayout = KroneckerLayout.ROWS
 
 
 class _KroneckerQuantity(Quantity):
@@ -50,25 +55,32 @@ class _KroneckerQuantity(Quantity):
                 "for a parameter one op uses (its block has cross terms between the uses). Supported for tied "
                 "weights: diag_ggn, diag_hessian (exact)")
 
+    def _record_layout(self, use: ParamUse, state: _State) -> None:
+        state.layout = use.emit.op_of(use.node).kron_layout(use.input)
+
     def _with_input_factor(self, use: ParamUse, g: fx.Node) -> tuple[fx.Node, ...]:
         if not use.has_rule(RuleKind.KRON_IN):
             return (g,)
         return (g, use.rule(RuleKind.KRON_IN, message="A", shaped=False))
 
     def finalize(self, end: ParamEnd, state: _State) -> Any:
-        return state.factors if state.factors is not None else end.zeros(self.name)
+        value = state.factors if state.factors is not None else end.zeros(self.name)
+        return Finalized(value, state.layout)
 
     def wrap(self, value: Any, param: torch.Tensor, static: Any = None) -> Kronecker:
+        layout = KroneckerLayout.ROWS if static is None else static
         if isinstance(value, torch.Tensor):  # a parameter the loss does not reach: zero factors
-            return Kronecker(_zero_factors(param), param.shape, label=self.name)
-        return Kronecker(tuple(value), param.shape, label=self.name)
+            return Kronecker(_zero_factors(param, layout), param.shape, label=self.name, layout=layout)
+        return Kronecker(tuple(value), param.shape, label=self.name, layout=layout)
 
 
-def _zero_factors(param: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _zero_factors(param: torch.Tensor, layout: KroneckerLayout) -> tuple[torch.Tensor, ...]:
     """Zero factors in the shapes of linear and convolution parameters: ``(G [O, O], A [I, I])`` for a
-    weight (``I`` the entries per output row), ``(G [P, P],)`` for a bias."""
+    weight (``O`` the output channels of ``layout``'s arrangement, ``I`` the remaining entries),
+    ``(G [P, P],)`` for a bias. (A parameter the loss never reaches was never seen by an op: ``ROWS``.)"""
     if param.dim() >= 2:
-        o, i = param.shape[0], param[0].numel()
+        o = param.shape[1] if layout is KroneckerLayout.TRANSPOSED else param.shape[0]
+        i = param.numel() // o
         return param.new_zeros(o, o), param.new_zeros(i, i)
     return (param.new_zeros(param.numel(), param.numel()),)
 
@@ -88,6 +100,7 @@ class ColumnKronecker(_KroneckerQuantity):
 
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)
+        self._record_layout(use, state)
         cols = use.columns.get(self.origin)
         if cols is None:  # a loss without curvature (one class): no columns, zero factors
             return
@@ -113,6 +126,7 @@ class DenseKronecker(_KroneckerQuantity):
 
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)
+        self._record_layout(use, state)
         g = use.rule(RuleKind.KRON_DENSE, use.messages.dense[self.stream], message="G", stream=self.stream.label,
                      shaped=False)
         state.factors = self._with_input_factor(use, g)

@@ -31,11 +31,15 @@ convolution's windows do not start from). Hence
   message unfolded by ``C``'s windows (``[C_out/G prod(k), P_X]``, one column per *input* position);
   ``J_W^T S`` is thus formed from the unfolded columns of ``S``, block by block of samples.
 
-Kronecker factors (KFAC, KFLR, KFRA) are defined here for the convolutions only: a transposed
-convolution's weight ``[C_in, C_out/G, *k]`` does not split into an output factor over its leading axis
-and an input factor over the rest (its output channel is the *second* axis; BackPACK's factors refer to
-``weight.transpose(0, 1)``, a layout fxcurv's Kronecker blocks do not take), so ``conv_transpose*``
-registers no ``kron_*`` rules. Its Gram matrix (ViViT) is registered.
+Kronecker factors (KFAC, KFLR, KFRA) of a transposed convolution follow BackPACK's convention: ``Z = C^T X``
+is also a linear layer shared over *its output* positions, ``Z[:, q] = W' [[X]]^T[:, q]`` with
+``W' = weight.transpose(0, 1).reshape(C_out, C_in prod(k))`` and ``[[X]]^T`` the input unfolded by the
+transposed convolution (:func:`_unfold_transposed`: ``[[X]]^T[(c, k), q] = X[c, j]`` where input position
+``j``'s window puts tap ``k`` on output position ``q``, zero elsewhere). So the factors are the
+convolution's, over ``C_out`` and ``C_in prod(k)``, and they split ``weight.transpose(0, 1)``: the op
+declares ``kron_layouts = (("weight", KroneckerLayout.TRANSPOSED),)`` and its blocks are matrices over
+``weight.reshape(-1)`` all the same (:class:`fxcurv.operators.Kronecker`). Groups are refused, as BackPACK
+refuses them. Its Gram matrix (ViViT) is registered.
 
 Every op of the family registers its own copy of the shared rule functions (:func:`_own_copy`): the
 registry keys a rule by its function, one function per op.
@@ -64,6 +68,7 @@ from ..buffers import fresh
 from ..errors import UnsupportedOpError
 from ..factors import product_square_norms, signed_column_squares, signed_square_sum
 from ..gram import blocked_gram_into, gram_into
+from ..operators.kronecker import KroneckerLayout
 from ..targets import SampleReduction
 from .registry import Match, OpDef, RuleKind, define_op, example
 
@@ -289,6 +294,42 @@ def x_cols(x, weight, stride, padding, dilation, groups):
     """The unfolded input ``[[X]]`` (HBP Sec. D.3), ``[N, groups, C_in/groups * prod(k), P]``; shared by
     every square-root factor origin that reaches the weight."""
     return _unfold(x, weight.shape, stride, padding, dilation, groups)
+
+
+@_rule(RuleKind.DERIVED, "x_cols", ops=(ConvKind.TRANSPOSED,))
+def transposed_x_cols(x, weight, stride, padding, output_padding, dilation, groups):
+    """The input unfolded by the transposed convolution ``Z = C^T X``, ``[N, 1, C_in prod(k), P_Z]``
+    (:func:`_unfold_transposed`): the Kronecker input factor's patches. Grouped ops refuse the factors
+    (:func:`_check_ungrouped`) before this is read."""
+    _check_ungrouped(groups)
+    return _unfold_transposed(x, weight.shape, stride, padding, output_padding, dilation)
+
+
+def _unfold_transposed(x, weight_shape, stride, padding, output_padding, dilation) -> torch.Tensor:
+    """``[[X]]^T`` for ``Z = C^T X`` (groups 1): ``[N, 1, C_in prod(k), P_Z]`` with
+    ``Z[n, o, q] = sum_{c,k} W[c, o, k] [[X_n]]^T[(c, k), q]``, rows channel-major then kernel taps in the
+    kernel's order, columns ``Z``'s positions (``output_padding`` included).
+
+    A transposed convolution is the stride-1 convolution, with the flipped kernel, of the input dilated
+    by ``s`` (``s - 1`` zeros between entries) and padded by ``d (k - 1) - p`` on each side (``+ op`` at
+    the end): output position ``q`` meets dilated position ``q + d m`` at flipped tap ``m = k - 1 - t``,
+    which is input ``j`` with ``j s - p + d t = q``. So ``[[X]]^T`` is :func:`_unfold` of that dilated,
+    padded input with the taps reversed (negative padding crops)."""
+    d = len(weight_shape) - 2
+    kernel = tuple(weight_shape[2:])
+    n, c = x.shape[:2]
+    if any(step > 1 for step in stride):
+        spread = x.new_zeros((n, c) + tuple((length - 1) * step + 1 for length, step in zip(x.shape[2:], stride)))
+        spread[(slice(None), slice(None)) + tuple(slice(None, None, step) for step in stride)] = x
+        x = spread
+    pads = []
+    for i in reversed(range(d)):
+        edge = dilation[i] * (kernel[i] - 1) - padding[i]
+        pads += [edge, edge + output_padding[i]]
+    x = F.pad(x, pads)
+    cols = _unfold(x, weight_shape, (1,) * d, (0,) * d, dilation, 1)  # [N, 1, C_in prod(k), P_Z]
+    flipped = cols.reshape((n, c) + kernel + (-1,)).flip(tuple(range(2, 2 + d)))
+    return flipped.reshape(n, 1, c * math.prod(kernel), -1)
 
 
 def _unfold(x, weight_shape, stride, padding, dilation, groups, positions=None):
@@ -796,13 +837,16 @@ def transposed_gram(S, x, weight, stride, padding, dilation, groups, include=("w
     return total
 
 
-# ---- the Kronecker-factored family (KFC, in BackPACK's convention; convolutions only) -----------
+# ---- the Kronecker-factored family (KFC, in BackPACK's convention) ------------------------------
+# A transposed convolution's factors are the same functions of its columns and of its own unfolded
+# input (transposed_x_cols); they split weight.transpose(0, 1) (module docstring).
 
 def _check_ungrouped(groups: int) -> None:
     if groups != 1:
         raise UnsupportedOpError(
-            f"Kronecker factors of a grouped convolution (groups={groups}) are not defined here (nor in "
-            "BackPACK); supported: groups=1. The exact diagonals (diag_ggn, diag_hessian) take groups.")
+            f"Kronecker factors of a grouped convolution or transposed convolution (groups={groups}) are not "
+            "defined here (nor in BackPACK); supported: groups=1. The exact diagonals (diag_ggn, diag_hessian) "
+            "take groups.")
 
 
 def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
@@ -813,7 +857,7 @@ def _spatially_summed_gram(S: torch.Tensor, sign) -> torch.Tensor:
     return torch.einsum("kno,knp->op", w, s)
 
 
-@_rule(RuleKind.KRON_OUT, "weight", "bias")
+@_rule(RuleKind.KRON_OUT, "weight", "bias", ops=_BOTH)
 def kron_out(S, sign, groups):
     """KFLR / KFAC output factor of weight and bias in BackPACK's convention: ``sum_{k,n} sign (sum_p S)
     (sum_p S)^T``, the exact GGN of the bias (HBP Sec. D.4) -- KFC's ``Gamma`` times the number of output
@@ -822,10 +866,11 @@ def kron_out(S, sign, groups):
     return _spatially_summed_gram(S, sign)
 
 
-@_rule(RuleKind.KRON_IN, "weight")
+@_rule(RuleKind.KRON_IN, "weight", ops=_BOTH)
 def kron_in_weight(x_cols, groups):
     """KFC input factor: ``(1/N) sum_{n,p} [[x]]_{n,p} [[x]]_{n,p}^T`` over the unfolded patches
-    (HBP Sec. D.3's ``[[X]]``), ``[C_in prod(k), C_in prod(k)]``."""
+    (HBP Sec. D.3's ``[[X]]``; a transposed convolution's :func:`_unfold_transposed`),
+    ``[C_in prod(k), C_in prod(k)]``."""
     _check_ungrouped(groups)
     cols = x_cols[:, 0]  # [N, C_in prod(k), P]
     return torch.einsum("nip,njp->ij", cols, cols) / cols.shape[0]
@@ -844,11 +889,20 @@ def kron_dense(m, weight, groups):
     return _channel_blocks_summed(m, weight.shape[0])
 
 
+@_rule(RuleKind.KRON_DENSE, "weight", "bias", ops=(ConvKind.TRANSPOSED,))
+def transposed_kron_dense(m, weight, groups):
+    """:func:`kron_dense` for ``Z = C^T X``, whose output channels are the weight's second axis
+    (``[C_in, C_out, *k]`` with groups 1): ``[C_out, C_out]``."""
+    _check_ungrouped(groups)
+    return _channel_blocks_summed(m, weight.shape[1])
+
+
 # ---- the ops ------------------------------------------------------------------------------------
 
 def _define(spec: ConvOp) -> OpDef:
+    layouts = (("weight", KroneckerLayout.TRANSPOSED),) if spec.kind is ConvKind.TRANSPOSED else ()
     op = define_op(spec.name, "conv", spec.forward, inputs=("x", "weight", "bias"), params=("weight", "bias"),
-                   bilinear=(("x", "weight"),))
+                   bilinear=(("x", "weight"),), kron_layouts=layouts)
     op.module(spec.module)(_module_canonicalizer(spec))
     # The exported (ATen) ops take F.conv*'s arguments in F.conv*'s order; ``.padding`` takes a string.
     aten = getattr(torch.ops.aten, spec.name)

@@ -45,6 +45,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from ..data import LossScale
+from ..operators.kronecker import KroneckerLayout
 from ..targets import Fusion, LabeledTarget, declare_target
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
@@ -291,6 +292,14 @@ class OpDef:
     # applies(node, kind, key) -> whether the op's registered ``kind`` rule for ``key`` applies at this
     # node (a generic node linear in its inputs has no residual); ``None``: every registered rule does.
     applies: Callable[[Any, RuleKind, str], bool] | None = None
+    # Parameter inputs whose Kronecker factors (KRON_* rules) split an arrangement other than
+    # ``param.reshape(param.shape[0], -1)``: a transposed convolution's weight ``[C_in, C_out/G, *k]``
+    # (factors of ``weight.transpose(0, 1)``, BackPACK's convention). Others: KroneckerLayout.ROWS.
+    kron_layouts: tuple[tuple[str, KroneckerLayout], ...] = ()
+
+    def kron_layout(self, param: str) -> KroneckerLayout:
+        """Which arrangement of parameter input ``param`` its Kronecker factors split."""
+        return dict(self.kron_layouts).get(param, KroneckerLayout.ROWS)
 
     def is_batched(self, name: str) -> bool:
         """Whether input ``name`` carries the batch as its dimension 0 (data inputs, index inputs), not

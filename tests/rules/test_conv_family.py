@@ -23,6 +23,7 @@ from helpers import assert_close, check_against_references, rel_error
 from torch import nn
 
 import fxcurv
+from fxcurv import KroneckerLayout
 from fxcurv.errors import UnsupportedOpError
 from fxcurv.rules import registry
 
@@ -197,14 +198,20 @@ def test_per_sample_quantities_equal_backpack(loss):
 
 
 KRON_CONVS = {"conv1d": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 7)),
-              "conv3d": (lambda: nn.Conv3d(2, 3, 2, dilation=(1, 1, 2)), (2, 3, 3, 3))}
+              "conv3d": (lambda: nn.Conv3d(2, 3, 2, dilation=(1, 1, 2)), (2, 3, 3, 3)),
+              "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1), (3, 4)),
+              "conv_transpose2d": (lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 0),
+                                                              dilation=(1, 2)), (2, 3, 3)),
+              "conv_transpose3d": (lambda: nn.ConvTranspose3d(2, 3, 2, stride=(1, 2, 1)), (2, 2, 2, 3))}
 
 
 @pytest.mark.skipif(not bp.available(), reason="BackPACK is not installed")
+@pytest.mark.filterwarnings("ignore:The Kronecker factors stored in the weight parameters of transpose")
 @pytest.mark.parametrize("quantity", ["kflr", "kfra"])
 @pytest.mark.parametrize("conv", sorted(KRON_CONVS))
 def test_kronecker_factors_equal_backpack(conv, quantity):
-    """The Kronecker factors (G, A) of Conv1d and Conv3d layers equal BackPACK's KFLR and KFRA."""
+    """The Kronecker factors (G, A) of Conv1d, Conv3d and ConvTranspose1d/2d/3d layers equal BackPACK's KFLR
+    and KFRA (a transposed convolution's split ``weight.transpose(0, 1)``: ``KroneckerLayout.TRANSPOSED``)."""
     make, in_shape = KRON_CONVS[conv]
     torch.manual_seed(10)
     model = _with_head(nn.Sequential(make(), nn.Tanh()), in_shape)
@@ -212,8 +219,10 @@ def test_kronecker_factors_equal_backpack(conv, quantity):
     x, y = _data(in_shape, loss_fn, seed=11)
     want = bp.run_backpack(model, loss_fn, x, y, quantity)
     got = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)[quantity]
+    transposed = conv.startswith("conv_transpose")
     for name, factors in want.items():
-        assert len(got[name].factors) == len(factors)
+        layout = KroneckerLayout.TRANSPOSED if transposed and name == "0.weight" else KroneckerLayout.ROWS
+        assert got[name].layout is layout and len(got[name].factors) == len(factors)
         for a, b in zip(got[name].factors, factors):
             assert a.shape == b.shape and rel_error(a, b) < 1e-10, (name, quantity)
 
