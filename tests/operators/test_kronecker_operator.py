@@ -22,6 +22,7 @@ from fxcurv.operators import (
     FactoredApproxInverse,
     Kronecker,
     KroneckerInverse,
+    KroneckerLayout,
     SingularOperatorError,
 )
 
@@ -419,3 +420,76 @@ def test_damped_products_ea_cg():
     assert rel_error(op.to_dense(), D) < TIGHT
     assert rel_error(op.diag().reshape(-1), D.diagonal()) < TIGHT
     assert rel_error(op.trace(), D.trace()) < TIGHT
+
+
+# ---- the TRANSPOSED layout (a transposed convolution's weight) ------------------------------------
+
+# a ConvTranspose2d weight [C_in, C_out, k1, k2] = [2, 4, 3, 2]: G over C_out = 4, A over C_in*k1*k2 = 12
+TRANSPOSED_SHAPE = (2, 4, 3, 2)
+
+
+def make_transposed(seed: int = 0, definite: bool = True) -> Kronecker:
+    factors = factors_for("conv", gen(seed), definite)  # sizes (4, 12)
+    return Kronecker(factors, TRANSPOSED_SHAPE, label="kflr", layout=KroneckerLayout.TRANSPOSED)
+
+
+def transposed_dense_reference(k: Kronecker) -> torch.Tensor:
+    """The block over W.reshape(-1) entry by entry: ``[(c, o, t), (c', o', t')] = G[o, o'] A[(c, t), (c', t')]``
+    for ``W [C_in, C_out, *k]`` (``t`` the kernel taps), independent of the operator's permutations."""
+    G, A = k.factors
+    c_in, c_out = TRANSPOSED_SHAPE[:2]
+    taps = math.prod(TRANSPOSED_SHAPE[2:])
+    # [o, c, t, o', c', t'] -> [c, o, t, c', o', t']
+    kron = (G[:, None, None, :, None, None] * A.reshape(c_in, taps, c_in, taps)[None, :, :, None, :, :])
+    return kron.permute(1, 0, 2, 4, 3, 5).reshape(c_in * c_out * taps, -1)
+
+
+def test_transposed_layout_refers_to_weight_transpose():
+    """With layout TRANSPOSED the factors split ``W.transpose(0, 1)`` and the block is a matrix over
+    ``W.reshape(-1)``: ``K @ W = (G W^T01_mat A^T)`` arranged back like ``W``; to_dense, diag and products
+    agree with the entrywise definition."""
+    k = make_transposed(seed=4)
+    G, A = k.factors
+    W = torch.randn(TRANSPOSED_SHAPE, generator=gen(5), dtype=F64)
+    expected = (G @ W.transpose(0, 1).reshape(4, 12) @ A.T).reshape(4, 2, 3, 2).transpose(0, 1)
+    assert rel_error(k @ W, expected) < TIGHT
+    dense = transposed_dense_reference(k)
+    assert rel_error(k.to_dense(), dense) < TIGHT
+    assert rel_error(dense @ W.reshape(-1), expected.reshape(-1)) < TIGHT
+    assert k.diag().shape == W.shape and rel_error(k.diag().reshape(-1), dense.diagonal()) < TIGHT
+    V = torch.randn(W.numel(), 3, generator=gen(6), dtype=F64)
+    assert rel_error(k @ V, dense @ V) < TIGHT
+    # the ROWS reading of the same factors would be a different matrix (and does not fit [2, ...])
+    with pytest.raises(ValueError, match="do not fit"):
+        Kronecker(k.factors, TRANSPOSED_SHAPE)
+    assert "transpose(0, 1)" in repr(k)
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_transposed_layout_inverses(definite):
+    """The exact damped inverse is ``(dense + d I)^{-1}`` over W.reshape(-1); the factored one is its own
+    Kronecker product in the same layout; spectra do not depend on the layout."""
+    k = make_transposed(seed=7, definite=definite)
+    dense = transposed_dense_reference(k)
+    d = 0.3
+    want = torch.linalg.inv(dense + d * eye(dense.shape[0], dense))
+    inv = k.inverse(d)
+    W = torch.randn(TRANSPOSED_SHAPE, generator=gen(8), dtype=F64)
+    assert rel_error(inv.to_dense(), want) < TIGHT
+    assert rel_error(inv @ W, (want @ W.reshape(-1)).reshape(W.shape)) < TIGHT
+    assert rel_error(inv.diag().reshape(-1), want.diagonal()) < TIGHT
+    approx = k.inverse_factored(d)
+    assert approx.layout is KroneckerLayout.TRANSPOSED
+    assert rel_error(approx.to_dense(), transposed_dense_reference(approx)) < TIGHT
+    assert rel_error(k.eigvals(), torch.linalg.eigvalsh(dense)) < 1e-9
+    assert rel_error(k.logdet(d), torch.linalg.slogdet(dense + d * eye(dense.shape[0], dense))[1]) < TIGHT
+
+
+def test_transposed_layout_refusals():
+    G = spd(4, gen(9))
+    with pytest.raises(ValueError, match="TRANSPOSED swaps"):
+        Kronecker((G,), (4,), layout=KroneckerLayout.TRANSPOSED)  # a bias has no second axis
+    with pytest.raises(ValueError, match="do not fit"):
+        Kronecker((G, spd(12, gen(10))), (4, 2, 3, 2), layout=KroneckerLayout.TRANSPOSED)  # O is axis 1
+    with pytest.raises(TypeError, match="KroneckerLayout"):
+        Kronecker((G, spd(12, gen(10))), (2, 4, 3, 2), layout="transposed")  # type: ignore[arg-type]

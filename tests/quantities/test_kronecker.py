@@ -204,3 +204,64 @@ def test_the_issue_example():
     torch.testing.assert_close(b @ v, (exact @ v.reshape(-1)).reshape(5, 12))
     assert list(out) == ["grad", "kfac", "kflr", "kfra", "hbp_hessian", "hbp_pch_abs", "hbp_pch_clip",
                          "block_ggn", "block_hessian"]
+
+
+# ---- transposed convolutions (factors of weight.transpose(0, 1): KroneckerLayout.TRANSPOSED) -----
+
+def conv_transpose_net(seed: int = 0) -> nn.Sequential:
+    """A ConvTranspose2d with one output position on a 1 x 1 input (kernel 3, padding 1): a linear layer
+    on one patch, where KFC's sum over positions is no approximation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.ConvTranspose2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(3, 2)).to(DT)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("quantity", ["kflr", "kfra"])
+def test_transposed_convolution_exact_for_one_sample_and_one_position(quantity, loss):
+    """For N = 1 and one output position (the case where the conv tests say KFLR/KFRA are exact), the
+    transposed convolution's blocks -- ``to_dense()`` over ``weight.reshape(-1)``, the weight being
+    ``[C_in, C_out, k1, k2]`` -- are the exact GGN blocks of torch.func."""
+    model = conv_transpose_net()
+    x = torch.randn(1, 2, 1, 1, dtype=DT)
+    loss_fn, y = (nn.CrossEntropyLoss(), torch.tensor([1])) if loss == "ce" else (nn.MSELoss(), torch.randn(1, 2, dtype=DT))
+    out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)[quantity]
+    assert out["0.weight"].layout is fxcurv.KroneckerLayout.TRANSPOSED
+    assert [f.shape[0] for f in out["0.weight"].factors] == [3, 2 * 9]  # G over C_out, A over C_in k1 k2
+    for name, block in reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model).items():
+        err = rel_error(out[name].to_dense(), block)
+        assert err < 1e-10, f"{quantity} {name}: {err:.2e}"
+
+
+def test_transposed_convolution_factors_are_their_definitions():
+    """Several positions and samples (stride, padding, output padding, dilation): KFLR's ``G`` is the exact
+    GGN block of the bias (torch.func), and ``A = (1/N) sum_{n,q} u_nq u_nq^T`` with ``u_nq[(c, t)] =
+    dZ[n, o, q] / dW[c, o, t]`` (the same for every ``o``), from torch.func's Jacobian of the op."""
+    torch.manual_seed(3)
+    conv = nn.ConvTranspose2d(2, 3, (3, 2), stride=2, padding=1, output_padding=1, dilation=(1, 2))
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).to(DT)
+    x, y = torch.randn(3, 2, 3, 3, dtype=DT), torch.tensor([0, 3, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    out = fxcurv.compile(model, loss_fn, quantities=("kflr",))(x, y)["kflr"]
+    exact = reference.diagonal_blocks(reference.ggn(model, loss_fn, x, y), model)
+    assert rel_error(out["0.bias"].to_dense(), exact["0.bias"]) < 1e-10
+    G, A = out["0.weight"].factors
+    assert rel_error(G, exact["0.bias"]) < 1e-10
+
+    def z(weight):
+        return torch.nn.functional.conv_transpose2d(x, weight, None, conv.stride, conv.padding, conv.output_padding,
+                                                    1, conv.dilation)
+
+    jac = torch.func.jacrev(z)(conv.weight.detach())  # [N, C_out, H, W, C_in, C_out, k1, k2]
+    u = torch.einsum("noqrcpab,op->ncabqr", jac, torch.eye(3, dtype=DT) / 3)  # every o alike: averaged
+    u = u.reshape(3, 2 * 3 * 2, -1)
+    assert rel_error(A, torch.einsum("niq,njq->ij", u, u) / 3) < 1e-10
+    assert rel_error(A, torch.zeros_like(A)) > 0.5
+
+
+def test_grouped_transposed_convolution_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 2, 2, groups=2), nn.Flatten(), nn.Linear(32, 2)).to(DT)
+    for quantity in ("kflr", "kfra"):
+        with pytest.raises(UnsupportedOpError, match="groups=2"):
+            fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=(quantity,))(
+                torch.randn(2, 4, 3, 3, dtype=DT), torch.tensor([0, 1]))

@@ -227,6 +227,24 @@ def test_kronecker_factors_equal_backpack(conv, quantity):
             assert a.shape == b.shape and rel_error(a, b) < 1e-10, (name, quantity)
 
 
+@pytest.mark.skipif(not bp.available(), reason="BackPACK is not installed")
+@pytest.mark.filterwarnings("ignore:The Kronecker factors stored in the weight parameters of transpose")
+def test_backpack_input_factor_ignores_output_padding():
+    """BackPACK 1.7.1 unfolds a transposed convolution's input with ``output_padding=0`` (a TODO in its
+    ``unfold_by_conv_transpose``): where the appended output positions receive input, its ``A`` misses them.
+    fxcurv's ``A`` keeps them (it equals its torch.func definition, tests/quantities/test_kronecker.py); the
+    two agree without output padding (test_kronecker_factors_equal_backpack) and differ here."""
+    torch.manual_seed(3)
+    conv = nn.ConvTranspose2d(2, 3, (3, 2), stride=2, padding=1, output_padding=1, dilation=(1, 2))
+    model = _with_head(nn.Sequential(conv, nn.Tanh()), (2, 3, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data((2, 3, 3), loss_fn, seed=11)
+    want = bp.run_backpack(model, loss_fn, x, y, "kflr")["0.weight"]
+    got = fxcurv.compile(model, loss_fn, quantities=("kflr",))(x, y)["kflr"]["0.weight"].factors
+    assert rel_error(got[0], want[0]) < 1e-10  # G: the columns at the output, positions summed
+    assert rel_error(got[1], want[1]) > 0.1
+
+
 # ---- configurations left to the generic rule ---------------------------------------------------------
 
 def _module_match(mod: nn.Module, x: torch.Tensor):
