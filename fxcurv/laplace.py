@@ -27,8 +27,10 @@ BackPACK and curvlinops backends it ships), which :class:`Backend` follows exact
 ``stochastic=True`` (``backend_kwargs``) uses the Monte Carlo versions, ``diag_ggn_mc`` and ``kfac``,
 with ``num_samples`` columns per sample (and ``seed`` for reproducible draws). ``full`` and
 ``jacobians`` are laplace's own (``GGNInterface``, through torch.func). Last-layer and subnetwork
-Laplace, dict-like inputs and classification targets with more than one dimension (laplace puts the
-classes last, fxcurv's cross-entropy at dimension 1) are refused with an error saying so.
+Laplace, dict-like inputs, classification targets with more than one dimension (laplace puts the
+classes last, fxcurv's cross-entropy at dimension 1) and ``kron`` of a transposed convolution's weight
+(its factors split ``weight.transpose(0, 1)``, which laplace's ``Kron`` does not take) are refused
+with an error saying so.
 
 Importing this module imports laplace-torch; ``import fxcurv`` does not.
 """
@@ -46,6 +48,7 @@ from torch import nn
 
 from .api import Engine, Result, compile
 from .errors import FxcurvError, InputError
+from .operators import KroneckerLayout
 
 
 class UnsupportedSettingError(FxcurvError, NotImplementedError):
@@ -148,7 +151,13 @@ class Backend(GGNInterface):
         out, quantity = self._run(Structure.KRON, x, y, kwargs)
         M = int(y.shape[0])  # the batch size, as laplace counts it (len(y))
         kfacs: list[Any] = []
-        for block in out[quantity].values():
+        for name, block in out[quantity].items():
+            if block.layout is not KroneckerLayout.ROWS:
+                raise UnsupportedSettingError(
+                    f"laplace's Kron reads a weight's factors [G, A] as splitting weight.reshape(shape[0], -1); "
+                    f"the {quantity} factors of {name} (a transposed convolution's weight) split "
+                    f"weight.transpose(0, 1) (KroneckerLayout.{block.layout.name}), which Kron cannot take. "
+                    "Use laplace's hessian_structure='diag' (or 'full') for models with transposed convolutions")
             factors = list(block.factors)
             if len(factors) == 2:
                 factors[1] = factors[1] * (M / N)

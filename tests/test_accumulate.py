@@ -78,7 +78,7 @@ def assert_same(got: Any, expected: Any, where: str) -> None:
     """Equal to rtol 1e-10 (atol 1e-14 for entries that vanish): tensors, Kronecker factors, blocks as matrices."""
     if isinstance(expected, Kronecker):
         assert isinstance(got, Kronecker) and len(got.factors) == len(expected.factors), where
-        assert got.param_shape == expected.param_shape, where
+        assert got.param_shape == expected.param_shape and got.layout is expected.layout, where
         for a, b in zip(got.factors, expected.factors):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{where}: {m}")
         return
@@ -114,6 +114,18 @@ def test_accumulate_on_a_convolution_equals_the_concatenated_batch():
     engine = fxcurv.compile(_cnn(), nn.CrossEntropyLoss(), quantities=quantities)
     batches = _batches(_classes, shape=(1, 5, 5))
     assert_results_equal(engine.accumulate(iter(batches)), engine(*_concatenated(batches)), quantities)
+
+
+def test_accumulate_on_a_transposed_convolution_keeps_its_kronecker_layout():
+    """A transposed convolution's factors (of weight.transpose(0, 1)) combine like a convolution's and keep
+    KroneckerLayout.TRANSPOSED."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.ConvTranspose2d(1, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 5)).to(DT)
+    engine = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("kflr",))
+    batches = _batches(_classes, shape=(1, 3, 3))
+    got = engine.accumulate(iter(batches))
+    assert got["kflr"]["0.weight"].layout is fxcurv.KroneckerLayout.TRANSPOSED
+    assert_results_equal(got, engine(*_concatenated(batches)), ("kflr",))
 
 
 def test_accumulate_on_residual_and_tied_weights_equals_the_concatenated_batch():

@@ -143,3 +143,16 @@ def test_refuses_unsupported_settings():
         backend.kron(x, y, N=SAMPLES, mc_samples=3)
     with pytest.raises(ValueError, match="positive integer"):
         backend.kron(x, y, N=0)
+
+
+def test_kron_of_transposed_convolution_is_refused():
+    """A transposed convolution's factors split weight.transpose(0, 1) (KroneckerLayout.TRANSPOSED), which
+    laplace's Kron would read as weight.reshape(shape[0], -1): refused, naming the parameter; diag works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)).to(DT)
+    x, y = torch.randn(4, 2, 3, dtype=DT), torch.tensor([0, 2, 1, 1])
+    backend = Backend(model, "classification")
+    with pytest.raises(UnsupportedSettingError, match=r"0\.weight.*transpose\(0, 1\)"):
+        backend.kron(x, y, N=SAMPLES)
+    _, diagonal = backend.diag(x, y)
+    assert diagonal.numel() == sum(p.numel() for p in model.parameters())

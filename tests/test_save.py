@@ -50,6 +50,17 @@ def test_result_roundtrips_with_weights_only():
                 assert torch.equal(back[q][name], value), (q, name)
 
 
+def test_transposed_layout_roundtrips_with_weights_only():
+    """A transposed convolution's block keeps its KroneckerLayout through torch.save / weights_only load."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)).to(DT)
+    out = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=("kflr",))(torch.randn(2, 2, 2, 2, dtype=DT),
+                                                                             torch.tensor([0, 2]))
+    back = roundtrip(out)["kflr"]["0.weight"]
+    assert back.layout is fxcurv.KroneckerLayout.TRANSPOSED
+    assert torch.equal(back.to_dense(), out["kflr"]["0.weight"].to_dense())
+
+
 def test_to_dict_is_plain():
     model, loss_fn, x, y = model_and_data()
     out = fxcurv.compile(model, loss_fn, quantities=("variance", "kfac"), seed=0)(x, y)

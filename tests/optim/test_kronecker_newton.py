@@ -50,6 +50,24 @@ def test_step_is_the_factored_damped_inverse(curvature, problem):
     assert_close(step_delta(opt, x, y), want, rtol=1e-9, what=curvature)
 
 
+def test_step_on_a_transposed_convolution():
+    """A ConvTranspose1d weight ``[C_in, C_out, k]``: its factors split ``weight.transpose(0, 1)``, so the step
+    is the dense direction of the transposed gradient, transposed back (BackPACK's recipe for its factors)."""
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose1d(2, 3, 2, stride=2), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(18, 3)).to(DT)
+    loss_fn, x, y = torch.nn.CrossEntropyLoss(), torch.randn(3, 2, 3, dtype=DT), torch.tensor([0, 2, 1])
+    blocks = fxcurv.compile(model, loss_fn, quantities=("kflr",))(x, y)["kflr"]
+    g = reference.grad(model, loss_fn, x, y)
+    want = {n: -0.5 * dense_direction(blocks[n].factors, g[n], 0.1) for n in g if n != "0.weight"}
+    want["0.weight"] = -0.5 * dense_direction(blocks["0.weight"].factors, g["0.weight"].transpose(0, 1).contiguous(),
+                                              0.1).transpose(0, 1)
+    opt = KroneckerNewton(model, loss_fn, lr=0.5, damping=0.1, curvature="kflr")
+    got = step_delta(opt, x, y)
+    assert_close(got, want, rtol=1e-9, what="kflr")
+    assert rel_error(got["0.weight"], -0.5 * dense_direction(blocks["0.weight"].factors, g["0.weight"], 0.1)) > 1e-3
+
+
 def test_kfac_with_the_engines_draws():
     model, loss_fn, x, y = PROBLEMS["mlp-N4"]()
     options = {"mc_samples": 2, "seed": 1}
