@@ -131,3 +131,26 @@ def test_kfac_input_factors_are_kflr_s():
     for name in out["kflr"]:
         if name.endswith("weight"):
             torch.testing.assert_close(out["kfac"][name].factors[1], out["kflr"][name].factors[1])
+
+
+def transposed_cnn() -> nn.Sequential:
+    """A convolution and a transposed convolution (stride 2, padding 1, dilation 2), ReLU between them."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(3, 2, 2, stride=2, padding=1,
+                                                                                      dilation=2),
+                         nn.Flatten(), nn.Linear(2 * 7 * 7, 3)).to(DT)
+
+
+@pytest.mark.skipif(not bp.available(), reason=bp.SKIP_REASON)
+@pytest.mark.filterwarnings("ignore:The Kronecker factors stored in the weight parameters of transpose")
+@pytest.mark.parametrize("loss", ["ce_mean", "mse_sum"])
+@pytest.mark.parametrize("quantity", sorted(QUANTITIES))
+def test_transposed_cnn_equals_backpack(quantity, loss):
+    """A transposed convolution's factors are BackPACK's, which split ``weight.transpose(0, 1)``
+    (``KroneckerLayout.TRANSPOSED``), through every quantity of the family."""
+    loss_fn, x, y = data("cnn", loss)
+    model = transposed_cnn()
+    ext, curv = QUANTITIES[quantity]
+    out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)
+    assert out[quantity]["2.weight"].layout is fxcurv.KroneckerLayout.TRANSPOSED
+    assert_factors(out[quantity], bp.run_backpack(model, loss_fn, x, y, ext, curv_type=curv), f"{quantity} {loss}")
