@@ -15,7 +15,7 @@ from .quantities import QUANTITIES, Quantity
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate", "Kronecker", "KroneckerLayout",
-    "BlockOperator",
+    "compile", "Engine", "Program", "Result", "QUANTITIES", "Quantity", "MemoryEstimate", "Kronecker",
+    "KroneckerLayout", "BlockOperator",
     "FxcurvError", "TraceError", "UnsupportedOpError", "LossError", "InputError", "MemoryBudgetError",
 ]

@@ -24,9 +24,9 @@ fxcurv                 BackPACK             compared
 
 What BackPACK refuses on a problem is written down (:data:`BACKPACK_LACKS`) and checked
 (``test_backpack_refuses``), so the comparison cannot shrink unnoticed. Problems with a layer fxcurv
-does not support yet are marked ``xfail(strict=True)`` with the exact error (:data:`FXCURV_GAPS`):
-when the layer lands the mark must go. Recurrent layers get a clear fxcurv error
-(``test_recurrent_layers_are_refused``).
+does not support yet are marked ``xfail(strict=True)`` with the exact error (:data:`FXCURV_GAPS`, empty
+since transposed convolutions got their Kronecker factors): when the layer lands the mark must go.
+Recurrent layers get a clear fxcurv error (``test_recurrent_layers_are_refused``).
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def run_backpack(problem: Problem, model: nn.Module, x: torch.Tensor, y: torch.T
             # the first layer's input is data: the full backward hook says it fires on outputs only
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             warnings.filterwarnings("ignore", message="Encountered node that may break second-order extensions")
-            # transposed convolutions: its factors describe weight.transpose(0, 1), as fxcurv's (KroneckerLayout)
-            warnings.filterwarnings("ignore", message="The Kronecker factors stored in the weight parameters of transpose")
+            # transposed convolutions: the factors describe weight.transpose(0, 1), as fxcurv's (KroneckerLayout)
+            warnings.filterwarnings("ignore", message="The Kronecker factors stored in the weight parameters")
             net = extend(net, use_converter=problem.converter)
             loss_fn = extend(loss_fn)
             loss = loss_fn(net(x), y)

@@ -4,7 +4,7 @@
 | --- | --- |
 | :class:`CurvatureOperator` | the common base: ``@``, ``to_dense``, ``diag``, ``trace``, ``damped`` |
 | :class:`Kronecker` | a Kronecker-factored block ``kron(G, A)`` / ``G`` (KFAC, KFLR, KFRA, HBP) |
-| :class:`KroneckerLayout` | which arrangement of the parameter its factors split (``ROWS``; ``TRANSPOSED`` for ``ConvTranspose``) |
+| :class:`KroneckerLayout` | the arrangement its factors split (``ROWS``; ``TRANSPOSED``: ``ConvTranspose``) |
 | :class:`KroneckerInverse` | its exact damped inverse (``Kronecker.inverse``) |
 | :class:`FactoredApproxInverse` | Botev's factored approximation of it (``Kronecker.inverse_factored``) |
 | :class:`BlockOperator` | an exact block known through products (``block_ggn``, ``block_hessian``) |

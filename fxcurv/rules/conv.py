@@ -299,8 +299,8 @@ def x_cols(x, weight, stride, padding, dilation, groups):
 @_rule(RuleKind.DERIVED, "x_cols", ops=(ConvKind.TRANSPOSED,))
 def transposed_x_cols(x, weight, stride, padding, output_padding, dilation, groups):
     """The input unfolded by the transposed convolution ``Z = C^T X``, ``[N, 1, C_in prod(k), P_Z]``
-    (:func:`_unfold_transposed`): the Kronecker input factor's patches. Grouped ops refuse the factors
-    (:func:`_check_ungrouped`) before this is read."""
+    (:func:`_unfold_transposed`): the Kronecker input factor's patches (read by no other rule). Groups are
+    refused here, as by the Kronecker rules (:func:`_check_ungrouped`)."""
     _check_ungrouped(groups)
     return _unfold_transposed(x, weight.shape, stride, padding, output_padding, dilation)
 

@@ -223,7 +223,10 @@ def test_transposed_convolution_exact_for_one_sample_and_one_position(quantity, 
     ``[C_in, C_out, k1, k2]`` -- are the exact GGN blocks of torch.func."""
     model = conv_transpose_net()
     x = torch.randn(1, 2, 1, 1, dtype=DT)
-    loss_fn, y = (nn.CrossEntropyLoss(), torch.tensor([1])) if loss == "ce" else (nn.MSELoss(), torch.randn(1, 2, dtype=DT))
+    if loss == "ce":
+        loss_fn, y = nn.CrossEntropyLoss(), torch.tensor([1])
+    else:
+        loss_fn, y = nn.MSELoss(), torch.randn(1, 2, dtype=DT)
     out = fxcurv.compile(model, loss_fn, quantities=(quantity,))(x, y)[quantity]
     assert out["0.weight"].layout is fxcurv.KroneckerLayout.TRANSPOSED
     assert [f.shape[0] for f in out["0.weight"].factors] == [3, 2 * 9]  # G over C_out, A over C_in k1 k2

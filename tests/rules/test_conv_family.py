@@ -111,6 +111,24 @@ def test_backends_agree(net):
     check_backends_agree(model, loss_fn, x, y, quantities)
 
 
+def test_backends_agree_on_transposed_kronecker_factors():
+    """kflr and kfra of a transposed convolution (stride, padding, output padding): the same factors and
+    layout from the eager and fused backends."""
+    torch.manual_seed(4)
+    in_shape = (2, 3, 2)
+    model = _with_head(nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), nn.Tanh()),
+                       in_shape)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = _data(in_shape, loss_fn, seed=8)
+    eager, fused = (fxcurv.compile(model, loss_fn, quantities=("kflr", "kfra"), backend=b)(x, y)
+                    for b in ("eager", "fused"))
+    for q in ("kflr", "kfra"):
+        for name, block in eager[q].items():
+            assert fused[q][name].layout is block.layout
+            for a, b in zip(fused[q][name].factors, block.factors):
+                assert rel_error(a, b) < 1e-10, (q, name)
+
+
 def test_functional_forms():
     """F.conv1d / F.conv_transpose1d / F.conv3d with keyword arguments and 'same' padding."""
 
