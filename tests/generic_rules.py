@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, vjp, vmap
 
+from fxcurv.operators import KroneckerLayout
 from fxcurv.rules.registry import OpDef
 
 
@@ -246,14 +247,23 @@ def kron_dense(c: OpContext, m: torch.Tensor) -> torch.Tensor:
     return jb.T @ m @ jb
 
 
+def weight_jacobian_rows(c: OpContext) -> torch.Tensor:
+    """The per-sample weight Jacobian as ``[N, M, O, I]`` over the arrangement of the weight that the op's
+    Kronecker factors split (``OpDef.kron_layout``): ``weight.reshape(O, I)``, or for a transposed
+    convolution ``weight.transpose(0, 1).reshape(O, I)`` (``O`` its output channels)."""
+    w = c.inputs["weight"]
+    assert w is not None
+    j = per_sample_jacobians(c, "weight").reshape((c.n, -1) + tuple(w.shape))
+    if c.op.kron_layout("weight") is KroneckerLayout.TRANSPOSED:
+        j = j.transpose(2, 3)
+    return j.reshape(j.shape[:3] + (-1,))
+
+
 def kron_in(c: OpContext) -> torch.Tensor:
     jb = bias_jacobian(c)
     channel0 = jb[:, 0] == 1  # the output entries of channel 0
     assert channel0.any() and ((jb == 0) | (jb == 1)).all(), "the bias Jacobian is not a 0/1 selection"
-    w = c.inputs["weight"]
-    assert w is not None
-    j = per_sample_jacobians(c, "weight").reshape(c.n, -1, w.shape[0], w[0].numel())  # [N, M, C_out, I]
-    rows = j[:, channel0, 0, :]  # [N, entries of channel 0, I]
+    rows = weight_jacobian_rows(c)[:, channel0, 0, :]  # [N, entries of channel 0, I]
     return torch.einsum("nei,nej->ij", rows, rows) / c.n
 
 
@@ -289,13 +299,14 @@ def square_of(key: str) -> Callable[[OpContext], torch.Tensor]:
 def unfolded_input(c: OpContext) -> torch.Tensor:
     """The unfolded input ``[[X]]`` of a convolution (HBP Sec. D.3), ``[N, G, C_in/G * K1 * K2, P]``,
     read off the per-sample weight Jacobian: ``Z = W [[X]] + b`` gives
-    ``dZ[c, p] / dW[c, i] = [[X]][i, p]`` for every output channel ``c`` of a group."""
-    w = c.inputs["weight"]
-    assert w is not None
+    ``dZ[c, p] / dW[c, i] = [[X]][i, p]`` for every output channel ``c`` of a group. For a transposed
+    convolution (groups 1) ``W`` is ``weight.transpose(0, 1)`` (:func:`weight_jacobian_rows`) and ``P`` its
+    output positions."""
     groups = c.attrs["groups"]
-    c_out, per_group = w.shape[0], w[0].numel()
+    rows = weight_jacobian_rows(c)  # [N, M, C_out, I]
+    c_out, per_group = rows.shape[2], rows.shape[3]
     positions = c.out[0, 0].numel()
-    j = per_sample_jacobians(c, "weight").reshape(c.n, c_out, positions, c_out, per_group)
+    j = rows.reshape(c.n, c_out, positions, c_out, per_group)
     first = [g * (c_out // groups) for g in range(groups)]  # one output channel per group
     cols = torch.stack([j[:, ch, :, ch, :] for ch in first], dim=1)  # [N, G, P, I]
     return cols.transpose(2, 3)

@@ -63,9 +63,9 @@ _SMOOTH = {JAC_T: ("x",), DIAG: ("x",), RESIDUAL: ("x",), DENSE: ("x",), DERIVED
 _PIECEWISE_LINEAR = {JAC_T: ("x",), DIAG: ("x",), DENSE: ("x",), DERIVED: ("d1",)}
 _LINEAR_MAP = {JAC_T: ("x",), DIAG: ("x",)}
 _CONV = {**_PARAMETRIC, DERIVED: ("weight_sq", "x_sq", "x_cols")}
-# Transposed convolutions: no Kronecker factors (their weight's output channel is its second axis).
-_CONV_TRANSPOSE = {kind: keys for kind, keys in _PARAMETRIC.items() if kind not in (KRON_OUT, KRON_DENSE, KRON_IN)}
-_CONV_TRANSPOSE[DERIVED] = ("weight_sq", "x_sq")
+# Transposed convolutions: Kronecker factors of weight.transpose(0, 1) (their output channel is the weight's
+# second axis), over the input unfolded by the transposed convolution (x_cols).
+_CONV_TRANSPOSE = _CONV
 
 EXPECTED: dict[str, dict[RuleKind, tuple[str, ...]]] = {
     "linear": {**_PARAMETRIC, DENSE: ("x",), DERIVED: ("x_sq", "weight_sq")},
@@ -892,8 +892,16 @@ CHECKS: dict[RuleKind, Callable[[Case, OpContext, str], None]] = {
 _KRONECKER = (KRON_OUT, KRON_DENSE, KRON_IN)
 
 
+_CONV_FAMILY = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+
+
 def _grouped(case: Case) -> bool:
-    return case.op in ("conv1d", "conv2d", "conv3d") and context(case.id).attrs["groups"] != 1
+    return case.op in _CONV_FAMILY and context(case.id).attrs["groups"] != 1
+
+
+def _refused_when_grouped(case: Case, kind: RuleKind, key: str) -> bool:
+    """The Kronecker factors, and a transposed convolution's unfolded input (read by them alone)."""
+    return kind in _KRONECKER or (kind is DERIVED and key == "x_cols" and case.op.startswith("conv_transpose"))
 
 
 # Every (case, kind, key) to check: the op's expected rules, less those of inputs the case lacks and
@@ -901,7 +909,7 @@ def _grouped(case: Case) -> bool:
 PARAMS = [(case, kind, key) for case in CASES if case.op != "generic" for kind, keys in EXPECTED[case.op].items()
           for key in keys
           if key not in case.without and (not case.only or kind in case.only)
-          and not (kind in _KRONECKER and _grouped(case))]
+          and not (_grouped(case) and _refused_when_grouped(case, kind, key))]
 GROUPED = [(case, kind, key) for case in CASES if _grouped(case) for kind in _KRONECKER
            for key in EXPECTED[case.op][kind] if key not in case.without]
 
