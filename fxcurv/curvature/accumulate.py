@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .. import factors
 from ..node_info import Kind, info
+from ..operators.kronecker import KroneckerLayout
 from ..rules import registry
 from ..rules.registry import RuleKind
 from ..targets import LabeledTarget, TargetInfo
@@ -125,6 +126,20 @@ class ParamEnd:
     def sum(self, nodes: list[fx.Node], *, message: str, stream: str = "", shaped: bool = True) -> fx.Node:
         return self.emit.sum(nodes, kind=Kind.PARAM, of=self.param, message=message, stream=stream,
                              shape=self.shape if shaped else None, at=self.param)
+
+    def kron_layouts(self) -> set[KroneckerLayout]:
+        """The Kronecker layouts the ops taking this parameter as a parameter input declare
+        (``OpDef.kron_layout``), whether or not the loss reaches them: a parameter finalized without a
+        use (one the loss never reaches) still has the arrangement its op gives it."""
+        found = set()
+        for user in self.param.users:
+            name = info(user).op
+            op = registry.OPS.get(name) if name is not None else None
+            if op is None:
+                continue
+            found |= {op.kron_layout(key) for key, arg in zip(op.inputs, user.args)
+                      if arg is self.param and key in op.params}
+        return found
 
     def zeros(self, message: str) -> fx.Node:
         """Zeros shaped like the parameter: a parameter the loss does not reach has zero derivatives."""

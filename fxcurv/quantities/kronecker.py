@@ -38,8 +38,8 @@ from .combine import Accumulator, KroneckerFactors, refuse
 @dataclass
 class _State:
     factors: tuple[fx.Node, ...] | None = None
-    # the arrangement of the parameter the factors split, declared by the op that uses it
-    layout: KroneckerLayout = KroneckerLayout.ROWS
+    # the arrangement of the parameter the factors split, declared by the op that uses it (None: no use seen)
+    layout: KroneckerLayout | None = None
 
 
 class _KroneckerQuantity(Quantity):
@@ -65,7 +65,11 @@ class _KroneckerQuantity(Quantity):
 
     def finalize(self, end: ParamEnd, state: _State) -> Any:
         value = state.factors if state.factors is not None else end.zeros(self.name)
-        return Finalized(value, state.layout)
+        layout = state.layout
+        if layout is None:  # the loss never reaches the parameter: the layout its op declares
+            declared = end.kron_layouts()
+            layout = declared.pop() if len(declared) == 1 else KroneckerLayout.ROWS
+        return Finalized(value, layout)
 
     def wrap(self, value: Any, param: torch.Tensor, static: Any = None) -> Kronecker:
         layout = KroneckerLayout.ROWS if static is None else static
@@ -77,7 +81,7 @@ class _KroneckerQuantity(Quantity):
 def _zero_factors(param: torch.Tensor, layout: KroneckerLayout) -> tuple[torch.Tensor, ...]:
     """Zero factors in the shapes of linear and convolution parameters: ``(G [O, O], A [I, I])`` for a
     weight (``O`` the output channels of ``layout``'s arrangement, ``I`` the remaining entries),
-    ``(G [P, P],)`` for a bias. (A parameter the loss never reaches was never seen by an op: ``ROWS``.)"""
+    ``(G [P, P],)`` for a bias."""
     if param.dim() >= 2:
         o = param.shape[1] if layout is KroneckerLayout.TRANSPOSED else param.shape[0]
         i = param.numel() // o

@@ -268,3 +268,26 @@ def test_grouped_transposed_convolution_is_refused():
         with pytest.raises(UnsupportedOpError, match="groups=2"):
             fxcurv.compile(model, nn.CrossEntropyLoss(), quantities=(quantity,))(
                 torch.randn(2, 4, 3, 3, dtype=DT), torch.tensor([0, 1]))
+
+
+def test_unreached_transposed_convolution_has_zero_factors_in_its_layout():
+    """A parameter the loss never reaches gets zero factors, shaped as its op's factors would be: for a
+    transposed convolution's weight ``[C_in, C_out, k]``, ``G [C_out, C_out]`` and ``A [C_in k, C_in k]``."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose1d(2, 3, 2)
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x):
+            self.up(x)  # computed, never used by the loss
+            return self.lin(x.flatten(1))
+
+    out = fxcurv.compile(Unused().to(DT), nn.CrossEntropyLoss(), quantities=("kflr", "kfra"))(
+        torch.randn(2, 2, 4, dtype=DT), torch.tensor([0, 1]))
+    for quantity in ("kflr", "kfra"):
+        block = out[quantity]["up.weight"]
+        assert block.layout is fxcurv.KroneckerLayout.TRANSPOSED
+        assert [f.shape[0] for f in block.factors] == [3, 4] and not any(f.any() for f in block.factors)
+        assert not block.to_dense().any()
