@@ -80,7 +80,6 @@ def stack_factors(*factors: torch.Tensor) -> torch.Tensor:
     return torch.cat(factors, dim=0)
 
 
-
 @target()
 def gradient_column(bundle: torch.Tensor) -> torch.Tensor:
     """``g``, column 0 of the bundle (a view)."""
