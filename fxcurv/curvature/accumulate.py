@@ -129,7 +129,7 @@ class ParamEnd:
 
     def kron_layouts(self) -> set[KroneckerLayout]:
         """The Kronecker layouts the ops taking this parameter as a parameter input declare
-        (``OpDef.kron_layout``), whether or not the loss reaches them: a parameter finalized without a
+        (``OpDef.kron_layouts``), whether or not the loss reaches them: a parameter finalized without a
         use (one the loss never reaches) still has the arrangement its op gives it."""
         found = set()
         for user in self.param.users:

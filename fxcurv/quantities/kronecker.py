@@ -38,8 +38,6 @@ from .combine import Accumulator, KroneckerFactors, refuse
 @dataclass
 class _State:
     factors: tuple[fx.Node, ...] | None = None
-    # the arrangement of the parameter the factors split, declared by the op that uses it (None: no use seen)
-    layout: KroneckerLayout | None = None
 
 
 class _KroneckerQuantity(Quantity):
@@ -55,9 +53,6 @@ class _KroneckerQuantity(Quantity):
                 "for a parameter one op uses (its block has cross terms between the uses). Supported for tied "
                 "weights: diag_ggn, diag_hessian (exact)")
 
-    def _record_layout(self, use: ParamUse, state: _State) -> None:
-        state.layout = use.emit.op_of(use.node).kron_layout(use.input)
-
     def _with_input_factor(self, use: ParamUse, g: fx.Node) -> tuple[fx.Node, ...]:
         if not use.has_rule(RuleKind.KRON_IN):
             return (g,)
@@ -65,11 +60,10 @@ class _KroneckerQuantity(Quantity):
 
     def finalize(self, end: ParamEnd, state: _State) -> Any:
         value = state.factors if state.factors is not None else end.zeros(self.name)
-        layout = state.layout
-        if layout is None:  # the loss never reaches the parameter: the layout its op declares
-            declared = end.kron_layouts()
-            layout = declared.pop() if len(declared) == 1 else KroneckerLayout.ROWS
-        return Finalized(value, layout)
+        # The arrangement the factors split, as the op taking the parameter declares it (also where the loss
+        # never reaches the parameter; a parameter of several ops is refused in collect unless unreached).
+        declared = end.kron_layouts()
+        return Finalized(value, declared.pop() if len(declared) == 1 else KroneckerLayout.ROWS)
 
     def wrap(self, value: Any, param: torch.Tensor, static: Any = None) -> Kronecker:
         layout = KroneckerLayout.ROWS if static is None else static
@@ -104,7 +98,6 @@ class ColumnKronecker(_KroneckerQuantity):
 
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)
-        self._record_layout(use, state)
         cols = use.columns.get(self.origin)
         if cols is None:  # a loss without curvature (one class): no columns, zero factors
             return
@@ -130,7 +123,6 @@ class DenseKronecker(_KroneckerQuantity):
 
     def collect(self, use: ParamUse, state: _State) -> None:
         self._refuse_shared(use)
-        self._record_layout(use, state)
         g = use.rule(RuleKind.KRON_DENSE, use.messages.dense[self.stream], message="G", stream=self.stream.label,
                      shaped=False)
         state.factors = self._with_input_factor(use, g)
